@@ -1,0 +1,164 @@
+"""Linear elastic regularizer of a dense displacement field (Reithmeir et al., arXiv:2311.08239, eq. 2).
+
+    R(u; lam, mu) = ∫ mu/4 Σ_{i,j} (∂_i u_j + ∂_j u_i)² + lam/2 (div u)² dx
+
+``mu`` (shear modulus) penalises the symmetric part of the displacement gradient (shear and stretch), ``lam``
+penalises volume change. Translations and infinitesimal rotations (skew-symmetric gradients) cost nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from monai.utils import LossReduction
+from torch.nn.modules.loss import _Loss
+
+__all__ = ["elastic_energy", "ElasticLoss"]
+
+
+def _per_sample_weight(value: float | torch.Tensor, name: str, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """``value`` (a number, a 0-d tensor or a ``(B,)`` tensor) as a ``(B,)`` tensor on ``like``'s device/dtype."""
+    weight = torch.as_tensor(value, dtype=like.dtype, device=like.device)
+    if weight.ndim == 0:
+        weight = weight.expand(batch)
+    elif weight.shape != (batch,):
+        raise ValueError(
+            f"{name} must be a number or a tensor of shape (B,) = ({batch},), got shape {tuple(weight.shape)}."
+        )
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{name} must be finite, got {value}.")
+    if (weight < 0).any():
+        raise ValueError(f"{name} must be non-negative, got {value}.")
+    return weight
+
+
+def _displacement_gradient(ddf: torch.Tensor, spacing: Sequence[float] | None) -> torch.Tensor:
+    """Forward-difference gradient ``G[b, j, i] = ∂_i u_j`` on the interior cells, shape ``(B, D, D, *(N_k - 1))``."""
+    dims = ddf.ndim - 2
+    base = (slice(None), slice(None)) + (slice(0, -1),) * dims
+    columns = []
+    for axis in range(dims):
+        shifted = list(base)
+        shifted[axis + 2] = slice(1, None)
+        columns.append(ddf[tuple(shifted)] - ddf[base])
+    gradient = torch.stack(columns, dim=2)
+    if spacing is not None:
+        # u_j counts voxels of axis j (s_j mm each) and ∂_i is per voxel of axis i, so in mm/mm: s_j / s_i ∂_i u_j
+        s = torch.as_tensor(spacing, dtype=ddf.dtype, device=ddf.device)
+        gradient = gradient * (s[:, None] / s[None, :]).reshape((1, dims, dims) + (1,) * dims)
+    return gradient
+
+
+def elastic_energy(
+    ddf: torch.Tensor,
+    lam: float | torch.Tensor,
+    mu: float | torch.Tensor,
+    spacing: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Per-sample linear elastic energy ``R(u; lam, mu)`` of a displacement field, shape ``(B,)``.
+
+    Discretisation: the gradient ``∂_i u_j`` is the forward difference ``u_j(x + e_i) - u_j(x)``, evaluated on the
+    interior cells where every forward difference exists (the first ``N_k - 1`` indices along each axis ``k``), and
+    the integral is the mean over those cells (an energy density, independent of the grid size). Hence for every
+    linear field ``u(x) = A x`` (``u_j = Σ_i A[j, i] x_i``) the value is exactly
+    ``mu/4 Σ_{i,j} (A[i, j] + A[j, i])² + lam/2 (tr A)²`` whatever the grid size.
+
+    With zero boundary values, integration by parts gives
+    ``∫ mu/4 Σ (∂_i u_j + ∂_j u_i)² = mu/2 ∫ |∇u|² + mu/2 ∫ (div u)²``: the regularizer is the diffusion
+    regularizer ``mu/2 |∇u|²`` plus a divergence penalty ``(lam + mu)/2 (div u)²``.
+
+    Args:
+        ddf: displacement field ``(B, D, *spatial)`` in voxels; channel ``j`` is the displacement along spatial axis
+            ``j`` (tensor axis ``j + 2``) and is differentiated along that same axis in ``div u``.
+        lam: first Lamé parameter, a non-negative number or a ``(B,)`` tensor (one value per sample).
+        mu: shear modulus, a non-negative number or a ``(B,)`` tensor.
+        spacing: voxel size per spatial axis (e.g. mm). When given, the gradient is that of the displacement in
+            physical units with respect to physical position, ``∂_i u_j * s_j / s_i`` (dimensionless strain),
+            while the integral stays a mean over cells. ``None`` means unit spacing (the gradient in voxels per voxel).
+
+    Raises:
+        ValueError: when ``ddf`` is not ``(B, D, *spatial)`` with ``D`` channels, a spatial size is below 2, ``ddf``
+            is not finite, ``lam``/``mu`` are negative, not finite or not of shape ``(B,)``, or ``spacing`` does not
+            hold ``D`` positive values.
+    """
+    dims = ddf.ndim - 2
+    if dims < 1:
+        raise ValueError(f"ddf must have shape (B, D, *spatial), got shape {tuple(ddf.shape)}.")
+    if ddf.shape[1] != dims:
+        raise ValueError(
+            f"ddf must have one channel per spatial dimension ({dims}), got {ddf.shape[1]} channels "
+            f"(shape {tuple(ddf.shape)})."
+        )
+    if min(ddf.shape[2:]) < 2:
+        raise ValueError(
+            f"every spatial size of ddf must be at least 2 for forward differences, got {tuple(ddf.shape[2:])}."
+        )
+    if not torch.isfinite(ddf).all():
+        raise ValueError("ddf contains non-finite values (nan or inf).")
+    if spacing is not None and (len(spacing) != dims or min(spacing) <= 0):
+        raise ValueError(f"spacing must hold {dims} positive voxel sizes, got {spacing}.")
+    batch = ddf.shape[0]
+    lam = _per_sample_weight(lam, "lam", batch, ddf)
+    mu = _per_sample_weight(mu, "mu", batch, ddf)
+
+    gradient = _displacement_gradient(ddf, spacing)
+    symmetric = gradient + gradient.transpose(1, 2)
+    divergence = torch.diagonal(gradient, dim1=1, dim2=2).sum(-1)
+    shear = symmetric.square().sum(dim=(1, 2)).flatten(1).mean(1)
+    volume = divergence.square().flatten(1).mean(1)
+    return mu / 4 * shear + lam / 2 * volume
+
+
+class ElasticLoss(_Loss):
+    """Linear elastic regularization loss ``R(u; lam, mu)``, see :func:`elastic_energy` for formula and
+    discretisation. ``lam`` and ``mu`` are given per call, as numbers or per-sample ``(B,)`` tensors, so that a
+    hypernetwork can sample them per batch element.
+
+    Args:
+        spatial_dims: number of spatial dimensions ``D`` of the displacement field (1, 2 or 3).
+        reduction: ``"none"`` returns the per-sample energies ``(B,)``; ``"mean"`` / ``"sum"`` reduce over the batch.
+        spacing: voxel size per spatial axis (see :func:`elastic_energy`); ``None`` is unit spacing.
+
+    Example::
+
+        loss = ElasticLoss(spatial_dims=3)
+        value = loss(ddf, lam=torch.tensor([0.08, 0.5]), mu=torch.tensor([0.03, 0.1]))
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        reduction: LossReduction | str = LossReduction.MEAN,
+        spacing: Sequence[float] | None = None,
+    ) -> None:
+        if reduction not in list(LossReduction):
+            raise ValueError(f'Unsupported reduction: {reduction}, available options are ["mean", "sum", "none"].')
+        super().__init__(reduction=LossReduction(reduction).value)
+        if spatial_dims not in (1, 2, 3):
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
+        if spacing is not None and (len(spacing) != spatial_dims or min(spacing) <= 0):
+            raise ValueError(f"spacing must hold {spatial_dims} positive voxel sizes, got {spacing}.")
+        self.spatial_dims = spatial_dims
+        self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
+
+    def forward(self, ddf: torch.Tensor, lam: float | torch.Tensor, mu: float | torch.Tensor) -> torch.Tensor:
+        """
+        Args:
+            ddf: displacement field ``(B, spatial_dims, *spatial)`` in voxels.
+            lam: first Lamé parameter, non-negative number or ``(B,)`` tensor.
+            mu: shear modulus, non-negative number or ``(B,)`` tensor.
+
+        Raises:
+            ValueError: when ``ddf`` does not have ``spatial_dims`` spatial axes, and as :func:`elastic_energy`.
+        """
+        if ddf.ndim != self.spatial_dims + 2:
+            raise ValueError(
+                f"expecting ddf with {self.spatial_dims} spatial dimensions, got ddf of shape {tuple(ddf.shape)}."
+            )
+        energy = elastic_energy(ddf, lam, mu, self.spacing)
+        if self.reduction == LossReduction.MEAN.value:
+            return energy.mean()
+        if self.reduction == LossReduction.SUM.value:
+            return energy.sum()
+        return energy
