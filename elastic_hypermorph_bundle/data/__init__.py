@@ -1,1 +1,25 @@
-"""data"""
+"""Learn2Reg data: dataset discovery and splits (learn2reg), MONAI transforms (transforms), file helpers (io)."""
+
+from .io import Learn2RegDataError, Learn2RegFileNotFoundError, read_nifti_grid, read_points, write_points
+from .learn2reg import (
+    PAPER_SPLIT_WEIGHTS,
+    SPLITS,
+    Learn2RegDataset,
+    discover_pairs,
+    load_pairs,
+    read_split,
+    save_split,
+    split_pairs,
+    split_sizes,
+    validate_pairs,
+)
+from .transforms import (
+    EnsureFinited,
+    HounsfieldOffsetd,
+    LoadPointsd,
+    MapPointsToGridd,
+    ddf_to_original_grid,
+    detect_hu_offset,
+    map_points,
+    registration_transforms,
+)

@@ -1,0 +1,266 @@
+"""MONAI dictionary transforms for Learn2Reg pairs: images, masks and points on one network grid.
+
+Orientation: by default the stored array order is kept (no reorientation), because Learn2Reg points and the
+submitted displacement fields are defined in the array order of the files. An ``axcodes`` reorientation can
+be requested: it is safe because points are mapped through the image affines (:class:`MapPointsToGridd`) and
+:func:`ddf_to_original_grid` maps fields back through the same affines (permutations and flips included).
+
+Point mapping: a point in 0-based voxel coordinates ``p`` of the original file grid (affine ``A_orig``) is at
+``q = A_net^-1 A_orig p`` on the current grid (affine ``A_net``, as MONAI updates it through ``Orientationd``,
+``Spacingd`` and ``ResizeWithPadOrCropd``). This is exact: both affines describe the same world space.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    EnsureTyped,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    ResizeWithPadOrCropd,
+    ScaleIntensityRanged,
+    Spacingd,
+)
+
+from .io import Learn2RegDataError, read_points
+
+__all__ = [
+    "IMAGE_KEYS",
+    "MASK_KEYS",
+    "KEYPOINT_KEYS",
+    "LANDMARK_KEYS",
+    "detect_hu_offset",
+    "LoadPointsd",
+    "EnsureFinited",
+    "HounsfieldOffsetd",
+    "MapPointsToGridd",
+    "registration_transforms",
+    "map_points",
+    "ddf_to_original_grid",
+]
+
+IMAGE_KEYS = ("fixed_image", "moving_image")
+MASK_KEYS = ("fixed_mask", "moving_mask")
+KEYPOINT_KEYS = ("fixed_keypoints", "moving_keypoints")
+LANDMARK_KEYS = ("fixed_landmarks", "moving_landmarks")
+
+
+def _filename(image) -> str:
+    return str(image.meta.get("filename_or_obj", "<in-memory image>")) if isinstance(image, MetaTensor) else "<array>"
+
+
+def detect_hu_offset(image: torch.Tensor | np.ndarray) -> int:
+    """Return 1000 if ``image`` looks stored as HU + 1000 (Learn2Reg 2020 release), else 0 (plain HU).
+
+    Heuristic: in HU, air and the region outside the scan are <= -1000, so a CT volume always has many voxels
+    far below 0; stored as HU + 1000, air is about 0 and almost nothing is negative. The image is taken as
+    HU + 1000 when its 1st percentile is >= -100.
+    """
+    values = torch.as_tensor(image).detach().reshape(-1).float()
+    step = max(values.numel() // 1_000_000, 1)  # a subsample keeps the quantile cheap on large volumes
+    return 1000 if torch.quantile(values[::step], 0.01).item() >= -100.0 else 0
+
+
+class LoadPointsd(MapTransform):
+    """Load point CSVs (0-based voxel xyz of the file grid) as float32 tensors ``(N, 3)``.
+
+    The role of a 6-column file (2020 release: fixed xyz, moving xyz) follows the key name: keys starting with
+    ``"fixed"`` read the first three columns, keys starting with ``"moving"`` the last three.
+    """
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            role = next((r for r in ("fixed", "moving") if str(key).startswith(r)), None)
+            d[key] = torch.as_tensor(read_points(d[key], role=role), dtype=torch.float32)
+        return d
+
+
+class EnsureFinited(MapTransform):
+    """Raise :class:`Learn2RegDataError`, naming the file, if an image contains NaN or infinite voxels."""
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            if not torch.isfinite(torch.as_tensor(d[key])).all():
+                raise Learn2RegDataError(f"{key} {_filename(d[key])} contains non-finite voxels (NaN or inf).")
+        return d
+
+
+class HounsfieldOffsetd(MapTransform):
+    """Subtract the storage offset so images are in HU: ``x - offset``.
+
+    Args:
+        offset: 0 (stored in HU), 1000 (stored as HU + 1000, Learn2Reg 2020), or None to detect it per image
+            with :func:`detect_hu_offset`. The offset used is recorded in ``image.meta["hu_offset"]``.
+    """
+
+    def __init__(self, keys: KeysCollection, offset: int | None = None, allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if offset not in (None, 0, 1000):
+            raise ValueError(f"offset must be None (detect), 0 or 1000, got {offset!r}.")
+        self.offset = offset
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            offset = detect_hu_offset(d[key]) if self.offset is None else self.offset
+            d[key] = d[key] - offset
+            if isinstance(d[key], MetaTensor):
+                d[key].meta["hu_offset"] = offset
+        return d
+
+
+def map_points(points: torch.Tensor, from_affine, to_affine) -> torch.Tensor:
+    """Map voxel points ``(N, D)`` from the grid with affine ``from_affine`` to the grid with ``to_affine``.
+
+    ``q = to_affine^-1 @ from_affine @ [p, 1]`` (affines ``(D+1, D+1)``, voxel -> world); computed in float64,
+    returned with the dtype and device of ``points``.
+    """
+    points = torch.as_tensor(points)
+    transform = torch.linalg.solve(
+        torch.as_tensor(to_affine, dtype=torch.float64), torch.as_tensor(from_affine, dtype=torch.float64)
+    ).to(points.device)
+    dims = points.shape[-1]
+    mapped = points.double() @ transform[:dims, :dims].T + transform[:dims, dims]
+    return mapped.to(points.dtype)
+
+
+class MapPointsToGridd(MapTransform):
+    """Map points from the original file grid of a reference image to its current grid.
+
+    Uses the reference image's ``meta["original_affine"]`` (file grid) and ``affine`` (current grid), see
+    :func:`map_points`. Place it after all spatial transforms.
+
+    Args:
+        keys: point keys, e.g. ``("fixed_keypoints", "moving_keypoints")``.
+        reference_keys: image key per point key, e.g. ``("fixed_image", "moving_image")``.
+    """
+
+    def __init__(self, keys: KeysCollection, reference_keys: Sequence[str], allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        if len(reference_keys) != len(self.keys):
+            raise ValueError(f"need one reference key per point key, got {reference_keys} for {self.keys}.")
+        self.reference = dict(zip(self.keys, reference_keys))
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            reference = d[self.reference[key]]
+            if not isinstance(reference, MetaTensor) or "original_affine" not in reference.meta:
+                raise ValueError(f"{self.reference[key]} must be a MetaTensor with meta['original_affine'].")
+            d[key] = map_points(d[key], reference.meta["original_affine"], reference.affine)
+        return d
+
+
+def registration_transforms(
+    spatial_size: Sequence[int] | None = None,
+    pixdim: Sequence[float] | None = None,
+    hu_window: tuple[float, float] = (-1000.0, 500.0),
+    hu_offset: int | None = None,
+    with_masks: bool = True,
+    with_keypoints: bool = True,
+    with_landmarks: bool = False,
+    axcodes: str | None = None,
+) -> Compose:
+    """Transforms taking a pair dict of paths (:mod:`.learn2reg`) to network inputs on one grid.
+
+    Steps: ``LoadImaged`` (nibabel, channel first; masks too) -> :class:`EnsureFinited` -> optional
+    ``Orientationd(axcodes)`` -> :class:`HounsfieldOffsetd` -> ``ScaleIntensityRanged`` (clip ``hu_window``
+    HU to [0, 1]) -> optional ``Spacingd(pixdim)`` (bilinear images, nearest masks) -> optional
+    ``ResizeWithPadOrCropd(spatial_size)`` (centred, zero padding = air) -> :class:`LoadPointsd` and
+    :class:`MapPointsToGridd` (points follow their image's grid) -> float32.
+
+    Output: images and masks ``(1, *spatial)`` MetaTensors (masks 0/1 float); points ``(N, 3)`` voxel xyz of
+    the network grid; ``fixed_image.meta["original_affine"]``, ``.affine`` and ``["spatial_shape"]`` give what
+    :func:`ddf_to_original_grid` needs. Fixed and moving must share a grid (``validate_pairs``) to stay aligned.
+
+    Args:
+        spatial_size: network grid shape; None keeps the (resampled) shape.
+        pixdim: target voxel spacing in mm; None keeps the file spacing.
+        hu_window: HU range mapped linearly to [0, 1], values outside clipped.
+        hu_offset: storage offset, see :class:`HounsfieldOffsetd` (None detects it).
+        with_masks, with_keypoints, with_landmarks: which optional keys of the pair dict to load.
+        axcodes: e.g. ``"RAS"`` to reorient; None keeps the array order of the files (default, see module doc).
+    """
+    if hu_window[1] <= hu_window[0]:
+        raise ValueError(f"hu_window must be (low, high) with low < high, got {hu_window}.")
+    masks = list(MASK_KEYS) if with_masks else []
+    points = (list(KEYPOINT_KEYS) if with_keypoints else []) + (list(LANDMARK_KEYS) if with_landmarks else [])
+    volumes = list(IMAGE_KEYS) + masks
+    transforms = [
+        LoadImaged(volumes, reader="NibabelReader", ensure_channel_first=True, image_only=True),
+        EnsureFinited(IMAGE_KEYS),
+    ]
+    if axcodes is not None:
+        transforms.append(Orientationd(volumes, axcodes=axcodes))
+    transforms += [
+        HounsfieldOffsetd(IMAGE_KEYS, offset=hu_offset),
+        ScaleIntensityRanged(IMAGE_KEYS, a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0, clip=True),
+    ]
+    if pixdim is not None:
+        transforms.append(Spacingd(volumes, pixdim=pixdim, mode=["bilinear"] * 2 + ["nearest"] * len(masks)))
+    if spatial_size is not None:
+        transforms.append(ResizeWithPadOrCropd(volumes, spatial_size=spatial_size, mode="constant"))
+    if points:
+        transforms += [
+            LoadPointsd(points),
+            MapPointsToGridd(points, reference_keys=[f"{key.split('_')[0]}_image" for key in points]),
+        ]
+    transforms.append(EnsureTyped(volumes, dtype=torch.float32, track_meta=True))
+    return Compose(transforms)
+
+
+def ddf_to_original_grid(
+    ddf: torch.Tensor,
+    network_affine,
+    original_affine,
+    original_shape: Sequence[int],
+    mode: str = "bilinear",
+) -> torch.Tensor:
+    """Resample a network-grid DDF to the original (file) grid, in original voxel units.
+
+    With ``M = original_affine^-1 @ network_affine`` (network voxel -> original voxel), the original-grid field
+    is ``u_orig(x) = M_lin @ u_net(M^-1 x)``, so that ``x + u_orig(x) = M (y + u_net(y))`` with ``y = M^-1 x``:
+    both fields send a fixed point to the same moving point. ``u_net`` is interpolated (``mode``) at ``M^-1 x``;
+    outside the network grid (cropped regions) the border value is repeated. Assumes the fixed and moving
+    images share their grids (as ``validate_pairs`` checks). For a Learn2Reg submission
+    ``disp_XXXX_YYYY.nii.gz`` store ``result[0].permute(1, 2, 3, 0)``, shape ``(X, Y, Z, 3)``.
+
+    Args:
+        ddf: ``(B, D, *spatial)`` network-grid displacement in network voxels (package convention).
+        network_affine: ``(D+1, D+1)`` voxel -> world affine of the network grid (``fixed_image.affine``).
+        original_affine: affine of the original grid (``fixed_image.meta["original_affine"]``).
+        original_shape: original spatial shape (``fixed_image.meta["spatial_shape"]``).
+        mode: ``"bilinear"`` or ``"nearest"``.
+
+    Returns:
+        ``(B, D, *original_shape)`` tensor, same dtype and device as ``ddf``.
+    """
+    dims = ddf.ndim - 2
+    if ddf.ndim < 3 or ddf.shape[1] != dims or dims not in (2, 3):
+        raise ValueError(f"ddf must have shape (B, D, *spatial) with D = 2 or 3 spatial dims, got {tuple(ddf.shape)}.")
+    original_shape = [int(s) for s in original_shape]
+    if len(original_shape) != dims:
+        raise ValueError(f"original_shape must have {dims} entries, got {original_shape}.")
+    network_affine = torch.as_tensor(network_affine, dtype=torch.float64, device=ddf.device)
+    original_affine = torch.as_tensor(original_affine, dtype=torch.float64, device=ddf.device)
+    net_to_orig = torch.linalg.solve(original_affine, network_affine)
+    axes = [torch.arange(s, dtype=torch.float64, device=ddf.device) for s in original_shape]
+    original_voxels = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, dims)
+    network_voxels = map_points(original_voxels, original_affine, network_affine)
+    network_shape = torch.tensor(ddf.shape[2:], dtype=torch.float64, device=ddf.device)
+    # grid_sample: align_corners=True maps index 0 -> -1 and size-1 -> +1; its last axis lists (W, H, D)
+    grid = (2.0 * network_voxels / (network_shape - 1).clamp(min=1) - 1.0).flip(-1)
+    grid = grid.reshape(1, *original_shape, dims).expand(ddf.shape[0], *original_shape, dims).to(ddf.dtype)
+    sampled = F.grid_sample(ddf, grid, mode=mode, padding_mode="border", align_corners=True)
+    linear = net_to_orig[:dims, :dims].to(ddf.dtype)
+    return torch.einsum("ij,bj...->bi...", linear, sampled)
