@@ -1,1 +1,18 @@
-"""networks"""
+"""Hyper-conditioned registration networks (HyperMorph) and warping helpers."""
+
+from .hyper import HyperConv, HyperNetwork, HyperRegistrationNet, flow_head, hyper_conv
+from .localnet import HyperLocalNet
+from .unet import HyperUNet
+from .warp import warp_image, warp_label
+
+__all__ = [
+    "HyperConv",
+    "HyperLocalNet",
+    "HyperNetwork",
+    "HyperRegistrationNet",
+    "HyperUNet",
+    "flow_head",
+    "hyper_conv",
+    "warp_image",
+    "warp_label",
+]

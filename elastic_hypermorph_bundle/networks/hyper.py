@@ -1,0 +1,264 @@
+"""Hypernetwork building blocks (HyperMorph, Hoopes et al., IPMI 2021 / MELBA 2022).
+
+A hypernetwork maps the regularization hyperparameters ``hyper`` (``(B, H)``: ``[lam, mu]`` or ``[alpha]``) to an
+embedding ``e`` (``(B, E)``); every convolution of the registration network then takes its kernel and bias from a
+per-layer linear map of ``e``. Each sample of a batch may carry its own hyperparameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import DVF2DDF
+from monai.networks.layers import Conv
+from torch import nn
+
+__all__ = ["hyper_conv", "flow_head", "HyperNetwork", "HyperConv", "HyperRegistrationNet"]
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def hyper_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Convolve with a kernel shared by the batch or with one kernel per sample ("same" padding, stride 1).
+
+    Args:
+        x: input ``(B, C_in, *spatial)``.
+        weight: odd-sized kernel ``(C_out, C_in, *kernel)`` shared by the batch, or per-sample kernels
+            ``(B, C_out, C_in, *kernel)``.
+        bias: ``(C_out,)`` or ``(B, C_out)`` accordingly.
+
+    Returns:
+        ``(B, C_out, *spatial)``. A shared kernel is one ordinary convolution. Per-sample kernels fold the batch into
+        the channels, ``(1, B * C_in, *spatial)``, and convolve with ``groups=B``, which applies sample ``b``'s
+        kernel to sample ``b`` only, in a single call. (The two cases are told apart by ``weight.ndim``, which stays
+        a Python int under ``torch.jit.trace``.)
+    """
+    conv = _CONV[x.ndim - 2]
+    per_sample = weight.ndim == x.ndim + 1
+    padding = [k // 2 for k in weight.shape[-(x.ndim - 2):]]
+    if not torch.jit.is_tracing():  # traced shape comparisons only emit TracerWarnings; eager calls validate
+        kernel_in = weight.shape[2 if per_sample else 1]
+        if kernel_in != x.shape[1]:
+            raise ValueError(f"x has {x.shape[1]} channels but the kernel expects {kernel_in}.")
+        if per_sample and weight.shape[0] != x.shape[0]:
+            raise ValueError(f"got per-sample kernels for batch {weight.shape[0]}, but x has batch {x.shape[0]}.")
+    if not per_sample:
+        return conv(x, weight, bias, padding=padding)
+    batch, in_channels = x.shape[:2]
+    out_channels = weight.shape[1]
+    out = conv(
+        x.reshape(1, batch * in_channels, *x.shape[2:]),
+        weight.reshape(batch * out_channels, in_channels, *weight.shape[3:]),
+        bias.reshape(batch * out_channels),
+        padding=padding,
+        groups=batch,
+    )
+    return out.reshape(batch, out_channels, *out.shape[2:])
+
+
+def flow_head(spatial_dims: int, in_channels: int) -> nn.Module:
+    """Plain 3x3(x3) convolution to ``spatial_dims`` channels with weights ~ N(0, 1e-5^2) and zero bias
+    (VoxelMorph's flow layer), so an untrained network predicts a near-identity transform."""
+    head = Conv[Conv.CONV, spatial_dims](in_channels, spatial_dims, kernel_size=3, padding=1)
+    nn.init.normal_(head.weight, 0.0, 1e-5)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+class HyperNetwork(nn.Module):
+    """MLP from hyperparameters ``(B, hyper_dims)`` to an embedding ``(B, hidden)``: ``num_layers`` dense layers,
+    each followed by ReLU (HyperMorph's hypernetwork).
+
+    Dense layers use He (fan-in, ReLU) initialisation and zero bias, so the embedding keeps the mean square of the
+    input instead of shrinking layer by layer (PyTorch's default ``nn.Linear`` init divides the mean square by ~6 per
+    layer, leaving a tiny, nearly hyperparameter-independent embedding after 6 layers).
+    """
+
+    def __init__(self, hyper_dims: int, hidden: int = 128, num_layers: int = 6):
+        super().__init__()
+        if hyper_dims < 1 or hidden < 1 or num_layers < 1:
+            raise ValueError(
+                f"hyper_dims, hidden and num_layers must be >= 1, got {hyper_dims}, {hidden}, {num_layers}."
+            )
+        layers: list[nn.Module] = []
+        for i in range(num_layers):
+            dense = nn.Linear(hyper_dims if i == 0 else hidden, hidden)
+            nn.init.kaiming_normal_(dense.weight, nonlinearity="relu")
+            nn.init.zeros_(dense.bias)
+            layers += [dense, nn.ReLU()]
+        self.layers = nn.Sequential(*layers)
+        self.hyper_dims = hyper_dims
+        self.hidden = hidden
+
+    def forward(self, hyper: torch.Tensor) -> torch.Tensor:
+        return self.layers(hyper)
+
+
+class HyperConv(nn.Module):
+    """Convolution whose kernel and bias are a linear function of the hypernetwork embedding ``e``:
+    ``[vec(K), b] = A e + c`` with ``A`` of shape ``(C_out*C_in*k^D + C_out, E)``, one ``(K, b)`` per sample.
+
+    Initialisation (so that an untrained model behaves like a normally initialised CNN):
+    ``c``'s kernel part is He-normal for LeakyReLU(0.2), std ``g / sqrt(C_in k^D)`` with ``g = sqrt(2 / (1 + 0.2^2))``,
+    and its bias part is zero; ``A`` is normal with std ``hyper_init_scale * g / sqrt(C_in k^D) / sqrt(E)``, so for an
+    embedding of unit mean square the hyperparameter-dependent part ``A e`` starts at ``hyper_init_scale`` (10%) of the
+    He kernel scale: the generated kernels start at conv scale, differ between hyperparameters, and gradients reach
+    the hypernetwork from the first step (``A = 0`` would block them).
+
+    Args:
+        spatial_dims: 1, 2 or 3.
+        in_channels, out_channels: channel counts.
+        embedding_dims: ``E``, the hypernetwork's output size.
+        kernel_size: odd kernel size ("same" padding).
+        hyper_init_scale: relative scale of the hyperparameter-dependent part at initialisation.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        embedding_dims: int,
+        kernel_size: int = 3,
+        hyper_init_scale: float = 0.1,
+    ):
+        super().__init__()
+        if spatial_dims not in _CONV:
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size}.")
+        self.kernel_shape = (out_channels, in_channels) + (kernel_size,) * spatial_dims
+        kernel_numel = math.prod(self.kernel_shape)
+        self.linear = nn.Linear(embedding_dims, kernel_numel + out_channels)
+        he_std = math.sqrt(2.0 / (1.0 + 0.2**2)) / math.sqrt(in_channels * kernel_size**spatial_dims)
+        with torch.no_grad():
+            self.linear.weight.normal_(0.0, hyper_init_scale * he_std / math.sqrt(embedding_dims))
+            self.linear.bias[:kernel_numel].normal_(0.0, he_std)
+            self.linear.bias[kernel_numel:].zero_()
+
+    def generate(self, embedding: torch.Tensor, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernels ``(B, C_out, C_in, *kernel)`` and biases ``(B, C_out)`` from embeddings ``(B, E)``; with
+        ``shared=True`` (``B == 1``) the batch axis is dropped, giving one kernel for the whole batch."""
+        params = self.linear(embedding)
+        kernel_numel = params.shape[1] - self.kernel_shape[0]
+        weight = params[:, :kernel_numel].reshape(params.shape[0], *self.kernel_shape)
+        bias = params[:, kernel_numel:]
+        return (weight[0], bias[0]) if shared else (weight, bias)
+
+    def forward(self, x: torch.Tensor, weights: dict) -> torch.Tensor:
+        """Apply this layer's entry of ``weights`` (from :meth:`HyperRegistrationNet.generate_weights`) to ``x``."""
+        weight, bias = weights[self]
+        return hyper_conv(x, weight, bias)
+
+
+class HyperRegistrationNet(nn.Module):
+    """Shared part of the hyper-conditioned registration networks: hypernetwork, hyperparameter validation,
+    weight generation, optional scaling-and-squaring integration. Subclasses build their backbone from
+    :class:`HyperConv` layers (all created with ``embedding_dims=self.hypernetwork.hidden``), set
+    ``self.size_divisor`` and implement :meth:`predict_field`.
+
+    ``forward(x, hyper=None, weights=None, return_velocity=False)``:
+
+    * ``x``: ``cat([moving, fixed], dim=1)``, ``(B, in_channels, *spatial)``, every spatial size divisible by
+      ``size_divisor``.
+    * ``hyper``: ``(B, hyper_dims)`` (one row per sample) or ``(1, hyper_dims)`` (shared by the batch; one ordinary
+      convolution per layer). ``None`` uses the ``default_hyper`` buffer, giving the single tensor in/out form needed
+      by ``torch.jit.trace`` and MONAI's ``verify_net_in_out``.
+    * ``weights``: the result of :meth:`generate_weights`, reused instead of ``hyper`` (sweeps: one hypernetwork pass
+      per hyperparameter value for any number of images).
+    * Returns the DDF ``(B, spatial_dims, *spatial)`` in voxels (see the package conventions). With
+      ``return_velocity=True`` returns ``(ddf, field)`` where ``field`` is the raw head output: the stationary velocity
+      field in diffeomorphic mode (``ddf`` is its scaling-and-squaring integral, MONAI ``DVF2DDF``), and the DDF
+      itself (the same tensor) otherwise, so training code can regularize "the predicted field" uniformly.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        hyper_dims: int,
+        hyper_hidden: int = 128,
+        hyper_layers: int = 6,
+        diffeomorphic: bool = False,
+        integration_steps: int = 7,
+        default_hyper: Sequence[float] | torch.Tensor | None = None,
+    ):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.hyper_dims = hyper_dims
+        self.size_divisor = 1
+        self.hypernetwork = HyperNetwork(hyper_dims, hyper_hidden, hyper_layers)
+        self.integrate = DVF2DDF(num_steps=integration_steps) if diffeomorphic else None
+        # 0.5 per dimension: the middle of a [0, 1] range; pass the training range's midpoint for other ranges.
+        default = torch.full((1, hyper_dims), 0.5) if default_hyper is None else torch.as_tensor(default_hyper)
+        default = self._check_hyper(default.float().reshape(1, -1), batch=1)
+        self.register_buffer("default_hyper", default)
+
+    @property
+    def diffeomorphic(self) -> bool:
+        return self.integrate is not None
+
+    def _check_hyper(self, hyper: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+        if not isinstance(hyper, torch.Tensor):
+            raise ValueError(f"hyper must be a tensor of shape (B, {self.hyper_dims}), got {type(hyper).__name__}.")
+        if hyper.ndim != 2 or hyper.shape[1] != self.hyper_dims:
+            raise ValueError(f"hyper must have shape (B, {self.hyper_dims}), got {tuple(hyper.shape)}.")
+        if batch is not None and hyper.shape[0] not in (1, batch):
+            raise ValueError(
+                f"hyper has batch {hyper.shape[0]}, x has batch {batch}: hyper batch must be 1 or {batch}."
+            )
+        if not torch.isfinite(hyper).all():
+            raise ValueError(f"hyper must be finite, got {hyper.tolist()}.")
+        return hyper
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x must have shape (B, {self.in_channels}, *{self.spatial_dims} spatial sizes) (moving and fixed "
+                f"stacked as channels), got {tuple(x.shape)}."
+            )
+        bad = [int(s) for s in x.shape[2:] if s % self.size_divisor]
+        if bad:
+            raise ValueError(
+                f"spatial size {tuple(int(s) for s in x.shape[2:])} must be divisible by {self.size_divisor} "
+                f"(2 ** number of poolings); {bad} is not."
+            )
+
+    def _generate(self, hyper: torch.Tensor, shared: bool) -> dict:
+        embedding = self.hypernetwork(hyper.to(self.default_hyper))
+        return {layer: layer.generate(embedding, shared) for layer in self.modules() if isinstance(layer, HyperConv)}
+
+    def generate_weights(self, hyper: torch.Tensor) -> dict:
+        """Run the hypernetwork and every layer's linear map once for ``hyper`` ``(B, hyper_dims)``; the returned
+        (opaque) structure is passed back as ``net(x, weights=...)``. Valid only for this module instance."""
+        return self._generate(self._check_hyper(hyper), shared=hyper.shape[0] == 1)
+
+    def predict_field(self, x: torch.Tensor, weights: dict) -> torch.Tensor:
+        """Backbone and head: ``(B, in_channels, *spatial)`` -> ``(B, spatial_dims, *spatial)``."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        hyper: torch.Tensor | None = None,
+        weights: dict | None = None,
+        return_velocity: bool = False,
+    ):
+        if not torch.jit.is_tracing():  # traced shape comparisons only emit TracerWarnings; eager calls validate
+            self._check_input(x)
+        if weights is not None:
+            if hyper is not None:
+                raise ValueError("pass either hyper or weights (from generate_weights), not both.")
+        elif hyper is None:
+            weights = self._generate(self.default_hyper, shared=True)  # validated at construction
+        else:
+            weights = self._generate(self._check_hyper(hyper, batch=x.shape[0]), shared=hyper.shape[0] == 1)
+        field = self.predict_field(x, weights)
+        ddf = field if self.integrate is None else self.integrate(field)
+        return (ddf, field) if return_velocity else ddf
