@@ -1,0 +1,408 @@
+"""Simulated breathing lung CT pairs with a known, physically meaningful displacement (Learn2Reg 2021+ layout).
+
+One case (:func:`simulate_pair`):
+
+1. An analytic thorax phantom ``P`` (:mod:`.phantom`: body, fat, ribs, spine, heart, lungs with vessel trees,
+   airways) with per-case random shape. The MOVING image (inhale, ``_0001``) is ``P`` sampled on the grid.
+2. A breathing body force ``f`` inside the lungs: a caudal pull strongest at the lung bases (diaphragm) plus an
+   outward lateral/anterior push (rib cage). The displacement ``u`` (mm) solves the discrete linear elastic
+   equilibrium ``mu * laplace(u) + (lam + mu) * grad(div(u)) + f = 0`` (:mod:`.navier`) with the case's Lamé
+   parameters on a periodic grid padded by ``padding_fraction`` of the image on each side; the force, and with it
+   ``u``, is scaled so that ``max |u|`` over the inhale lung mask equals a sampled target (mm). The force
+   returned is the one actually balanced: the padded force minus its mean (the periodic domain admits no net
+   force), cropped to the image.
+3. The FIXED image (exhale, ``_0000``) is the phantom at the displaced points: ``fixed(x) = P(x + u(x))``, so
+   ``u`` is the ground-truth backward field of the package conventions (``moving(x + u(x)) = fixed(x)``; warping
+   the moving image with ``u`` reproduces the fixed one up to interpolation and noise). Masks and labels follow
+   the same way. Both images get independent, slightly correlated Gaussian noise and are rounded to int16 HU.
+4. Keypoints: the vessel bifurcations ``y`` of the phantom, mapped to the fixed grid by solving ``x + u(x) = y``
+   (fixed-point iteration, trilinear ``u``), kept inside the fixed lung mask; moving keypoints are
+   ``x + u(x)`` with the same trilinear interpolation, so the ground truth maps them exactly.
+
+Geometry: voxel ``i`` is at ``i * spacing`` mm (affine ``diag(spacing)``, as the Learn2Reg lung data); axis 0
+runs right-left, axis 1 posterior-anterior, axis 2 inferior-superior. The default spacing makes the field of view
+:data:`LUNG_FIELD_OF_VIEW_MM` (Learn2Reg LungCT: 192 x 192 x 208 voxels of 1.75 x 1.25 x 1.75 mm), e.g.
+5.25 x 3.75 x 5.6875 mm at 64^3. Lamé parameters and forces share a unit (kPa and kPa/mm).
+
+:func:`make_synthetic_dataset` writes ``LungCT_dataset.json`` (Learn2Reg 2021+ keys), ``imagesTr``,
+``masksTr`` (lung, uint8 0/1), ``labelsTr`` (:data:`.phantom.LABELS`), ``keypointsTr`` (0-based voxel xyz CSV)
+and ``displacementsTr/LungCT_XXXX.nii.gz``: the ground truth of pair ``XXXX`` in the Learn2Reg submission
+convention, voxels of the fixed grid, channel-last ``(X, Y, Z, 3)`` float32 with the fixed image's affine. Each
+pair entry carries a ``"simulation"`` record (seed, ``lam``, ``mu``, Poisson ratio, Young's modulus, maximum
+displacement, path of the displacement file).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import scipy.fft
+from scipy.ndimage import gaussian_filter, map_coordinates
+
+from .. import __version__
+from ..physics import young_poisson_from_lame
+from .io import write_points
+from .learn2reg import split_sizes
+from .navier import solve_navier_lame
+from .phantom import LABELS, ThoraxAnatomy, render_phantom, sample_anatomy
+
+__all__ = ["LUNG_FIELD_OF_VIEW_MM", "SimulatedPair", "breathing_force", "simulate_pair", "make_synthetic_dataset"]
+
+logger = logging.getLogger("elastic_hypermorph_bundle")
+
+LUNG_FIELD_OF_VIEW_MM = (336.0, 240.0, 364.0)
+"""Field of view of the Learn2Reg lung CT images (192 x 192 x 208 voxels of 1.75 x 1.25 x 1.75 mm)."""
+
+DATASET_NAME = "LungCT"
+DISPLACEMENT_CONVENTION = (
+    "displacementsTr/<name>_XXXX.nii.gz: ground truth of pair XXXX in voxels of the fixed (_0000) grid, "
+    "channel-last (X, Y, Z, 3), channel j along array axis j, fixed image affine; backward mapping: the fixed "
+    "voxel x corresponds to the moving (_0001) point x + u(x) (Learn2Reg convention)."
+)
+
+
+@dataclass(frozen=True)
+class SimulatedPair:
+    """One simulated case. Images ``(X, Y, Z)``; fields channel-first ``(3, X, Y, Z)``; points ``(N, 3)`` voxels."""
+
+    fixed_image: np.ndarray  # int16 HU, exhale
+    moving_image: np.ndarray  # int16 HU, inhale
+    fixed_mask: np.ndarray  # uint8 lung mask
+    moving_mask: np.ndarray
+    fixed_labels: np.ndarray  # uint8, phantom.LABELS
+    moving_labels: np.ndarray
+    displacement: np.ndarray  # float32 voxels, fixed grid, backward
+    force: np.ndarray  # float64 body force (kPa/mm) balanced by the displacement (in mm)
+    fixed_keypoints: np.ndarray
+    moving_keypoints: np.ndarray
+    spacing: tuple[float, float, float]
+    simulation: dict  # seed, lam, mu, poisson_ratio, youngs_modulus, max_displacement_mm, rib_weight
+
+    @property
+    def affine(self) -> np.ndarray:
+        return np.diag([*self.spacing, 1.0])
+
+
+def _default_spacing(spatial_size: Sequence[int]) -> tuple[float, float, float]:
+    return tuple(float(f / n) for f, n in zip(LUNG_FIELD_OF_VIEW_MM, spatial_size))
+
+
+def _check_range(name: str, value: Sequence[float], low: float, high: float) -> tuple[float, float]:
+    value = tuple(float(v) for v in value)
+    if len(value) != 2 or not low <= value[0] <= value[1] <= high:
+        raise ValueError(f"{name} must be a pair (min, max) with {low} <= min <= max <= {high}, got {value}.")
+    return value
+
+
+def breathing_force(
+    anat: ThoraxAnatomy, lung_mask: np.ndarray, spacing: Sequence[float], rib_weight: float
+) -> np.ndarray:
+    """Unscaled inhale body force ``(3, X, Y, Z)`` on the grid: diaphragm pull plus rib-cage expansion.
+
+    With ``G`` a Gaussian smoothing of 8 mm, ``w = G(lung mask)``, ``c = G(chest wall)`` (inside the body
+    outline, outside the inner chest wall ellipse: the frame the diaphragm and the ribs hang from) and
+    ``b = exp(-max(z - z_low, 0) / (0.15 h))`` (1 at the lowest lung base ``z_low``, ``h`` the lung height)::
+
+        p = w * b * (0, 0, -1)                                  diaphragm: caudal pull on the lung bases
+        e = w * (x / a_x, clip((y - y_spine) / (2 a_y), 0, 1), 0)   rib cage: lateral and anterior expansion
+        f = p + rib_weight * (sum|p| / sum|e|) * e - c * (sum(p + ...) / sum(c))
+
+    i.e. the rib-cage term is ``rib_weight`` times the diaphragm term in total magnitude, and the chest wall
+    carries the reaction that makes the net force zero (per component). ``(a_x, a_y)`` are the semi-axes of the
+    inner chest wall (patient frame of :mod:`.phantom`). A balanced, local force gives a displacement that is
+    largest at the lung bases and decays towards the apex.
+    """
+    spacing = np.asarray(spacing, dtype=float)
+    sigma = 8.0 / spacing
+    x, y, z = (np.arange(n) * h - c for n, h, c in zip(lung_mask.shape, spacing, anat.center))
+    x, y, z = np.meshgrid(x, y, z, indexing="ij", sparse=True)
+    body, thorax = ((x / ax) ** 2 + (y / ay) ** 2 for ax, ay in (anat.body_axes, anat.thorax_axes))
+    chest_wall = gaussian_filter(np.broadcast_to((body < 1) & (thorax > 1), lung_mask.shape).astype(np.float64), sigma)
+    lungs = gaussian_filter(lung_mask.astype(np.float64), sigma)
+    low, apex = anat.lung_z_range
+    pull = lungs * np.exp(-np.maximum(z - low, 0) / (0.15 * (apex - low)))
+    anterior = np.clip((y - anat.spine_center[1]) / (2 * anat.thorax_axes[1]), 0, 1)
+    expansion = np.stack([lungs * x / anat.thorax_axes[0], lungs * anterior])
+    force = np.concatenate([rib_weight * pull.sum() / np.abs(expansion).sum() * expansion, -pull[None]])
+    return force - chest_wall * (force.sum(axis=(1, 2, 3)) / chest_wall.sum())[:, None, None, None]
+
+
+def _padded_solve(force: np.ndarray, lam: float, mu: float, spacing: Sequence[float], padding_fraction: float):
+    """Solve on a zero-padded periodic grid; return the cropped displacement (mm) and balanced force."""
+    shape = force.shape[1:]
+    before = [int(round(padding_fraction * n)) for n in shape]
+    padded_shape = [scipy.fft.next_fast_len(n + 2 * b, real=True) for n, b in zip(shape, before)]
+    padded = np.zeros((3, *padded_shape))
+    crop = (slice(None),) + tuple(slice(b, b + n) for b, n in zip(before, shape))
+    padded[crop] = force
+    padded -= padded.mean(axis=(1, 2, 3), keepdims=True)
+    return solve_navier_lame(padded, lam, mu, spacing)[crop], padded[crop]
+
+
+def _invert_points(displacement: np.ndarray, targets: np.ndarray, iterations: int = 50) -> tuple[np.ndarray, ...]:
+    """Solve ``x + u(x) = targets`` (voxels, trilinear ``u``) by fixed-point iteration; return ``x``, residual."""
+
+    def sample(points: np.ndarray) -> np.ndarray:
+        return np.stack([map_coordinates(c, points.T, order=1, mode="nearest") for c in displacement], axis=1)
+
+    points = targets.copy()
+    for _ in range(iterations):
+        points = targets - sample(points)
+    return points, np.linalg.norm(points + sample(points) - targets, axis=1)
+
+
+def _noisy_hu(image: np.ndarray, rng: np.random.Generator, noise_std: float) -> np.ndarray:
+    if noise_std > 0:
+        noise = gaussian_filter(rng.standard_normal(image.shape), sigma=0.7)  # CT noise is slightly correlated
+        image = image + noise_std / noise.std() * noise
+    return np.rint(np.clip(image, -1024, 3071)).astype(np.int16)
+
+
+def simulate_pair(
+    spatial_size: Sequence[int] = (64, 64, 64),
+    spacing: Sequence[float] | None = None,
+    seed: int = 0,
+    noise_std: float = 20.0,
+    poisson_range: Sequence[float] = (0.3, 0.45),
+    mu_range: Sequence[float] = (1.5, 8.0),
+    max_displacement_range: Sequence[float] = (12.0, 20.0),
+    rib_weight_range: Sequence[float] = (0.3, 0.6),
+    padding_fraction: float = 0.25,
+) -> SimulatedPair:
+    """Simulate one exhale (fixed) / inhale (moving) pair with its ground-truth displacement (module docstring).
+
+    Args:
+        spatial_size: grid ``(X, Y, Z)``.
+        spacing: voxel size in mm; default: the Learn2Reg lung field of view divided by ``spatial_size``.
+        seed: the case's seed (``numpy.random.default_rng(seed)`` draws everything).
+        noise_std: standard deviation of the image noise in HU (0: noise-free).
+        poisson_range, mu_range: uniform ranges of Poisson's ratio ``nu`` and shear modulus ``mu`` (kPa);
+            ``lam = 2 mu nu / (1 - 2 nu)``.
+        max_displacement_range: uniform range (mm) of the maximum displacement over the inhale lung mask.
+        rib_weight_range: uniform range of the rib-cage force relative to the diaphragm force.
+        padding_fraction: padding of the periodic solve on each side, as a fraction of the image size.
+    """
+    spatial_size = tuple(int(n) for n in spatial_size)
+    if len(spatial_size) != 3 or min(spatial_size) < 8:
+        raise ValueError(f"spatial_size must be 3 sizes of at least 8 voxels, got {spatial_size}.")
+    spacing = _default_spacing(spatial_size) if spacing is None else tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be 3 positive voxel sizes in mm, got {spacing}.")
+    if noise_std < 0 or padding_fraction < 0:
+        raise ValueError(f"noise_std and padding_fraction must be >= 0, got {noise_std} and {padding_fraction}.")
+    poisson_range = _check_range("poisson_range", poisson_range, 0.0, 0.499)
+    mu_range = _check_range("mu_range", mu_range, 1e-6, np.inf)
+    max_displacement_range = _check_range("max_displacement_range", max_displacement_range, 1e-6, np.inf)
+    rib_weight_range = _check_range("rib_weight_range", rib_weight_range, 0.0, np.inf)
+
+    rng = np.random.default_rng(seed)
+    anat = sample_anatomy(rng, np.multiply(spatial_size, spacing))
+    nu, mu = rng.uniform(*poisson_range), rng.uniform(*mu_range)
+    lam = 2 * mu * nu / (1 - 2 * nu)
+    target, rib_weight = rng.uniform(*max_displacement_range), rng.uniform(*rib_weight_range)
+
+    moving, moving_labels, moving_lung = render_phantom(anat, spatial_size, spacing)
+    force = breathing_force(anat, moving_lung, spacing, rib_weight)
+    displacement_mm, force = _padded_solve(force, lam, mu, spacing, padding_fraction)
+    scale = target / np.linalg.norm(displacement_mm, axis=0)[moving_lung].max()
+    spacing_column = np.asarray(spacing)[:, None, None, None]
+    displacement = (scale * displacement_mm / spacing_column).astype(np.float32)
+    fixed, fixed_labels, fixed_lung = render_phantom(anat, spatial_size, spacing, displacement * spacing_column)
+
+    bifurcations = (anat.vessels.bifurcations + anat.center) / np.asarray(spacing)
+    fixed_points, residual = _invert_points(displacement, bifurcations)
+    nearest = np.rint(fixed_points).astype(int)
+    keep = (residual < 1e-3) & np.all((fixed_points >= 0) & (fixed_points <= np.subtract(spatial_size, 1)), axis=1)
+    keep[keep] = fixed_lung[tuple(nearest[keep].T)]
+    fixed_points = fixed_points[keep]
+    moving_points = fixed_points + np.stack(
+        [map_coordinates(c, fixed_points.T, order=1, mode="nearest") for c in displacement], axis=1
+    )
+    youngs_modulus, _ = young_poisson_from_lame(lam, mu)
+    return SimulatedPair(
+        fixed_image=_noisy_hu(fixed, rng, noise_std),
+        moving_image=_noisy_hu(moving, rng, noise_std),
+        fixed_mask=fixed_lung.astype(np.uint8),
+        moving_mask=moving_lung.astype(np.uint8),
+        fixed_labels=fixed_labels,
+        moving_labels=moving_labels,
+        displacement=displacement,
+        force=scale * force,
+        fixed_keypoints=fixed_points,
+        moving_keypoints=moving_points,
+        spacing=spacing,
+        simulation={
+            "seed": int(seed),
+            "lam": float(lam),
+            "mu": float(mu),
+            "poisson_ratio": float(nu),
+            "youngs_modulus": float(youngs_modulus),
+            "max_displacement_mm": float(target),
+            "rib_weight": float(rib_weight),
+        },
+    )
+
+
+def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
+    image = nib.Nifti1Image(array, affine)
+    image.header.set_xyzt_units("mm")
+    nib.save(image, path)  # nibabel's gzip writer stores mtime 0: same array, same bytes
+
+
+def _write_pair(root: Path, case: str, pair: SimulatedPair, preview: bool) -> tuple[list[dict], dict]:
+    """Write one case's files under ``root``; return its per-image JSON entries and its pair entry."""
+    entries = []
+    for phase, image, mask, labels, points in (
+        ("0000", pair.fixed_image, pair.fixed_mask, pair.fixed_labels, pair.fixed_keypoints),
+        ("0001", pair.moving_image, pair.moving_mask, pair.moving_labels, pair.moving_keypoints),
+    ):
+        name = f"{DATASET_NAME}_{case}_{phase}"
+        _save_nifti(image, pair.affine, root / "imagesTr" / f"{name}.nii.gz")
+        _save_nifti(mask, pair.affine, root / "masksTr" / f"{name}.nii.gz")
+        _save_nifti(labels, pair.affine, root / "labelsTr" / f"{name}.nii.gz")
+        write_points(root / "keypointsTr" / f"{name}.csv", points, fmt="%.6f")
+        entries.append(
+            {
+                "image": f"./imagesTr/{name}.nii.gz",
+                "mask": f"./masksTr/{name}.nii.gz",
+                "label": f"./labelsTr/{name}.nii.gz",
+                "keypoints": f"./keypointsTr/{name}.csv",
+            }
+        )
+    displacement = f"./displacementsTr/{DATASET_NAME}_{case}.nii.gz"
+    _save_nifti(np.moveaxis(pair.displacement, 0, -1), pair.affine, root / displacement)
+    if preview:
+        _write_preview(root / "previews" / f"{DATASET_NAME}_{case}.png", pair, title=f"{DATASET_NAME}_{case}")
+    simulation = {**pair.simulation, "num_keypoints": len(pair.fixed_keypoints), "displacement": displacement}
+    return entries, {"fixed": entries[0]["image"], "moving": entries[1]["image"], "simulation": simulation}
+
+
+def _write_preview(path: Path, pair: SimulatedPair, title: str) -> None:
+    import torch
+    from monai.networks.blocks import Warp
+
+    from ..visualize import save_pair_png
+
+    moving = torch.as_tensor(pair.moving_image, dtype=torch.float32)[None, None]
+    warped = Warp(mode="bilinear", padding_mode="border")(moving, torch.as_tensor(pair.displacement)[None])[0, 0]
+    save_pair_png(
+        path,
+        pair.fixed_image,
+        pair.moving_image,
+        warped=warped,
+        fixed_mask=pair.fixed_mask,
+        moving_mask=pair.moving_mask,
+        ddf=pair.displacement,
+        spacing=pair.spacing,
+        title=title,
+    )
+
+
+def make_synthetic_dataset(
+    output_dir: str | os.PathLike,
+    num_pairs: int = 6,
+    spatial_size: Sequence[int] = (64, 64, 64),
+    spacing: Sequence[float] | None = None,
+    seed: int = 0,
+    noise_std: float = 20.0,
+    poisson_range: Sequence[float] = (0.3, 0.45),
+    mu_range: Sequence[float] = (1.5, 8.0),
+    max_displacement_range: Sequence[float] = (12.0, 20.0),
+    preview: bool = False,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``num_pairs`` simulated pairs as a Learn2Reg 2021+ dataset (see the module docstring); return its path.
+
+    Case ``i`` (1-based id ``XXXX``) is :func:`simulate_pair` with the seed
+    ``numpy.random.SeedSequence(seed).spawn(num_pairs)[i - 1].generate_state(1)[0]`` (recorded in its
+    ``simulation`` entry, so one case can be regenerated alone). The first cases are ``training_paired_images``,
+    then ``registration_val`` and ``registration_test`` with sizes from :func:`.learn2reg.split_sizes` (20/4/6
+    proportions, at least one each from 3 pairs on). Same arguments, byte-identical files.
+
+    The dataset is built in a hidden sibling folder and renamed into place at the end, so an interrupted run
+    leaves no partial dataset.
+
+    Raises:
+        FileExistsError: ``output_dir`` exists and is not an empty folder, and ``overwrite`` is false.
+        ValueError: invalid options (see :func:`simulate_pair`).
+    """
+    output_dir = Path(output_dir).absolute()
+    num_pairs = int(num_pairs)
+    if num_pairs < 1:
+        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}.")
+    if output_dir.exists() and not overwrite and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise FileExistsError(f"output_dir {output_dir} exists and is not empty; pass overwrite=True to replace it.")
+    spatial_size = tuple(int(n) for n in spatial_size)
+    spacing = _default_spacing(spatial_size) if spacing is None else tuple(float(s) for s in spacing)
+    options = {
+        "noise_std": float(noise_std),
+        "poisson_range": [float(v) for v in poisson_range],
+        "mu_range": [float(v) for v in mu_range],
+        "max_displacement_range": [float(v) for v in max_displacement_range],
+    }
+    seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(num_pairs)]
+    cases = [f"{i:04d}" for i in range(1, num_pairs + 1)]
+    num_train, num_val, _ = split_sizes(num_pairs)
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_dir.parent / f".{output_dir.name}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        for folder in ("imagesTr", "masksTr", "labelsTr", "keypointsTr", "displacementsTr"):
+            (staging / folder).mkdir(parents=True)
+        images, pairs = [], []
+        for case, case_seed in zip(cases, seeds):
+            start = time.perf_counter()
+            pair = simulate_pair(spatial_size, spacing, case_seed, **options)
+            entries, pair_entry = _write_pair(staging, case, pair, preview)
+            images += entries
+            pairs.append(pair_entry)
+            logger.info("synthetic case %s (seed %d) written in %.1f s", case, case_seed, time.perf_counter() - start)
+        spec = {
+            "name": DATASET_NAME,
+            "description": "Simulated breathing lung CT: exhale (_0000, fixed) and inhale (_0001, moving) of an "
+            "analytic thorax phantom, the inhale displacement solving the linear elastic (Navier-Lame) "
+            "equilibrium under a breathing body force.",
+            "reference": "elastic_hypermorph_bundle.data.synthetic",
+            "licence": "Apache-2.0 (synthetic data)",
+            "release": __version__,
+            "pairings": "paired",
+            "registration_direction": {"fixed": 0, "moving": 1},
+            "modality": {"0": "CT", "1": "CT"},
+            "labels": {"0": "background", "1": "lung"},
+            "label_map": {str(k): v for k, v in LABELS.items()},
+            "tensorImageSize": "3D",
+            "tensorImageShape": {"0": list(spatial_size)},
+            "spacing": list(spacing),
+            "displacement_convention": DISPLACEMENT_CONVENTION.replace("<name>", DATASET_NAME),
+            "generator": {"seed": int(seed), "num_pairs": num_pairs, **options},
+            "numTraining": len(images),
+            "numTest": 0,
+            "training": images,
+            "test": [],
+            "numPairedTraining": num_train,
+            "training_paired_images": pairs[:num_train],
+            "numRegistration_val": num_val,
+            "registration_val": pairs[num_train : num_train + num_val],
+            "numRegistration_test": num_pairs - num_train - num_val,
+            "registration_test": pairs[num_train + num_val :],
+        }
+        (staging / f"{DATASET_NAME}_dataset.json").write_text(json.dumps(spec, indent=4) + "\n")
+        if output_dir.exists():
+            retired = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
+            os.replace(output_dir, retired)
+            shutil.rmtree(retired) if retired.is_dir() else retired.unlink()
+        os.replace(staging, output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output_dir

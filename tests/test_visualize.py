@@ -1,0 +1,74 @@
+"""Pair figures: layout, field maps, mask outlines, PNG output and input checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.image import imread
+
+from elastic_hypermorph_bundle.visualize import plot_pair, save_pair_png
+
+SHAPE = (20, 16, 24)
+
+
+def _ball(radius: float, center=(10, 8, 12)) -> np.ndarray:
+    grid = np.stack(np.meshgrid(*(np.arange(n) for n in SHAPE), indexing="ij"), axis=-1)
+    return (np.linalg.norm(grid - np.asarray(center), axis=-1) < radius).astype(np.float32)
+
+
+def _scaling_ddf(factor: float) -> np.ndarray:
+    """u(x) = factor * (x - c): a uniform scaling with det(I + grad u) = (1 + factor)^3."""
+    grid = np.stack(np.meshgrid(*(np.arange(n, dtype=np.float64) for n in SHAPE), indexing="ij"))
+    return factor * (grid - np.asarray(SHAPE)[:, None, None, None] / 2)
+
+
+def test_rows_columns_and_field_values():
+    fixed, moving = 1000 * _ball(6) - 500, 1000 * _ball(5) - 500
+    figure = plot_pair(fixed, moving, warped=fixed, ddf=_scaling_ddf(0.1), spacing=(2.0, 1.0, 3.0), field="jacobian")
+    image_axes = [ax for ax in figure.axes if ax.images]
+    assert len(image_axes) == 12  # 4 rows (fixed, moving, warped, field) x 3 slices
+    np.testing.assert_allclose(image_axes[-1].images[0].get_array(), 1.1**3, rtol=1e-6)
+    np.testing.assert_array_equal(image_axes[0].images[0].get_array(), fixed[10].T)  # x = centre, z vertical
+    assert image_axes[0].images[0].get_extent()[3] == SHAPE[2] - 0.5
+
+
+def test_magnitude_is_in_mm_with_spacing():
+    ddf = np.zeros((3, *SHAPE))
+    ddf[0] = 2.0  # 2 voxels along x of 1.5 mm
+    figure = plot_pair(_ball(5), _ball(5), ddf=ddf, spacing=(1.5, 1.0, 1.0))
+    field_axes = [ax for ax in figure.axes if ax.images][-3:]
+    for ax in field_axes:
+        np.testing.assert_allclose(ax.images[0].get_array(), 3.0)
+        assert "mm" in ax.get_title()
+
+
+def test_mask_outlines_are_drawn_on_the_right_rows():
+    figure = plot_pair(_ball(6), _ball(5), warped=_ball(6), fixed_mask=_ball(6), moving_mask=_ball(5))
+    image_axes = [ax for ax in figure.axes if ax.images]
+    contour_counts = [len(ax.collections) for ax in image_axes]
+    # fixed outline on every row, moving outline on the moving row too
+    assert contour_counts == [1, 1, 1, 2, 2, 2, 1, 1, 1]
+
+
+def test_png_is_written_from_tensors(tmp_path):
+    fixed = torch.as_tensor(1000 * _ball(6) - 500)
+    ddf = torch.as_tensor(_scaling_ddf(0.05))
+    moving = fixed.roll(2, 0)
+    path = save_pair_png(tmp_path / "out" / "pair.png", fixed, moving, fixed_mask=_ball(6), ddf=ddf, title="t")
+    pixels = imread(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert pixels.shape[0] > 300 and pixels.shape[1] > 300 and pixels[..., :3].std() > 0.1
+
+
+def test_invalid_inputs_are_rejected():
+    with pytest.raises(ValueError, match="field must be one of"):
+        plot_pair(_ball(5), _ball(5), field="curl")
+    with pytest.raises(ValueError, match="moving has shape"):
+        plot_pair(_ball(5), _ball(5)[:-1])
+    with pytest.raises(ValueError, match="ddf must have shape"):
+        plot_pair(_ball(5), _ball(5), ddf=np.zeros((2, *SHAPE)))
+    with pytest.raises(ValueError, match="3 dimensions"):
+        plot_pair(_ball(5)[None], _ball(5))
+    with pytest.raises(ValueError, match="slices must be"):
+        plot_pair(_ball(5), _ball(5), slices=(0, 0, 99))
