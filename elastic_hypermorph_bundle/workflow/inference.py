@@ -1,0 +1,199 @@
+"""Inputs of the inference and evaluation workflows: which pairs to register, and the trained model's
+hyperparameter space and checkpoint.
+
+A single pair comes from ``--fixed``/``--moving`` (and optional masks/points) and is checked before anything
+runs (files exist, NIfTI headers readable, fixed and moving on one grid, masks on their image's grid); otherwise
+the pairs of ``--split`` of ``--dataset_dir``. The model's ``model.json`` (written by training next to
+``model.pt``) says which hyperparameters, and which ranges, the model was trained for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+from ..data.learn2reg import validate_pairs
+from ..hyperparams import HyperSpace
+from .datalists import pair_datalist
+from .training import hyper_space_from_card, read_model_card
+
+__all__ = [
+    "parse_flag",
+    "single_pair",
+    "inference_datalist",
+    "model_hyper_space",
+    "check_network",
+    "hyper_row",
+    "check_checkpoint",
+]
+
+logger = logging.getLogger("elastic_hypermorph_bundle")
+
+#: keys of a pair dict that the transforms load; a key is kept only if every pair has it (batches must collate)
+LOADED_KEYS = (
+    "fixed_image",
+    "moving_image",
+    "fixed_mask",
+    "moving_mask",
+    "fixed_keypoints",
+    "moving_keypoints",
+    "fixed_landmarks",
+    "moving_landmarks",
+)
+_LEARN2REG_NAME = re.compile(r"_(\d+)_000[01]\.nii(\.gz)?$")
+
+
+def parse_flag(name: str, value) -> bool:
+    """A boolean option as given in a config or on the command line: ``True``/``False`` or ``"true"``/``"false"``
+    (the command line hands ``--overwrite true`` over as the string ``"true"``, which Python would take as true
+    whatever it says)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"--{name} must be true or false, got {value!r}.")
+
+
+def _pair_id(fixed: Path, moving: Path) -> str:
+    """``XXXX_YYYY`` from Learn2Reg names (``LungCT_0001_0000.nii.gz``), else ``<fixed stem>_<moving stem>``."""
+    ids = []
+    for path in (fixed, moving):
+        match = _LEARN2REG_NAME.search(path.name)
+        ids.append(f"{int(match[1]):04d}" if match else re.sub(r"\.nii(\.gz)?$", "", path.name))
+    return "_".join(ids)
+
+
+def single_pair(
+    fixed: str,
+    moving: str,
+    fixed_mask: str | None = None,
+    moving_mask: str | None = None,
+    fixed_keypoints: str | None = None,
+    moving_keypoints: str | None = None,
+    pair_id: str | None = None,
+) -> list[dict]:
+    """A one-pair datalist from file paths, validated (see ``validate_pairs``) before any voxel is loaded.
+
+    Raises:
+        ValueError: only one of fixed/moving (or of a mask/point pair) is given, a grid mismatch, unreadable file.
+        FileNotFoundError: a file does not exist.
+    """
+    given = {
+        "fixed_image": fixed,
+        "moving_image": moving,
+        "fixed_mask": fixed_mask,
+        "moving_mask": moving_mask,
+        "fixed_keypoints": fixed_keypoints,
+        "moving_keypoints": moving_keypoints,
+    }
+    for kind in ("image", "mask", "keypoints"):
+        pair_given = [given[f"{role}_{kind}"] is not None for role in ("fixed", "moving")]
+        if any(pair_given) and not all(pair_given):
+            role = "moving" if pair_given[0] else "fixed"
+            flag = {"image": role, "mask": f"{role}_mask", "keypoints": f"{role}_keypoints"}[kind]
+            raise ValueError(f"--{flag} is missing: give both the fixed and the moving {kind}.")
+    pair = {key: str(Path(value).resolve()) for key, value in given.items() if value is not None}
+    pair["pair_id"] = pair_id or _pair_id(Path(fixed), Path(moving))
+    validate_pairs([pair])
+    return [pair]
+
+
+def inference_datalist(
+    dataset_dir: str | None = None,
+    split: str = "test",
+    fixed: str | None = None,
+    moving: str | None = None,
+    fixed_mask: str | None = None,
+    moving_mask: str | None = None,
+    seed: int = 0,
+    split_file: str | None = None,
+) -> list[dict]:
+    """The pairs to register: the ``--fixed``/``--moving`` pair if given, else ``split`` of ``dataset_dir``.
+
+    Only the keys that every pair has are kept (images always; masks and points if all pairs have them).
+    """
+    if fixed is not None or moving is not None:
+        pairs = single_pair(fixed, moving, fixed_mask, moving_mask)
+    else:
+        if fixed_mask is not None or moving_mask is not None:
+            raise ValueError("--fixed_mask/--moving_mask need --fixed and --moving (single-pair inference).")
+        pairs = pair_datalist(dataset_dir, split, seed=seed, split_file=split_file, keys=LOADED_KEYS)
+    common = [key for key in LOADED_KEYS if all(key in pair for pair in pairs)]
+    dropped = sorted({key for pair in pairs for key in pair if key in LOADED_KEYS} - set(common))
+    if dropped:
+        logger.warning("ignoring %s: not every pair has them.", dropped)
+    return [{key: pair[key] for key in (*common, "pair_id")} for pair in pairs]
+
+
+def check_checkpoint(ckpt_path: str) -> Path:
+    """Fail clearly if the weights to load do not exist."""
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(ckpt_path)!r} not found: train the bundle first (configs/train.json writes "
+            "<ckpt_dir>/model.pt), download the released weights listed in large_files.yml, or pass --ckpt_path."
+        )
+    return path
+
+
+def _model_card(ckpt_path: str) -> dict | None:
+    card = Path(ckpt_path).with_name("model.json")
+    if not card.is_file():
+        logger.warning("%s not found: assuming the model was trained with this config's settings.", card)
+        return None
+    try:
+        return read_model_card(card)
+    except ValueError as error:
+        raise ValueError(f"cannot read the model card {card}: {error}") from error
+
+
+def model_hyper_space(ckpt_path: str, config_space: HyperSpace) -> HyperSpace:
+    """The hyperparameter space the checkpoint was trained for, from ``model.json`` next to it (the config's
+    ``regularizer`` and ranges when there is none).
+
+    Raises:
+        ValueError: ``model.json`` is unreadable, or its regularizer differs from the config's ``regularizer``
+            (a model conditioned on ``[alpha]`` cannot take ``[lam, mu]`` and vice versa).
+    """
+    card = _model_card(ckpt_path)
+    if card is None:
+        return config_space
+    space = hyper_space_from_card(card)
+    if space.regularizer != config_space.regularizer:
+        raise ValueError(
+            f"the model {ckpt_path} was trained with regularizer={space.regularizer!r} (model.json), but the config "
+            f"says regularizer={config_space.regularizer!r}; pass --regularizer {space.regularizer}."
+        )
+    return space
+
+
+def check_network(ckpt_path: str, network_name: str, network_kwargs: dict) -> None:
+    """Refuse a network definition that differs from the one the checkpoint was trained with (``model.json``).
+
+    Some differences would load without error and silently give wrong fields (``diffeomorphic`` adds no
+    weights); ``default_hyper`` is not compared (it is the inference-time default, not a trained property).
+    """
+    card = _model_card(ckpt_path)
+    if card is None or "network" not in card:
+        return
+    trained_name, trained = card["network"]["name"], dict(card["network"]["kwargs"])
+    if trained_name != network_name:
+        raise ValueError(f"the model {ckpt_path} is a {trained_name}; pass --network_name {trained_name}.")
+    config = {key: value for key, value in network_kwargs.items() if key != "default_hyper"}
+    trained.pop("default_hyper", None)
+    differing = {
+        key: (config.get(key), trained.get(key))
+        for key in set(config) | set(trained)
+        if json.dumps(config.get(key)) != json.dumps(trained.get(key))
+    }
+    if differing:
+        shown = ", ".join(f"{key}={ours!r} (trained: {theirs!r})" for key, (ours, theirs) in sorted(differing.items()))
+        raise ValueError(f"the network settings differ from those the model {ckpt_path} was trained with: {shown}.")
+
+
+def hyper_row(space: HyperSpace, lam=None, mu=None, alpha=None, allow_extrapolation=False):
+    """The ``(1, H)`` row of ``space`` for the named values, refused outside the trained ranges unless
+    ``allow_extrapolation`` (see :meth:`HyperSpace.point`)."""
+    return space.point(lam, mu, alpha, allow_extrapolation=parse_flag("allow_extrapolation", allow_extrapolation))

@@ -1,0 +1,109 @@
+"""Registration of each pair at one hyperparameter row: the iteration of MONAI evaluators (validation,
+evaluation, inference)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from monai.data.utils import affine_to_spacing
+from monai.engines.utils import IterationEvents
+
+from ..networks import warp_image, warp_label
+
+__all__ = ["RegisterStep"]
+
+_PASSED_THROUGH = (
+    "fixed_image",
+    "moving_image",
+    "fixed_mask",
+    "moving_mask",
+    "fixed_keypoints",
+    "moving_keypoints",
+    "fixed_landmarks",
+    "moving_landmarks",
+)
+
+
+class RegisterStep:
+    """``iteration_update`` of a :class:`monai.engines.SupervisedEvaluator`: register every pair of the batch with
+    the network at one hyperparameter row.
+
+    ``x = cat([moving_image, fixed_image], dim=1)``, ``ddf = network(x, weights=w)`` with
+    ``w = network.generate_weights(hyper)``, generated on the first iteration of each evaluator run and reused for
+    all batches of that run (the network only changes between runs, e.g. between validations during training).
+
+    The engine output (decollated into one dict per pair by the evaluator) holds:
+
+    * ``"pred"``: the DDF ``(B, D, *spatial)`` in voxels of the network grid (package conventions);
+    * ``"warped_image"``: the moving image warped (linear), ``"warped_mask"``: the moving mask warped (nearest),
+      when the batch has ``"moving_mask"``;
+    * the batch's images, masks and points (keypoints/landmarks) on the network grid, and ``"pair_id"``;
+    * ``"spacing"``: ``(B, D)`` voxel size of the network grid in mm (from the fixed image's affine);
+    * ``"hyper"``: ``(B, H)`` the row used; ``"runtime"``: ``(B,)`` seconds of network and warping per pair.
+
+    Args:
+        hyper: one hyperparameter row, ``(1, H)`` or ``(H,)`` (e.g. ``HyperSpace.point(lam, mu)``), checked against
+            the model's trained range by the caller.
+    """
+
+    def __init__(self, hyper: torch.Tensor) -> None:
+        hyper = torch.as_tensor(hyper, dtype=torch.float32)
+        if hyper.ndim == 1:
+            hyper = hyper.unsqueeze(0)
+        if hyper.ndim != 2 or hyper.shape[0] != 1:
+            raise ValueError(f"hyper must be one row of shape (1, H) or (H,), got shape {tuple(hyper.shape)}.")
+        self.hyper = hyper
+        self._weights: dict | None = None
+
+    def __call__(self, engine, batchdata: dict) -> dict:
+        if batchdata is None:
+            raise ValueError("RegisterStep needs a batch dict with 'fixed_image' and 'moving_image'.")
+        missing = [key for key in ("fixed_image", "moving_image") if key not in batchdata]
+        if missing:
+            raise ValueError(f"batch is missing {missing}; the transforms must load the pair's images.")
+        device = engine.state.device
+        batch = {
+            key: value.to(device, non_blocking=engine.non_blocking) if isinstance(value, torch.Tensor) else value
+            for key, value in batchdata.items()
+        }
+        fixed, moving = batch["fixed_image"], batch["moving_image"]
+        # unwrap DistributedDataParallel: weight generation is a method of the module itself
+        network = getattr(engine.network, "module", engine.network)
+        start = time.perf_counter()
+        with engine.mode(engine.network), torch.autocast(
+            device.type, enabled=bool(engine.amp) and device.type == "cuda", **engine.amp_kwargs
+        ):
+            if self._weights is None or engine.state.iteration == 1:
+                self._weights = network.generate_weights(self.hyper.to(device))
+            ddf = network(torch.cat([moving, fixed], dim=1), weights=self._weights).float()
+            warped = warp_image(moving.float(), ddf)
+            warped_mask = warp_label(batch["moving_mask"], ddf) if "moving_mask" in batch else None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        runtime = (time.perf_counter() - start) / fixed.shape[0]
+
+        output = {key: batch[key] for key in _PASSED_THROUGH if key in batch}
+        output["pred"] = ddf.as_tensor() if hasattr(ddf, "as_tensor") else ddf
+        output["warped_image"] = warped
+        if warped_mask is not None:
+            output["warped_mask"] = warped_mask
+        if "pair_id" in batch:
+            output["pair_id"] = batch["pair_id"]
+        output["spacing"] = self._spacing(fixed)
+        output["hyper"] = self.hyper.to(device).expand(fixed.shape[0], -1)
+        output["runtime"] = torch.full((fixed.shape[0],), runtime)
+        engine.state.output = output
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # the evaluator decollates on this event
+        return engine.state.output
+
+    @staticmethod
+    def _spacing(image: torch.Tensor) -> torch.Tensor:
+        """``(B, D)`` voxel sizes from a batched MetaTensor's affines (ones for a plain tensor)."""
+        batch, dims = image.shape[0], image.ndim - 2
+        affine = getattr(image, "affine", None)
+        if affine is None:
+            return torch.ones(batch, dims)
+        affine = torch.as_tensor(affine, dtype=torch.float64).reshape(-1, dims + 1, dims + 1).expand(batch, -1, -1)
+        return torch.stack([torch.as_tensor(affine_to_spacing(a, r=dims)) for a in affine]).float()

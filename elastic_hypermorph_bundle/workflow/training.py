@@ -1,0 +1,376 @@
+"""Training workflow pieces wired by ``configs/train.json``: the training iteration, output-folder checks, resuming,
+the export of the trained model (``model.pt`` + ``model.json``) and distributed set-up.
+
+HyperMorph training (Hoopes et al., IPMI 2021): every sample of every batch gets its own hyperparameter row drawn
+from the model's :class:`~elastic_hypermorph_bundle.hyperparams.HyperSpace`; the network is conditioned on it and the
+loss weights its regularizer by it, so one network learns the whole family of regularized registrations.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import ignite.distributed as idist
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
+from monai.handlers import CheckpointLoader, CheckpointSaver
+from monai.utils import convert_to_tensor
+
+from .. import __version__
+from ..hyperparams import HyperSpace
+from ..networks import warp_image
+from . import parse_flag
+from .datalists import write_split
+
+__all__ = [
+    "TrainStep",
+    "loss_terms",
+    "latest_checkpoint",
+    "prepare_outputs",
+    "LastCheckpoint",
+    "ExportTrainedModel",
+    "read_model_card",
+    "hyper_space_from_card",
+    "init_distributed",
+    "distributed_device",
+    "LAST_CHECKPOINT_PREFIX",
+    "BEST_CHECKPOINT",
+]
+
+logger = logging.getLogger("elastic_hypermorph_bundle")
+
+#: ``CheckpointSaver(save_interval=1, n_saved=1)`` names the last checkpoint ``checkpoint_epoch=<N>.pt``
+LAST_CHECKPOINT_PREFIX = "checkpoint_epoch="
+#: the validator's ``CheckpointSaver(key_metric_filename=...)`` writes the best model here
+BEST_CHECKPOINT = "model_best.pt"
+_LOSS_TERMS = ("loss", "similarity", "regularization")
+
+
+class TrainStep:
+    """``iteration_update`` of a :class:`monai.engines.SupervisedTrainer`: one HyperMorph training step.
+
+    For a batch of pairs (``"moving_image"``, ``"fixed_image"``, ``(B, 1, *spatial)``):
+
+    1. draw ``hyper`` ``(B, H)``, one row per sample, with ``hyper_space.sample`` from a generator seeded by
+       ``(seed, rank, iteration)`` (so resumed and distributed runs draw reproducible, rank-distinct rows);
+    2. ``ddf, field = network(cat([moving, fixed], 1), hyper, return_velocity=True)``, through the trainer's
+       ``inferer`` (a ``SimpleInferer``) and under autocast if the trainer has ``amp``;
+    3. ``warped = warp_image(moving, ddf)`` and ``loss_function(warped, fixed, ddf, hyper, velocity=field,
+       return_components=True)`` (a :class:`~elastic_hypermorph_bundle.losses.RegistrationLoss`), in float32;
+    4. backward and optimizer step (through the trainer's ``GradScaler`` with AMP).
+
+    Returns (and stores in ``engine.state.output``): ``"image"`` (network input), ``"pred"`` (DDF), ``"hyper"``, and
+    the scalars ``"loss"``, ``"similarity"`` (LNCC, unweighted) and ``"regularization"`` (weighted).
+
+    Args:
+        hyper_space: the hyperparameters the network is conditioned on.
+        seed: base seed of the hyperparameter draws.
+    """
+
+    def __init__(self, hyper_space: HyperSpace, seed: int = 0) -> None:
+        self.hyper_space = hyper_space
+        self.seed = int(seed)
+
+    def _generator(self, iteration: int) -> torch.Generator:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        state = np.random.SeedSequence([self.seed, rank, iteration]).generate_state(1, dtype=np.uint64)[0]
+        return torch.Generator().manual_seed(int(state))
+
+    def __call__(self, engine: Engine, batchdata: dict) -> dict:
+        if batchdata is None or not {"fixed_image", "moving_image"} <= set(batchdata):
+            raise ValueError("TrainStep needs batches with 'fixed_image' and 'moving_image' (B, 1, *spatial).")
+        device = engine.state.device
+        moving, fixed = (
+            convert_to_tensor(batchdata[key], track_meta=False).to(device, non_blocking=engine.non_blocking)
+            for key in ("moving_image", "fixed_image")
+        )
+        hyper = self.hyper_space.sample(moving.shape[0], self._generator(engine.state.iteration), device)
+        image = torch.cat([moving, fixed], dim=1)
+        engine.state.output = {"image": image, "hyper": hyper}
+
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        use_amp = bool(engine.amp) and engine.scaler is not None
+        with torch.autocast(device.type, enabled=use_amp, **engine.amp_kwargs):
+            ddf, field = engine.inferer(image, engine.network, hyper, return_velocity=True)
+        engine.state.output["pred"] = ddf
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        # warping and LNCC in float32: the local variances of LNCC lose too much precision in half precision
+        ddf, field = ddf.float(), field.float()
+        terms = engine.loss_function(warp_image(moving, ddf), fixed, ddf, hyper, velocity=field, return_components=True)
+        engine.state.output.update(terms)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        loss = terms["loss"]
+        if use_amp:
+            engine.scaler.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        for key in _LOSS_TERMS:
+            engine.state.output[key] = terms[key].detach()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # the trainer decollates on this event
+        return engine.state.output
+
+
+def loss_terms(output: dict | list[dict]) -> dict[str, float]:
+    """``output_transform`` for Stats/TensorBoard handlers: ``{"loss", "similarity", "regularization"}`` of a
+    :class:`TrainStep` output (a dict, or the per-sample dicts of a decollated batch, where they are replicated)."""
+    first = output[0] if isinstance(output, list) else output
+    return {key: float(first[key]) for key in _LOSS_TERMS if key in first}
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The ``checkpoint_epoch=<N>.pt`` with the largest ``N`` in ``ckpt_dir``, or None."""
+    pattern = re.compile(re.escape(LAST_CHECKPOINT_PREFIX) + r"(\d+)\.pt$")
+    found = [(int(m.group(1)), path) for path in Path(ckpt_dir).glob("*.pt") if (m := pattern.match(path.name))]
+    return max(found)[1] if found else None
+
+
+def _trained_files(ckpt_dir: Path) -> list[Path]:
+    names = {BEST_CHECKPOINT, "model.pt", "model.json"}
+    return sorted(p for p in ckpt_dir.glob("*") if p.name in names or p.name.startswith(LAST_CHECKPOINT_PREFIX))
+
+
+def prepare_outputs(
+    ckpt_dir: str | Path,
+    output_dir: str | Path,
+    dataset_dir: str | Path,
+    seed: int = 0,
+    split_file: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    main_process: bool = True,
+) -> Path:
+    """Check and create the output folders of a training run; call it after the datalists are built so that a run
+    failing on its inputs writes nothing.
+
+    * ``resume``: ``ckpt_dir`` must hold a ``checkpoint_epoch=<N>.pt`` (training goes on from it).
+    * otherwise, a ``ckpt_dir`` holding checkpoints or a trained model is refused unless ``overwrite``, which
+      deletes them (only these files: ``checkpoint_epoch=*.pt``, ``model_best.pt``, ``model.pt``, ``model.json``).
+
+    The main process then creates both folders and writes the data split to ``output_dir/split.json``
+    (:func:`~elastic_hypermorph_bundle.workflow.datalists.write_split`). Returns the path of ``split.json``.
+
+    Raises:
+        FileNotFoundError: ``resume`` without a checkpoint.
+        FileExistsError: existing trained files without ``overwrite``.
+    """
+    ckpt_dir, output_dir = Path(ckpt_dir), Path(output_dir)
+    resume, overwrite = parse_flag("resume", resume), parse_flag("overwrite", overwrite)
+    existing = _trained_files(ckpt_dir) if ckpt_dir.is_dir() else []
+    if resume:
+        if latest_checkpoint(ckpt_dir) is None:
+            raise FileNotFoundError(
+                f"resume=true but ckpt_dir {ckpt_dir} holds no {LAST_CHECKPOINT_PREFIX}<N>.pt checkpoint to resume from."
+            )
+    elif existing and not overwrite:
+        raise FileExistsError(
+            f"ckpt_dir {ckpt_dir} already holds training outputs ({', '.join(p.name for p in existing)}); "
+            "pass --resume true to continue that training or --overwrite true to replace it."
+        )
+    split_path = output_dir / "split.json"
+    if main_process:
+        if existing and overwrite and not resume:
+            for path in existing:
+                path.unlink()
+            logger.info("overwrite=true: removed %s from %s", [p.name for p in existing], ckpt_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        split_path = write_split(dataset_dir, output_dir, seed=seed, split_file=split_file)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank may start before the main process has cleaned up
+    return split_path
+
+
+class LastCheckpoint:
+    """Trainer handler for interrupted runs: saves the last training state and, with ``resume``, goes on from it.
+
+    * ``save``: after every ``interval`` epochs, model, optimizer and trainer state (epoch, iteration) are written to
+      ``ckpt_dir/checkpoint_epoch=<N>.pt``, replacing the previous one (MONAI ``CheckpointSaver``).
+    * ``resume``: when the trainer starts, that state is restored from the latest ``checkpoint_epoch=<N>.pt``
+      (MONAI ``CheckpointLoader``), and the best-model tracking of ``best_saver`` (the validator's key-metric
+      ``CheckpointSaver``, saved with ``key_metric_save_state=True``) from ``model_best.pt``, so that only a better
+      model replaces it. Training goes on up to the trainer's ``max_epochs`` (raise ``--epochs`` to train longer).
+
+    The trainer itself is part of the saved state, so this handler takes it at :meth:`attach` instead of from the
+    config (which would be a circular reference). In distributed runs every rank resumes; only the main process
+    saves (``save=False`` elsewhere).
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: str | Path,
+        resume: bool = False,
+        save: bool = True,
+        best_saver: CheckpointSaver | None = None,
+        interval: int = 1,
+    ) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+        self.resume = parse_flag("resume", resume)
+        self.save = bool(save)
+        self.best_saver = best_saver
+        self.interval = int(interval)
+
+    def attach(self, engine: Engine) -> None:
+        # the trainer's network and optimizer exist only after its handlers are attached: bind them at start
+        engine.add_event_handler(Events.STARTED, self._start)
+
+    def _start(self, engine: Engine) -> None:
+        state = {"model": engine.network, "optimizer": engine.optimizer, "trainer": engine}
+        if self.resume:
+            last = latest_checkpoint(self.ckpt_dir)
+            if last is None:
+                raise FileNotFoundError(f"resume=true but {self.ckpt_dir} holds no {LAST_CHECKPOINT_PREFIX}<N>.pt.")
+            loaders = [CheckpointLoader(str(last), state, map_location=_map_location(engine))]
+            best = self.ckpt_dir / BEST_CHECKPOINT
+            if self.best_saver is not None and best.is_file():
+                loaders.append(CheckpointLoader(str(best), {"checkpointer": self.best_saver}, map_location="cpu"))
+            for loader in loaders:
+                loader.logger = engine.logger
+                loader(engine)
+        if self.save:
+            CheckpointSaver(str(self.ckpt_dir), state, save_interval=self.interval, n_saved=1).attach(engine)
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self._remove_older)
+
+    def _remove_older(self, engine: Engine) -> None:
+        """Delete the checkpoints older than the one just saved (a resumed run's saver does not know them)."""
+        latest = latest_checkpoint(self.ckpt_dir)
+        for path in self.ckpt_dir.glob(f"{LAST_CHECKPOINT_PREFIX}*.pt"):
+            if path != latest:
+                path.unlink()
+
+
+def _map_location(engine: Engine) -> dict | str:
+    """Checkpoints saved on ``cuda:0`` (the main process) load onto this process's device."""
+    device = torch.device(engine.state.device)
+    return {"cuda:0": str(device)} if device.type == "cuda" else "cpu"
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class ExportTrainedModel:
+    """Trainer handler: when training completes, write the bundle's trained model to ``ckpt_dir``:
+
+    * ``model.pt``: the network state dict of ``model_best.pt`` (best key metric of validation), or of the final
+      weights when no validation ran;
+    * ``model.json``: the model card that inference, evaluation and sweeps check their settings against:
+      ``HyperSpace.to_dict()`` (``regularizer``, ``names``, ``ranges``), ``hyper_sampling``, ``network``
+      (``name``, ``kwargs``), ``spatial_size``, ``pixdim``, ``epochs`` (trained), ``weights`` (``"best"`` or
+      ``"final"``), ``best_metric``/``best_metric_epoch``/``key_metric``, ``split_file``, ``training`` (settings
+      of the run given by the config: loss weighting, fixed Lamé parameters, learning rate, ...), ``package_version``.
+
+    Attach to the main process only in distributed runs.
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: str | Path,
+        hyper_space: HyperSpace,
+        network_name: str,
+        network_kwargs: dict,
+        spatial_size: Sequence[int] | None,
+        pixdim: Sequence[float] | None = None,
+        split_file: str | Path | None = None,
+        training: dict | None = None,
+        evaluator: Engine | None = None,
+    ) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+        self.card = {
+            **hyper_space.to_dict(),
+            "hyper_sampling": hyper_space.sampling,
+            "network": {"name": network_name, "kwargs": _jsonable(dict(network_kwargs))},
+            "spatial_size": _jsonable(spatial_size),
+            "pixdim": _jsonable(pixdim),
+            "split_file": None if split_file is None else str(split_file),
+            "training": _jsonable(dict(training or {})),
+            "package_version": __version__,
+        }
+        self.evaluator = evaluator
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self)
+
+    def __call__(self, engine: Engine) -> None:
+        network = getattr(engine.network, "module", engine.network)  # unwrap DistributedDataParallel
+        best = self.ckpt_dir / BEST_CHECKPOINT
+        if best.is_file():
+            state = torch.load(best, map_location="cpu", weights_only=True)
+            # a single saved object is stored flat, next to the saver's own state ("checkpointer")
+            weights = state["model"] if "model" in state else {k: v for k, v in state.items() if k != "checkpointer"}
+            source = "best"
+        else:
+            logger.warning("no %s (no validation ran): model.pt holds the final weights.", best)
+            weights, source = network.state_dict(), "final"
+        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(weights, self.ckpt_dir / "model.pt")
+        card = {**self.card, "epochs": engine.state.epoch, "weights": source}
+        if self.evaluator is not None and source == "best":
+            card.update(
+                key_metric=self.evaluator.state.key_metric_name,
+                best_metric=float(self.evaluator.state.best_metric),
+                best_metric_epoch=int(self.evaluator.state.best_metric_epoch),
+            )
+        (self.ckpt_dir / "model.json").write_text(json.dumps(card, indent=4))
+        logger.info("trained model (%s weights, %d epochs) written to %s", source, engine.state.epoch, self.ckpt_dir)
+
+
+def read_model_card(path: str | Path) -> dict:
+    """Read a ``model.json`` written by :class:`ExportTrainedModel`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model card not found: {path} (written by training next to model.pt).")
+    return json.loads(path.read_text())
+
+
+def hyper_space_from_card(card: dict) -> HyperSpace:
+    """The :class:`HyperSpace` a model card describes (ranges and sampling as trained)."""
+    ranges = dict(zip(card["names"], card["ranges"]))
+    return HyperSpace(
+        regularizer=card["regularizer"],
+        lam_range=ranges.get("lam", (0.0, 1.0)),
+        mu_range=ranges.get("mu", (0.0, 1.0)),
+        alpha_range=ranges.get("alpha", (0.0, 1.0)),
+        sampling=card.get("hyper_sampling", "uniform"),
+    )
+
+
+def distributed_device() -> torch.device:
+    """This process's device under ``torchrun``: ``cuda:<LOCAL_RANK>`` when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return torch.device("cpu")
+
+
+def init_distributed() -> int:
+    """Join the ``torchrun`` process group (NCCL on CUDA, Gloo on CPU) unless already joined, select this process's
+    GPU, register the group with ``ignite.distributed``, and return the rank."""
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            raise RuntimeError("distributed training must be launched with torchrun (RANK/WORLD_SIZE are not set).")
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(distributed_device())
+    # ignite sets up its view of the group with a collective call, on first use; make every rank take part now,
+    # since some ignite objects (checkpoint savers) are created on the main process only
+    idist.sync()
+    return dist.get_rank()

@@ -1,0 +1,307 @@
+"""Files written by inference and evaluation: registration results per pair and metric tables.
+
+Every file goes through one :class:`OutputFiles` per run, which refuses to replace existing files (unless
+``overwrite``) and, if the run fails, removes every file and folder the run created, so a failed run leaves no
+partial outputs. Layout under ``output_dir``:
+
+* ``submission/disp_<pair_id>.nii.gz``: Learn2Reg submission, the displacement on the ORIGINAL fixed-image grid
+  in its voxels, channel-last ``(X, Y, Z, 3)``, float32, with the original fixed affine;
+* ``<pair_id>/ddf.nii.gz``: the network-grid DDF, same layout, with the network grid's affine;
+* ``<pair_id>/warped_image.nii.gz``, ``<pair_id>/warped_mask.nii.gz``: moving image (scaled intensities) and mask
+  warped onto the network grid; ``<pair_id>/preview.png``: fixed, moving, warped and the deformation;
+* ``metrics.csv`` (one row per pair, then the mean) and ``metrics.json`` (mean, per-pair rows, hyperparameters).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import ignite.distributed as idist
+import nibabel as nib
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from ..data.transforms import ddf_to_original_grid
+from .inference import parse_flag
+from .ignite_metrics import (
+    POINT_KINDS,
+    as_pairs,
+    pair_dice,
+    pair_folding_percent,
+    pair_sd_log_jacobian,
+    pair_tre,
+)
+
+__all__ = ["OutputFiles", "InferenceWriter", "EvaluationWriter", "pair_metric_row"]
+
+logger = logging.getLogger("elastic_hypermorph_bundle")
+
+
+class OutputFiles:
+    """The files one run writes under ``root``.
+
+    :meth:`new` hands out a path (creating its folder) and refuses one that exists unless ``overwrite``;
+    :meth:`run` executes the workflow and, if it raises, removes everything created through :meth:`new` (files
+    and the folders made for them) before re-raising.
+
+    Args:
+        root: output folder.
+        overwrite: replace existing files instead of failing.
+    """
+
+    def __init__(self, root: str | os.PathLike, overwrite: bool = False) -> None:
+        self.root = Path(root)
+        self.overwrite = parse_flag("overwrite", overwrite)
+        self.files: list[Path] = []
+        self.folders: list[Path] = []
+
+    def check(self, relative_paths: Sequence[str]) -> None:
+        """Fail before any work if one of these outputs already exists (and ``overwrite`` is off)."""
+        if self.overwrite:
+            return
+        existing = [str(self.root / p) for p in relative_paths if (self.root / p).exists()]
+        if existing:
+            shown = ", ".join(existing[:3]) + (f" and {len(existing) - 3} more" if len(existing) > 3 else "")
+            raise FileExistsError(
+                f"output(s) of an earlier run exist: {shown}; pass --overwrite true to replace them or choose "
+                "another --output_dir."
+            )
+
+    def new(self, relative_path: str) -> Path:
+        """Path for a new output file, recorded for removal if the run fails."""
+        self.check([relative_path])
+        path = self.root / relative_path
+        missing = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
+        for folder in reversed(missing):
+            folder.mkdir()
+            self.folders.append(folder)
+        self.files.append(path)
+        return path
+
+    def discard(self) -> None:
+        """Remove the files and folders this run created (folders only if nothing else is in them)."""
+        for path in self.files:
+            path.unlink(missing_ok=True)
+        for folder in reversed(self.folders):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        if self.files:
+            logger.warning("run failed: removed the %d output file(s) it had written under %s.", len(self.files), self.root)
+        self.files, self.folders = [], []
+
+    def run(self, workflow: Callable[[], object]) -> None:
+        """Run ``workflow()`` (e.g. ``evaluator.run``); on any error remove this run's outputs and re-raise."""
+        try:
+            workflow()
+        except BaseException:
+            self.discard()
+            raise
+
+
+def _save_nifti(path: Path, array: np.ndarray, affine) -> None:
+    nib.save(nib.Nifti1Image(np.asarray(array), np.asarray(torch.as_tensor(affine, dtype=torch.float64))), str(path))
+
+
+def _channel_last(ddf: torch.Tensor) -> np.ndarray:
+    """``(D, *spatial)`` -> ``(*spatial, D)`` float32 array (Learn2Reg layout)."""
+    return ddf.detach().float().cpu().movedim(0, -1).numpy()
+
+
+def _affine(image) -> torch.Tensor:
+    affine = getattr(image, "affine", None)
+    if affine is None:
+        raise ValueError("the fixed image must be a MetaTensor with an affine (load it with the bundle's transforms).")
+    return torch.as_tensor(affine, dtype=torch.float64)
+
+
+class InferenceWriter:
+    """Write each registered pair (files in the module docstring) as the evaluator completes an iteration.
+
+    Args:
+        output_files: the run's :class:`OutputFiles`.
+        pair_ids: the pairs of the run, whose outputs are checked for existence when the run starts.
+        submission: write the Learn2Reg ``submission/disp_<pair_id>.nii.gz``.
+        network_grid: write ``ddf``, ``warped_image``, ``warped_mask`` on the network grid.
+        preview: write ``preview.png`` (:mod:`elastic_hypermorph_bundle.visualize`).
+    """
+
+    def __init__(
+        self,
+        output_files: OutputFiles,
+        pair_ids: Sequence[str] = (),
+        submission: bool = True,
+        network_grid: bool = True,
+        preview: bool = True,
+    ) -> None:
+        self.files = output_files
+        self.pair_ids = list(pair_ids)
+        self.submission = parse_flag("write_submission", submission)
+        self.network_grid = parse_flag("write_network_grid", network_grid)
+        self.preview = parse_flag("write_preview", preview)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, lambda _: self.files.check(self._planned(self.pair_ids)))
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    def _planned(self, pair_ids: Sequence[str]) -> list[str]:
+        paths = []
+        for pair_id in pair_ids:
+            if self.submission:
+                paths.append(f"submission/disp_{pair_id}.nii.gz")
+            if self.network_grid:
+                paths += [f"{pair_id}/ddf.nii.gz", f"{pair_id}/warped_image.nii.gz", f"{pair_id}/warped_mask.nii.gz"]
+            if self.preview:
+                paths.append(f"{pair_id}/preview.png")
+        return paths
+
+    def __call__(self, engine: Engine) -> None:
+        for pair in as_pairs(engine.state.output):
+            self.write_pair(pair)
+
+    def write_pair(self, pair: dict) -> None:
+        pair_id = pair.get("pair_id")
+        if not pair_id:
+            raise ValueError("each pair needs a 'pair_id' (e.g. '0001_0001') to name its output files.")
+        fixed, ddf = pair["fixed_image"], torch.as_tensor(pair["pred"]).float()
+        network_affine = _affine(fixed)
+        if self.submission:
+            original = ddf_to_original_grid(
+                ddf[None], network_affine, fixed.meta["original_affine"], fixed.meta["spatial_shape"]
+            )[0]
+            path = self.files.new(f"submission/disp_{pair_id}.nii.gz")
+            _save_nifti(path, _channel_last(original), fixed.meta["original_affine"])
+        if self.network_grid:
+            _save_nifti(self.files.new(f"{pair_id}/ddf.nii.gz"), _channel_last(ddf), network_affine)
+            warped = pair["warped_image"].detach().float().cpu()[0].numpy()
+            _save_nifti(self.files.new(f"{pair_id}/warped_image.nii.gz"), warped, network_affine)
+            if "warped_mask" in pair:
+                mask = pair["warped_mask"].detach().cpu()[0].round().numpy().astype(np.uint8)
+                _save_nifti(self.files.new(f"{pair_id}/warped_mask.nii.gz"), mask, network_affine)
+        if self.preview:
+            self._write_preview(self.files.new(f"{pair_id}/preview.png"), pair)
+
+    @staticmethod
+    def _write_preview(path: Path, pair: dict) -> None:
+        from ..visualize import save_pair_png  # matplotlib only when previews are asked for
+
+        masks = {key: pair[key][0] for key in ("fixed_mask", "moving_mask") if key in pair}
+        hyper = ", ".join(f"{v:.4g}" for v in torch.as_tensor(pair["hyper"]).tolist())
+        save_pair_png(
+            path,
+            pair["fixed_image"][0],
+            pair["moving_image"][0],
+            warped=pair["warped_image"][0],
+            ddf=pair["pred"],
+            spacing=torch.as_tensor(pair["spacing"]).tolist(),
+            window=(0.0, 1.0),
+            title=f"pair {pair['pair_id']}, hyperparameters [{hyper}]",
+            **masks,
+        )
+
+
+def _mean(values) -> float:
+    values = [float(v) for v in values]
+    return float(np.mean(values)) if values else math.nan
+
+
+def _nan_to_none(value):
+    """Strict JSON has no NaN: a metric that could not be computed is written as null."""
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def pair_metric_row(pair: dict, labels: Sequence[int] | None = None, masked: bool = True) -> dict:
+    """Metrics of one registered pair: Dice per label and mean (after and before registration), TRE in mm per
+    point kind (after and before), % folded voxels, SDlogJ, runtime in seconds, hyperparameters."""
+    row: dict = {"pair_id": pair.get("pair_id", "")}
+    dice = pair_dice(pair, labels)
+    if dice is not None:
+        if labels is None:  # the default of dice_per_label: nonzero labels of the fixed mask, sorted
+            labels_used = [int(v) for v in torch.as_tensor(pair["fixed_mask"]).round().unique() if v != 0]
+        else:
+            labels_used = [int(v) for v in labels]
+        row.update({f"dice_{label}": float(d) for label, d in zip(labels_used, dice)})
+        row["dice_mean"] = float(dice.mean())
+        row["dice_before"] = float(pair_dice(pair, labels, warped_key="moving_mask").mean())
+    for kind in POINT_KINDS:
+        tre = pair_tre(pair, kind)
+        if tre is not None:
+            row[f"tre_{kind}_mm"] = float(tre.mean())
+            row[f"tre_{kind}_before_mm"] = float(pair_tre(pair, kind, registered=False).mean())
+    row["folding_percent"] = pair_folding_percent(pair, masked)
+    row["sd_log_jacobian"] = pair_sd_log_jacobian(pair, masked)
+    row["runtime_s"] = float(pair["runtime"])
+    return row
+
+
+class EvaluationWriter:
+    """Collect :func:`pair_metric_row` of every pair and, when the run completes, write ``metrics.csv`` (one row
+    per pair and a ``mean`` row) and ``metrics.json`` (``mean``, ``pairs``, and ``info``, e.g. the hyperparameters
+    and checkpoint). Under distributed evaluation the rows are gathered and rank 0 writes.
+
+    Args:
+        output_files: the run's :class:`OutputFiles`.
+        labels: mask labels to score (default: nonzero labels of each fixed mask).
+        masked: Jacobian metrics inside the fixed mask (Learn2Reg "masked_evaluation").
+        info: JSON-serialisable context stored in ``metrics.json``.
+    """
+
+    FILES = ("metrics.csv", "metrics.json")
+
+    def __init__(
+        self,
+        output_files: OutputFiles,
+        labels: Sequence[int] | None = None,
+        masked: bool = True,
+        info: dict | None = None,
+    ) -> None:
+        self.files = output_files
+        self.labels = labels
+        self.masked = masked
+        self.info = dict(info or {})
+        self.rows: list[dict] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self._started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect)
+        engine.add_event_handler(Events.COMPLETED, self._write)
+
+    def _started(self, engine: Engine) -> None:
+        self.files.check(self.FILES)
+        self.rows = []
+
+    def _collect(self, engine: Engine) -> None:
+        self.rows += [pair_metric_row(pair, self.labels, self.masked) for pair in as_pairs(engine.state.output)]
+
+    def summary(self) -> dict:
+        """Mean of every numeric column over the pairs that have it."""
+        columns = [key for row in self.rows for key in row if key != "pair_id"]
+        columns = list(dict.fromkeys(columns))
+        return {key: _mean(row[key] for row in self.rows if key in row) for key in columns}
+
+    def _write(self, engine: Engine) -> None:
+        if idist.get_world_size() > 1:
+            self.rows = [row for rank_rows in idist.all_gather(self.rows) for row in rank_rows]
+        if idist.get_rank() != 0:
+            return
+        self.rows.sort(key=lambda row: row["pair_id"])
+        mean = self.summary()
+        columns = ["pair_id", *mean]
+        with open(self.files.new("metrics.csv"), "w", newline="") as stream:
+            writer = csv.DictWriter(stream, fieldnames=columns, restval="")
+            writer.writeheader()
+            writer.writerows(self.rows)
+            writer.writerow({"pair_id": "mean", **mean})
+        record = {"info": self.info, "num_pairs": len(self.rows), "mean": mean, "pairs": self.rows}
+        self.files.new("metrics.json").write_text(json.dumps(_nan_to_none(record), indent=4))
+        logger.info("evaluation of %d pairs written to %s: %s", len(self.rows), self.files.root, mean)
