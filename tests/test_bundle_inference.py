@@ -1,0 +1,281 @@
+"""Inference, evaluation and export of the bundle: RegisterStep, ignite metrics, writers, configs.
+
+Fast unit tests run in-process; the end-to-end tests (marked slow) go through ``python -m monai.bundle`` on a
+tiny simulated dataset and a randomly initialised model saved like training saves one (model.pt + model.json).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import list_data_collate
+from monai.engines import SupervisedEvaluator
+
+from elastic_hypermorph_bundle.data.synthetic import make_synthetic_dataset
+from elastic_hypermorph_bundle.data.transforms import registration_transforms
+from elastic_hypermorph_bundle.hyperparams import HyperSpace
+from elastic_hypermorph_bundle.networks import HyperUNet
+from elastic_hypermorph_bundle.workflow.ignite_metrics import FoldingPercent, MaskDice, PointTRE, SDLogJacobian
+from elastic_hypermorph_bundle.workflow.inference import (
+    check_network,
+    model_hyper_space,
+    parse_flag,
+    single_pair,
+)
+from elastic_hypermorph_bundle.workflow.steps import RegisterStep
+from elastic_hypermorph_bundle.workflow.writers import OutputFiles
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = (32, 32, 32)
+NETWORK_KWARGS = {"spatial_dims": 3, "in_channels": 2, "hyper_dims": 2, "diffeomorphic": False}
+SCHEMA = ROOT.parent / "shared" / "reference" / "meta_schema_20240725.json"
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Three simulated pairs (train/val/test one each) at 32^3."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "LungCT", num_pairs=3, spatial_size=SIZE, seed=0)
+
+
+def _save_model(folder: Path, network: torch.nn.Module, space: HyperSpace) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), folder / "model.pt")
+    card = {**space.to_dict(), "hyper_sampling": space.sampling, "network": {"name": "HyperUNet", "kwargs": NETWORK_KWARGS}}
+    (folder / "model.json").write_text(json.dumps(card))
+    return folder / "model.pt"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    """A random HyperUNet whose flow head is scaled up, so that its fields are voxel-sized and depend on hyper
+    (the near-zero head of an untrained network would make every field nearly zero and equal)."""
+    torch.manual_seed(0)
+    network = HyperUNet(**NETWORK_KWARGS)
+    with torch.no_grad():
+        network.flow.weight.normal_(0.0, 0.05)
+    return _save_model(tmp_path_factory.mktemp("models"), network, HyperSpace())
+
+
+def _bundle(*args: str, configs: tuple[str, ...] = ("inference.json",)) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` from outside the bundle root with absolute config paths, as a user would."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    config = str([str(ROOT / "configs" / name) for name in configs])
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(ROOT),
+           "--meta_file", str(ROOT / "configs" / "metadata.json"), *args]
+    return subprocess.run(cmd, cwd=ROOT.parent, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _common(dataset: Path, model: Path, output_dir: Path) -> list[str]:
+    return ["--dataset_dir", str(dataset), "--ckpt_path", str(model), "--output_dir", str(output_dir),
+            "--spatial_size", "[32, 32, 32]", "--num_workers", "0"]
+
+
+def _identity_pair(spatial=(8, 8, 8)) -> dict:
+    mask = torch.zeros(1, *spatial)
+    mask[:, 2:6, 2:6, 2:6] = 1
+    points = torch.tensor([[2.0, 3.0, 4.0], [5.0, 4.0, 3.0]])
+    return {"pred": torch.zeros(3, *spatial), "fixed_mask": mask, "moving_mask": mask.clone(), "warped_mask": mask.clone(),
+            "fixed_keypoints": points, "moving_keypoints": points + torch.tensor([1.0, 0.0, 0.0]),
+            "spacing": torch.tensor([2.0, 1.0, 1.0]), "pair_id": "0001_0001"}
+
+
+# ---------------------------------------------------------------- unit tests
+
+
+def test_metrics_of_known_fields():
+    pair = _identity_pair()
+    shifted = dict(pair, pred=torch.zeros(3, 8, 8, 8).index_fill_(0, torch.tensor([0]), 1.0))
+    dice, tre, folding, sdlogj = MaskDice(), PointTRE(), FoldingPercent(), SDLogJacobian()
+    for metric in (dice, tre, folding, sdlogj):
+        metric.reset()
+        metric.update([pair, shifted])
+    assert dice.compute() == pytest.approx(1.0)
+    # zero field: TRE = 1 voxel * 2 mm; shift of 1 voxel along x matches the moving points: TRE = 0
+    assert tre.compute() == pytest.approx((2.0 + 0.0) / 2)
+    assert folding.compute() == 0.0 and sdlogj.compute() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_metric_without_data_is_nan():
+    metric = MaskDice()
+    metric.reset()
+    metric.update([{"pred": torch.zeros(3, 8, 8, 8)}])
+    assert np.isnan(metric.compute())
+
+
+def test_register_step_generates_weights_once_per_run(dataset):
+    pairs = [dict(single_pair(*(str(dataset / "imagesTr" / f"LungCT_000{i}_000{p}.nii.gz") for p in (0, 1)),
+                              *(str(dataset / "masksTr" / f"LungCT_000{i}_000{p}.nii.gz") for p in (0, 1)))[0])
+             for i in (1, 2)]
+    transform = registration_transforms(spatial_size=SIZE, with_keypoints=False)
+    loader = torch.utils.data.DataLoader([transform(p) for p in pairs], batch_size=1,
+                                         collate_fn=list_data_collate)
+    network = HyperUNet(**NETWORK_KWARGS)
+    calls = []
+    generate = network.generate_weights
+    network.generate_weights = lambda hyper: calls.append(hyper.clone()) or generate(hyper)
+    evaluator = SupervisedEvaluator("cpu", loader, network, iteration_update=RegisterStep(torch.tensor([0.3, 0.2])),
+                                    key_val_metric={"dice": MaskDice()})
+    evaluator.run()
+    evaluator.run()
+    assert len(calls) == 2 and torch.equal(calls[0], torch.tensor([[0.3, 0.2]]))  # once per run, not per batch
+    output = evaluator.state.output[0]
+    assert output["pred"].shape == (3, *SIZE) and set(output["warped_mask"].unique().tolist()) <= {0.0, 1.0}
+    assert output["pair_id"] == "0002_0002" and 0.0 <= evaluator.state.metrics["dice"] <= 1.0
+
+
+def test_output_files_refuse_existing_and_discard_only_their_own(tmp_path):
+    (tmp_path / "old.txt").write_text("earlier run")
+    files = OutputFiles(tmp_path)
+    with pytest.raises(FileExistsError, match="--overwrite true"):
+        files.new("old.txt")
+
+    def failing_run():
+        files.new("pair/a.nii.gz").write_text("partial")
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        files.run(failing_run)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.txt"]
+    assert OutputFiles(tmp_path, overwrite="true").new("old.txt") == tmp_path / "old.txt"
+
+
+def test_parse_flag():
+    assert parse_flag("x", "True") and not parse_flag("x", "false") and parse_flag("x", True)
+    with pytest.raises(ValueError, match="--overwrite must be true or false"):
+        parse_flag("overwrite", "yes")
+
+
+def test_single_pair_rejects_mismatched_grids(tmp_path):
+    affine = np.diag([1.5, 1.5, 1.5, 1.0])
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), affine), tmp_path / "fixed.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.diag([2.0, 1.5, 1.5, 1.0])), tmp_path / "moving.nii.gz")
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.float32), affine), tmp_path / "short.nii.gz")
+    with pytest.raises(ValueError, match="affine"):
+        single_pair(str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"))
+    with pytest.raises(ValueError, match="shape"):
+        single_pair(str(tmp_path / "fixed.nii.gz"), str(tmp_path / "short.nii.gz"))
+    with pytest.raises(ValueError, match="--moving is missing"):
+        single_pair(str(tmp_path / "fixed.nii.gz"), None)
+    with pytest.raises(FileNotFoundError):
+        single_pair(str(tmp_path / "fixed.nii.gz"), str(tmp_path / "absent.nii.gz"))
+    assert single_pair(str(tmp_path / "fixed.nii.gz"), str(tmp_path / "fixed.nii.gz"))[0]["pair_id"] == "fixed_fixed"
+
+
+def test_model_card_checks(model):
+    assert model_hyper_space(str(model), HyperSpace()).ranges == ((0.0, 1.0), (0.0, 1.0))
+    with pytest.raises(ValueError, match="--regularizer elastic"):
+        model_hyper_space(str(model), HyperSpace("diffusion"))
+    with pytest.raises(ValueError, match="diffeomorphic=True"):
+        check_network(str(model), "HyperUNet", {**NETWORK_KWARGS, "diffeomorphic": True})
+    check_network(str(model), "HyperUNet", {**NETWORK_KWARGS, "default_hyper": [0.1, 0.1]})
+
+
+# ---------------------------------------------------------------- end to end through monai.bundle
+
+
+def _eager_ddf(model: Path, dataset: Path, pair_id: str, hyper) -> torch.Tensor:
+    network = HyperUNet(**NETWORK_KWARGS)
+    network.load_state_dict(torch.load(model, weights_only=True))
+    case = int(pair_id.split("_")[0])
+    pair = {f"{r}_image": str(dataset / "imagesTr" / f"LungCT_{case:04d}_000{p}.nii.gz") for r, p in (("fixed", 0), ("moving", 1))}
+    data = registration_transforms(spatial_size=SIZE, with_masks=False, with_keypoints=False)(pair)
+    with torch.no_grad():
+        return network(torch.cat([data["moving_image"], data["fixed_image"]])[None].as_tensor(), torch.tensor([hyper]))[0]
+
+
+@pytest.mark.slow
+def test_inference_writes_the_field_of_the_requested_hyperparameters(dataset, model, tmp_path):
+    fields = {}
+    for lam, mu in ((0.05, 0.02), (0.9, 0.8)):
+        out = tmp_path / f"lam{lam}"
+        result = _bundle(*_common(dataset, model, out), "--lam", str(lam), "--mu", str(mu))
+        assert result.returncode == 0, result.stderr[-3000:]
+        (pair_id,) = [p.name for p in out.iterdir() if p.name != "submission"]
+        ddf = torch.as_tensor(nib.load(out / pair_id / "ddf.nii.gz").get_fdata(dtype=np.float32)).movedim(-1, 0)
+        torch.testing.assert_close(ddf, _eager_ddf(model, dataset, pair_id, [lam, mu]), atol=1e-4, rtol=1e-4)
+        submission = nib.load(out / "submission" / f"disp_{pair_id}.nii.gz")
+        fixed = nib.load(dataset / "imagesTr" / f"LungCT_{pair_id[:4]}_0000.nii.gz")
+        assert submission.shape == (*fixed.shape, 3) and np.allclose(submission.affine, fixed.affine)
+        assert (out / pair_id / "preview.png").stat().st_size > 0 and (out / pair_id / "warped_mask.nii.gz").is_file()
+        fields[lam] = ddf
+    assert (fields[0.05] - fields[0.9]).abs().max() > 1e-3  # the hyperparameters reach the network
+
+    # a second run into the same folder refuses and leaves the earlier outputs untouched
+    before = (tmp_path / "lam0.05" / pair_id / "ddf.nii.gz").read_bytes()
+    again = _bundle(*_common(dataset, model, tmp_path / "lam0.05"), "--lam", "0.9", "--mu", "0.8")
+    assert again.returncode != 0 and "--overwrite true" in again.stderr
+    assert (tmp_path / "lam0.05" / pair_id / "ddf.nii.gz").read_bytes() == before
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lam", "1.5"], "outside the trained range"),
+        (["--fixed", "FIXED", "--moving", "MISMATCH"], "affine"),
+        (["--regularizer", "diffusion"], "--regularizer elastic"),
+    ],
+)
+def test_inference_failures_are_clear_and_leave_nothing(dataset, model, tmp_path, args, message):
+    mismatch = tmp_path / "moving.nii.gz"
+    fixed = dataset / "imagesTr" / "LungCT_0001_0000.nii.gz"
+    image = nib.load(fixed)
+    nib.save(nib.Nifti1Image(image.get_fdata(dtype=np.float32), image.affine * np.diag([2, 1, 1, 1])), mismatch)
+    args = [{"FIXED": str(fixed), "MISMATCH": str(mismatch)}.get(a, a) for a in args]
+    result = _bundle(*_common(dataset, model, tmp_path / "out"), *args)
+    assert result.returncode != 0 and message in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_evaluation_writes_plausible_metrics(dataset, model, tmp_path):
+    out = tmp_path / "eval"
+    result = _bundle(*_common(dataset, model, out), configs=("train.json", "evaluate.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "metrics.json").read_text())
+    rows = list(csv.DictReader(open(out / "metrics.csv")))
+    assert record["num_pairs"] == 1 and [r["pair_id"] for r in rows] == [record["pairs"][0]["pair_id"], "mean"]
+    mean = record["mean"]
+    assert 0.0 < mean["dice_mean"] <= 1.0 and 0.0 < mean["dice_before"] <= 1.0
+    assert mean["tre_keypoints_mm"] > 0 and mean["tre_keypoints_before_mm"] > 0
+    assert 0.0 <= mean["folding_percent"] <= 100.0 and mean["sd_log_jacobian"] > 0 and mean["runtime_s"] > 0
+    assert record["info"]["hyper"] == pytest.approx([0.083, 0.03])
+    assert _bundle(*_common(dataset, model, out), configs=("train.json", "evaluate.json")).returncode != 0
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SCHEMA.is_file(), reason="offline copy of the metadata schema not available")
+def test_verify_metadata():
+    result = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", "verify_metadata", "--meta_file", str(ROOT / "configs" / "metadata.json"),
+         "--filepath", str(SCHEMA)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "verified with no error" in result.stdout + result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_verify_net_in_out_and_export_reproduces_eager(model, tmp_path):
+    from monai.bundle import ckpt_export, verify_net_in_out
+
+    config, meta = str(ROOT / "configs" / "inference.json"), str(ROOT / "configs" / "metadata.json")
+    verify_net_in_out("network_def", meta_file=meta, config_file=config, ckpt_path=str(model), device="cpu")
+    ts_path = tmp_path / "model.ts"
+    ckpt_export("network_def", filepath=str(ts_path), ckpt_file=str(model), meta_file=meta, config_file=config,
+                ckpt_path=str(model), use_trace=True, input_shape=[1, 2, 32, 32, 32], bundle_root=str(ROOT))
+    exported = torch.jit.load(str(ts_path))
+    network = HyperUNet(**NETWORK_KWARGS)
+    network.load_state_dict(torch.load(model, weights_only=True))
+    x = torch.rand(1, 2, 32, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(x), network(x), atol=1e-5, rtol=1e-4)
