@@ -1,0 +1,31 @@
+"""Test-time discovery of the regularization parameters of a trained hypernetwork: grid sweeps over (lam, mu) or
+alpha (:mod:`.sweep`), choice of the optimum (:mod:`.selection`), gradient refinement (:mod:`.refine`), figures
+(:mod:`.plots`) and the workflow that ``configs/sweep.json`` wires (:mod:`.workflow`). See ``docs/discovery.md``."""
+
+from .refine import OBJECTIVES, pair_objective, refine_hyper
+from .selection import CRITERIA, SweepResults, material_correlation, physical_reading, read_sweep, summarize
+from .sweep import PreparedPair, SweepTable, field_metrics, mask_labels, prepare_pairs, run_grid, sweep_columns
+from .workflow import ParameterSweep, compare_sweeps, load_trained_network, pair_figure
+
+__all__ = [
+    "CRITERIA",
+    "OBJECTIVES",
+    "ParameterSweep",
+    "PreparedPair",
+    "SweepResults",
+    "SweepTable",
+    "compare_sweeps",
+    "field_metrics",
+    "load_trained_network",
+    "mask_labels",
+    "material_correlation",
+    "pair_figure",
+    "pair_objective",
+    "physical_reading",
+    "prepare_pairs",
+    "read_sweep",
+    "refine_hyper",
+    "run_grid",
+    "summarize",
+    "sweep_columns",
+]

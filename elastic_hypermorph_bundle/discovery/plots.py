@@ -1,0 +1,208 @@
+"""Figures of parameter discovery (matplotlib, Agg backend): metric heatmaps over a (lam, mu) grid and curves
+over alpha (in the spirit of Figures 3 and 2 of Reithmeir et al.), the elastic-vs-diffusion comparison, and a
+side-by-side registration figure of one pair (Figure 4)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import LogNorm, TwoSlopeNorm  # noqa: E402
+
+from ..metrics import JACOBIAN_BORDER, jacobian_determinant  # noqa: E402
+
+__all__ = ["LABELS", "plot_grid_metric", "plot_regularizer_comparison", "plot_pair_comparison"]
+
+#: axis and title labels of hyperparameters and metrics
+LABELS = {
+    "lam": "λ",
+    "mu": "μ",
+    "alpha": "α",
+    "dice_mean": "mean Dice",
+    "tre_mm": "TRE (mm)",
+    "folding_percent": "% J ≤ 0",
+    "sd_log_jacobian": "SD log J",
+    "elastic_energy": "elastic energy R(u; λ, μ)",
+    "energy_shear": "R(u; 0, 1)",
+    "energy_volume": "R(u; 1, 0)",
+    "lncc": "local NCC",
+}
+
+
+def _edges(centres: np.ndarray) -> np.ndarray:
+    """Cell edges around sorted grid centres (for pcolormesh); a single centre gets a unit-free +-0.5 cell."""
+    if centres.size == 1:
+        return np.array([centres[0] - 0.5, centres[0] + 0.5])
+    middle = (centres[1:] + centres[:-1]) / 2
+    return np.concatenate([[2 * centres[0] - middle[0]], middle, [2 * centres[-1] - middle[-1]]])
+
+
+def _spans_decades(values: np.ndarray) -> bool:
+    """Positive values over more than two orders of magnitude: drawn on a log scale so the optimum stays visible."""
+    finite = values[np.isfinite(values)]
+    return finite.size > 1 and finite.min() > 0 and finite.max() / finite.min() > 100
+
+
+def plot_grid_metric(
+    grid: Sequence[Mapping], names: Sequence[str], metric: str, best: Mapping, path: str | Path, criterion: str = ""
+) -> Path:
+    """Mean ``metric`` over the sweep grid, best point marked: a heatmap (``lam`` horizontal, ``mu`` vertical)
+    for ``[lam, mu]`` grids, a curve for ``[alpha]`` grids.
+
+    Args:
+        grid: one mapping per grid point with the hyperparameters by name and the mean metrics (summary ``grid``).
+        names: hyperparameter names, ``("lam", "mu")`` or ``("alpha",)``.
+        metric: key of the metric to draw.
+        best: mapping with the best point's hyperparameters by name.
+        path: PNG to write.
+        criterion: name of the criterion that chose ``best`` (shown in the title).
+    """
+    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    values = np.array([np.nan if point[metric] is None else point[metric] for point in grid], dtype=float)
+    if len(names) == 2:
+        axes = [np.unique([point[name] for point in grid]) for name in names]
+        image = np.full((axes[0].size, axes[1].size), np.nan)
+        for point, value in zip(grid, values):
+            image[np.searchsorted(axes[0], point[names[0]]), np.searchsorted(axes[1], point[names[1]])] = value
+        norm = LogNorm() if _spans_decades(values) else None
+        mesh = ax.pcolormesh(_edges(axes[0]), _edges(axes[1]), image.T, cmap="viridis", shading="flat", norm=norm)
+        fig.colorbar(mesh, ax=ax, label=LABELS.get(metric, metric))
+        ax.plot(best[names[0]], best[names[1]], marker="*", color="red", markersize=14, markeredgecolor="white")
+        ax.set_ylabel(LABELS.get(names[1], names[1]))
+    elif len(names) == 1:
+        order = np.argsort([point[names[0]] for point in grid])
+        ax.plot(np.array([point[names[0]] for point in grid])[order], values[order], marker="o")
+        best_value = values[[point[names[0]] for point in grid].index(best[names[0]])]
+        ax.plot(best[names[0]], best_value, marker="*", color="red", markersize=14, linestyle="none")
+        ax.set_ylabel(LABELS.get(metric, metric))
+        ax.set_yscale("log" if _spans_decades(values) else "linear")
+        ax.grid(alpha=0.3)
+    else:
+        raise ValueError(f"can plot grids of 1 or 2 hyperparameters, got {list(names)}.")
+    ax.set_xlabel(LABELS.get(names[0], names[0]))
+    best_text = ", ".join(f"{LABELS.get(n, n)}={best[n]:.3g}" for n in names)
+    chosen = f"best by {criterion}" if criterion else "best"
+    ax.set_title(f"{LABELS.get(metric, metric)} ({chosen}: {best_text})", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_regularizer_comparison(
+    elastic: Mapping, diffusion: Mapping, per_pair: Mapping[str, Mapping[str, float]], metric: str, path: str | Path
+) -> Path:
+    """Best elastic vs best diffusion: the diffusion model's mean ``metric`` over ``alpha`` with the best elastic
+    value as a line (left), and each pair's ``metric`` at both optima (right).
+
+    Args:
+        elastic, diffusion: sweep summaries (:func:`~.selection.summarize`) of the two models.
+        per_pair: ``{pair_id: {"elastic": value, "diffusion": value}}`` on the common pairs.
+        metric: metric to compare (e.g. the shared criterion's).
+        path: PNG to write.
+    """
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    grid = sorted(diffusion["grid"], key=lambda point: point["alpha"])
+    left.plot([p["alpha"] for p in grid], [p[metric] for p in grid], marker="o", label="diffusion (over α)")
+    left.axhline(elastic["best"]["mean"][metric], color="red", linestyle="--",
+                 label=f"best elastic (λ={elastic['best']['lam']:.3g}, μ={elastic['best']['mu']:.3g})")
+    left.set_xlabel("α")
+    left.set_ylabel(LABELS.get(metric, metric))
+    left.legend(fontsize=8)
+    left.grid(alpha=0.3)
+    for values in per_pair.values():
+        right.plot([0, 1], [values["diffusion"], values["elastic"]], color="grey", alpha=0.6, marker="o")
+    right.set_xticks([0, 1], [f"diffusion\nα={diffusion['best']['alpha']:.3g}", "elastic\n(best λ, μ)"])
+    right.set_xlim(-0.3, 1.3)
+    right.set_ylabel(f"{LABELS.get(metric, metric)} per pair")
+    right.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _slice(volume: torch.Tensor, axis: int, index: int) -> np.ndarray:
+    """2-D slice of a ``(*spatial)`` volume, transposed so the first remaining axis is horizontal."""
+    return volume.detach().float().cpu().select(axis, index).numpy().T
+
+
+def plot_pair_comparison(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    results: Sequence[Mapping],
+    path: str | Path,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
+    axis: int = 1,
+    index: int | None = None,
+    grid_step: int = 4,
+) -> Path:
+    """One row per registration result: fixed, moving, warped (mask contours), deformation grid, ``det J``.
+
+    Args:
+        fixed, moving: ``(1, 1, *spatial)`` images (3D) of one pair.
+        results: one mapping per row with ``label`` (str), ``ddf`` ``(1, 3, *spatial)``, ``warped`` (image like
+            ``moving``) and optionally ``warped_mask``.
+        path: PNG to write.
+        fixed_mask, moving_mask: ``(1, 1, *spatial)`` label maps, drawn as contours (fixed: yellow, moving/warped:
+            cyan).
+        axis: spatial axis the slice is taken across (1: coronal for Learn2Reg lung CT array order).
+        index: slice index; default the middle.
+        grid_step: spacing in voxels of the drawn grid lines.
+    """
+    if fixed.ndim != 5:
+        raise ValueError(f"plot_pair_comparison draws 3D pairs (1, 1, X, Y, Z), got shape {tuple(fixed.shape)}.")
+    index = fixed.shape[2 + axis] // 2 if index is None else int(index)
+    in_plane = [a for a in range(3) if a != axis]
+    columns = ["fixed", "moving", "warped", "deformation grid", "det J"]
+    fig, axes = plt.subplots(len(results), len(columns), figsize=(3 * len(columns), 3.1 * len(results)), squeeze=False)
+
+    def show(ax, image, mask=None, warped_mask=None):
+        ax.imshow(_slice(image[0, 0], axis, index), cmap="gray", origin="lower")
+        if mask is not None:
+            ax.contour(_slice(mask[0, 0], axis, index), levels=[0.5], colors="yellow", linewidths=0.8)
+        if warped_mask is not None:
+            ax.contour(_slice(warped_mask[0, 0], axis, index), levels=[0.5], colors="cyan", linewidths=0.8)
+
+    for row, result in zip(axes, results):
+        ddf = result["ddf"]
+        show(row[0], fixed, fixed_mask)
+        show(row[1], moving, None, moving_mask)
+        show(row[2], result["warped"], fixed_mask, result.get("warped_mask"))
+        # deformed grid x + u(x) in the slice plane
+        u = [_slice(ddf[0, a], axis, index) for a in in_plane]
+        h, v = np.meshgrid(np.arange(u[0].shape[1]), np.arange(u[0].shape[0]))
+        points_h, points_v = h + u[0], v + u[1]
+        row[3].imshow(_slice(fixed[0, 0], axis, index), cmap="gray", origin="lower", alpha=0.35)
+        for k in range(0, points_h.shape[0], grid_step):
+            row[3].plot(points_h[k], points_v[k], color="tab:red", linewidth=0.6)
+        for k in range(0, points_h.shape[1], grid_step):
+            row[3].plot(points_h[:, k], points_v[:, k], color="tab:red", linewidth=0.6)
+        # det J on the interior (the metric's border is left blank)
+        jacobian = torch.full(ddf.shape[2:], float("nan"))
+        interior = (slice(JACOBIAN_BORDER, -JACOBIAN_BORDER),) * 3
+        jacobian[interior] = jacobian_determinant(ddf.float())[0].cpu()
+        cmap = plt.get_cmap("RdBu_r").with_extremes(under="black")  # folding (J < 0) in black
+        shown = row[4].imshow(_slice(jacobian, axis, index), cmap=cmap, origin="lower",
+                              norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=2.0))
+        fig.colorbar(shown, ax=row[4], fraction=0.046, extend="both")
+        row[0].set_ylabel(result["label"], fontsize=9)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+    for ax, title in zip(axes[0], columns):
+        ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,266 @@
+"""Reading a sweep table and choosing hyperparameters from it: criteria, grid means, dataset and per-pair optima,
+the physical reading of a Lamé pair, and whether discovered materials track the true ones.
+
+Criteria (``criterion``):
+
+* ``"dice"``: maximal mean Dice (``dice_mean``) of the warped moving masks;
+* ``"tre"``: minimal mean target registration error (``tre_mm``);
+* ``"similarity"`` (unsupervised, for data without masks or points): maximal local NCC (``lncc``) of the warped
+  moving and the fixed image among the grid points whose mean % folded voxels is at most ``max_folding_percent``
+  (per pair: that pair's folding). Similarity alone always prefers the weakest regularization; the folding bound
+  is what makes the choice meaningful. If no point meets the bound, the least folding point is chosen and the
+  summary says so.
+* ``"auto"``: ``"dice"`` with masks, else ``"tre"`` with points, else ``"similarity"``.
+
+Ties go to the first grid point in grid order (``numpy.argmax``), so the choice is reproducible from the CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.stats import pearsonr
+
+from ..physics import young_poisson_from_lame
+
+__all__ = [
+    "CRITERIA",
+    "SweepResults",
+    "read_sweep",
+    "resolve_criterion",
+    "choose",
+    "physical_reading",
+    "material_correlation",
+    "summarize",
+    "json_ready",
+]
+
+CRITERIA = ("auto", "dice", "tre", "similarity")
+#: criterion -> (metric column, +1 to maximise / -1 to minimise)
+CRITERION_METRICS = {"dice": ("dice_mean", 1.0), "tre": ("tre_mm", -1.0), "similarity": ("lncc", 1.0)}
+_NOT_METRICS = ("grid_index", "pair_id", "seconds")
+
+
+@dataclass
+class SweepResults:
+    """A complete sweep table as arrays: ``grid`` ``(G, H)`` hyperparameter rows (by ``grid_index``), ``pair_ids``
+    ``P`` pairs in first-seen order, ``metrics[name]`` ``(G, P)``."""
+
+    names: tuple[str, ...]
+    grid: np.ndarray
+    pair_ids: list[str]
+    metrics: dict[str, np.ndarray]
+
+    def hyper(self, index: int) -> dict[str, float]:
+        return {name: float(value) for name, value in zip(self.names, self.grid[index])}
+
+
+def read_sweep(path: str | Path, names: Sequence[str], num_points: int | None = None) -> SweepResults:
+    """Read a sweep CSV (:class:`~.sweep.SweepTable`) into arrays.
+
+    Raises:
+        ValueError: a (grid point, pair) row is missing or repeated, or the hyperparameter columns are absent.
+    """
+    with Path(path).open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise ValueError(f"{path} holds no sweep rows.")
+    missing = [name for name in names if name not in rows[0]]
+    if missing:
+        raise ValueError(f"{path} has no column(s) {missing} for hyperparameters {list(names)}.")
+    pair_ids = list(dict.fromkeys(row["pair_id"] for row in rows))
+    num_points = num_points or 1 + max(int(row["grid_index"]) for row in rows)
+    metric_names = [key for key in rows[0] if key not in _NOT_METRICS and key not in names]
+    grid = np.full((num_points, len(names)), np.nan)
+    metrics = {key: np.full((num_points, len(pair_ids)), np.nan) for key in metric_names}
+    seen = np.zeros((num_points, len(pair_ids)), dtype=int)
+    column = {pair_id: j for j, pair_id in enumerate(pair_ids)}
+    for row in rows:
+        index, j = int(row["grid_index"]), column[row["pair_id"]]
+        seen[index, j] += 1
+        grid[index] = [float(row[name]) for name in names]
+        for key in metric_names:
+            metrics[key][index, j] = float(row[key])
+    if (seen != 1).any():
+        index, j = np.argwhere(seen != 1)[0]
+        count = seen[index, j]
+        raise ValueError(
+            f"{path} is not a complete sweep: grid point {index} x pair {pair_ids[j]} has {count} rows (want 1); "
+            "run the sweep again to resume it."
+        )
+    return SweepResults(tuple(names), grid, pair_ids, metrics)
+
+
+def resolve_criterion(criterion: str, metrics: Sequence[str]) -> str:
+    """The concrete criterion for ``criterion`` given the available metric columns."""
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion must be one of {CRITERIA}, got {criterion!r}.")
+    if criterion == "auto":
+        return next(c for c in ("dice", "tre", "similarity") if CRITERION_METRICS[c][0] in metrics)
+    metric = CRITERION_METRICS[criterion][0]
+    if metric not in metrics:
+        need = {"dice": "masks", "tre": "keypoints or landmarks"}[criterion]
+        raise ValueError(
+            f"criterion {criterion!r} needs {metric!r}, which this sweep has not got (no {need} in the split); "
+            "use --criterion similarity (unsupervised, bounded folding) or 'auto'."
+        )
+    return criterion
+
+
+def choose(scores: np.ndarray, sign: float, folding: np.ndarray | None = None, max_folding: float = math.inf) -> int:
+    """Index of the best of ``scores`` ``(G,)`` (``sign`` +1 maximise, -1 minimise; first on ties) among the points
+    with ``folding <= max_folding`` (all when ``folding`` is None); the least folding point if none qualifies."""
+    scores = sign * np.asarray(scores, dtype=float)
+    if folding is not None:
+        feasible = np.asarray(folding) <= max_folding
+        if not feasible.any():
+            return int(np.argmin(folding))
+        scores = np.where(feasible, scores, -np.inf)
+    return int(np.argmax(np.where(np.isnan(scores), -np.inf, scores)))
+
+
+def physical_reading(hyper: Mapping[str, float]) -> dict:
+    """Poisson ratio ``nu``, ``lam / mu`` and Young's modulus ``E`` (unit of ``lam``, ``mu``) of a Lamé pair;
+    ``{}`` for an ``[alpha]`` row. Values with no admissible material (``mu = 0``) are None with a reason."""
+    if set(hyper) != {"lam", "mu"}:
+        return {}
+    lam, mu = float(hyper["lam"]), float(hyper["mu"])
+    reading = {"poisson_ratio": None, "lam_over_mu": lam / mu if mu > 0 else None, "youngs_modulus": None}
+    try:
+        reading["youngs_modulus"], reading["poisson_ratio"] = young_poisson_from_lame(lam, mu)
+    except ValueError as error:
+        reading["undefined"] = str(error)
+    return reading
+
+
+def _true_value(record: Mapping | None, quantity: str) -> float | None:
+    """``quantity`` (``poisson_ratio`` or ``lam_over_mu``) of a simulation record (``lam``, ``mu``, optionally
+    ``poisson_ratio``/``nu``)."""
+    if not isinstance(record, Mapping):
+        return None
+    if quantity == "poisson_ratio":
+        for key in ("poisson_ratio", "nu"):
+            if record.get(key) is not None:
+                return float(record[key])
+    if record.get("lam") is None or record.get("mu") is None:
+        return None
+    return physical_reading({"lam": record["lam"], "mu": record["mu"]}).get(quantity)
+
+
+def material_correlation(per_pair: Sequence[dict]) -> dict:
+    """Pearson correlation, across pairs, of the discovered per-pair material (``physics`` of each per-pair
+    optimum) with the true material of the case (``truth``: the dataset's simulation record), for the Poisson
+    ratio and for ``lam / mu``. Each entry lists the values it used; ``pearson_r`` is None with a ``reason`` when
+    fewer than 3 pairs have both values or one side is constant."""
+    result = {}
+    for quantity in ("poisson_ratio", "lam_over_mu"):
+        used, discovered, true = [], [], []
+        for pair in per_pair:
+            found, actual = pair.get("physics", {}).get(quantity), _true_value(pair.get("truth"), quantity)
+            if found is not None and actual is not None and math.isfinite(found) and math.isfinite(actual):
+                used.append(pair["pair_id"])
+                discovered.append(float(found))
+                true.append(float(actual))
+        entry = {"pearson_r": None, "p_value": None, "n_cases": len(used), "pairs": used,
+                 "discovered": discovered, "true": true}
+        if not any(pair.get("truth") for pair in per_pair):
+            entry["reason"] = "no pair has a simulation record (true material) in the dataset."
+        elif len(used) < 3:
+            entry["reason"] = f"{len(used)} pair(s) have both a discovered and a true {quantity}; need at least 3."
+        elif np.ptp(discovered) == 0 or np.ptp(true) == 0:
+            side = "discovered" if np.ptp(discovered) == 0 else "true"
+            entry["reason"] = f"the {side} {quantity} is the same for every pair; the correlation is undefined."
+        else:
+            r, p = pearsonr(discovered, true)
+            entry["pearson_r"], entry["p_value"] = float(r), float(p)
+        result[quantity] = entry
+    return result
+
+
+def summarize(
+    results: SweepResults,
+    criterion: str = "auto",
+    max_folding_percent: float = 0.5,
+    truths: Mapping[str, dict | None] | None = None,
+) -> dict:
+    """Dataset optimum, per-pair optima, per-pair tuning gain, grid means and physical reading of a sweep.
+
+    Returns a dict with ``criterion`` (name, metric, direction, folding bound), ``best`` (grid index,
+    hyperparameters, mean of every metric there, physical reading), ``per_pair`` (each pair's own optimum and its
+    metric there and at the dataset optimum, true material if any), ``per_pair_gain`` (mean criterion metric at
+    the per-pair optima vs at the dataset optimum), ``material_correlation`` (elastic models) and ``grid`` (mean
+    metrics of every grid point).
+    """
+    name = resolve_criterion(criterion, list(results.metrics))
+    metric, sign = CRITERION_METRICS[name]
+    bounded = name == "similarity"
+    means = {key: np.mean(values, axis=1) for key, values in results.metrics.items()}
+    folding = results.metrics["folding_percent"]
+    best = choose(means[metric], sign, means["folding_percent"] if bounded else None, max_folding_percent)
+    summary: dict = {
+        "criterion": {
+            "name": name,
+            "metric": metric,
+            "goal": "max" if sign > 0 else "min",
+            "max_folding_percent": max_folding_percent if bounded else None,
+        },
+        "num_grid_points": int(results.grid.shape[0]),
+        "num_pairs": len(results.pair_ids),
+        "best": {
+            "grid_index": best,
+            **results.hyper(best),
+            "mean": {key: float(values[best]) for key, values in means.items()},
+            "physics": physical_reading(results.hyper(best)),
+        },
+    }
+    if bounded and means["folding_percent"][best] > max_folding_percent:
+        summary["best"]["note"] = f"no grid point has mean folding <= {max_folding_percent}%; least folding chosen."
+    per_pair = []
+    for j, pair_id in enumerate(results.pair_ids):
+        own = choose(results.metrics[metric][:, j], sign, folding[:, j] if bounded else None, max_folding_percent)
+        at_own, at_best = float(results.metrics[metric][own, j]), float(results.metrics[metric][best, j])
+        per_pair.append(
+            {
+                "pair_id": pair_id,
+                "grid_index": own,
+                **results.hyper(own),
+                metric: at_own,
+                f"{metric}_at_dataset_best": at_best,
+                "gain": sign * (at_own - at_best),
+                "physics": physical_reading(results.hyper(own)),
+                "truth": (truths or {}).get(pair_id),
+            }
+        )
+    summary["per_pair"] = per_pair
+    own_mean = float(np.mean([pair[metric] for pair in per_pair]))
+    summary["per_pair_gain"] = {
+        "metric": metric,
+        "dataset_optimum_mean": float(means[metric][best]),
+        "per_pair_optimum_mean": own_mean,
+        "mean_gain": float(np.mean([pair["gain"] for pair in per_pair])),
+    }
+    if results.names == ("lam", "mu"):
+        summary["material_correlation"] = material_correlation(per_pair)
+    summary["grid"] = [
+        {"grid_index": g, **results.hyper(g), **{key: float(values[g]) for key, values in means.items()}}
+        for g in range(results.grid.shape[0])
+    ]
+    return summary
+
+
+def json_ready(value):
+    """``value`` with NaN/inf floats as None (strict JSON has no NaN) and numpy scalars as Python numbers."""
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,329 @@
+"""Grid sweep of a trained hypernetwork over its hyperparameters: every (grid point, pair) scored once, streamed
+to a tidy CSV that an interrupted sweep resumes from.
+
+Efficiency: each pair is preprocessed once and kept in memory (:func:`prepare_pairs`); the hypernetwork runs
+once per grid point (``network.generate_weights``) and its weights serve every pair (``network(x, weights=w)``);
+rows are appended and flushed as they are computed, and :class:`SweepTable` skips the rows already on disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from monai.data.utils import affine_to_spacing
+from monai.losses import LocalNormalizedCrossCorrelationLoss
+
+from ..losses import elastic_energy
+from ..metrics import dice_per_label, folding_percent, sd_log_jacobian, target_registration_error
+from ..networks import warp_image, warp_label
+
+__all__ = [
+    "PreparedPair",
+    "prepare_pairs",
+    "mask_labels",
+    "metric_columns",
+    "field_metrics",
+    "sweep_columns",
+    "SweepTable",
+    "run_grid",
+]
+
+logger = logging.getLogger("elastic_hypermorph_bundle")
+
+#: point kinds scored by TRE, in order of preference (manual landmarks over automatic keypoints)
+POINT_KINDS = ("landmarks", "keypoints")
+#: kernel of the local NCC similarity (as the training loss, :class:`~..losses.RegistrationLoss`)
+LNCC_KERNEL = 9
+
+
+@dataclass
+class PreparedPair:
+    """One pair on the network grid, ready for the network: images/masks ``(1, 1, *spatial)``, points ``(N, D)``
+    voxel coordinates, ``spacing`` in mm of the network grid, ``truth`` the dataset's simulation record (the true
+    material of a simulated case) or None."""
+
+    pair_id: str
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fixed_mask: torch.Tensor | None = None
+    moving_mask: torch.Tensor | None = None
+    fixed_points: torch.Tensor | None = None
+    moving_points: torch.Tensor | None = None
+    spacing: tuple[float, ...] = ()
+    truth: dict | None = None
+
+    @property
+    def network_input(self) -> torch.Tensor:
+        """``cat([moving, fixed], dim=1)``, the input convention of the hyper-conditioned networks."""
+        return torch.cat([self.moving, self.fixed], dim=1)
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A MetaTensor as a plain tensor (no metadata tracking in the sweep's inner loop)."""
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
+
+
+def prepare_pairs(
+    datalist: Sequence[dict], transform: Callable, device: torch.device | str | None = None, points: str | None = None
+) -> list[PreparedPair]:
+    """Preprocess every pair once (``transform``, e.g. ``registration_transforms``) and move it to ``device``.
+
+    Args:
+        datalist: pair dicts (``pair_datalist``); a pair's ``case["simulation"]`` record becomes ``truth``.
+        transform: maps a pair dict of paths to images ``(1, *spatial)`` MetaTensors (and masks, points).
+        device: where the cached tensors live for the whole sweep.
+        points: ``"keypoints"`` or ``"landmarks"`` to score TRE on (must be loaded by ``transform``), or None.
+    """
+    if len(datalist) == 0:
+        raise ValueError("the sweep needs at least one pair; the datalist is empty.")
+    prepared = []
+    for pair in datalist:
+        data = transform(dict(pair))
+        fixed = data["fixed_image"]
+        affine = getattr(fixed, "affine", None)
+        dims = fixed.ndim - 1
+        spacing = (1.0,) * dims if affine is None else tuple(float(s) for s in affine_to_spacing(affine, r=dims))
+
+        # keys the transform did not load are still file paths: only loaded (tensor) values are used
+        def batched(key: str) -> torch.Tensor | None:
+            value = data.get(key)
+            return _plain(value).float().unsqueeze(0).to(device) if isinstance(value, torch.Tensor) else None
+
+        def loaded_points(role: str) -> torch.Tensor | None:
+            key = f"{role}_{points}"
+            if points is None:
+                return None
+            if not isinstance(data.get(key), torch.Tensor):
+                raise ValueError(f"pair {pair.get('pair_id')}: {key!r} not loaded; the transform must load {points}.")
+            return _plain(data[key]).float().to(device)
+
+        case = pair.get("case") or {}
+        prepared.append(
+            PreparedPair(
+                pair_id=str(pair.get("pair_id", len(prepared))),
+                fixed=batched("fixed_image"),
+                moving=batched("moving_image"),
+                fixed_mask=batched("fixed_mask"),
+                moving_mask=batched("moving_mask"),
+                fixed_points=loaded_points("fixed"),
+                moving_points=loaded_points("moving"),
+                spacing=spacing,
+                truth=case.get("simulation") if isinstance(case, dict) else None,
+            )
+        )
+    ids = [pair.pair_id for pair in prepared]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"pair ids must be unique to key the sweep rows, got {ids}.")
+    return prepared
+
+
+def mask_labels(pairs: Sequence[PreparedPair]) -> list[int]:
+    """Sorted nonzero label values present in the fixed masks (the Dice columns of the sweep); [] without masks."""
+    if any(pair.fixed_mask is None or pair.moving_mask is None for pair in pairs):
+        return []
+    values = torch.cat([pair.fixed_mask.round().unique().cpu() for pair in pairs]).unique()
+    return [int(v) for v in values.tolist() if v != 0]
+
+
+def metric_columns(labels: Sequence[int], with_points: bool) -> list[str]:
+    """Metric columns of a sweep row, in order (what :func:`field_metrics` returns)."""
+    columns = []
+    if labels:
+        columns += ["dice_mean"] + [f"dice_{label}" for label in labels]
+    if with_points:
+        columns.append("tre_mm")
+    return columns + [
+        "folding_percent",
+        "sd_log_jacobian",
+        "elastic_energy",
+        "energy_shear",
+        "energy_volume",
+        "lncc",
+    ]
+
+
+def field_metrics(
+    ddf: torch.Tensor,
+    pair: PreparedPair,
+    hyper: dict[str, float],
+    labels: Sequence[int] = (),
+    similarity: Callable | None = None,
+) -> dict[str, float]:
+    """Every sweep metric of one registration result (same order as :func:`metric_columns`).
+
+    * ``dice_mean``, ``dice_<l>``: Dice of the moving mask warped with nearest neighbour against the fixed mask;
+    * ``tre_mm``: mean TRE (mm, network grid spacing) of the pair's points;
+    * ``folding_percent`` (% ``J <= 0``) and ``sd_log_jacobian``, inside the fixed mask when there is one (as the
+      bundle's evaluation, Learn2Reg "masked_evaluation");
+    * ``energy_shear = R(u; 0, 1)`` and ``energy_volume = R(u; 1, 0)`` (:func:`~..losses.elastic_energy`, voxel
+      units): ``R`` is linear in ``(lam, mu)``, so the energy of the field for ANY material is
+      ``lam * energy_volume + mu * energy_shear``; ``elastic_energy`` is that at the row's own ``(lam, mu)``
+      (NaN for an ``[alpha]`` model);
+    * ``lncc``: local normalised cross-correlation of the warped moving and the fixed image (higher is better).
+
+    Args:
+        ddf: ``(1, D, *spatial)`` displacement field of ``pair``.
+        hyper: the row's hyperparameters by name.
+        labels: mask labels to score (:func:`mask_labels`); empty skips Dice.
+        similarity: the LNCC loss module (created if None; pass one to reuse it).
+    """
+    row: dict[str, float] = {}
+    region = pair.fixed_mask.round() if pair.fixed_mask is not None else None
+    if labels:
+        warped_mask = warp_label(pair.moving_mask.round(), ddf)
+        dice = dice_per_label(warped_mask, pair.fixed_mask.round(), labels)[0]
+        row["dice_mean"] = float(dice.mean())
+        row.update({f"dice_{label}": float(value) for label, value in zip(labels, dice)})
+    if pair.fixed_points is not None:
+        tre = target_registration_error(ddf[0], pair.fixed_points, pair.moving_points, pair.spacing)
+        row["tre_mm"] = float(tre.mean())
+    row["folding_percent"] = float(folding_percent(ddf, region)[0])
+    row["sd_log_jacobian"] = float(sd_log_jacobian(ddf, region)[0])
+    if set(hyper) == {"lam", "mu"}:
+        row["elastic_energy"] = float(elastic_energy(ddf, hyper["lam"], hyper["mu"])[0])
+    else:
+        row["elastic_energy"] = math.nan
+    row["energy_shear"] = float(elastic_energy(ddf, 0.0, 1.0)[0])
+    row["energy_volume"] = float(elastic_energy(ddf, 1.0, 0.0)[0])
+    similarity = similarity or LocalNormalizedCrossCorrelationLoss(ddf.ndim - 2, kernel_size=LNCC_KERNEL)
+    row["lncc"] = -float(similarity(warp_image(pair.moving, ddf), pair.fixed))
+    return row
+
+
+class SweepTable:
+    """The sweep's CSV, one row per (grid point, pair), appended and flushed row by row.
+
+    On open, an existing file is read: its header must equal ``columns`` (else the file belongs to another
+    configuration and is refused); a last line cut short by an interruption is dropped. :attr:`done` holds the
+    ``(grid_index, pair_id)`` keys already written, which a resumed sweep skips.
+    """
+
+    def __init__(self, path: str | Path, columns: Sequence[str]) -> None:
+        self.path = Path(path)
+        self.columns = list(columns)
+        self.done: set[tuple[int, str]] = set()
+        if self.path.is_file():
+            self._read_existing()
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("w", newline="") as handle:
+                csv.writer(handle).writerow(self.columns)
+
+    def _read_existing(self) -> None:
+        text = self.path.read_text()
+        if text and not text.endswith("\n"):  # the last row was being written when the sweep stopped
+            text = text[: text.rfind("\n") + 1]
+            self.path.write_text(text)
+        lines = list(csv.reader(text.splitlines()))
+        if not lines or lines[0] != self.columns:
+            found = lines[0] if lines else "an empty file"
+            raise ValueError(
+                f"{self.path} has columns {found}, but this sweep writes {self.columns}: it belongs to another "
+                "configuration. Use another --output_dir (or delete that sweep) instead of mixing the two."
+            )
+        index, pair = self.columns.index("grid_index"), self.columns.index("pair_id")
+        self.done = {(int(values[index]), values[pair]) for values in lines[1:] if len(values) == len(self.columns)}
+
+    def append(self, row: dict) -> None:
+        """Write one row (keys = columns) and flush it to disk."""
+        with self.path.open("a", newline="") as handle:
+            csv.writer(handle).writerow([row[column] for column in self.columns])
+            handle.flush()
+        self.done.add((int(row["grid_index"]), str(row["pair_id"])))
+
+
+class _Progress:
+    """Progress with ETA: ``tqdm`` when installed, else a log line every ``log_every`` seconds and at the end."""
+
+    def __init__(self, total: int, done: int, log_every: float = 30.0) -> None:
+        self.total, self.done, self.log_every = total, done, log_every
+        self.start = self.last_log = time.perf_counter()
+        self.computed = 0
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            self.bar = None
+            logger.info("sweep: %d of %d evaluations already done, %d to go.", done, total, total - done)
+        else:
+            self.bar = tqdm(total=total, initial=done, desc="sweep", unit="eval")
+
+    def step(self) -> None:
+        self.done += 1
+        self.computed += 1
+        if self.bar is not None:
+            self.bar.update(1)
+            return
+        now = time.perf_counter()
+        if now - self.last_log >= self.log_every or self.done == self.total:
+            rate = self.computed / (now - self.start)
+            eta = (self.total - self.done) / rate if rate > 0 else math.inf
+            logger.info("sweep: %d/%d evaluations, %.2f/s, ETA %.0f s.", self.done, self.total, rate, eta)
+            self.last_log = now
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_grid(
+    network: torch.nn.Module,
+    grid: torch.Tensor,
+    names: Sequence[str],
+    pairs: Sequence[PreparedPair],
+    table: SweepTable,
+    labels: Sequence[int] = (),
+    progress: bool = True,
+) -> int:
+    """Score every (grid point, pair) not yet in ``table``; returns the number of network evaluations made.
+
+    The hypernetwork runs once per grid point with missing rows (``generate_weights``), and its weights are
+    reused for all pairs. Rows: ``grid_index``, the hyperparameters by name, ``pair_id``, :func:`field_metrics`,
+    ``seconds`` (network, warping and metrics of that row).
+    """
+    grid = torch.as_tensor(grid, dtype=torch.float32)
+    total = grid.shape[0] * len(pairs)
+    tracker = _Progress(total, len(table.done)) if progress else None
+    device = pairs[0].fixed.device
+    similarity = LocalNormalizedCrossCorrelationLoss(pairs[0].fixed.ndim - 2, kernel_size=LNCC_KERNEL)
+    evaluations = 0
+    network.eval()
+    try:
+        with torch.no_grad():
+            for index, row in enumerate(grid):
+                todo = [pair for pair in pairs if (index, pair.pair_id) not in table.done]
+                if not todo:
+                    continue
+                hyper = dict(zip(names, (float(v) for v in row)))
+                weights = network.generate_weights(row.reshape(1, -1).to(device))
+                for pair in todo:
+                    start = time.perf_counter()
+                    ddf = network(pair.network_input, weights=weights).float()
+                    metrics = field_metrics(ddf, pair, hyper, labels, similarity)
+                    evaluations += 1
+                    table.append(
+                        {
+                            "grid_index": index,
+                            **hyper,
+                            "pair_id": pair.pair_id,
+                            **metrics,
+                            "seconds": time.perf_counter() - start,
+                        }
+                    )
+                    if tracker is not None:
+                        tracker.step()
+    finally:
+        if tracker is not None:
+            tracker.close()
+    return evaluations
+
+
+def sweep_columns(names: Iterable[str], labels: Sequence[int], with_points: bool) -> list[str]:
+    """Header of the sweep CSV."""
+    return ["grid_index", *names, "pair_id", *metric_columns(labels, with_points), "seconds"]

@@ -1,0 +1,312 @@
+"""Test-time discovery of the elastic parameters: grid sweep, resume, choice of the optimum, gradient refinement,
+physical reading and comparison with the diffusion model, on a tiny simulated dataset with a briefly trained model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from scipy.stats import pearsonr
+
+from elastic_hypermorph_bundle.data.synthetic import make_synthetic_dataset
+from elastic_hypermorph_bundle.data.transforms import registration_transforms
+from elastic_hypermorph_bundle.discovery import (
+    ParameterSweep,
+    SweepResults,
+    compare_sweeps,
+    pair_figure,
+    prepare_pairs,
+    refine_hyper,
+    summarize,
+    sweep_columns,
+)
+from elastic_hypermorph_bundle.discovery.refine import objective_value
+from elastic_hypermorph_bundle.hyperparams import HyperSpace
+from elastic_hypermorph_bundle.losses import RegistrationLoss
+from elastic_hypermorph_bundle.networks import HyperUNet, warp_image
+from elastic_hypermorph_bundle.physics import poisson_ratio
+from elastic_hypermorph_bundle.workflow.datalists import pair_datalist
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE = (16, 16, 16)
+GRID = {"grid_size": [3, 2], "grid_low": [0.0, 0.2], "grid_high": [1.0, 1.0]}  # mu > 0: every point a material
+
+
+def _network_kwargs(hyper_dims: int) -> dict:
+    return {
+        "spatial_dims": 3,
+        "in_channels": 2,
+        "hyper_dims": hyper_dims,
+        "encoder_features": [4, 8, 8],
+        "decoder_features": [8, 8, 8, 4],
+        "hyper_hidden": 16,
+        "hyper_layers": 2,
+    }
+
+
+def _save_model(folder: Path, network: HyperUNet, space: HyperSpace) -> Path:
+    """model.pt + model.json as training writes them (ExportTrainedModel)."""
+    folder.mkdir(parents=True)
+    torch.save(network.state_dict(), folder / "model.pt")
+    card = {**space.to_dict(), "network": {"name": "HyperUNet", "kwargs": _network_kwargs(space.dims)},
+            "spatial_size": list(SIZE), "pixdim": None}
+    (folder / "model.json").write_text(json.dumps(card))
+    return folder / "model.pt"
+
+
+def _train_briefly(network: HyperUNet, space: HyperSpace, pairs, steps: int = 6) -> None:
+    """A few Adam steps of the bundle's loss with per-step sampled hyperparameters."""
+    loss = RegistrationLoss(space.regularizer)
+    optimizer = torch.optim.Adam(network.parameters(), lr=1e-3)
+    for step in range(steps):
+        pair = pairs[step % len(pairs)]
+        hyper = space.sample(1, torch.Generator().manual_seed(step))
+        ddf = network(pair.network_input, hyper)
+        value = loss(warp_image(pair.moving, ddf), pair.fixed, ddf, hyper)
+        optimizer.zero_grad()
+        value.backward()
+        optimizer.step()
+    network.eval()
+
+
+def _rows(path: Path) -> list[dict]:
+    with path.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _mean_by_point(rows: list[dict], metric: str) -> dict[int, float]:
+    points = sorted({int(row["grid_index"]) for row in rows})
+    return {g: np.mean([float(r[metric]) for r in rows if int(r["grid_index"]) == g]) for g in points}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("discovery")
+    dataset = make_synthetic_dataset(root / "LungCT", num_pairs=3, spatial_size=SIZE, seed=3,
+                                     poisson_range=(0.1, 0.45), noise_std=0.0)
+    torch.manual_seed(0)
+    space = HyperSpace("elastic", lam_range=(0.0, 1.0), mu_range=(0.0, 1.0))
+    network = HyperUNet(**_network_kwargs(2))
+    pairs = prepare_pairs(pair_datalist(dataset, "all"), registration_transforms(with_masks=False, with_keypoints=False))
+    _train_briefly(network, space, pairs)
+    ckpt = _save_model(root / "models", network, space)
+    sweep_dir = root / "sweep_elastic"
+    summary = ParameterSweep(network, space, dataset, sweep_dir, split="all", ckpt_path=ckpt, criterion="tre",
+                             refine_steps=2, progress=False, **GRID).run()
+    return {"root": root, "dataset": dataset, "space": space, "network": network, "ckpt": ckpt,
+            "sweep_dir": sweep_dir, "summary": summary}
+
+
+def test_sweep_writes_complete_table_heatmaps_and_chooses_the_csv_optimum(setup):
+    sweep_dir, summary = setup["sweep_dir"], setup["summary"]
+    rows = _rows(sweep_dir / "sweep.csv")
+    pair_ids = [pair["pair_id"] for pair in pair_datalist(setup["dataset"], "all")]
+    assert list(rows[0]) == sweep_columns(("lam", "mu"), [1], with_points=True)
+    assert sorted((int(r["grid_index"]), r["pair_id"]) for r in rows) == sorted(
+        (g, p) for g in range(6) for p in pair_ids
+    )
+    for name in ("dice_mean", "tre_mm", "folding_percent", "sd_log_jacobian", "elastic_energy"):
+        image = matplotlib.image.imread(sweep_dir / f"heatmap_{name}.png")
+        assert image.ndim == 3 and image.shape[0] > 100
+
+    # dataset optimum: argmin over grid points of the CSV's mean TRE, inside the (zoomed) grid
+    mean_tre = _mean_by_point(rows, "tre_mm")
+    best = summary["best"]
+    assert best["grid_index"] == min(mean_tre, key=mean_tre.get)
+    assert best["mean"]["tre_mm"] == pytest.approx(mean_tre[best["grid_index"]])
+    assert 0.0 <= best["lam"] <= 1.0 and 0.2 <= best["mu"] <= 1.0
+    best_row = next(r for r in rows if int(r["grid_index"]) == best["grid_index"])
+    assert (best["lam"], best["mu"]) == (float(best_row["lam"]), float(best_row["mu"]))
+    assert best["physics"]["poisson_ratio"] == pytest.approx(poisson_ratio(best["lam"], best["mu"]))
+    assert best["physics"]["lam_over_mu"] == pytest.approx(best["lam"] / best["mu"])
+
+    # per-pair optima and their gain over the dataset optimum
+    for pair in summary["per_pair"]:
+        own = {int(r["grid_index"]): float(r["tre_mm"]) for r in rows if r["pair_id"] == pair["pair_id"]}
+        assert pair["grid_index"] == min(own, key=own.get)
+        assert pair["gain"] == pytest.approx(own[best["grid_index"]] - own[pair["grid_index"]])
+        assert pair["gain"] >= 0
+    gain = summary["per_pair_gain"]
+    assert gain["per_pair_optimum_mean"] <= gain["dataset_optimum_mean"]
+
+    # the refinement reported in the summary stays in the trained box and is not worse than its start
+    refinement = summary["refinement"]
+    assert refinement["objective"] <= refinement["start_objective"]
+    assert refinement["start"] == {"lam": best["lam"], "mu": best["mu"]}
+    assert all(0.0 <= step["lam"] <= 1.0 and 0.0 <= step["mu"] <= 1.0 for step in refinement["history"])
+    assert refinement["evaluations"]["grid"] == 18
+
+
+def test_resume_computes_only_the_missing_rows(setup, tmp_path):
+    resumed = tmp_path / "sweep"
+    shutil.copytree(setup["sweep_dir"], resumed)
+    lines = (resumed / "sweep.csv").read_text().splitlines(keepends=True)
+    kept = lines[:8]  # header + 7 rows: grid points 0 and 1 complete, point 2 has 1 of its 3 pairs
+    (resumed / "sweep.csv").write_text("".join(kept) + "3,0.5,0.2,0001_00")  # a row cut by the interruption
+
+    network = setup["network"]
+    calls = {"generate_weights": 0, "forward": 0}
+    generate = network.generate_weights
+
+    def counting_generate(hyper):
+        calls["generate_weights"] += 1
+        return generate(hyper)
+
+    network.generate_weights = counting_generate
+    hook = network.register_forward_pre_hook(lambda *_: calls.__setitem__("forward", calls["forward"] + 1))
+    try:
+        sweep = ParameterSweep(network, setup["space"], setup["dataset"], resumed, split="all", ckpt_path=setup["ckpt"],
+                               criterion="tre", refine_steps=0, progress=False, **GRID)
+        summary = sweep.run()
+        assert summary["evaluations"]["grid_computed_this_run"] == 11
+        assert calls == {"generate_weights": 4, "forward": 11}  # points 2..5, one network pass per missing row
+        text = (resumed / "sweep.csv").read_text()
+        assert text.startswith("".join(kept))
+        rows = _rows(resumed / "sweep.csv")
+        assert len(rows) == 18 and len({(r["grid_index"], r["pair_id"]) for r in rows}) == 18
+        assert summary["best"]["grid_index"] == setup["summary"]["best"]["grid_index"]
+
+        calls.update(generate_weights=0, forward=0)  # a finished sweep: nothing recomputed
+        assert sweep.run()["evaluations"]["grid_computed_this_run"] == 0
+        assert calls == {"generate_weights": 0, "forward": 0}
+    finally:
+        del network.generate_weights
+        hook.remove()
+
+
+def test_other_configuration_in_the_same_folder_is_refused(setup):
+    sweep_dir = setup["sweep_dir"]
+    before = {name: (sweep_dir / name).read_bytes() for name in ("sweep.csv", "sweep_config.json", "summary.json")}
+    other = ParameterSweep(setup["network"], setup["space"], setup["dataset"], sweep_dir, split="all",
+                           ckpt_path=setup["ckpt"], grid_size=2, progress=False)
+    with pytest.raises(ValueError, match="another configuration.*grid"):
+        other.run()
+    assert before == {name: (sweep_dir / name).read_bytes() for name in before}
+    with pytest.raises(ValueError, match="outside the trained range"):  # a zoom must stay inside the trained box
+        ParameterSweep(setup["network"], setup["space"], setup["dataset"], sweep_dir, grid_low=[0, 0], grid_high=[2, 1])
+
+
+def test_refinement_stays_in_the_trained_ranges_and_never_ends_worse(setup):
+    space, network = setup["space"], setup["network"]
+    datalist = pair_datalist(setup["dataset"], "all")[:1]
+    pairs = prepare_pairs(datalist, registration_transforms(with_masks=True, with_keypoints=True), points="keypoints")
+    for objective, start in (("tre", [[1.0, 0.0]]), ("dice", [[0.5, 1.0]])):  # corners and edges of the box
+        result = refine_hyper(network, space, pairs, torch.tensor(start), objective, labels=[1], steps=3, lr=2.0)
+        for row in result["history"] + [result["refined"]]:
+            assert 0.0 <= row["lam"] <= 1.0 and 0.0 <= row["mu"] <= 1.0
+        assert result["objective"] <= result["start_objective"]
+        refined = torch.tensor([[result["refined"]["lam"], result["refined"]["mu"]]])
+        assert objective_value(network, refined, pairs, objective, [1]) == pytest.approx(result["objective"], rel=1e-4)
+        assert result["network_evaluations"] == 5  # start, 3 steps (forward + backward), the final point
+    assert all(p.requires_grad for p in network.parameters())  # the network's parameters are left as they were
+
+
+def test_correlation_uses_the_true_per_case_material(setup):
+    spec = json.loads((setup["dataset"] / "LungCT_dataset.json").read_text())
+    records = {}
+    for key in ("training_paired_images", "registration_val", "registration_test"):
+        for entry in spec[key]:
+            case = Path(entry["fixed"]).name.split("_")[1]
+            records[f"{case}_{case}"] = entry["simulation"]
+    # the sweep carries each case's simulation record through to its per-pair result
+    for pair in setup["summary"]["per_pair"]:
+        assert pair["truth"] == records[pair["pair_id"]]
+
+    # a table where each pair prefers a different material: r is Pearson of the real values, and needs 3 cases
+    grid = np.array([[0.2, 1.0], [0.6, 0.5], [1.0, 0.25], [0.9, 0.1]])
+    ids = sorted(records) + ["9999_9999"]
+    tre = np.full((4, 4), 5.0)
+    for j, g in enumerate([0, 2, 3, 1]):
+        tre[g, j] = 1.0
+    results = SweepResults(("lam", "mu"), grid, ids, {"tre_mm": tre, "folding_percent": np.zeros((4, 4))})
+    summary = summarize(results, "tre", truths={**records, "9999_9999": None})
+    entry = summary["material_correlation"]["poisson_ratio"]
+    discovered = [poisson_ratio(*grid[g]) for g in (0, 2, 3)]
+    true = [records[pair_id]["poisson_ratio"] for pair_id in ids[:3]]
+    assert entry["pairs"] == ids[:3] and entry["n_cases"] == 3
+    assert entry["discovered"] == pytest.approx(discovered) and entry["true"] == true
+    assert entry["pearson_r"] == pytest.approx(pearsonr(discovered, true)[0])
+    ratio = summary["material_correlation"]["lam_over_mu"]
+    true_ratio = [records[p]["lam"] / records[p]["mu"] for p in ids[:3]]
+    assert ratio["pearson_r"] == pytest.approx(pearsonr([g[0] / g[1] for g in grid[[0, 2, 3]]], true_ratio)[0])
+
+    two_known = summarize(results, "tre", truths={ids[0]: records[ids[0]], ids[1]: records[ids[1]]})
+    assert two_known["material_correlation"]["poisson_ratio"]["pearson_r"] is None
+    assert "need at least 3" in two_known["material_correlation"]["poisson_ratio"]["reason"]
+
+
+def test_unsupervised_criterion_maximises_similarity_under_the_folding_bound():
+    grid = np.array([[0.0], [0.5], [1.0]])
+    lncc = np.array([[0.9, 0.8], [0.7, 0.75], [0.5, 0.6]])  # weaker regularization, more similar ...
+    folding = np.array([[3.0, 0.1], [0.4, 0.6], [0.0, 0.0]])  # ... and more folding
+    results = SweepResults(("alpha",), grid, ["a", "b"], {"lncc": lncc, "folding_percent": folding})
+    summary = summarize(results, "auto", max_folding_percent=0.5)
+    assert summary["criterion"]["name"] == "similarity"
+    assert summary["best"]["grid_index"] == 1  # point 0 is more similar but folds 1.55% on average
+    assert [pair["grid_index"] for pair in summary["per_pair"]] == [1, 0]  # per pair: that pair's own folding
+    assert "material_correlation" not in summary
+    with pytest.raises(ValueError, match="needs 'dice_mean'"):
+        summarize(results, "dice")
+
+
+@pytest.mark.slow
+def test_diffusion_sweep_comparison_and_pair_figure(setup):
+    root = setup["root"]
+    torch.manual_seed(1)
+    space = HyperSpace("diffusion", alpha_range=(0.0, 1.0))
+    network = HyperUNet(**_network_kwargs(1)).eval()
+    ckpt = _save_model(root / "models_diffusion", network, space)
+    diffusion_dir = root / "sweep_diffusion"
+    summary = ParameterSweep(network, space, setup["dataset"], diffusion_dir, split="all", ckpt_path=ckpt,
+                             grid_size=3, criterion="tre", refine_steps=0, progress=False).run()
+    rows = _rows(diffusion_dir / "sweep.csv")
+    assert len(rows) == 9 and (diffusion_dir / "curve_tre_mm.png").is_file()
+    assert all(math.isnan(float(r["elastic_energy"])) for r in rows)
+
+    comparison = compare_sweeps(setup["sweep_dir"], diffusion_dir, root / "comparison")
+    table = {row["regularizer"]: row for row in comparison["table"]}
+    for name, sweep_summary, folder in (("elastic", setup["summary"], setup["sweep_dir"]),
+                                        ("diffusion", summary, diffusion_dir)):
+        at_best = _mean_by_point(_rows(folder / "sweep.csv"), "tre_mm")[sweep_summary["best"]["grid_index"]]
+        assert table[name]["tre_mm_mean"] == pytest.approx(at_best)
+    assert (root / "comparison" / "comparison.csv").is_file()
+    assert matplotlib.image.imread(root / "comparison" / "comparison.png").ndim == 3
+
+    figure = pair_figure(setup["sweep_dir"], diffusion_dir, root / "comparison")
+    assert matplotlib.image.imread(figure).shape[1] > 500
+
+
+@pytest.mark.slow
+def test_sweep_runs_from_the_bundle_config(setup, tmp_path):
+    output_dir = tmp_path / "sweep"
+    command = [
+        sys.executable, "-m", "monai.bundle", "run", "sweep",
+        "--config_file", f"['{ROOT / 'configs/train.json'}','{ROOT / 'configs/sweep.json'}']",
+        "--bundle_root", str(ROOT),
+        "--dataset_dir", str(setup["dataset"]),
+        "--split", "all",
+        "--ckpt_dir", str(setup["ckpt"].parent),
+        "--output_dir", str(output_dir),
+        "--spatial_size", str(list(SIZE)),
+        "--grid_size", "2",
+        "--refine_steps", "1",
+        "--progress", "False",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((output_dir / "summary.json").read_text())
+    assert summary["criterion"]["name"] == "dice" and summary["num_grid_points"] == 4 and summary["num_pairs"] == 3
+    assert len(_rows(output_dir / "sweep.csv")) == 12
+    assert summary["refinement"]["evaluations"] == {"grid": 12, "refinement": 12}
