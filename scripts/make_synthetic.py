@@ -10,9 +10,12 @@ Every keyword of :func:`elastic_hypermorph_bundle.data.synthetic.make_synthetic_
 """
 
 import logging
+import sys
+from pathlib import Path
 
 import fire
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root, so that no install is needed
 from elastic_hypermorph_bundle.data.synthetic import make_synthetic_dataset
 
 if __name__ == "__main__":

@@ -110,9 +110,16 @@ def _companion_files(image: Path) -> dict[str, Path]:
     return found
 
 
-def _case_id(image: Path) -> str:
+def case_id(image: Path, strict: bool = True) -> str:
+    """Four-digit case id of a Learn2Reg image name (``LungCT_0001_0000.nii.gz``, ``case_001_exp.nii.gz``).
+
+    A name that does not follow either pattern raises, or with ``strict=False`` gives the file name without its
+    NIfTI extension (used for user-given single pairs)."""
+    image = Path(image)
     match = _PHASE_NAME.match(image.name) or _ZENODO_NAME.match(image.name)
     if match is None:
+        if not strict:
+            return _nifti_stem(image)
         raise Learn2RegDataError(
             f"cannot read a case id from {image}: expected <prefix>_<case>_000[01].nii[.gz] or case_<case>_exp|insp."
         )
@@ -134,7 +141,7 @@ def _make_pair(fixed: Path, moving: Path, fixed_files: dict, moving_files: dict,
                     f"{present[other]}."
                 )
             pair[f"{role}_{kind}"] = str(path)
-    pair["pair_id"] = f"{_case_id(fixed)}_{_case_id(moving)}"
+    pair["pair_id"] = f"{case_id(fixed)}_{case_id(moving)}"
     pair["case"] = dict(case or {})
     return pair
 
@@ -439,8 +446,6 @@ def load_pairs(
         splits = read_split(split_file, dataset)
     else:
         splits = split_pairs(dataset, weights=weights, seed=seed)
-    if output_dir is not None:
-        save_split(splits, output_dir, root=str(dataset.root), layout=dataset.layout, seed=seed, weights=list(weights))
     pairs = dataset.pairs if split == "all" else splits[split]
     if not pairs:
         raise Learn2RegDataError(
@@ -449,4 +454,7 @@ def load_pairs(
         )
     if validate:
         validate_pairs(pairs, expected_shape=dataset.image_shape)
+    # written only once the pairs are known to be usable: a refused dataset leaves no output behind
+    if output_dir is not None:
+        save_split(splits, output_dir, root=str(dataset.root), layout=dataset.layout, seed=seed, weights=list(weights))
     return pairs

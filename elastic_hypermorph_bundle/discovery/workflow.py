@@ -32,6 +32,7 @@ from .. import __version__, networks
 from ..data.transforms import registration_transforms
 from ..hyperparams import HyperSpace
 from ..networks import warp_image, warp_label
+from ..workflow import parse_flag
 from ..workflow.datalists import pair_datalist
 from .plots import plot_grid_metric, plot_pair_comparison, plot_regularizer_comparison
 from .refine import refine_hyper
@@ -186,7 +187,7 @@ class ParameterSweep:
         self.max_folding_percent = float(max_folding_percent)
         self.refine_steps, self.refine_lr = int(refine_steps), float(refine_lr)
         self.device = torch.device(device) if device is not None else next(network.parameters()).device
-        self.progress = progress
+        self.progress = parse_flag("progress", progress)
 
     def prepare(self) -> tuple[list[PreparedPair], list[int], str | None]:
         """Load and preprocess every pair of the split once: ``(pairs, mask labels, point kind)``."""

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
-from ..data.learn2reg import validate_pairs
+from ..data.learn2reg import case_id, validate_pairs
 from ..hyperparams import HyperSpace
+from . import parse_flag
 from .datalists import pair_datalist
 from .training import hyper_space_from_card, read_model_card
 
 __all__ = [
-    "parse_flag",
     "single_pair",
     "inference_datalist",
     "model_hyper_space",
@@ -42,27 +41,6 @@ LOADED_KEYS = (
     "fixed_landmarks",
     "moving_landmarks",
 )
-_LEARN2REG_NAME = re.compile(r"_(\d+)_000[01]\.nii(\.gz)?$")
-
-
-def parse_flag(name: str, value) -> bool:
-    """A boolean option as given in a config or on the command line: ``True``/``False`` or ``"true"``/``"false"``
-    (the command line hands ``--overwrite true`` over as the string ``"true"``, which Python would take as true
-    whatever it says)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise ValueError(f"--{name} must be true or false, got {value!r}.")
-
-
-def _pair_id(fixed: Path, moving: Path) -> str:
-    """``XXXX_YYYY`` from Learn2Reg names (``LungCT_0001_0000.nii.gz``), else ``<fixed stem>_<moving stem>``."""
-    ids = []
-    for path in (fixed, moving):
-        match = _LEARN2REG_NAME.search(path.name)
-        ids.append(f"{int(match[1]):04d}" if match else re.sub(r"\.nii(\.gz)?$", "", path.name))
-    return "_".join(ids)
 
 
 def single_pair(
@@ -95,7 +73,7 @@ def single_pair(
             flag = {"image": role, "mask": f"{role}_mask", "keypoints": f"{role}_keypoints"}[kind]
             raise ValueError(f"--{flag} is missing: give both the fixed and the moving {kind}.")
     pair = {key: str(Path(value).resolve()) for key, value in given.items() if value is not None}
-    pair["pair_id"] = pair_id or _pair_id(Path(fixed), Path(moving))
+    pair["pair_id"] = pair_id or f"{case_id(fixed, strict=False)}_{case_id(moving, strict=False)}"
     validate_pairs([pair])
     return [pair]
 

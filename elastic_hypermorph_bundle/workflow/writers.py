@@ -29,7 +29,7 @@ import torch
 from ignite.engine import Engine, Events
 
 from ..data.transforms import ddf_to_original_grid
-from .inference import parse_flag
+from . import parse_flag
 from .ignite_metrics import (
     POINT_KINDS,
     as_pairs,
