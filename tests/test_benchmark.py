@@ -1,0 +1,174 @@
+"""Benchmark machinery: ITK/elastix field conversion, classical peers' conventions, plain twins, timers, probes,
+ground-truth metrics, and an end-to-end ``--quick`` run writing well-formed results (no timing assertions)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from monai.networks.blocks import Warp
+from scipy.ndimage import gaussian_filter
+
+from elastic_hypermorph_bundle.benchmark import classical
+from elastic_hypermorph_bundle.benchmark.nets import PlainConv, PlainTwin, build_network
+from elastic_hypermorph_bundle.benchmark.timing import interleaved_medians, run_probe
+from elastic_hypermorph_bundle.networks import HyperConv
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_elastix = pytest.mark.skipif(not classical.elastix_available(), reason="itk-elastix is not installed")
+needs_sitk = pytest.mark.skipif(importlib.util.find_spec("SimpleITK") is None, reason="SimpleITK is not installed")
+
+SHAPE = (20, 24, 28)  # distinct sizes and spacings catch any axis-order mix-up
+SPACING = (1.5, 2.0, 2.5)
+
+
+def _blob(center, shape=SHAPE, sigma=3.0):
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"))
+    return np.exp(-((grid - np.reshape(center, (3, 1, 1, 1))) ** 2).sum(0) / (2 * sigma**2)).astype(np.float32)
+
+
+def test_itk_field_to_ddf_axes_and_units():
+    field = np.zeros((SHAPE[2], SHAPE[1], SHAPE[0], 3))  # ITK order (Z, Y, X), components physical x, y, z
+    field[7, 5, 3] = (3.0, -4.0, 5.0)
+    ddf = classical.itk_field_to_ddf(field, SPACING)
+    assert ddf.shape == (3, *SHAPE)
+    np.testing.assert_allclose(ddf[:, 3, 5, 7], np.array([3.0, -4.0, 5.0]) / SPACING)
+    assert np.count_nonzero(ddf) == 3
+    with pytest.raises(ValueError, match="displacement field array"):
+        classical.itk_field_to_ddf(np.zeros((4, 4, 4, 2)), SPACING)
+
+
+@needs_elastix
+def test_transformix_translation_matches_package_ddf_and_warp():
+    import itk
+
+    translation_mm = (3.0, -4.0, 5.0)
+    parameters = itk.ParameterObject.New()
+    parameter_map = parameters.GetDefaultParameterMap("translation")
+    for key, value in {
+        "Transform": ["TranslationTransform"], "NumberOfParameters": ["3"],
+        "TransformParameters": [str(t) for t in translation_mm], "Size": [str(n) for n in SHAPE],
+        "Spacing": [str(s) for s in SPACING], "Origin": ["0", "0", "0"], "Index": ["0", "0", "0"],
+        "Direction": ["1", "0", "0", "0", "1", "0", "0", "0", "1"], "ResultImagePixelType": ["float"],
+        "ResampleInterpolator": ["FinalLinearInterpolator"],
+    }.items():
+        parameter_map[key] = value
+    parameters.AddParameterMap(parameter_map)
+    moving = np.random.default_rng(0).random(SHAPE).astype(np.float32)
+    moving_image = classical._itk_image(moving, SPACING)
+
+    ddf = classical.itk_field_to_ddf(classical._transformix_field(moving_image, parameters), SPACING)
+    expected = np.array(translation_mm) / np.array(SPACING)
+    np.testing.assert_allclose(ddf.reshape(3, -1).T, np.broadcast_to(expected, (ddf[0].size, 3)), atol=1e-4)
+
+    # transformix's resampled moving image == MONAI Warp of the moving image with the converted DDF
+    resampled = np.asarray(itk.transformix_filter(moving_image, parameters)).T
+    warped = Warp(mode="bilinear", padding_mode="zeros")(torch.from_numpy(moving)[None, None],
+                                                         torch.from_numpy(ddf)[None])[0, 0].numpy()
+    np.testing.assert_allclose(resampled[4:-4, 4:-4, 4:-4], warped[4:-4, 4:-4, 4:-4], atol=1e-4)
+
+
+@needs_elastix
+def test_elastix_recovers_known_shift_in_package_convention():
+    import itk
+
+    shift = np.array([2.0, -1.5, 1.0])  # voxels: moving content sits at fixed content + shift
+    center = np.array(SHAPE) / 2
+    fixed, moving = _blob(center), _blob(center + shift)
+    parameters = itk.ParameterObject.New()
+    parameters.AddParameterMap(parameters.GetDefaultParameterMap("translation"))
+    ddf = classical.elastix_register(fixed, moving, SPACING, parameters)
+    # backward convention: moving(x + u(x)) = fixed(x), so u = +shift everywhere
+    np.testing.assert_allclose(ddf.reshape(3, -1).mean(1), shift, atol=0.15)
+
+
+@needs_sitk
+def test_demons_moves_in_the_direction_of_the_shift():
+    shift = np.array([1.5, -1.0, 1.0])
+    center = np.array(SHAPE) / 2
+    fixed, moving = _blob(center, sigma=4.0), _blob(center + shift, sigma=4.0)
+    ddf = classical.demons_register(fixed, moving, SPACING, iterations=(50,), smoothing_sigma=1.0)
+    near = _blob(center, sigma=4.0) > 0.5
+    mean = ddf[:, near].mean(1)
+    assert np.all(np.sign(mean) == np.sign(shift))
+    np.testing.assert_allclose(mean, shift, atol=0.6)
+
+
+@pytest.mark.parametrize("name", ["HyperUNet", "HyperLocalNet"])
+def test_plain_twin_has_the_same_layout_without_hyper_conditioning(name):
+    torch.manual_seed(0)
+    hyper_net = build_network(name, "hyper")
+    twin = PlainTwin(hyper_net)
+    hyper_convs = [(n, m.kernel_shape) for n, m in hyper_net.named_modules() if isinstance(m, HyperConv)]
+    plain_convs = [(n.removeprefix("backbone."), tuple(m.conv.weight.shape))
+                   for n, m in twin.named_modules() if isinstance(m, PlainConv)]
+    assert plain_convs == hyper_convs and len(plain_convs) > 3
+    assert not any(isinstance(m, HyperConv) for m in twin.modules())
+    assert not hasattr(twin.backbone, "hypernetwork")
+    assert any(isinstance(m, HyperConv) for m in hyper_net.modules())  # the original is untouched
+    x = torch.rand(2, 2, 16, 16, 16)
+    with torch.no_grad():
+        ddf = twin(x)
+        assert ddf.shape == (2, 3, 16, 16, 16) == hyper_net(x, torch.rand(2, 2)).shape
+        assert torch.equal(twin(x, torch.rand(2, 2)), ddf)  # hyperparameters have no effect on the twin
+
+
+def test_interleaved_medians_alternates_order_after_warmup():
+    calls = []
+    durations = {"a": iter([0.0] * 10), "b": iter([0.0] * 10)}
+    candidates = {name: (lambda name=name: calls.append(name) or next(durations[name])) for name in ("a", "b")}
+    result = interleaved_medians(candidates, repeats=3, warmup=1)
+    assert calls == ["a", "b", "a", "b", "b", "a", "a", "b"]
+    assert set(result) == {"a", "b"} and all(len(r["times_s"]) == 3 for r in result.values())
+    assert all(r["min_s"] <= r["median_s"] for r in result.values())
+    with pytest.raises(ValueError, match="repeats"):
+        interleaved_medians(candidates, repeats=0, warmup=0)
+
+
+def test_ground_truth_scores_zero_error_and_identity_does_not():
+    from elastic_hypermorph_bundle.benchmark.accuracy import evaluate_ddf
+    from elastic_hypermorph_bundle.data.synthetic import simulate_pair
+
+    pair = simulate_pair((24, 24, 24), seed=3)
+    truth = evaluate_ddf(pair.displacement, pair)
+    identity = evaluate_ddf(np.zeros_like(pair.displacement), pair)
+    assert truth["tre_dense_mm"] == pytest.approx(0.0, abs=1e-5)
+    assert truth["tre_keypoints_mm"] < 0.05 * identity["tre_keypoints_mm"]
+    assert identity["tre_dense_mm"] > 1.0 and identity["folding_percent"] == 0.0 and identity["sd_log_j"] == 0.0
+    assert truth["dice"] > identity["dice"]
+
+
+@pytest.mark.slow
+def test_probe_reports_monotonic_peaks_in_a_fresh_process():
+    result = run_probe({"network": "HyperUNet", "variant": "plain", "spatial_size": [16, 16, 16], "batch": 1,
+                        "breakdown": True})
+    assert "error" not in result, result
+    assert 0 < result["baseline_mib"] <= result["inference_peak_mib"] <= result["training_peak_mib"]
+    assert result["saved_total_mib"] > 0 and result["saved_by_module_mib"]
+
+
+@pytest.mark.slow
+def test_quick_benchmark_writes_five_sections_and_parsable_json(tmp_path):
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import benchmark
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    md_path = Path(benchmark.main(quick=True, output_dir=str(tmp_path)))
+    markdown = md_path.read_text()
+    from elastic_hypermorph_bundle.benchmark.report import SECTIONS
+
+    assert all(f"## {section}" in markdown for section in SECTIONS)
+    results = json.loads((tmp_path / "benchmarks.json").read_text())
+    assert {"machine", "settings", "hyper_conditioning", "regularizer", "sweep", "training_memory", "classical",
+            "total_seconds"} <= set(results)
+    assert results["machine"]["cpu_count"] >= 1 and "torch" in results["machine"]
+    assert all(row["ratio"] > 0 for row in results["hyper_conditioning"])
+    methods = {row["method"] for row in results["classical"]["methods"]}
+    assert any("demons" in m for m in methods) and any("elastic" in m for m in methods)
+    assert not (ROOT / "deformationField.nii").exists()  # transformix must not write into the working directory
