@@ -36,7 +36,7 @@ from elastic_hypermorph_bundle.workflow.writers import OutputFiles
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (32, 32, 32)
-NETWORK_KWARGS = {"spatial_dims": 3, "in_channels": 2, "hyper_dims": 2, "diffeomorphic": False}
+NETWORK_KWARGS = {"spatial_dims": 3, "in_channels": 2, "hyper_dims": 2, "diffeomorphic": False, "hyper_scale": [1.0, 1.0]}
 SCHEMA = ROOT.parent / "shared" / "reference" / "meta_schema_20240725.json"
 
 
@@ -274,7 +274,7 @@ def test_verify_net_in_out_and_export_reproduces_eager(model, tmp_path):
     ckpt_export("network_def", filepath=str(ts_path), ckpt_file=str(model), meta_file=meta, config_file=config,
                 ckpt_path=str(model), use_trace=True, input_shape=[1, 2, 32, 32, 32], bundle_root=str(ROOT))
     exported = torch.jit.load(str(ts_path))
-    network = HyperUNet(**NETWORK_KWARGS)
+    network = HyperUNet(**NETWORK_KWARGS, default_hyper=[0.083, 0.03])
     network.load_state_dict(torch.load(model, weights_only=True))
     x = torch.rand(1, 2, 32, 32, 32)
     with torch.no_grad():

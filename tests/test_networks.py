@@ -11,6 +11,8 @@ import torch.nn.functional as F
 from monai.networks.blocks import DVF2DDF
 from torch import nn
 
+from elastic_hypermorph_bundle.losses import RegistrationLoss
+from elastic_hypermorph_bundle.losses.elastic import elastic_energy
 from elastic_hypermorph_bundle.networks import (
     HyperConv,
     HyperLocalNet,
@@ -179,7 +181,7 @@ def test_training_steps_reduce_loss(cls):
     moving, fixed = blob((14.0, 15.0)).repeat(2, 1, 1, 1), blob((16.0, 16.0)).repeat(2, 1, 1, 1)
     x, hyper = torch.cat([moving, fixed], dim=1), torch.tensor([[0.2, 0.8], [0.7, 0.3]])
     net = make_net(cls)
-    optimizer = torch.optim.Adam(net.parameters(), lr=3e-4)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
     losses = []
     for _ in range(20):
         loss = F.mse_loss(warp_image(moving, net(x, hyper)), fixed)
@@ -188,6 +190,113 @@ def test_training_steps_reduce_loss(cls):
         optimizer.step()
         losses.append(loss.item())
     assert sum(losses[-3:]) / 3 < 0.5 * losses[0]
+
+
+def test_adam_step_moves_generated_kernels_like_a_plain_conv():
+    """Equalised learning rate. Adam's first step moves every parameter by lr against the sign of its gradient. A
+    generated kernel entry is ``w_i = c_i + g sum_k A_ik e_k`` with ``e >= 0``, so the gradient signs of ``c_i`` and of
+    every ``A_ik`` with ``e_k > 0`` agree and ``|dw_i| = lr (1 + g sum_k e_k) = lr (1 + mean(e))`` for ``g = 1 / E``:
+    about lr, as for an ordinary convolution, instead of ``lr * sum_k e_k`` (~E times more)."""
+    torch.manual_seed(0)
+    layer = HyperConv(2, 4, 8, embedding_dims=128)
+    embedding = torch.rand(1, 128)
+    before = layer.generate(embedding, shared=True)
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    layer(torch.randn(2, 4, 16, 16), {layer: before}).square().mean().backward()
+    optimizer.step()
+    for old, new in zip(before, layer.generate(embedding, shared=True)):
+        change = (new - old).abs().detach()
+        expected = torch.full_like(change, 1e-3 * (1 + embedding.mean().item()))
+        torch.testing.assert_close(change, expected, rtol=1e-2, atol=0)
+
+
+def test_hyper_scale_normalises_the_hypernetwork_input():
+    scaled = randomize_heads(make_net(HyperUNet, hyper_scale=[10.0, 2.0]))
+    plain = randomize_heads(make_net(HyperUNet))
+    x, hyper = pair(batch=2), torch.tensor([[10.0, 2.0], [3.0, 0.5]])
+    torch.testing.assert_close(scaled(x, hyper), plain(x, hyper / torch.tensor([10.0, 2.0])))
+    torch.testing.assert_close(scaled.default_hyper, torch.tensor([[5.0, 1.0]]))  # the middle of the ranges
+    assert "hyper_scale" in scaled.state_dict()  # trained for it: saved with the weights
+    for bad in ([1.0], [1.0, 0.0], [1.0, float("inf")]):
+        with pytest.raises(ValueError, match="hyper_scale must hold 2 finite positive values"):
+            make_net(HyperUNet, hyper_scale=bad)
+
+
+@pytest.mark.parametrize("cls", NETS)
+def test_state_dict_keeps_the_configured_default_hyper(cls):
+    trained = randomize_heads(make_net(cls, default_hyper=[0.9, 0.9]))
+    x, hyper = pair(), torch.tensor([[0.3, 0.8]])
+    state = trained.state_dict()
+    assert "default_hyper" not in state  # the configuration's value, not a trained property
+    configured = make_net(cls, seed=1, default_hyper=[0.1, 0.2])
+    configured.load_state_dict(state)
+    torch.testing.assert_close(configured.default_hyper, torch.tensor([[0.1, 0.2]]))
+    torch.testing.assert_close(configured(x, hyper), trained(x, hyper))
+
+
+TRAIN_SMALL = {
+    HyperUNet: dict(encoder_features=(8, 8, 8), decoder_features=(8, 8, 8, 8)),
+    HyperLocalNet: dict(num_channel_initial=4, extract_levels=(0, 1, 2)),
+}
+
+
+def discs(generator: torch.Generator, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random discs on a 32x32 grid (fixed) and the same discs shifted by up to 2 voxels per axis and resized by
+    0.6-1.4 (moving): registering them needs a volume change, which stiffer hyperparameters penalise more."""
+    grid = torch.stack(torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij"))
+    center = 13 + 6 * torch.rand(batch, 2, 1, 1, generator=generator)
+    radius = 6 + 3 * torch.rand(batch, 1, 1, generator=generator)
+    shift = 4 * torch.rand(batch, 2, 1, 1, generator=generator) - 2
+    scale = 0.6 + 0.8 * torch.rand(batch, 1, 1, generator=generator)
+
+    def disc(c, r):
+        return torch.sigmoid(r - (grid - c).norm(dim=1))[:, None]
+
+    return disc(center + shift, radius * scale), disc(center, radius)
+
+
+@pytest.mark.parametrize("cls", NETS)
+def test_adam_training_is_stable_and_learns_the_hyper_conditioning(cls):
+    """HyperMorph training at a high learning rate: Adam at lr 1e-3 with the default 128-wide hypernetwork, one
+    random [lam, mu] in [0, 10]^2 per sample (hyper_scale 10), the elastic registration loss. The loss must stay
+    finite and decrease on held-out pairs, the fields stay at the scale of the discs' motion (no divergence), and at
+    test time the stiff end must give smoother fields (lower elastic energy) and the soft end the better similarity."""
+    high = 10.0
+    torch.manual_seed(0)
+    net = cls(spatial_dims=2, hyper_scale=[high, high], **TRAIN_SMALL[cls])
+    loss_fn = RegistrationLoss("elastic", spatial_dims=2, kernel_size=7)
+    held_out = discs(torch.Generator().manual_seed(1), 8)
+    x_held_out = torch.cat(held_out, dim=1)
+    hyper_held_out = high * torch.rand(8, 2, generator=torch.Generator().manual_seed(2))
+
+    def held_out_loss() -> float:
+        with torch.no_grad():
+            ddf = net(x_held_out, hyper_held_out)
+            return loss_fn(warp_image(held_out[0], ddf), held_out[1], ddf, hyper_held_out).item()
+
+    initial_loss = held_out_loss()
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    generator = torch.Generator().manual_seed(0)
+    losses, largest = [], 0.0
+    for _ in range(200):
+        moving, fixed = discs(generator, 4)
+        hyper = high * torch.rand(4, 2, generator=generator)
+        ddf = net(torch.cat([moving, fixed], dim=1), hyper)
+        loss = loss_fn(warp_image(moving, ddf), fixed, ddf, hyper)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+        largest = max(largest, ddf.abs().max().item())
+    assert all(math.isfinite(value) for value in losses)
+    assert largest < 8.0  # the discs move by at most ~4 voxels
+    assert held_out_loss() < initial_loss
+
+    with torch.no_grad():
+        soft, stiff = net(x_held_out, torch.tensor([[0.0, 0.0]])), net(x_held_out, torch.tensor([[high, high]]))
+        assert elastic_energy(stiff, 1.0, 1.0).mean() < 0.5 * elastic_energy(soft, 1.0, 1.0).mean()
+        similarity = [loss_fn.similarity(warp_image(held_out[0], ddf), held_out[1]).mean() for ddf in (soft, stiff)]
+    assert similarity[0] < similarity[1]  # LNCC loss: lower is better
 
 
 @pytest.mark.parametrize("diffeomorphic", [False, True])

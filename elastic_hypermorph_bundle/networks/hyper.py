@@ -98,15 +98,23 @@ class HyperNetwork(nn.Module):
 
 
 class HyperConv(nn.Module):
-    """Convolution whose kernel and bias are a linear function of the hypernetwork embedding ``e``:
-    ``[vec(K), b] = A e + c`` with ``A`` of shape ``(C_out*C_in*k^D + C_out, E)``, one ``(K, b)`` per sample.
+    """Convolution whose kernel and bias are a linear function of the hypernetwork embedding ``e`` (``(B, E)``):
+    ``[vec(K), b] = c + g A e`` with ``A`` of shape ``(C_out*C_in*k^D + C_out, E)``, the constant gain ``g = 1 / E``,
+    one ``(K, b)`` per sample.
+
+    Parametrisation (an equalised learning rate for the hyperparameter-dependent part): Adam moves every entry of
+    ``A`` by about the learning rate per step, whatever the gradient's scale, and those moves add up coherently over
+    the ``E`` non-negative embedding entries. Without the gain, ``A e`` would move ``~E`` times faster than an
+    ordinary convolution kernel (at ``E = 128`` and lr ``1e-4``, ~10% of the kernel scale per step), which makes
+    training diverge; with ``g = 1 / E`` it moves at most about as fast as ``c``.
 
     Initialisation (so that an untrained model behaves like a normally initialised CNN):
-    ``c``'s kernel part is He-normal for LeakyReLU(0.2), std ``g / sqrt(C_in k^D)`` with ``g = sqrt(2 / (1 + 0.2^2))``,
-    and its bias part is zero; ``A`` is normal with std ``hyper_init_scale * g / sqrt(C_in k^D) / sqrt(E)``, so for an
-    embedding of unit mean square the hyperparameter-dependent part ``A e`` starts at ``hyper_init_scale`` (10%) of the
-    He kernel scale: the generated kernels start at conv scale, differ between hyperparameters, and gradients reach
-    the hypernetwork from the first step (``A = 0`` would block them).
+    ``c``'s kernel part is He-normal for LeakyReLU(0.2), std ``s_He = g_He / sqrt(C_in k^D)`` with
+    ``g_He = sqrt(2 / (1 + 0.2^2))``, and its bias part is zero; ``A`` is normal with std
+    ``hyper_init_scale * s_He * sqrt(E)``, so for an embedding of unit mean square the hyperparameter-dependent part
+    ``g A e`` starts at ``hyper_init_scale`` (10%) of the He kernel scale: the generated kernels start at conv scale,
+    differ between hyperparameters, and gradients reach the hypernetwork from the first step (``A = 0`` would block
+    them).
 
     Args:
         spatial_dims: 1, 2 or 3.
@@ -132,17 +140,19 @@ class HyperConv(nn.Module):
             raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size}.")
         self.kernel_shape = (out_channels, in_channels) + (kernel_size,) * spatial_dims
         kernel_numel = math.prod(self.kernel_shape)
-        self.linear = nn.Linear(embedding_dims, kernel_numel + out_channels)
+        self.embedding_gain = 1.0 / embedding_dims
         he_std = math.sqrt(2.0 / (1.0 + 0.2**2)) / math.sqrt(in_channels * kernel_size**spatial_dims)
-        with torch.no_grad():
-            self.linear.weight.normal_(0.0, hyper_init_scale * he_std / math.sqrt(embedding_dims))
-            self.linear.bias[:kernel_numel].normal_(0.0, he_std)
-            self.linear.bias[kernel_numel:].zero_()
+        self.embedding_weight = nn.Parameter(
+            torch.randn(kernel_numel + out_channels, embedding_dims) * (hyper_init_scale * he_std * embedding_dims**0.5)
+        )
+        base = torch.zeros(kernel_numel + out_channels)
+        base[:kernel_numel].normal_(0.0, he_std)
+        self.base = nn.Parameter(base)
 
     def generate(self, embedding: torch.Tensor, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Kernels ``(B, C_out, C_in, *kernel)`` and biases ``(B, C_out)`` from embeddings ``(B, E)``; with
         ``shared=True`` (``B == 1``) the batch axis is dropped, giving one kernel for the whole batch."""
-        params = self.linear(embedding)
+        params = F.linear(embedding * self.embedding_gain, self.embedding_weight, self.base)
         kernel_numel = params.shape[1] - self.kernel_shape[0]
         weight = params[:, :kernel_numel].reshape(params.shape[0], *self.kernel_shape)
         bias = params[:, kernel_numel:]
@@ -165,8 +175,8 @@ class HyperRegistrationNet(nn.Module):
     * ``x``: ``cat([moving, fixed], dim=1)``, ``(B, in_channels, *spatial)``, every spatial size divisible by
       ``size_divisor``.
     * ``hyper``: ``(B, hyper_dims)`` (one row per sample) or ``(1, hyper_dims)`` (shared by the batch; one ordinary
-      convolution per layer). ``None`` uses the ``default_hyper`` buffer, giving the single tensor in/out form needed
-      by ``torch.jit.trace`` and MONAI's ``verify_net_in_out``.
+      convolution per layer). ``None`` uses ``default_hyper``, giving the single tensor in/out form needed by
+      ``torch.jit.trace`` and MONAI's ``verify_net_in_out``. The hypernetwork sees ``hyper / hyper_scale``.
     * ``weights``: the result of :meth:`generate_weights`, reused instead of ``hyper`` (sweeps: one hypernetwork pass
       per hyperparameter value for any number of images).
     * Returns the DDF ``(B, spatial_dims, *spatial)`` in voxels (see the package conventions). With
@@ -185,6 +195,7 @@ class HyperRegistrationNet(nn.Module):
         diffeomorphic: bool = False,
         integration_steps: int = 7,
         default_hyper: Sequence[float] | torch.Tensor | None = None,
+        hyper_scale: Sequence[float] | torch.Tensor | None = None,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -195,10 +206,16 @@ class HyperRegistrationNet(nn.Module):
         self.size_divisor = 1
         self.hypernetwork = HyperNetwork(hyper_dims, hyper_hidden, hyper_layers)
         self.integrate = DVF2DDF(num_steps=integration_steps) if diffeomorphic else None
-        # 0.5 per dimension: the middle of a [0, 1] range; pass the training range's midpoint for other ranges.
-        default = torch.full((1, hyper_dims), 0.5) if default_hyper is None else torch.as_tensor(default_hyper)
-        default = self._check_hyper(default.float().reshape(1, -1), batch=1)
-        self.register_buffer("default_hyper", default)
+        scale = torch.ones(hyper_dims) if hyper_scale is None else torch.as_tensor(hyper_scale, dtype=torch.float)
+        if scale.numel() != hyper_dims or not (torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError(f"hyper_scale must hold {hyper_dims} finite positive values, got {scale.tolist()}.")
+        # saved with the weights: they were trained on hyper / hyper_scale, so it is part of the learned function
+        self.register_buffer("hyper_scale", scale.reshape(1, hyper_dims))
+        # the middle of [0, hyper_scale] per dimension; pass the training range's midpoint for other ranges
+        default = 0.5 * self.hyper_scale if default_hyper is None else torch.as_tensor(default_hyper).float()
+        default = self._check_hyper(default.reshape(1, -1), batch=1)
+        # not saved with the weights: it is the configuration's inference default, not a trained property
+        self.register_buffer("default_hyper", default, persistent=False)
 
     @property
     def diffeomorphic(self) -> bool:
@@ -231,7 +248,7 @@ class HyperRegistrationNet(nn.Module):
             )
 
     def _generate(self, hyper: torch.Tensor, shared: bool) -> dict:
-        embedding = self.hypernetwork(hyper.to(self.default_hyper))
+        embedding = self.hypernetwork(hyper.to(self.hyper_scale) / self.hyper_scale)
         return {layer: layer.generate(embedding, shared) for layer in self.modules() if isinstance(layer, HyperConv)}
 
     def generate_weights(self, hyper: torch.Tensor) -> dict:

@@ -92,7 +92,12 @@ class HyperLocalNet(HyperRegistrationNet):
         hyper_hidden, hyper_layers: width and depth of the :class:`HyperNetwork`.
         diffeomorphic: predict a stationary velocity field, integrated by scaling and squaring.
         integration_steps: scaling-and-squaring steps.
-        default_hyper: hyperparameters used when ``hyper`` is None; default 0.5 for every dimension.
+        default_hyper: hyperparameters used when ``hyper`` is None; default ``0.5 * hyper_scale``. Not saved in
+            the state dict (it is the configuration's inference default).
+        hyper_scale: the upper ends of the trained hyperparameter ranges (one positive value per dimension; default
+            1): the hypernetwork sees ``hyper / hyper_scale``, in [0, 1] on the trained ranges, so its embedding and
+            the generated kernels keep their scale whatever the units of ``hyper``. Saved in the state dict (the
+            weights were trained for it); checkpoints without it load with 1.
     """
 
     def __init__(
@@ -107,10 +112,11 @@ class HyperLocalNet(HyperRegistrationNet):
         diffeomorphic: bool = False,
         integration_steps: int = 7,
         default_hyper: Sequence[float] | torch.Tensor | None = None,
+        hyper_scale: Sequence[float] | torch.Tensor | None = None,
     ):
         super().__init__(
             spatial_dims, in_channels, hyper_dims, hyper_hidden, hyper_layers, diffeomorphic, integration_steps,
-            default_hyper,
+            default_hyper, hyper_scale,
         )
         extract_levels = tuple(sorted(set(int(level) for level in extract_levels)))
         if not extract_levels or extract_levels[0] < 0 or extract_levels[-1] < 1:
