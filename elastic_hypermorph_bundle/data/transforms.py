@@ -33,6 +33,7 @@ from monai.transforms import (
 from .io import Learn2RegDataError, read_points
 
 __all__ = [
+    "PAIR_KEYS",
     "IMAGE_KEYS",
     "MASK_KEYS",
     "KEYPOINT_KEYS",
@@ -51,6 +52,8 @@ IMAGE_KEYS = ("fixed_image", "moving_image")
 MASK_KEYS = ("fixed_mask", "moving_mask")
 KEYPOINT_KEYS = ("fixed_keypoints", "moving_keypoints")
 LANDMARK_KEYS = ("fixed_landmarks", "moving_landmarks")
+#: every file key of a pair dict that the transforms load
+PAIR_KEYS = IMAGE_KEYS + MASK_KEYS + KEYPOINT_KEYS + LANDMARK_KEYS
 
 
 def _filename(image) -> str:

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 
 from ..data.learn2reg import case_id, validate_pairs
+from ..data.transforms import PAIR_KEYS
 from ..hyperparams import HyperSpace
 from . import parse_flag
 from .datalists import pair_datalist
@@ -29,18 +30,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
-
-#: keys of a pair dict that the transforms load; a key is kept only if every pair has it (batches must collate)
-LOADED_KEYS = (
-    "fixed_image",
-    "moving_image",
-    "fixed_mask",
-    "moving_mask",
-    "fixed_keypoints",
-    "moving_keypoints",
-    "fixed_landmarks",
-    "moving_landmarks",
-)
 
 
 def single_pair(
@@ -97,9 +86,9 @@ def inference_datalist(
     else:
         if fixed_mask is not None or moving_mask is not None:
             raise ValueError("--fixed_mask/--moving_mask need --fixed and --moving (single-pair inference).")
-        pairs = pair_datalist(dataset_dir, split, seed=seed, split_file=split_file, keys=LOADED_KEYS)
-    common = [key for key in LOADED_KEYS if all(key in pair for pair in pairs)]
-    dropped = sorted({key for pair in pairs for key in pair if key in LOADED_KEYS} - set(common))
+        pairs = pair_datalist(dataset_dir, split, seed=seed, split_file=split_file, keys=PAIR_KEYS)
+    common = [key for key in PAIR_KEYS if all(key in pair for pair in pairs)]
+    dropped = sorted({key for pair in pairs for key in pair if key in PAIR_KEYS} - set(common))
     if dropped:
         logger.warning("ignoring %s: not every pair has them.", dropped)
     return [{key: pair[key] for key in (*common, "pair_id")} for pair in pairs]

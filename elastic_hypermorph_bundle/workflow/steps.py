@@ -9,20 +9,10 @@ import torch
 from monai.data.utils import affine_to_spacing
 from monai.engines.utils import IterationEvents
 
+from ..data.transforms import PAIR_KEYS
 from ..networks import warp_image, warp_label
 
 __all__ = ["RegisterStep"]
-
-_PASSED_THROUGH = (
-    "fixed_image",
-    "moving_image",
-    "fixed_mask",
-    "moving_mask",
-    "fixed_keypoints",
-    "moving_keypoints",
-    "fixed_landmarks",
-    "moving_landmarks",
-)
 
 
 class RegisterStep:
@@ -83,7 +73,7 @@ class RegisterStep:
             torch.cuda.synchronize(device)
         runtime = (time.perf_counter() - start) / fixed.shape[0]
 
-        output = {key: batch[key] for key in _PASSED_THROUGH if key in batch}
+        output = {key: batch[key] for key in PAIR_KEYS if key in batch}
         output["pred"] = ddf.as_tensor() if hasattr(ddf, "as_tensor") else ddf
         output["warped_image"] = warped
         if warped_mask is not None:
