@@ -1,7 +1,8 @@
 """Inference, evaluation and export of the bundle: RegisterStep, ignite metrics, writers, configs.
 
 Fast unit tests run in-process; the end-to-end tests (marked slow) go through ``python -m monai.bundle`` on a
-tiny simulated dataset and a randomly initialised model saved like training saves one (model.pt + model.json).
+tiny simulated dataset and a randomly initialised model saved like training saves one (model.pt + model.json), or
+a small model briefly trained in-process with the bundle's training step.
 """
 
 from __future__ import annotations
@@ -18,12 +19,15 @@ import numpy as np
 import pytest
 import torch
 from monai.data import list_data_collate
-from monai.engines import SupervisedEvaluator
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
 from elastic_hypermorph_bundle.data.synthetic import make_synthetic_dataset
 from elastic_hypermorph_bundle.data.transforms import registration_transforms
 from elastic_hypermorph_bundle.hyperparams import HyperSpace
+from elastic_hypermorph_bundle.losses import RegistrationLoss
+from elastic_hypermorph_bundle.losses.elastic import elastic_energy
 from elastic_hypermorph_bundle.networks import HyperUNet
+from elastic_hypermorph_bundle.workflow.datalists import pair_datalist
 from elastic_hypermorph_bundle.workflow.ignite_metrics import FoldingPercent, MaskDice, PointTRE, SDLogJacobian
 from elastic_hypermorph_bundle.workflow.inference import (
     check_network,
@@ -32,6 +36,7 @@ from elastic_hypermorph_bundle.workflow.inference import (
     single_pair,
 )
 from elastic_hypermorph_bundle.workflow.steps import RegisterStep
+from elastic_hypermorph_bundle.workflow.training import ExportTrainedModel, TrainStep
 from elastic_hypermorph_bundle.workflow.writers import OutputFiles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,6 +200,11 @@ def _eager_ddf(model: Path, dataset: Path, pair_id: str, hyper) -> torch.Tensor:
         return network(torch.cat([data["moving_image"], data["fixed_image"]])[None].as_tensor(), torch.tensor([hyper]))[0]
 
 
+def _ddf(path: Path) -> torch.Tensor:
+    """A written ``ddf.nii.gz`` (channel-last) as a ``(D, *spatial)`` DDF."""
+    return torch.as_tensor(nib.load(path).get_fdata(dtype=np.float32)).movedim(-1, 0)
+
+
 @pytest.mark.slow
 def test_inference_writes_the_field_of_the_requested_hyperparameters(dataset, model, tmp_path):
     fields = {}
@@ -203,7 +213,7 @@ def test_inference_writes_the_field_of_the_requested_hyperparameters(dataset, mo
         result = _bundle(*_common(dataset, model, out), "--lam", str(lam), "--mu", str(mu))
         assert result.returncode == 0, result.stderr[-3000:]
         (pair_id,) = [p.name for p in out.iterdir() if p.name != "submission"]
-        ddf = torch.as_tensor(nib.load(out / pair_id / "ddf.nii.gz").get_fdata(dtype=np.float32)).movedim(-1, 0)
+        ddf = _ddf(out / pair_id / "ddf.nii.gz")
         torch.testing.assert_close(ddf, _eager_ddf(model, dataset, pair_id, [lam, mu]), atol=1e-4, rtol=1e-4)
         submission = nib.load(out / "submission" / f"disp_{pair_id}.nii.gz")
         fixed = nib.load(dataset / "imagesTr" / f"LungCT_{pair_id[:4]}_0000.nii.gz")
@@ -217,6 +227,54 @@ def test_inference_writes_the_field_of_the_requested_hyperparameters(dataset, mo
     again = _bundle(*_common(dataset, model, tmp_path / "lam0.05"), "--lam", "0.9", "--mu", "0.8")
     assert again.returncode != 0 and "--overwrite true" in again.stderr
     assert (tmp_path / "lam0.05" / pair_id / "ddf.nii.gz").read_bytes() == before
+
+
+SMALL_NET = {"encoder_features": [8, 8, 8], "decoder_features": [8, 8, 8, 8]}
+
+
+def _briefly_trained_model(dataset: Path, ckpt_dir: Path, space: HyperSpace, steps: int = 100) -> Path:
+    """A small HyperUNet trained as ``configs/train.json`` trains (``TrainStep``: one ``space.sample`` row per
+    sample, elastic ``RegistrationLoss``, Adam at lr 1e-3) for ``steps`` full batches of the train and val pairs,
+    exported with ``ExportTrainedModel`` (model.pt + model.json)."""
+    keys = ("fixed_image", "moving_image")
+    transform = registration_transforms(spatial_size=SIZE, with_masks=False, with_keypoints=False)
+    pairs = [transform(pair) for split in ("train", "val") for pair in pair_datalist(dataset, split, keys=keys)]
+    loader = torch.utils.data.DataLoader(pairs, batch_size=len(pairs), collate_fn=list_data_collate)
+    kwargs = {**NETWORK_KWARGS, "hyper_scale": space.high.tolist(), **SMALL_NET}
+    torch.manual_seed(0)
+    network = HyperUNet(**kwargs)
+    trainer = SupervisedTrainer(
+        "cpu", steps, loader, network, torch.optim.Adam(network.parameters(), lr=1e-3), RegistrationLoss("elastic"),
+        iteration_update=TrainStep(space, seed=0),
+        train_handlers=[ExportTrainedModel(ckpt_dir, space, "HyperUNet", kwargs, spatial_size=SIZE)],
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # batches this small gain little from more, and on a busy machine threads stall each other
+    try:
+        trainer.run()
+    finally:
+        torch.set_num_threads(threads)
+    return ckpt_dir / "model.pt"
+
+
+@pytest.mark.slow
+def test_stiffer_hyperparameters_give_a_smoother_field_of_a_trained_model(dataset, tmp_path):
+    """The issue's end-to-end promise: after (brief) training over lam, mu in [0, 10], inference at the stiff end
+    writes a different and smoother field (lower elastic energy) for the held-out test pair than at the soft end."""
+    model = _briefly_trained_model(dataset, tmp_path / "model", HyperSpace(lam_range=[0, 10], mu_range=[0, 10]))
+    small_net = [arg for key, value in SMALL_NET.items() for arg in (f"--network_kwargs#{key}", json.dumps(value))]
+    fields = {}
+    for name, value in (("soft", "0"), ("stiff", "10")):
+        out = tmp_path / name
+        result = _bundle(*_common(dataset, model, out), *small_net, "--lam", value, "--mu", value)
+        assert result.returncode == 0, result.stderr[-3000:]
+        (pair_id,) = [p.name for p in out.iterdir() if p.name != "submission"]
+        fields[name] = _ddf(out / pair_id / "ddf.nii.gz")
+    soft, stiff = fields["soft"], fields["stiff"]
+    assert soft.abs().max() > 0.5  # trained: a voxel-sized field (an untrained flow head gives ~0)
+    assert (soft - stiff).abs().max() > 0.1
+    energy = {name: elastic_energy(field[None], 1.0, 1.0).item() for name, field in fields.items()}
+    assert energy["stiff"] < 0.7 * energy["soft"], energy
 
 
 @pytest.mark.slow
