@@ -17,10 +17,10 @@ from pathlib import Path
 import fire
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # bundle root, bench/
 
-from elastic_hypermorph_bundle.benchmark import accuracy, cost, report  # noqa: E402
-from elastic_hypermorph_bundle.benchmark.timing import machine_description  # noqa: E402
+from bench import accuracy, cost, report  # noqa: E402
+from bench.timing import machine_description  # noqa: E402
 
 FULL_SIZE = [192, 192, 208]  # Learn2Reg LungCT grid
 

@@ -14,9 +14,9 @@ import torch
 from monai.networks.blocks import Warp
 from scipy.ndimage import gaussian_filter
 
-from elastic_hypermorph_bundle.benchmark import classical
-from elastic_hypermorph_bundle.benchmark.nets import PlainConv, PlainTwin, build_network
-from elastic_hypermorph_bundle.benchmark.timing import interleaved_medians, run_probe
+from bench import classical
+from bench.nets import PlainConv, PlainTwin, build_network
+from bench.timing import interleaved_medians, run_probe
 from elastic_hypermorph_bundle.networks import HyperConv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,7 +131,7 @@ def test_interleaved_medians_alternates_order_after_warmup():
 
 
 def test_ground_truth_scores_zero_error_and_identity_does_not():
-    from elastic_hypermorph_bundle.benchmark.accuracy import evaluate_ddf
+    from bench.accuracy import evaluate_ddf
     from elastic_hypermorph_bundle.data.synthetic import simulate_pair
 
     pair = simulate_pair((24, 24, 24), seed=3)
@@ -154,14 +154,10 @@ def test_probe_reports_monotonic_peaks_in_a_fresh_process():
 
 @pytest.mark.slow
 def test_quick_benchmark_writes_five_sections_and_parsable_json(tmp_path):
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import benchmark
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
+    import benchmark
     md_path = Path(benchmark.main(quick=True, output_dir=str(tmp_path)))
     markdown = md_path.read_text()
-    from elastic_hypermorph_bundle.benchmark.report import SECTIONS
+    from bench.report import SECTIONS
 
     assert all(f"## {section}" in markdown for section in SECTIONS)
     results = json.loads((tmp_path / "benchmarks.json").read_text())

@@ -66,7 +66,7 @@ def _section1(rows: list[dict]) -> list[str]:
         "",
         "HyperUNet / HyperLocalNet (hypernetwork-generated kernels) versus their plain twins: the same modules with "
         "every `HyperConv` replaced by an `nn.Conv3d` of the same shape and no hypernetwork "
-        "(`elastic_hypermorph_bundle/benchmark/nets.py`). Training step = forward, warp, elastic registration loss, "
+        "(`scripts/bench/nets.py`). Training step = forward, warp, elastic registration loss, "
         "backward, Adam update, one `[lam, mu]` row per sample (grouped per-sample convolution for batch 2); "
         "inference = forward under `torch.inference_mode` with one row shared by the batch. Peak memory: peak RSS "
         "(`VmHWM`) of a fresh process per variant and configuration (includes ~0.3-0.7 GiB of libraries and "

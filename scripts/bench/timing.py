@@ -79,12 +79,12 @@ def max_rss_mib() -> float:
 
 
 def run_probe(spec: dict, timeout: float = 1800) -> dict:
-    """Run :mod:`elastic_hypermorph_bundle.benchmark.probe` on ``spec`` in a fresh Python process and return its
+    """Run :mod:`bench.probe` on ``spec`` in a fresh Python process and return its
     JSON result. A fresh process per configuration makes its peak RSS that configuration's alone."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), str(REPO_ROOT / "scripts"), env.get("PYTHONPATH")]))
     completed = subprocess.run(
-        [sys.executable, "-m", "elastic_hypermorph_bundle.benchmark.probe", json.dumps(spec)],
+        [sys.executable, "-m", "bench.probe", json.dumps(spec)],
         capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO_ROOT),
     )
     if completed.returncode != 0:

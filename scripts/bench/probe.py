@@ -1,6 +1,6 @@
 """One network configuration in a fresh process: peak resident memory of inference and of one training step.
 
-Run as ``python -m elastic_hypermorph_bundle.benchmark.probe '<json spec>'``; prints one JSON line. The peak RSS
+Run as ``python -m bench.probe '<json spec>'``; prints one JSON line. The peak RSS
 (``VmHWM`` of ``/proc/self/status``) of a fresh process is the configuration's own: it is read after the setup (imports,
 network, inputs: ``baseline_mib``), after one inference (``inference_peak_mib``) and after one training step
 (``training_peak_mib``; RSS peaks are monotonic, and a training step needs more than an inference).
@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from elastic_hypermorph_bundle.benchmark.nets import build_network, inference, training_step
-from elastic_hypermorph_bundle.benchmark.timing import max_rss_mib
+from bench.nets import build_network, inference, training_step
+from bench.timing import max_rss_mib
 
 __all__ = ["probe", "SavedTensorTally"]
 
