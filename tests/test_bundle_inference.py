@@ -41,7 +41,8 @@ from elastic_hypermorph_bundle.workflow.writers import OutputFiles
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE = (32, 32, 32)
-NETWORK_KWARGS = {"spatial_dims": 3, "in_channels": 2, "hyper_dims": 2, "diffeomorphic": False, "hyper_scale": [1.0, 1.0]}
+NETWORK_KWARGS = {"spatial_dims": 3, "in_channels": 2, "hyper_dims": 2, "hyper_rank": 4, "diffeomorphic": False,
+                  "hyper_scale": [1.0, 1.0]}
 SCHEMA = ROOT.parent / "shared" / "reference" / "meta_schema_20240725.json"
 
 

@@ -14,9 +14,11 @@ from torch import nn
 from elastic_hypermorph_bundle.losses import RegistrationLoss
 from elastic_hypermorph_bundle.losses.elastic import elastic_energy
 from elastic_hypermorph_bundle.networks import (
+    ConditionalInstanceNormConv,
     HyperConv,
     HyperLocalNet,
     HyperNetwork,
+    HyperRegistrationNet,
     HyperUNet,
     hyper_conv,
     warp_image,
@@ -116,15 +118,21 @@ def test_generated_kernels_have_conv_scale():
     embedding = hypernet(torch.rand(8, 2))
     assert embedding.shape == (8, 128) and (embedding >= 0).all()
     for spatial_dims, in_channels, out_channels in [(3, 2, 16), (3, 64, 32), (2, 16, 16)]:
-        layer = HyperConv(spatial_dims, in_channels, out_channels, embedding_dims=128)
-        weight, bias = layer.generate(embedding)
-        assert weight.shape == (8, out_channels, in_channels) + (3,) * spatial_dims and bias.shape == (8, out_channels)
-        he_std = math.sqrt(2.0 / (1 + 0.2**2) / (in_channels * 3**spatial_dims))
-        assert he_std / 2 < weight.std() < 2 * he_std
-        assert bias.abs().max() < he_std
-        # the hyperparameter-dependent part is present but small relative to the kernel scale
-        spread = (weight - weight.mean(dim=0)).std()
-        assert 1e-3 * he_std < spread < 0.5 * he_std
+        for rank in (None, 4):
+            _check_kernel_scale(HyperConv(spatial_dims, in_channels, out_channels, 128, rank=rank), embedding)
+
+
+def _check_kernel_scale(layer, embedding):
+    out_channels, in_channels, *kernel = layer.kernel_shape
+    spatial_dims = len(kernel)
+    weight, bias = layer.generate(embedding)
+    assert weight.shape == (8, out_channels, in_channels) + (3,) * spatial_dims and bias.shape == (8, out_channels)
+    he_std = math.sqrt(2.0 / (1 + 0.2**2) / (in_channels * 3**spatial_dims))
+    assert he_std / 2 < weight.std() < 2 * he_std
+    assert bias.abs().max() < he_std
+    # the hyperparameter-dependent part is present but small relative to the kernel scale
+    spread = (weight - weight.mean(dim=0)).std()
+    assert 1e-3 * he_std < spread < 0.5 * he_std
 
 
 def test_hyper_conv_matches_per_sample_loop():
@@ -331,3 +339,135 @@ def test_warp_helpers_follow_backward_convention():
     assert warped.dtype == labels.dtype
     torch.testing.assert_close(warped[..., :-1, :], labels[..., 1:, :])
     assert (warped[..., -1, :] == 0).all()  # mapped outside the moving image
+
+
+# ---- conditioning variants: rank-limited kernel map (default), full map, conditional instance norm ----
+
+VARIANTS = [dict(hyper_rank=None), dict(hyper_rank=2), dict(conditioning="instance_norm", hyper_rank=None)]
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["full", "rank2", "cin"])
+def test_variants_per_sample_shared_and_reuse_agree(variant):
+    """Per-sample rows (grouped conv), the shared-row fast path and generate_weights give the same fields for every
+    conditioning, and the hyperparameters change the field."""
+    net = randomize_heads(make_net(HyperUNet, **variant))
+    x, hyper = pair(batch=3), torch.tensor([[0.0, 1.0], [0.5, 0.5], [2.0, 0.1]])
+    batched = net(x, hyper)
+    for b in range(3):
+        alone = net(x[b : b + 1], hyper[b : b + 1])
+        torch.testing.assert_close(batched[b : b + 1], alone, rtol=1e-4, atol=1e-4 * alone.abs().max().item())
+    shared = net(x, hyper[1:2])
+    torch.testing.assert_close(shared, net(x, hyper[1:2].repeat(3, 1)), rtol=1e-4, atol=1e-4 * shared.abs().max().item())
+    torch.testing.assert_close(net(x, weights=net.generate_weights(hyper)), batched)
+    assert (batched[0] - batched[2]).abs().mean() > 0.05 * batched.abs().mean()
+
+
+def _conv_numel(cin, cout, k, d):
+    return cout * cin * k**d + cout
+
+
+def test_parameter_counts_are_analytic():
+    E, d = 16, 3
+    for rank, expected in ((None, _conv_numel(4, 8, 3, d) * (E + 1)), (3, _conv_numel(4, 8, 3, d) * 4 + 3 * E)):
+        layer = HyperConv(d, 4, 8, embedding_dims=E, rank=rank)
+        assert sum(p.numel() for p in layer.parameters()) == expected
+    assert HyperConv(d, 4, 8, E, rank=0).rank is None  # 0 = full map
+    cin = ConditionalInstanceNormConv(d, 4, 8, embedding_dims=E)
+    assert sum(p.numel() for p in cin.parameters()) == 8 * 4 * 27 + 2 * 8 * E
+
+    # the whole default-layout U-Net: hypernetwork + per-layer maps + plain flow head
+    enc, dec, hidden, layers = (16, 32, 32, 32), (32, 32, 32, 32, 32, 16, 16), 128, 6
+    shapes, channels = [], 2
+    for f in enc:
+        shapes.append((channels, f))
+        channels = f
+    for f, skip in zip(dec[:4], reversed(enc)):
+        shapes.append((channels, f))
+        channels = f + skip
+    for f in dec[4:]:
+        shapes.append((channels, f))
+        channels = f
+    hypernet = (2 * hidden + hidden) + (layers - 1) * (hidden * hidden + hidden)
+    head = _conv_numel(channels, 3, 3, 3)
+    plain = sum(_conv_numel(cin_, cout, 3, 3) for cin_, cout in shapes)
+    for rank in (None, 1, 4, 8):
+        per_layer = plain * (hidden + 1) if rank is None else plain * (rank + 1) + len(shapes) * rank * hidden
+        net = HyperUNet(hyper_rank=rank)
+        assert sum(p.numel() for p in net.parameters()) == hypernet + per_layer + head
+    assert sum(p.numel() for p in HyperUNet().parameters()) <= 3_000_000  # the default (rank 4) stays compact
+    assert sum(p.numel() for p in HyperUNet(hyper_rank=None).parameters()) > 40_000_000  # HyperMorph's full map
+
+
+def test_rank_limited_kernels_span_a_rank_k_affine_family():
+    """Kernels generated for many (lam, mu) minus the base lie in a K-dimensional subspace (rank <= K); the full map's
+    do not."""
+    torch.manual_seed(0)
+    hyper = torch.rand(40, 2) * 3
+    for rank in (1, 3):
+        net = make_net(HyperUNet, hyper_rank=rank)
+        weights = net.generate_weights(hyper)
+        for layer, (weight, bias) in weights.items():
+            offsets = torch.cat([weight.flatten(1), bias], dim=1) - layer.base
+            assert torch.linalg.matrix_rank(offsets.double(), rtol=1e-5) <= rank
+    full = make_net(HyperUNet, hyper_rank=None)
+    weight, bias = next(iter(full.generate_weights(hyper).values()))
+    offsets = torch.cat([weight.flatten(1), bias], dim=1) - next(iter(full.generate_weights(hyper))).base
+    assert torch.linalg.matrix_rank(offsets.double(), rtol=1e-5) > 3
+
+
+def test_adam_step_moves_rank_limited_kernels_like_a_plain_conv():
+    """Equalised learning rate of the rank-limited map ``p = c + h U z``, ``z = g V e``: Adam's first step moves
+    every parameter by lr against its gradient's sign, so to first order
+    ``dp_i = -lr [sign(G_i) (1 + h sum_r |z_r|) + h sum_r U_ir sign(G_z_r) mean(e)]`` (``G`` the gradient of ``p``;
+    ``sign(G_{U_ir}) = sign(G_i z_r)``, ``sign(G_{V_rk}) = sign(G_z_r)`` for ``e_k > 0``): about lr, as for an
+    ordinary convolution."""
+    torch.manual_seed(0)
+    layer = HyperConv(2, 4, 8, embedding_dims=128, rank=4)
+    embedding = torch.rand(1, 128)
+    z = layer.coefficients(embedding).detach()
+    weight, bias = layer.generate(embedding, shared=True)
+    before = torch.cat([weight.flatten(), bias]).detach()
+    optimizer = torch.optim.Adam(layer.parameters(), lr=1e-3)
+    layer(torch.randn(2, 4, 16, 16), {layer: (weight, bias)}).square().mean().backward()
+    grad_p = layer.base.grad.clone()  # dp/dc = 1
+    grad_z = (layer.coefficient_weight.grad[:, 0] / (layer.embedding_gain * embedding[0, 0])).sign()
+    optimizer.step()
+    weight, bias = layer.generate(embedding, shared=True)
+    change = torch.cat([weight.flatten(), bias]).detach() - before
+    h = layer.basis_gain
+    predicted = -1e-3 * (grad_p.sign() * (1 + h * z.abs().sum()) + h * layer.basis.detach() @ grad_z * embedding.mean())
+    torch.testing.assert_close(change, predicted, rtol=2e-2, atol=1e-6)
+    assert change.abs().max() < 3e-3  # about lr, not ~E lr
+
+
+def test_cin_training_steps_reduce_loss():
+    """The conditional-instance-norm alternative trains (per-sample rows, gradients through scale and shift)."""
+    grid = torch.stack(torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij"))
+
+    def blob(center):
+        return torch.exp(-((grid[0] - center[0]) ** 2 + (grid[1] - center[1]) ** 2) / (2 * 4.0**2))[None, None]
+
+    moving, fixed = blob((14.0, 15.0)).repeat(2, 1, 1, 1), blob((16.0, 16.0)).repeat(2, 1, 1, 1)
+    x, hyper = torch.cat([moving, fixed], dim=1), torch.tensor([[0.2, 0.8], [0.7, 0.3]])
+    net = make_net(HyperUNet, conditioning="instance_norm", hyper_rank=None)
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(20):
+        loss = F.mse_loss(warp_image(moving, net(x, hyper)), fixed)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert sum(losses[-3:]) / 3 < 0.5 * losses[0]
+
+
+def test_conditioning_arguments_are_validated_and_keyword_only():
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="hyper_rank must be"):
+            make_net(HyperUNet, hyper_rank=bad)
+    with pytest.raises(ValueError, match="conditioning must be one of"):
+        make_net(HyperUNet, conditioning="film")
+    with pytest.raises(ValueError, match="hyper_rank applies to generated kernels"):
+        make_net(HyperUNet, conditioning="instance_norm", hyper_rank=4)
+    with pytest.raises(TypeError):
+        HyperRegistrationNet(2, 2, 2)  # keyword-only: nine positional arguments were error-prone

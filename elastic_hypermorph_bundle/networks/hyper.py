@@ -16,9 +16,14 @@ from monai.networks.blocks import DVF2DDF
 from monai.networks.layers import Conv
 from torch import nn
 
-__all__ = ["hyper_conv", "flow_head", "HyperNetwork", "HyperConv", "HyperRegistrationNet"]
+__all__ = [
+    "hyper_conv", "flow_head", "HyperNetwork", "HyperConv", "ConditionalInstanceNormConv", "HyperRegistrationNet",
+]
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+# basis kernels per layer of the networks' rank-limited kernel map (see HyperConv); None would be HyperMorph's full map
+DEFAULT_HYPER_RANK = 4
 
 
 def hyper_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -97,24 +102,39 @@ class HyperNetwork(nn.Module):
         return self.layers(hyper)
 
 
-class HyperConv(nn.Module):
-    """Convolution whose kernel and bias are a linear function of the hypernetwork embedding ``e`` (``(B, E)``):
-    ``[vec(K), b] = c + g A e`` with ``A`` of shape ``(C_out*C_in*k^D + C_out, E)``, the constant gain ``g = 1 / E``,
-    one ``(K, b)`` per sample.
+def _he_std(in_channels: int, kernel_size: int, spatial_dims: int) -> float:
+    """He-normal std for LeakyReLU(0.2) at fan-in ``in_channels * kernel_size ** spatial_dims``."""
+    return math.sqrt(2.0 / (1.0 + 0.2**2)) / math.sqrt(in_channels * kernel_size**spatial_dims)
 
-    Parametrisation (an equalised learning rate for the hyperparameter-dependent part): Adam moves every entry of
-    ``A`` by about the learning rate per step, whatever the gradient's scale, and those moves add up coherently over
-    the ``E`` non-negative embedding entries. Without the gain, ``A e`` would move ``~E`` times faster than an
-    ordinary convolution kernel (at ``E = 128`` and lr ``1e-4``, ~10% of the kernel scale per step), which makes
-    training diverge; with ``g = 1 / E`` it moves at most about as fast as ``c``.
+
+class HyperConv(nn.Module):
+    """Convolution whose kernel and bias are a linear function of the hypernetwork embedding ``e`` (``(B, E)``), one
+    ``(K, b)`` per sample, ``p = [vec(K), b]`` with ``N = C_out C_in k^D + C_out`` entries. Two maps:
+
+    * full (``rank=None`` or ``0``, HyperMorph's map): ``p = c + g A e``, ``A`` of shape ``(N, E)``,
+      ``g = 1 / E``; ``N (E + 1)`` parameters;
+    * rank-limited (``rank = R >= 1``): ``p = c + h U (g V e)``, a base ``c`` plus a combination of ``R`` learned
+      basis kernels (the columns of ``U``, ``(N, R)``) whose coefficients ``g V e`` are a linear map of the
+      embedding (``V``: ``(R, E)``), ``h = 1 / R``; ``N (R + 1) + R E`` parameters. Every generated kernel lies in
+      the ``R``-dimensional affine family ``c + span(U)``; the layer then costs about ``R + 1`` plain convolutions'
+      parameters instead of ``E + 1``.
+
+    Parametrisation (an equalised learning rate for the hyperparameter-dependent part): Adam moves every entry of a
+    parameter by about the learning rate per step, whatever the gradient's scale, and those moves add up coherently
+    over a sum. The constant gains keep the generated kernels moving about as fast as an ordinary convolution kernel
+    (``c``): with ``e >= 0``, a full map's first step moves ``p_i`` by ``lr (1 + g sum_k e_k)``, about ``lr`` (without
+    ``g``, ``~E`` times faster: ~10% of the kernel scale per step at ``E = 128`` and lr ``1e-4``, and training
+    diverges); a rank-limited map moves ``p_i`` by ``lr (1 + h sum_r |z_r|)`` from ``c`` and ``U``, with
+    ``z = g V e``, plus a term ``h sum_r U_ir dz_r`` that is small because ``U`` is (``|dz_r| <= lr mean(e)``).
 
     Initialisation (so that an untrained model behaves like a normally initialised CNN):
     ``c``'s kernel part is He-normal for LeakyReLU(0.2), std ``s_He = g_He / sqrt(C_in k^D)`` with
-    ``g_He = sqrt(2 / (1 + 0.2^2))``, and its bias part is zero; ``A`` is normal with std
-    ``hyper_init_scale * s_He * sqrt(E)``, so for an embedding of unit mean square the hyperparameter-dependent part
-    ``g A e`` starts at ``hyper_init_scale`` (10%) of the He kernel scale: the generated kernels start at conv scale,
-    differ between hyperparameters, and gradients reach the hypernetwork from the first step (``A = 0`` would block
-    them).
+    ``g_He = sqrt(2 / (1 + 0.2^2))``, and its bias part is zero. Full map: ``A`` is normal with std
+    ``hyper_init_scale * s_He * sqrt(E)``. Rank-limited: ``V`` is normal with std ``sqrt(E)`` (coefficients of unit
+    variance for an embedding of unit mean square) and ``U`` normal with std ``hyper_init_scale * s_He * sqrt(R)``.
+    Either way the hyperparameter-dependent part starts at ``hyper_init_scale`` (10%) of the He kernel scale: the
+    generated kernels start at conv scale, differ between hyperparameters, and gradients reach the hypernetwork
+    from the first step (a zero map would block them).
 
     Args:
         spatial_dims: 1, 2 or 3.
@@ -122,6 +142,79 @@ class HyperConv(nn.Module):
         embedding_dims: ``E``, the hypernetwork's output size.
         kernel_size: odd kernel size ("same" padding).
         hyper_init_scale: relative scale of the hyperparameter-dependent part at initialisation.
+        rank: ``R``, the number of basis kernels of a rank-limited map; ``None`` or ``0`` for the full map.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        embedding_dims: int,
+        kernel_size: int = 3,
+        hyper_init_scale: float = 0.1,
+        rank: int | None = None,
+    ):
+        super().__init__()
+        if spatial_dims not in _CONV:
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size}.")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+            raise ValueError(f"rank must be None, 0 (full map) or a positive int, got {rank!r}.")
+        self.rank = rank or None
+        self.kernel_shape = (out_channels, in_channels) + (kernel_size,) * spatial_dims
+        kernel_numel = math.prod(self.kernel_shape)
+        numel = kernel_numel + out_channels
+        self.embedding_gain = 1.0 / embedding_dims
+        he_std = _he_std(in_channels, kernel_size, spatial_dims)
+        if self.rank is None:
+            self.embedding_weight = nn.Parameter(
+                torch.randn(numel, embedding_dims) * (hyper_init_scale * he_std * embedding_dims**0.5)
+            )
+        else:
+            self.basis_gain = 1.0 / self.rank
+            self.coefficient_weight = nn.Parameter(torch.randn(self.rank, embedding_dims) * embedding_dims**0.5)
+            self.basis = nn.Parameter(torch.randn(numel, self.rank) * (hyper_init_scale * he_std * self.rank**0.5))
+        base = torch.zeros(numel)
+        base[:kernel_numel].normal_(0.0, he_std)
+        self.base = nn.Parameter(base)
+
+    def coefficients(self, embedding: torch.Tensor) -> torch.Tensor:
+        """The basis coefficients ``z = g V e`` ``(B, R)`` of a rank-limited map."""
+        if self.rank is None:
+            raise ValueError("coefficients exist only for a rank-limited map (rank >= 1); this layer has the full map.")
+        return F.linear(embedding * self.embedding_gain, self.coefficient_weight)
+
+    def generate(self, embedding: torch.Tensor, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Kernels ``(B, C_out, C_in, *kernel)`` and biases ``(B, C_out)`` from embeddings ``(B, E)``; with
+        ``shared=True`` (``B == 1``) the batch axis is dropped, giving one kernel for the whole batch."""
+        if self.rank is None:
+            params = F.linear(embedding * self.embedding_gain, self.embedding_weight, self.base)
+        else:
+            params = F.linear(self.coefficients(embedding) * self.basis_gain, self.basis, self.base)
+        kernel_numel = params.shape[1] - self.kernel_shape[0]
+        weight = params[:, :kernel_numel].reshape(params.shape[0], *self.kernel_shape)
+        bias = params[:, kernel_numel:]
+        return (weight[0], bias[0]) if shared else (weight, bias)
+
+    def forward(self, x: torch.Tensor, weights: dict) -> torch.Tensor:
+        """Apply this layer's entry of ``weights`` (from :meth:`HyperRegistrationNet.generate_weights`) to ``x``."""
+        weight, bias = weights[self]
+        return hyper_conv(x, weight, bias)
+
+
+class ConditionalInstanceNormConv(nn.Module):
+    """Ordinary convolution followed by conditional instance normalisation (CIN, as in conditional LapIRN, Mok &
+    Chung, MICCAI 2021): ``y = IN(conv(x)) (1 + g Γ e) + g Β e``, the per-channel scale and shift (``(B, C_out)``)
+    linear maps of the hypernetwork embedding ``e`` (``Γ, Β``: ``(C_out, E)``, gain ``g = 1 / E`` as in
+    :class:`HyperConv`), instance norm without affine parameters (per sample and channel, so rows with different
+    hyperparameters do not mix). A cheaper alternative to generated kernels: the kernel is shared by every
+    hyperparameter value, only ``2 C_out`` numbers per layer depend on it; ``C_out C_in k^D + 2 C_out E`` parameters.
+
+    Same interface as :class:`HyperConv` (``generate``, ``forward(x, weights)``). Init: He-normal kernel (LeakyReLU
+    0.2) and no conv bias (the norm removes it), ``Γ, Β`` normal with std ``hyper_init_scale * sqrt(E)`` (a 10% hyperparameter-dependent scale
+    and shift for an embedding of unit mean square).
     """
 
     def __init__(
@@ -139,36 +232,44 @@ class HyperConv(nn.Module):
         if kernel_size % 2 != 1:
             raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size}.")
         self.kernel_shape = (out_channels, in_channels) + (kernel_size,) * spatial_dims
-        kernel_numel = math.prod(self.kernel_shape)
         self.embedding_gain = 1.0 / embedding_dims
-        he_std = math.sqrt(2.0 / (1.0 + 0.2**2)) / math.sqrt(in_channels * kernel_size**spatial_dims)
-        self.embedding_weight = nn.Parameter(
-            torch.randn(kernel_numel + out_channels, embedding_dims) * (hyper_init_scale * he_std * embedding_dims**0.5)
+        self.weight = nn.Parameter(
+            torch.randn(self.kernel_shape) * _he_std(in_channels, kernel_size, spatial_dims)
         )
-        base = torch.zeros(kernel_numel + out_channels)
-        base[:kernel_numel].normal_(0.0, he_std)
-        self.base = nn.Parameter(base)
+        self.embedding_weight = nn.Parameter(
+            torch.randn(2 * out_channels, embedding_dims) * (hyper_init_scale * embedding_dims**0.5)
+        )
 
     def generate(self, embedding: torch.Tensor, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Kernels ``(B, C_out, C_in, *kernel)`` and biases ``(B, C_out)`` from embeddings ``(B, E)``; with
-        ``shared=True`` (``B == 1``) the batch axis is dropped, giving one kernel for the whole batch."""
-        params = F.linear(embedding * self.embedding_gain, self.embedding_weight, self.base)
-        kernel_numel = params.shape[1] - self.kernel_shape[0]
-        weight = params[:, :kernel_numel].reshape(params.shape[0], *self.kernel_shape)
-        bias = params[:, kernel_numel:]
-        return (weight[0], bias[0]) if shared else (weight, bias)
+        """Scales ``1 + g Γ e`` and shifts ``g Β e``, ``(B, C_out)`` each (``(C_out,)`` with ``shared=True``)."""
+        scale, shift = F.linear(embedding * self.embedding_gain, self.embedding_weight).chunk(2, dim=1)
+        scale = scale + 1.0
+        return (scale[0], shift[0]) if shared else (scale, shift)
 
     def forward(self, x: torch.Tensor, weights: dict) -> torch.Tensor:
-        """Apply this layer's entry of ``weights`` (from :meth:`HyperRegistrationNet.generate_weights`) to ``x``."""
-        weight, bias = weights[self]
-        return hyper_conv(x, weight, bias)
+        scale, shift = weights[self]
+        y = F.instance_norm(hyper_conv(x, self.weight, None))  # no conv bias: the norm would remove it
+        shape = (-1, y.shape[1]) + (1,) * (y.ndim - 2)  # (B or 1, C_out, 1, ...)
+        return y * scale.reshape(shape) + shift.reshape(shape)
+
+
+_CONDITIONED = (HyperConv, ConditionalInstanceNormConv)
+CONDITIONINGS = ("kernel", "instance_norm")
 
 
 class HyperRegistrationNet(nn.Module):
     """Shared part of the hyper-conditioned registration networks: hypernetwork, hyperparameter validation,
     weight generation, optional scaling-and-squaring integration. Subclasses build their backbone from
-    :class:`HyperConv` layers (all created with ``embedding_dims=self.hypernetwork.hidden``), set
-    ``self.size_divisor`` and implement :meth:`predict_field`.
+    :meth:`conditioned_conv` layers, set ``self.size_divisor`` and implement :meth:`predict_field`. Arguments are
+    keyword-only.
+
+    Conditioning (arguments shared by the subclasses):
+
+    * ``hyper_rank``: ``R`` basis kernels per layer (:class:`HyperConv` rank-limited map), ``None`` or ``0`` for
+      HyperMorph's full map from the embedding to every kernel entry.
+    * ``conditioning``: ``"kernel"`` (generated kernels, the method) or ``"instance_norm"`` (shared kernels with
+      hyperparameter-dependent instance-norm scale and shift, :class:`ConditionalInstanceNormConv`; a cheaper
+      alternative, in conditional LapIRN's style).
 
     ``forward(x, hyper=None, weights=None, return_velocity=False)``:
 
@@ -187,11 +288,14 @@ class HyperRegistrationNet(nn.Module):
 
     def __init__(
         self,
+        *,
         spatial_dims: int,
         in_channels: int,
         hyper_dims: int,
         hyper_hidden: int = 128,
         hyper_layers: int = 6,
+        hyper_rank: int | None = None,
+        conditioning: str = "kernel",
         diffeomorphic: bool = False,
         integration_steps: int = 7,
         default_hyper: Sequence[float] | torch.Tensor | None = None,
@@ -200,6 +304,14 @@ class HyperRegistrationNet(nn.Module):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}.")
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning must be one of {CONDITIONINGS}, got {conditioning!r}.")
+        if hyper_rank is not None and (isinstance(hyper_rank, bool) or not isinstance(hyper_rank, int) or hyper_rank < 0):
+            raise ValueError(f"hyper_rank must be None, 0 (full map) or a positive int, got {hyper_rank!r}.")
+        if conditioning == "instance_norm" and hyper_rank:
+            raise ValueError("hyper_rank applies to generated kernels (conditioning='kernel'), not to 'instance_norm'.")
+        self.hyper_rank = hyper_rank or None
+        self.conditioning = conditioning
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.hyper_dims = hyper_dims
@@ -216,6 +328,17 @@ class HyperRegistrationNet(nn.Module):
         default = self._check_hyper(default.reshape(1, -1), batch=1)
         # not saved with the weights: it is the configuration's inference default, not a trained property
         self.register_buffer("default_hyper", default, persistent=False)
+
+    def conditioned_conv(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> nn.Module:
+        """The backbone's hyper-conditioned convolution: a :class:`HyperConv` with this network's ``hyper_rank``, or a
+        :class:`ConditionalInstanceNormConv` for ``conditioning="instance_norm"``."""
+        if self.conditioning == "instance_norm":
+            return ConditionalInstanceNormConv(
+                self.spatial_dims, in_channels, out_channels, self.hypernetwork.hidden, kernel_size
+            )
+        return HyperConv(
+            self.spatial_dims, in_channels, out_channels, self.hypernetwork.hidden, kernel_size, rank=self.hyper_rank
+        )
 
     @property
     def diffeomorphic(self) -> bool:
@@ -249,7 +372,7 @@ class HyperRegistrationNet(nn.Module):
 
     def _generate(self, hyper: torch.Tensor, shared: bool) -> dict:
         embedding = self.hypernetwork(hyper.to(self.hyper_scale) / self.hyper_scale)
-        return {layer: layer.generate(embedding, shared) for layer in self.modules() if isinstance(layer, HyperConv)}
+        return {layer: layer.generate(embedding, shared) for layer in self.modules() if isinstance(layer, _CONDITIONED)}
 
     def generate_weights(self, hyper: torch.Tensor) -> dict:
         """Run the hypernetwork and every layer's linear map once for ``hyper`` ``(B, hyper_dims)``; the returned
