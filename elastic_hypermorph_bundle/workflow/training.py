@@ -25,6 +25,7 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import convert_to_tensor
 
 from .. import __version__
+from ..atomic import AtomicCheckpointSaver, atomic_torch_save, atomic_write_text, readable_checkpoint, remove_partial_files
 from ..hyperparams import HyperSpace
 from ..networks import warp_image
 from . import parse_flag
@@ -132,11 +133,17 @@ def loss_terms(output: dict | list[dict]) -> dict[str, float]:
     return {key: float(first[key]) for key in _LOSS_TERMS if key in first}
 
 
-def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The ``checkpoint_epoch=<N>.pt`` with the largest ``N`` in ``ckpt_dir``, or None."""
+def checkpoints_newest_first(ckpt_dir: str | Path) -> list[Path]:
+    """The ``checkpoint_epoch=<N>.pt`` files of ``ckpt_dir``, largest ``N`` first."""
     pattern = re.compile(re.escape(LAST_CHECKPOINT_PREFIX) + r"(\d+)\.pt$")
     found = [(int(m.group(1)), path) for path in Path(ckpt_dir).glob("*.pt") if (m := pattern.match(path.name))]
-    return max(found)[1] if found else None
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The ``checkpoint_epoch=<N>.pt`` with the largest ``N`` in ``ckpt_dir``, or None."""
+    found = checkpoints_newest_first(ckpt_dir)
+    return found[0] if found else None
 
 
 def _trained_files(ckpt_dir: Path) -> list[Path]:
@@ -229,26 +236,32 @@ class LastCheckpoint:
 
     def _start(self, engine: Engine) -> None:
         state = {"model": engine.network, "optimizer": engine.optimizer, "trainer": engine}
+        if self.save:
+            remove_partial_files(self.ckpt_dir)  # leftovers of a save interrupted by a kill
         if self.resume:
-            last = latest_checkpoint(self.ckpt_dir)
+            # an unreadable newest checkpoint (e.g. written by another tool, or damaged) is skipped with a warning
+            last = readable_checkpoint(checkpoints_newest_first(self.ckpt_dir))
             if last is None:
-                raise FileNotFoundError(f"resume=true but {self.ckpt_dir} holds no {LAST_CHECKPOINT_PREFIX}<N>.pt.")
+                raise FileNotFoundError(
+                    f"resume=true but {self.ckpt_dir} holds no readable {LAST_CHECKPOINT_PREFIX}<N>.pt checkpoint."
+                )
+            engine.logger.info("resuming from %s", last)
             loaders = [CheckpointLoader(str(last), state, map_location=_map_location(engine))]
             best = self.ckpt_dir / BEST_CHECKPOINT
-            if self.best_saver is not None and best.is_file():
+            if self.best_saver is not None and best.is_file() and readable_checkpoint([best]) is not None:
                 loaders.append(CheckpointLoader(str(best), {"checkpointer": self.best_saver}, map_location="cpu"))
             for loader in loaders:
                 loader.logger = engine.logger
                 loader(engine)
         if self.save:
-            CheckpointSaver(str(self.ckpt_dir), state, save_interval=self.interval, n_saved=1).attach(engine)
+            AtomicCheckpointSaver(str(self.ckpt_dir), state, save_interval=self.interval, n_saved=1).attach(engine)
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self._remove_older)
 
     def _remove_older(self, engine: Engine) -> None:
-        """Delete the checkpoints older than the one just saved (a resumed run's saver does not know them)."""
-        latest = latest_checkpoint(self.ckpt_dir)
-        for path in self.ckpt_dir.glob(f"{LAST_CHECKPOINT_PREFIX}*.pt"):
-            if path != latest:
+        """Delete the checkpoints other than the one just saved (a resumed run's saver does not know them)."""
+        just_saved = f"{LAST_CHECKPOINT_PREFIX}{engine.state.epoch}.pt"
+        for path in checkpoints_newest_first(self.ckpt_dir):
+            if path.name != just_saved:
                 path.unlink()
 
 
@@ -322,7 +335,7 @@ class ExportTrainedModel:
             logger.warning("no %s (no validation ran): model.pt holds the final weights.", best)
             weights, source = network.state_dict(), "final"
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
-        torch.save(weights, self.ckpt_dir / "model.pt")
+        atomic_torch_save(weights, self.ckpt_dir / "model.pt")
         card = {**self.card, "epochs": engine.state.epoch, "weights": source}
         if self.evaluator is not None and source == "best":
             card.update(
@@ -330,7 +343,7 @@ class ExportTrainedModel:
                 best_metric=float(self.evaluator.state.best_metric),
                 best_metric_epoch=int(self.evaluator.state.best_metric_epoch),
             )
-        (self.ckpt_dir / "model.json").write_text(json.dumps(card, indent=4))
+        atomic_write_text(self.ckpt_dir / "model.json", json.dumps(card, indent=4))
         logger.info("trained model (%s weights, %d epochs) written to %s", source, engine.state.epoch, self.ckpt_dir)
 
 

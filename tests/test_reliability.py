@@ -1,0 +1,159 @@
+"""Nothing lost, nothing silently wrong: atomic checkpoints under a real SIGKILL, resume past a damaged checkpoint,
+unknown overrides refused, one clean error line, safe checkpoint loading (issue 12)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from elastic_hypermorph_bundle.atomic import (
+    AtomicDiskSaver,
+    atomic_torch_save,
+    atomic_write_text,
+    readable_checkpoint,
+    remove_partial_files,
+)
+from elastic_hypermorph_bundle.data.synthetic import make_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = str(ROOT / "configs" / "train.json")
+TINY = {
+    "spatial_size": [32, 32, 32],
+    "num_workers": 0,
+    "network_kwargs#encoder_features": [4, 4, 4, 4],
+    "network_kwargs#decoder_features": [4, 4, 4, 4, 4, 4, 4],
+    "network_kwargs#hyper_hidden": 8,
+    "network_kwargs#hyper_layers": 2,
+}
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("lung") / "LungCT", num_pairs=3, spatial_size=(32, 32, 32))
+
+
+# ------------------------------------------------------------------------------------------------ atomic writes
+
+
+def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path):
+    path = atomic_write_text(tmp_path / "model.json", "old")
+
+    def failing(stream):
+        stream.write(b"half of the new")
+        raise OSError("disk full")
+
+    from elastic_hypermorph_bundle.atomic import atomic_write
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(path, failing)
+    assert path.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["model.json"]
+
+
+def test_disk_saver_removes_the_replaced_checkpoint_only_after_the_next_save(tmp_path):
+    saver = AtomicDiskSaver(tmp_path)
+    saver({"a": torch.ones(2)}, "checkpoint_epoch=1.pt")
+    saver.remove("checkpoint_epoch=1.pt")  # ignite asks for the removal before the next save
+    assert (tmp_path / "checkpoint_epoch=1.pt").is_file()
+    saver({"a": torch.zeros(2)}, "checkpoint_epoch=2.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=2.pt"]
+    fixed = AtomicDiskSaver(tmp_path, filename="model_best.pt")
+    fixed({"a": torch.ones(1)}, "ignored.pt")
+    fixed.remove("ignored.pt")
+    fixed({"a": torch.full((1,), 3.0)}, "ignored.pt")
+    assert torch.load(tmp_path / "model_best.pt", weights_only=True)["a"].item() == 3.0
+
+
+def test_readable_checkpoint_skips_a_truncated_file_with_a_warning(tmp_path, caplog):
+    good = atomic_torch_save({"w": torch.arange(1000.0)}, tmp_path / "checkpoint_epoch=1.pt")
+    bad = tmp_path / "checkpoint_epoch=2.pt"
+    bad.write_bytes(good.read_bytes()[:300])
+    with caplog.at_level("WARNING", logger="elastic_hypermorph_bundle"):
+        assert readable_checkpoint([bad, good]) == good
+    assert "checkpoint_epoch=2.pt" in caplog.text and "cannot be read" in caplog.text
+    (tmp_path / ".checkpoint_epoch=3.pt.partial-abc").write_bytes(b"x")
+    assert [p.name for p in remove_partial_files(tmp_path)] == [".checkpoint_epoch=3.pt.partial-abc"]
+
+
+# ------------------------------------------------------------------------------- a real SIGKILL during a save
+
+_SLOW_SAVE_RUN = """
+import sys, time, io, torch
+from pathlib import Path
+marker = Path(sys.argv[1])
+original = torch.save
+
+def slow_save(obj, f, *args, **kwargs):
+    # the epoch-2 training checkpoint (one training pair: iteration 2): write half of it, tell the parent, and hang until killed
+    if isinstance(obj, dict) and isinstance(obj.get("trainer"), dict) and obj["trainer"].get("iteration") == 2:
+        buffer = io.BytesIO()
+        original(obj, buffer, *args, **kwargs)
+        data = buffer.getvalue()
+        stream = open(f, "wb") if isinstance(f, (str, Path)) else f
+        stream.write(data[: len(data) // 2])
+        stream.flush()
+        marker.write_text("saving")
+        time.sleep(600)
+    return original(obj, f, *args, **kwargs)
+
+torch.save = slow_save
+from monai.bundle import run
+run("training", config_file=sys.argv[2], **eval(sys.argv[3]))
+"""
+
+
+def _overrides(dataset: Path, root: Path, epochs: int, **extra) -> dict:
+    return {
+        "bundle_root": str(ROOT), "dataset_dir": str(dataset), "ckpt_dir": str(root / "models"),
+        "output_dir": str(root / "eval"), "epochs": epochs, "val_interval": 1, **TINY, **extra,
+    }  # fmt: skip
+
+
+@pytest.mark.slow
+def test_kill_during_a_checkpoint_save_keeps_the_previous_one_and_resume_goes_on(dataset, tmp_path):
+    marker = tmp_path / "saving"
+    script = tmp_path / "slow_save_run.py"
+    script.write_text(textwrap.dedent(_SLOW_SAVE_RUN))
+    args = [sys.executable, str(script), str(marker), TRAIN, repr(_overrides(dataset, tmp_path, 3))]
+    process = subprocess.Popen(args, env=_env(), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert marker.exists(), process.communicate(timeout=30)[0].decode()[-3000:]
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    models = tmp_path / "models"
+    # the epoch-1 checkpoint and the best model survive, complete; no truncated epoch-2 file exists
+    assert not (models / "checkpoint_epoch=2.pt").exists()
+    assert torch.load(models / "checkpoint_epoch=1.pt", weights_only=True)["trainer"]["iteration"] == 1
+    torch.load(models / "model_best.pt", weights_only=True)
+
+    # a damaged newer checkpoint (e.g. copied half-way) is skipped by name on resume
+    (models / "checkpoint_epoch=7.pt").write_bytes((models / "checkpoint_epoch=1.pt").read_bytes()[:500])
+    code = "import sys; from monai.bundle import run; run('training', config_file=sys.argv[1], **eval(sys.argv[2]))"
+    result = subprocess.run(
+        [sys.executable, "-c", code, TRAIN, repr(_overrides(dataset, tmp_path, 2, resume=True))],
+        env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=400,
+    )  # fmt: skip
+    log = result.stdout + result.stderr
+    assert result.returncode == 0, log[-3000:]
+    assert "skipping checkpoint" in log and "checkpoint_epoch=7.pt" in log
+    assert sorted(p.name for p in models.iterdir()) == [
+        "checkpoint_epoch=2.pt", "model.json", "model.pt", "model_best.pt",
+    ]  # fmt: skip
+    assert torch.load(models / "checkpoint_epoch=2.pt", weights_only=True)["trainer"]["iteration"] == 2
