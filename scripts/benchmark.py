@@ -10,6 +10,7 @@ memory, and accuracy/time against classical registration. Writes docs/benchmarks
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +24,7 @@ from bench import accuracy, cost, report  # noqa: E402
 from bench.timing import machine_description  # noqa: E402
 
 FULL_SIZE = [192, 192, 208]  # Learn2Reg LungCT grid
+BREATH_HOLD = {"max_displacement_range": [20.0, 30.0]}  # simulate_pair settings: breath-hold inhale/exhale motion
 
 
 def _config(network, size, batch, modes, warmup, repeats):
@@ -41,8 +43,10 @@ def settings_for(quick: bool, cuda: bool) -> dict:
             "memory_probes": True,
             "regularizer_sizes": [s], "regularizer_warmup": 1, "regularizer_repeats": 3,
             "sweep": {"network": "HyperUNet", "spatial_size": s, "pairs": 2, "grid": 3, "warmup": 1, "repeats": 2},
-            "classical": {"spatial_size": s, "counts": {"train": 2, "val": 1, "test": 1}, "train_seconds": 5.0,
-                          "learning_rate": 1e-3, "grid": 3, "elastix_iterations": 30, "demons_iterations": [20, 10]},
+            "accuracy": accuracy_settings(s, seeds=[9000], elastix_iterations=30, demons_iterations=[20, 10],
+                                          convex_adam={"grid_sp": 4, "disp_hw": 3, "selected_niter": 20},
+                                          optimize_steps=[10], network_optimize_steps=[10],
+                                          tiny_model_seconds=5.0, tiny_model_seeds=[100, 101]),
         }
     m64, m96 = [64] * 3, [96] * 3
     conditioning = [
@@ -61,48 +65,120 @@ def settings_for(quick: bool, cuda: bool) -> dict:
         "regularizer_sizes": [m96, FULL_SIZE], "regularizer_warmup": 1, "regularizer_repeats": 5,
         "sweep": {"network": "HyperUNet", "spatial_size": [48] * 3, "pairs": 2, "grid": 11, "warmup": 2,
                   "repeats": 3},
-        "classical": {"spatial_size": [32] * 3, "counts": {"train": 8, "val": 2, "test": 4}, "train_seconds": 150.0,
-                      "learning_rate": 1e-3, "grid": 11, "elastix_iterations": 200, "demons_iterations": [100, 50]},
+        "accuracy": accuracy_settings(FULL_SIZE),
     }
 
 
-def run_classical(options: dict, device: str, seed: int) -> dict:
-    splits = accuracy.simulate_split(options["spatial_size"], options["counts"], seed)
+def accuracy_settings(spatial_size, seeds=(9000, 9001, 9002), elastix_iterations=200, demons_iterations=(100, 50),
+                      convex_adam=None, optimize_steps=(100,), network_optimize_steps=(25, 50, 100), **extra) -> dict:
+    """Section 5 settings: held-out pair seeds (disjoint from any training seed the bundle's scripts use),
+    breath-hold amplitudes, the peers' iterations, the optimisation step counts; (lam, mu) default to the bundle's
+    inference defaults."""
+    return {"spatial_size": list(spatial_size), "seeds": list(seeds), "simulation": dict(BREATH_HOLD),
+            "elastix_iterations": elastix_iterations, "demons_iterations": list(demons_iterations),
+            "convex_adam": dict(convex_adam or {}), "optimize_steps": list(optimize_steps),
+            "network_optimize_steps": list(network_optimize_steps), "lam": None, "mu": None, "use_mask": False,
+            "optimize_kwargs": {}, **extra}
+
+
+def inference_defaults() -> dict:
+    """The bundle's inference defaults (``configs/inference.json``): the (lam, mu) a user gets without choosing."""
+    config = json.loads((Path(__file__).resolve().parents[1] / "configs" / "inference.json").read_text())
+    return {key: config[key] for key in ("lam", "mu") if key in config}
+
+
+def section5_methods(options: dict, model_path: str) -> list[dict]:
+    """The methods of section 5 (``bench.register_probe`` kinds), all on the same pairs."""
+    lam_mu = {"lam": options["lam"], "mu": options["mu"]}
+    optimize = {**lam_mu, "use_mask": options["use_mask"], "optimize_kwargs": options["optimize_kwargs"]}
+    methods = [
+        {"name": "identity (no registration)", "kind": "identity"},
+        {"name": "elastix B-spline (NCC + bending energy)", "kind": "elastix",
+         "options": {"iterations": options["elastix_iterations"]}},
+        {"name": "SimpleITK demons (fast symmetric forces)", "kind": "demons",
+         "options": {"iterations": options["demons_iterations"]}},
+        {"name": "ConvexAdam (MIND-SSC, convex + Adam)", "kind": "convex_adam",
+         "options": {"convex_adam_kwargs": options["convex_adam"]}},
+        {"name": "bundle: network alone", "kind": "network", "options": {**lam_mu, "model": model_path}},
+    ]
+    for steps in options["optimize_steps"]:
+        methods.append({"name": f"bundle: optimisation from identity, {steps} steps", "kind": "optimize",
+                        "options": {**optimize, "steps": steps, "init": "identity"}})
+    for steps in options["network_optimize_steps"]:
+        methods.append({"name": f"bundle: network + optimisation, {steps} steps", "kind": "optimize",
+                        "options": {**optimize, "steps": steps, "init": "network", "model": model_path}})
+    return methods
+
+
+def run_accuracy(options: dict, model_dir: str | None, pair_cache: str, log) -> dict:
+    """Section 5: every method of :func:`section5_methods` on the same held-out simulated pairs."""
+    options = {**options, **{k: v for k, v in inference_defaults().items() if options.get(k) is None}}
+    pairs = accuracy.cached_pairs(options["spatial_size"], options["seeds"], options["simulation"], pair_cache, log)
+    model_path = Path(model_dir) / "model.pt" if model_dir else None
+    if options.get("tiny_model_seconds"):
+        train = [accuracy.load_pair(p) for p in accuracy.cached_pairs(
+            options["spatial_size"], options["tiny_model_seeds"], options["simulation"], pair_cache, log)]
+        model_path = accuracy.train_tiny_model(train, options["tiny_model_seconds"],
+                                               Path(pair_cache) / "quick_model", seed=0)
+        log(f"  trained a tiny model for {options['tiny_model_seconds']} s (quick run)")
     methods = []
-    for regularizer, name in (("elastic", "bundle HyperUNet, elastic, best swept (lam, mu)"),
-                              ("diffusion", "bundle HyperUNet, diffusion baseline, best swept alpha")):
-        model = accuracy.train_model(regularizer, splits["train"], options["train_seconds"], device,
-                                     options["learning_rate"], seed)
-        selection = accuracy.sweep_select(model, splits["val"], options["grid"], device)
-        methods.append(accuracy.evaluate_model(name, model, selection, splits["test"], device))
-        methods[-1]["validation"] = selection
-    methods += accuracy.classical_accuracy(splits["test"], options["elastix_iterations"],
-                                           options["demons_iterations"])
+    for spec in section5_methods(options, str(model_path)):
+        methods.append(accuracy.run_method(spec, pairs))
+        row = methods[-1]
+        log(f"  {spec['name']}: " + (f"TRE {row['tre_keypoints_mm']:.2f} mm, {row['seconds_per_pair']:.1f} s/pair, "
+                                      f"peak {row['peak_rss_mib']:.0f} MiB" if "tre_keypoints_mm" in row
+                                      else row.get("skipped") or row.get("error")))
+    first = accuracy.load_pair(pairs[0])
+    card = None
+    if model_path is not None and model_path.with_name("model.json").is_file():
+        card = json.loads(model_path.with_name("model.json").read_text())
     return {
-        "setup": {**options, "spacing": list(splits["test"][0].spacing), "device": device,
+        "setup": {**options, "spacing": list(first.spacing), "pair_files": [str(p) for p in pairs],
+                  "model": str(model_path), "model_card": card,
+                  "simulated": [accuracy.load_pair(p).simulation for p in pairs],
                   "elastix_grid": "6 then 3 voxels (the zoo's 10 mm then 5 mm at Learn2Reg's lung resolution)"},
         "methods": methods,
     }
 
 
-def main(quick: bool = False, output_dir: str = "docs", sections=(1, 2, 3, 4, 5), seed: int = 0) -> str:
+SECTION_KEYS = {1: "hyper_conditioning", 2: "regularizer", 3: "sweep", 4: "training_memory", 5: "accuracy"}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    os.replace(partial, path)
+
+
+def main(quick: bool = False, output_dir: str = "docs", sections=(1, 2, 3, 4, 5), model_dir: str = "models", pair_cache: str | None = None) -> str:
     """Run the benchmark; write ``benchmarks.md`` and ``benchmarks.json`` into ``output_dir``; return the md path.
 
     Args:
         quick: tiny sizes and few repeats (a few minutes), for checking that everything runs.
         output_dir: where the two result files go (default ``docs``, relative to the repository root).
         sections: which sections to run (all five by default; the markdown needs all five).
-        seed: seed of the simulated data and of the trained models.
+        model_dir: folder of the bundle's model (``model.pt`` + ``model.json``) for section 5 (relative to the
+            repository root); ``--quick`` trains a tiny one instead.
+        pair_cache: where section 5's simulated pairs are cached (default
+            ``$XDG_CACHE_HOME/elastic_hypermorph_bundle/benchmark_pairs``).
     """
     start = time.perf_counter()
     root = Path(__file__).resolve().parents[1]
     output = Path(output_dir) if Path(output_dir).is_absolute() else root / output_dir
     output.mkdir(parents=True, exist_ok=True)
     cuda = torch.cuda.is_available()
+    model_dir = str(Path(model_dir) if Path(model_dir).is_absolute() else root / model_dir)
+    pair_cache = pair_cache or str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+                                   / "elastic_hypermorph_bundle" / "benchmark_pairs")
     settings = settings_for(quick, cuda)
     settings["command"] = "python scripts/benchmark.py" + (" --quick" if quick else "")
     sections = {int(s) for s in (sections if isinstance(sections, (list, tuple)) else [sections])}
-    results = {"machine": machine_description(), "settings": settings}
+    json_path = output / "benchmarks.json"
+    # a subset run replaces only its own sections of an existing benchmarks.json; each section records its run
+    results = json.loads(json_path.read_text()) if json_path.is_file() and sections != set(SECTION_KEYS) else {}
+    results.pop("classical", None)  # the former section 5 (a 32^3 comparison), superseded by "accuracy"
+    results.update(machine=machine_description(), settings={**results.get("settings", {}), **settings})
+    runs = results.setdefault("runs", {})
 
     def log(message):
         print(f"[{time.perf_counter() - start:7.1f} s] {message}", flush=True)
@@ -129,13 +205,21 @@ def main(quick: bool = False, output_dir: str = "docs", sections=(1, 2, 3, 4, 5)
         log("section 4: full-size training memory")
         results["training_memory"] = cost.training_memory("HyperUNet", settings["full_size"], 1, device, 12.0)
     if 5 in sections:
-        log("section 5: accuracy against classical registration")
-        results["classical"] = run_classical(settings["classical"], device, seed)
+        log("section 5: accuracy, time and memory of every method on the same held-out pairs")
+        results["accuracy"] = run_accuracy(settings["accuracy"], model_dir, pair_cache, log)
     results["total_seconds"] = time.perf_counter() - start
-    (output / "benchmarks.json").write_text(json.dumps(results, indent=2, default=float) + "\n")
+    for section in sections:
+        runs[SECTION_KEYS[section]] = {"date_utc": results["machine"]["date_utc"], "command": settings["command"]
+                                       + ("" if sections == set(SECTION_KEYS) else f' --sections "{sorted(sections)}"'),
+                                       "run_seconds": results["total_seconds"]}
+    if "accuracy" in results and 5 in sections:
+        figure = output / "figures" / "benchmark_tre_vs_time.png"
+        report.plot_accuracy_time(results["accuracy"], figure)
+        results["accuracy"]["figure"] = str(figure.relative_to(output))
     md_path = output / "benchmarks.md"
-    if all(key in results for key in ("hyper_conditioning", "regularizer", "sweep", "training_memory", "classical")):
-        md_path.write_text(report.render(results))
+    _atomic_write(json_path, json.dumps(results, indent=2, default=float) + "\n")
+    if all(key in results for key in SECTION_KEYS.values()):
+        _atomic_write(md_path, report.render(results))
     log(f"wrote {output / 'benchmarks.json'}" + (f" and {md_path}" if md_path.exists() else ""))
     return str(md_path)
 

@@ -21,6 +21,7 @@ from elastic_hypermorph_bundle.networks import HyperConv
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_elastix = pytest.mark.skipif(not classical.elastix_available(), reason="itk-elastix is not installed")
+needs_convex_adam = pytest.mark.skipif(not classical.convex_adam_available(), reason="convexAdam is not installed")
 needs_sitk = pytest.mark.skipif(importlib.util.find_spec("SimpleITK") is None, reason="SimpleITK is not installed")
 
 SHAPE = (20, 24, 28)  # distinct sizes and spacings catch any axis-order mix-up
@@ -99,6 +100,66 @@ def test_demons_moves_in_the_direction_of_the_shift():
     np.testing.assert_allclose(mean, shift, atol=0.6)
 
 
+def test_convex_adam_field_conversion_moves_channels_first():
+    field = np.zeros((*SHAPE, 3))
+    field[3, 5, 7] = (1.0, -2.0, 3.0)
+    ddf = classical.convex_adam_field_to_ddf(field)
+    assert ddf.shape == (3, *SHAPE) and ddf.dtype == np.float32
+    np.testing.assert_array_equal(ddf[:, 3, 5, 7], [1.0, -2.0, 3.0])
+    with pytest.raises(ValueError, match="ConvexAdam displacement"):
+        classical.convex_adam_field_to_ddf(np.zeros((3, *SHAPE)))
+
+
+@needs_convex_adam
+def test_convex_adam_recovers_known_shift_in_package_convention():
+    # smooth random texture; the moving image is the fixed one with its content moved by +shift voxels, so the
+    # backward field is u = +shift (moving(x + u) = fixed(x)); distinct sizes per axis catch an axis mix-up
+    shape, shift = (48, 42, 36), np.array([3, -2, 4])
+    fixed = gaussian_filter(np.random.default_rng(0).standard_normal([n + 16 for n in shape]), 2.0)
+    moving = np.roll(fixed, shift, axis=(0, 1, 2))
+    crop = tuple(slice(8, 8 + n) for n in shape)
+    ddf = classical.convex_adam_register(fixed[crop], moving[crop])
+    assert ddf.shape == (3, *shape)
+    inner = ddf[:, 10:-10, 10:-10, 10:-10].reshape(3, -1)
+    np.testing.assert_allclose(np.median(inner, axis=1), shift, atol=0.3)
+    # and the package's warp with the converted field reproduces the fixed image
+    warped = Warp(mode="bilinear", padding_mode="border")(torch.from_numpy(moving[crop].astype(np.float32))[None, None],
+                                                         torch.from_numpy(ddf)[None])[0, 0].numpy()
+    error = np.abs(warped - fixed[crop])[10:-10, 10:-10, 10:-10].mean()
+    assert error < 0.25 * np.abs(moving[crop] - fixed[crop])[10:-10, 10:-10, 10:-10].mean()
+
+
+def test_pair_cache_round_trip_and_reuse(tmp_path):
+    from bench.accuracy import cached_pairs, load_pair
+    from elastic_hypermorph_bundle.data.synthetic import simulate_pair
+
+    settings = {"max_displacement_range": [6.0, 8.0]}
+    paths = cached_pairs((16, 16, 16), [5], settings, tmp_path, log=lambda message: None)
+    pair, expected = load_pair(paths[0]), simulate_pair((16, 16, 16), seed=5, **settings)
+    np.testing.assert_array_equal(pair.fixed_image, expected.fixed_image)
+    np.testing.assert_array_equal(pair.displacement, expected.displacement)
+    assert pair.spacing == expected.spacing and pair.simulation == expected.simulation
+    modified = paths[0].stat().st_mtime_ns
+    assert cached_pairs((16, 16, 16), [5], settings, tmp_path, log=None) == paths  # reused, not re-simulated
+    assert paths[0].stat().st_mtime_ns == modified
+    other = cached_pairs((16, 16, 16), [5], {"max_displacement_range": [6.0, 9.0]}, tmp_path, log=lambda m: None)
+    assert other[0].parent != paths[0].parent  # other settings, other folder
+
+
+def test_network_field_resampled_to_the_pair_grid_keeps_its_physical_size():
+    from bench.register_probe import network_ddf
+
+    class OneVoxelShift(torch.nn.Module):  # 1 voxel of its own grid along every axis
+        def forward(self, x, weights=None):
+            return torch.ones(x.shape[0], 3, *x.shape[2:])
+
+    fixed = torch.rand(1, 1, 21, 31, 41)
+    ddf = network_ddf(OneVoxelShift(), None, fixed, fixed, grid=(11, 11, 11))
+    assert ddf.shape == (1, 3, 21, 31, 41)
+    torch.testing.assert_close(ddf[0, :, 3, 4, 5], torch.tensor([2.0, 3.0, 4.0]))
+    torch.testing.assert_close(network_ddf(OneVoxelShift(), None, fixed, fixed), torch.ones(1, 3, 21, 31, 41))
+
+
 @pytest.mark.parametrize("name", ["HyperUNet", "HyperLocalNet"])
 def test_plain_twin_has_the_same_layout_without_hyper_conditioning(name):
     torch.manual_seed(0)
@@ -155,16 +216,25 @@ def test_probe_reports_monotonic_peaks_in_a_fresh_process():
 @pytest.mark.slow
 def test_quick_benchmark_writes_five_sections_and_parsable_json(tmp_path):
     import benchmark
-    md_path = Path(benchmark.main(quick=True, output_dir=str(tmp_path)))
+    md_path = Path(benchmark.main(quick=True, output_dir=str(tmp_path), pair_cache=str(tmp_path / "pairs")))
     markdown = md_path.read_text()
     from bench.report import SECTIONS
 
     assert all(f"## {section}" in markdown for section in SECTIONS)
     results = json.loads((tmp_path / "benchmarks.json").read_text())
-    assert {"machine", "settings", "hyper_conditioning", "regularizer", "sweep", "training_memory", "classical",
-            "total_seconds"} <= set(results)
+    assert {"machine", "settings", "hyper_conditioning", "regularizer", "sweep", "training_memory", "accuracy",
+            "total_seconds", "runs"} <= set(results)
     assert results["machine"]["cpu_count"] >= 1 and "torch" in results["machine"]
     assert all(row["ratio"] > 0 for row in results["hyper_conditioning"])
-    methods = {row["method"] for row in results["classical"]["methods"]}
-    assert any("demons" in m for m in methods) and any("elastic" in m for m in methods)
+    rows = {row["kind"]: row for row in results["accuracy"]["methods"]}
+    assert {"identity", "elastix", "demons", "convex_adam", "network", "optimize"} <= set(rows)
+    assert all("error" not in row for row in results["accuracy"]["methods"]), results["accuracy"]["methods"]
+    for kind in ("demons", "convex_adam", "network"):
+        assert rows[kind]["peak_rss_mib"] >= rows[kind]["baseline_rss_mib"] > 0
+        assert rows[kind]["seconds_per_pair"] > 0
+    identity = rows["identity"]
+    assert identity["folding_percent"] == 0.0 and identity["sd_log_j"] == 0.0
+    assert rows["convex_adam"]["tre_keypoints_mm"] < identity["tre_keypoints_mm"]
+    assert (tmp_path / results["accuracy"]["figure"]).is_file()
+    assert "## 5." in markdown and "ConvexAdam" in markdown
     assert not (ROOT / "deformationField.nii").exists()  # transformix must not write into the working directory

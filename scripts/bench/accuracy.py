@@ -1,22 +1,34 @@
-"""Section 5 of the benchmark: accuracy and time of the bundle's model against classical registration on simulated
-breathing-lung pairs with known ground truth (:mod:`elastic_hypermorph_bundle.data.synthetic`).
+"""Section 5 of the benchmark: accuracy, time and memory of every registration method on the same held-out simulated
+breathing-lung pairs with known ground truth.
 
-The bundle's network (HyperUNet) is trained here, on the training pairs, with the bundle's loss
-(:class:`~elastic_hypermorph_bundle.losses.RegistrationLoss`, local NCC + regularizer) and per-sample hyperparameters
-drawn from :class:`~elastic_hypermorph_bundle.hyperparams.HyperSpace`, for a fixed wall-clock budget; once with the
-elastic regularizer (``[lam, mu]``) and once with the diffusion baseline (``[alpha]``). Each model is swept over its
-hyperparameter grid on the validation pairs and evaluated on the held-out test pairs at the best value (lowest mean
-keypoint TRE). The classical peers register the same test pairs.
+Pairs: :func:`elastic_hypermorph_bundle.data.synthetic.simulate_pair` at the given grid (the default run: the
+Learn2Reg lung grid 192 x 192 x 208 of 1.75 x 1.25 x 1.75 mm) with the given simulation settings, cached as
+``.npz`` under ``cache_dir/<settings hash>/`` (a full-size pair takes a minute to simulate; the cache holds nothing
+the settings do not determine).
+
+Methods (:data:`KINDS`): no registration, elastix B-spline, SimpleITK demons, ConvexAdam, the bundle's network
+alone, the bundle's instance optimisation from identity and from the network's prediction. Each method runs in a
+fresh Python process (:mod:`bench.register_probe`) over all pairs, so that its peak resident memory (``VmHWM``) is
+its own; the process writes each pair's DDF to a scratch file and the parent scores it with :func:`evaluate_ddf`.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from elastic_hypermorph_bundle.data.synthetic import simulate_pair
+from elastic_hypermorph_bundle.data.synthetic import SimulatedPair, simulate_pair
 from elastic_hypermorph_bundle.hyperparams import HyperSpace
 from elastic_hypermorph_bundle.losses import RegistrationLoss
 from elastic_hypermorph_bundle.metrics import (
@@ -24,39 +36,67 @@ from elastic_hypermorph_bundle.metrics import (
 )
 from elastic_hypermorph_bundle.networks import HyperUNet, warp_image, warp_label
 
-from .classical import demons_register, elastix_available, elastix_register
-
-__all__ = ["HU_WINDOW", "simulate_split", "evaluate_ddf", "train_model", "sweep_select", "classical_accuracy"]
+__all__ = [
+    "HU_WINDOW", "KINDS", "normalise", "cached_pairs", "load_pair", "evaluate_ddf", "train_tiny_model",
+    "run_method", "summarise",
+]
 
 HU_WINDOW = (-1000.0, 500.0)  # the bundle's intensity window, clipped and scaled to [0, 1]
+KINDS = ("identity", "elastix", "demons", "convex_adam", "network", "optimize")
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _normalise(image: np.ndarray) -> np.ndarray:
+def normalise(image: np.ndarray) -> np.ndarray:
     low, high = HU_WINDOW
     return ((np.clip(image.astype(np.float32), low, high) - low) / (high - low)).astype(np.float32)
 
 
-def simulate_split(spatial_size, counts: dict[str, int], seed: int) -> dict[str, list]:
-    """Simulated pairs per split (disjoint seeds), e.g. ``counts={"train": 8, "val": 2, "test": 4}``."""
-    splits, next_seed = {}, seed
-    for split, count in counts.items():
-        splits[split] = [simulate_pair(spatial_size, seed=next_seed + i) for i in range(count)]
-        next_seed += count
-    return splits
+def _settings_hash(spatial_size, simulation: dict) -> str:
+    key = json.dumps({"spatial_size": [int(s) for s in spatial_size], "simulation": simulation}, sort_keys=True)
+    return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
-def _tensor_input(pair, device) -> torch.Tensor:
-    moving = torch.from_numpy(_normalise(pair.moving_image))
-    fixed = torch.from_numpy(_normalise(pair.fixed_image))
-    return torch.stack([moving, fixed])[None].to(device)
+def cached_pairs(spatial_size, seeds, simulation: dict, cache_dir: str | Path, log=print) -> list[Path]:
+    """Paths of the simulated pairs ``simulate_pair(spatial_size, seed=s, **simulation)`` for ``seeds``, simulating
+    (and caching) those not yet under ``cache_dir``. Files are written to a temporary name and renamed, so a killed
+    run leaves no partial pair."""
+    folder = Path(cache_dir) / _settings_hash(spatial_size, simulation)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "settings.json").write_text(json.dumps({"spatial_size": list(spatial_size), "simulation": simulation},
+                                                     indent=2))
+    paths = []
+    for seed in seeds:
+        path = folder / f"pair_{int(seed)}.npz"
+        if not path.is_file():
+            start = time.perf_counter()
+            pair = simulate_pair(spatial_size, seed=int(seed), **simulation)
+            arrays = {k: np.asarray(v) for k, v in dataclasses.asdict(pair).items() if k != "simulation"}
+            arrays["simulation"] = np.asarray(json.dumps(pair.simulation))
+            with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as handle:
+                np.savez(handle, **arrays)
+            os.replace(handle.name, path)
+            log(f"  simulated pair seed {seed} at {list(spatial_size)} in {time.perf_counter() - start:.0f} s")
+        paths.append(path)
+    return paths
+
+
+def load_pair(path: str | Path) -> SimulatedPair:
+    """A pair written by :func:`cached_pairs`."""
+    with np.load(path) as data:
+        fields = {key: data[key] for key in data.files}
+    text = str(fields["simulation"])
+    fields["simulation"] = json.loads(text) if text.startswith("{\"") else ast.literal_eval(text)
+    fields["spacing"] = tuple(float(s) for s in fields["spacing"])
+    return SimulatedPair(**fields)
 
 
 def evaluate_ddf(ddf: np.ndarray | torch.Tensor, pair) -> dict:
     """Metrics of a DDF ``(3, X, Y, Z)`` (voxels, package convention) against a simulated pair's ground truth.
 
     ``tre_keypoints_mm``: mean TRE of the vessel-bifurcation keypoints; ``tre_dense_mm``: mean ``|u - u_gt|`` in mm
-    over the fixed lung mask; ``dice``: mean Dice over the phantom labels (moving labels warped with nearest
-    neighbour vs fixed labels); ``folding_percent``: % of ``J <= 0``; ``sd_log_j``: SDlogJ (whole field)."""
+    over the fixed lung mask; ``dice``: Dice of the lungs (moving lung mask warped with nearest neighbour vs the fixed
+    one); ``dice_labels``: mean Dice over the phantom labels; ``folding_percent``: % of ``J <= 0``; ``sd_log_j``:
+    SDlogJ (whole field)."""
     ddf = torch.as_tensor(np.asarray(ddf, dtype=np.float32))[None]
     spacing = torch.tensor(pair.spacing, dtype=torch.float32)
     tre = target_registration_error(ddf[0], pair.fixed_keypoints, pair.moving_keypoints, spacing)
@@ -64,103 +104,84 @@ def evaluate_ddf(ddf: np.ndarray | torch.Tensor, pair) -> dict:
     lung = torch.from_numpy(pair.fixed_mask > 0)
     warped = warp_label(torch.from_numpy(pair.moving_labels.astype(np.int64))[None, None], ddf)
     dice = dice_per_label(warped, torch.from_numpy(pair.fixed_labels.astype(np.int64))[None, None])
+    warped_lung = warp_label(torch.from_numpy(pair.moving_mask.astype(np.int64))[None, None], ddf)
+    lung_dice = dice_per_label(warped_lung, torch.from_numpy(pair.fixed_mask.astype(np.int64))[None, None])
     return {
         "tre_keypoints_mm": float(tre.mean()),
         "tre_dense_mm": float(torch.linalg.vector_norm(error, dim=0)[lung].mean()),
-        "dice": float(dice.mean()),
+        "dice": float(lung_dice.mean()),
+        "dice_labels": float(dice.mean()),
         "folding_percent": float(folding_percent(ddf)[0]),
         "sd_log_j": float(sd_log_jacobian(ddf)[0]),
     }
 
 
-def train_model(regularizer: str, pairs: list, seconds: float, device, learning_rate: float, seed: int) -> dict:
-    """Train a HyperUNet on ``pairs`` for ``seconds`` of wall clock (batch 1, Adam, per-sample hyperparameters
-    from a uniform HyperSpace on [0, 1]); return the model, the space and the step count."""
+def train_tiny_model(pairs: list, seconds: float, folder: str | Path, seed: int = 0, learning_rate: float = 1e-3) -> Path:
+    """Train a HyperUNet briefly on ``pairs`` (batch 1, Adam, uniform ``[lam, mu]`` in [0, 1], the bundle's loss)
+    and export it as the bundle does (``model.pt`` + ``model.json``); for ``--quick`` runs without a release model.
+    Returns the path of ``model.pt``."""
     torch.manual_seed(seed)
-    space = HyperSpace(regularizer)
-    net = HyperUNet(hyper_dims=space.dims).to(device)
-    loss_fn = RegistrationLoss(regularizer=regularizer)
+    space = HyperSpace("elastic")
+    kwargs = {"hyper_dims": space.dims}
+    net = HyperUNet(**kwargs)
+    loss_fn = RegistrationLoss(regularizer="elastic")
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
-    inputs = [_tensor_input(pair, device) for pair in pairs]
+    inputs = [torch.from_numpy(np.stack([normalise(p.moving_image), normalise(p.fixed_image)]))[None] for p in pairs]
     steps, start = 0, time.perf_counter()
-    net.train()
     while time.perf_counter() - start < seconds:
         x = inputs[steps % len(inputs)]
-        hyper = space.sample(1, generator, device)
+        hyper = space.sample(1, generator)
         ddf = net(x, hyper)
         loss = loss_fn(warp_image(x[:, :1], ddf), x[:, 1:], ddf, hyper)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         steps += 1
-    return {"net": net.eval(), "space": space, "steps": steps, "seconds": time.perf_counter() - start,
-            "final_loss": float(loss.detach())}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), folder / "model.pt")
+    card = {**space.to_dict(), "hyper_sampling": "uniform", "network": {"name": "HyperUNet", "kwargs": kwargs},
+            "spatial_size": list(pairs[0].fixed_image.shape), "pixdim": list(pairs[0].spacing),
+            "training": {"steps": steps, "seconds": time.perf_counter() - start, "note": "benchmark --quick model"}}
+    (folder / "model.json").write_text(json.dumps(card, indent=2))
+    return folder / "model.pt"
 
 
-def _predict(net, weights, pair, device) -> np.ndarray:
-    with torch.inference_mode():
-        return net(_tensor_input(pair, device), weights=weights)[0].cpu().numpy()
+def run_method(spec: dict, pair_paths: list[Path], timeout: float = 3600) -> dict:
+    """Run one method (``spec``: ``name``, ``kind`` in :data:`KINDS`, options) on all pairs in a fresh process
+    (:mod:`bench.register_probe`); score each pair's DDF against its ground truth. Returns the method's row
+    (:func:`summarise`), or ``{"method", "skipped"}`` / ``{"method", "error"}``."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), str(REPO_ROOT / "scripts"),
+                                                      env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory(prefix="bench_register_") as scratch:
+        job = {"spec": spec, "pairs": [str(p) for p in pair_paths], "scratch": scratch}
+        completed = subprocess.run([sys.executable, "-m", "bench.register_probe", json.dumps(job)],
+                                   capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO_ROOT))
+        if completed.returncode != 0:
+            return {"method": spec["name"], "kind": spec["kind"],
+                    "error": f"exited with {completed.returncode}: {completed.stderr.strip()[-800:]}"}
+        report = json.loads(completed.stdout.strip().splitlines()[-1])
+        if "skipped" in report:
+            return {"method": spec["name"], "kind": spec["kind"], "skipped": report["skipped"]}
+        results = []
+        for index, path in enumerate(pair_paths):
+            ddf = np.load(Path(scratch) / f"ddf_{index}.npy")
+            results.append(evaluate_ddf(ddf, load_pair(path)))
+    return summarise(spec, results, report)
 
 
-def sweep_select(model: dict, pairs: list, grid: int, device) -> dict:
-    """Sweep the model's hyperparameter grid on ``pairs``; return the row with the lowest mean keypoint TRE."""
-    rows = model["space"].grid(grid).to(device)
-    scores = []
-    for row in rows:
-        weights = model["net"].generate_weights(row[None])
-        scores.append(np.mean([evaluate_ddf(_predict(model["net"], weights, p, device), p)["tre_keypoints_mm"]
-                               for p in pairs]))
-    best = int(np.argmin(scores))
-    return {"names": list(model["space"].names), "best": rows[best].tolist(), "best_val_tre_mm": scores[best],
-            "grid_points": len(rows)}
-
-
-def _summarise(method: str, results: list[dict], seconds: list[float], extra: dict | None = None) -> dict:
-    keys = results[0].keys()
-    summary = {key: float(np.mean([r[key] for r in results])) for key in keys}
-    summary.update({"method": method, "seconds_per_pair": float(np.median(seconds)), "pairs": len(results),
-                    "per_pair": results})
-    if extra:
-        summary.update(extra)
-    return summary
-
-
-def evaluate_model(name: str, model: dict, selection: dict, pairs: list, device) -> dict:
-    weights_row = torch.tensor([selection["best"]], device=device)
-    results, seconds = [], []
-    for pair in pairs:
-        start = time.perf_counter()
-        with torch.inference_mode():
-            ddf = model["net"](_tensor_input(pair, device), weights_row)[0].cpu().numpy()
-        seconds.append(time.perf_counter() - start)
-        results.append(evaluate_ddf(ddf, pair))
-    return _summarise(name, results, seconds, {
-        "hyperparameters": dict(zip(selection["names"], selection["best"])),
-        "training_steps": model["steps"], "training_seconds": model["seconds"],
+def summarise(spec: dict, results: list[dict], report: dict) -> dict:
+    """One method's row: the means of the per-pair metrics, the median seconds per pair, the process's peak RSS."""
+    row = {key: float(np.mean([r[key] for r in results])) for key in results[0]}
+    row.update({
+        "method": spec["name"], "kind": spec["kind"], "options": spec.get("options", {}), "pairs": len(results),
+        "seconds_per_pair": float(np.median(report["seconds"])), "seconds": report["seconds"],
+        "peak_rss_mib": report["peak_rss_mib"], "baseline_rss_mib": report["baseline_rss_mib"],
+        "per_pair": results,
     })
-
-
-def classical_accuracy(pairs: list, elastix_iterations: int, demons_iterations: list[int]) -> list[dict]:
-    """Identity, elastix B-spline (if itk-elastix is installed) and SimpleITK demons on ``pairs``."""
-    methods = {"identity (no registration)": lambda f, m, s: np.zeros((3, *f.shape), np.float32)}
-    if elastix_available():
-        from .classical import elastix_lung_parameters
-
-        methods["elastix B-spline (NCC + bending energy)"] = lambda f, m, s: elastix_register(
-            f, m, s, elastix_lung_parameters(iterations=elastix_iterations))
-    methods["SimpleITK demons (fast symmetric forces)"] = lambda f, m, s: demons_register(
-        f, m, s, iterations=demons_iterations)
-    rows = []
-    for method, register in methods.items():
-        results, seconds = [], []
-        for pair in pairs:
-            fixed, moving = _normalise(pair.fixed_image), _normalise(pair.moving_image)
-            start = time.perf_counter()
-            ddf = register(fixed, moving, pair.spacing)
-            seconds.append(time.perf_counter() - start)
-            results.append(evaluate_ddf(ddf, pair))
-        rows.append(_summarise(method, results, seconds))
-    if not elastix_available():
-        rows.append({"method": "elastix B-spline", "skipped": "itk-elastix is not installed (pip install itk-elastix)"})
-    return rows
+    for key in ("seconds_network", "seconds_optimize", "device", "details"):
+        if key in report:
+            row[key] = report[key]
+    return row

@@ -1,5 +1,5 @@
-"""Classical registration peers: elastix B-spline (itk-elastix) and SimpleITK demons, returning DDFs in the package
-convention.
+"""Registration peers: elastix B-spline (itk-elastix), SimpleITK demons and ConvexAdam (``convexAdam``), returning
+DDFs in the package convention.
 
 Both toolkits return a displacement field on the fixed image grid that maps a fixed-image physical point ``p`` to
 the moving-image physical point ``p + d(p)`` (ITK's transform direction: fixed -> moving, i.e. the backward warp
@@ -9,6 +9,13 @@ array ``(Z, Y, X)``. We build every ITK image from the package's ``(X, Y, Z)`` a
 direction and zero origin, so ITK index axis ``k`` is array axis ``k`` and physical axis ``k``. The field array
 from ITK, ``(Z, Y, X, 3)``, is therefore transposed back to ``(X, Y, Z, 3)`` and divided by the spacing per
 component to give the package DDF ``(3, X, Y, Z)`` in voxels (:func:`itk_field_to_ddf`).
+
+ConvexAdam (Siebert, Hansen, Heinrich, MICCAI 2021 / IEEE TMI 2024) works on torch tensors in the array's own axis
+order ``(H, W, D)`` = our ``(X, Y, Z)``: its Adam stage samples the moving features at
+``grid0 + (disp / scale).flip(-1)`` with ``grid_sample`` (whose coordinate order is the reverse of the tensor's), so
+channel ``j`` of its field is the displacement along array axis ``j`` in voxels, backward (moving sampled at
+``x + u(x)``), ignoring the voxel spacing; it returns ``(H, W, D, 3)``. :func:`convex_adam_field_to_ddf` only moves the
+channel axis first (checked on a known shift in ``tests/test_benchmark.py``).
 """
 
 from __future__ import annotations
@@ -18,7 +25,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["elastix_available", "itk_field_to_ddf", "elastix_lung_parameters", "elastix_register", "demons_register"]
+__all__ = [
+    "elastix_available", "itk_field_to_ddf", "elastix_lung_parameters", "elastix_register", "demons_register",
+    "convex_adam_available", "convex_adam_field_to_ddf", "convex_adam_register",
+]
 
 
 def elastix_available() -> bool:
@@ -149,3 +159,38 @@ def demons_register(fixed: np.ndarray, moving: np.ndarray, spacing: Sequence[flo
             fixed_level, moving_level, field)
     field = sitk.Resample(field, fixed_image, sitk.Transform(), sitk.sitkLinear, 0.0, field.GetPixelID())
     return itk_field_to_ddf(sitk.GetArrayFromImage(field), spacing)
+
+
+def convex_adam_available() -> bool:
+    try:
+        from convexAdam.convex_adam_MIND import convex_adam_pt  # noqa: F401
+
+        return True
+    except ImportError:
+        return False
+
+
+def convex_adam_field_to_ddf(field_xyz: np.ndarray) -> np.ndarray:
+    """Convert ConvexAdam's displacement ``(X, Y, Z, 3)`` (voxels, channel ``j`` along array axis ``j``, backward)
+    to the package DDF ``(3, X, Y, Z)`` float32 (module docstring)."""
+    field_xyz = np.asarray(field_xyz)
+    if field_xyz.ndim != 4 or field_xyz.shape[-1] != 3:
+        raise ValueError(f"expected a ConvexAdam displacement array (X, Y, Z, 3), got shape {field_xyz.shape}.")
+    return np.ascontiguousarray(np.moveaxis(field_xyz, -1, 0)).astype(np.float32)
+
+
+def convex_adam_register(fixed: np.ndarray, moving: np.ndarray, device: str = "cpu", **options) -> np.ndarray:
+    """Register ``moving`` to ``fixed`` (``(X, Y, Z)`` arrays, e.g. HU) with ConvexAdam's ``convex_adam_pt``
+    (MIND-SSC features, coupled convex discrete search, Adam instance optimisation on a half-resolution grid);
+    ``options`` go to ``convex_adam_pt`` (its defaults otherwise: ``grid_sp=6, disp_hw=4, selected_niter=80,
+    lambda_weight=1.25, grid_sp_adam=2, ic=True``). float32 on CPU (its float16 default is GPU-only). Returns the
+    DDF ``(3, X, Y, Z)`` in voxels, package convention."""
+    import torch
+    from convexAdam.convex_adam_MIND import convex_adam_pt
+
+    device = torch.device(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    field = convex_adam_pt(torch.from_numpy(np.ascontiguousarray(fixed, dtype=np.float32)),
+                           torch.from_numpy(np.ascontiguousarray(moving, dtype=np.float32)),
+                           dtype=dtype, device=device, **options)
+    return convex_adam_field_to_ddf(field)

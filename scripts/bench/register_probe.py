@@ -1,0 +1,162 @@
+"""One registration method on a list of cached pairs, in a fresh process: DDFs, seconds per pair, peak memory.
+
+Run as ``python -m bench.register_probe '<json job>'`` with ``{"spec": {"name", "kind", "options"}, "pairs":
+[paths of .npz pairs], "scratch": folder}``; writes ``scratch/ddf_<i>.npy`` (package DDF ``(3, X, Y, Z)``, voxels)
+and prints one JSON line: ``seconds`` per pair (the registration call only: from the loaded arrays to the DDF),
+``baseline_rss_mib`` (``VmHWM`` after imports, model loading and the first pair's loading) and ``peak_rss_mib``
+(``VmHWM`` after the last pair: the method's own peak, as every pair is about the same size), or ``{"skipped":
+reason}`` when the method's package or model is not available.
+
+Kinds (``spec["kind"]``; options in ``spec["options"]``):
+
+* ``identity``: zero field.
+* ``elastix``: :func:`bench.classical.elastix_register` with :func:`bench.classical.elastix_lung_parameters`
+  (``iterations``); ``demons``: :func:`bench.classical.demons_register` (``iterations``); both on the bundle's
+  intensity window scaled to [0, 1].
+* ``convex_adam``: :func:`bench.classical.convex_adam_register` on the HU images (``options`` go to
+  ``convex_adam_pt``).
+* ``network``: the bundle's model (``model``: path of ``model.pt`` with ``model.json`` next to it) at ``lam``,
+  ``mu``; run on the model's training grid (the pair resampled to it when it differs, the field resampled back).
+* ``optimize``: :func:`elastic_hypermorph_bundle.optimize.instance_optimize` at ``lam``, ``mu`` with ``steps``
+  (and any further ``optimize_kwargs``), from identity (``init: "identity"``) or from the network's prediction
+  (``init: "network"``, with ``model``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bench import classical
+from bench.accuracy import load_pair, normalise
+from bench.timing import max_rss_mib, synchronize
+
+__all__ = ["load_model", "network_ddf", "register_pairs"]
+
+
+def load_model(model_path: str | Path, device) -> tuple[torch.nn.Module, object, dict]:
+    """The bundle model exported by training: ``model.pt`` (state dict) and ``model.json`` (card) next to it."""
+    from elastic_hypermorph_bundle import networks
+    from elastic_hypermorph_bundle.workflow.training import hyper_space_from_card, read_model_card
+
+    model_path = Path(model_path)
+    card = read_model_card(model_path.with_name("model.json"))
+    space = hyper_space_from_card(card)
+    kwargs = dict(card["network"]["kwargs"])
+    net = getattr(networks, card["network"]["name"])(**kwargs)
+    net.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
+    return net.to(device).eval(), space, card
+
+
+def network_ddf(net, weights, fixed: torch.Tensor, moving: torch.Tensor, grid=None) -> torch.Tensor:
+    """The network's DDF ``(1, 3, X, Y, Z)`` (voxels of the pair's grid) for ``(1, 1, X, Y, Z)`` images in [0, 1].
+
+    When ``grid`` (the model's training grid) differs from the pair's, both images are resampled to it (trilinear,
+    corner-aligned), and the field is resampled back with channel ``j`` scaled by ``(X_j - 1) / (grid_j - 1)``."""
+    shape = tuple(fixed.shape[2:])
+    x = torch.cat([moving, fixed], dim=1)
+    grid = shape if grid is None else tuple(int(g) for g in grid)
+    if grid != shape:
+        x = F.interpolate(x, size=grid, mode="trilinear", align_corners=True)
+    with torch.inference_mode():
+        ddf = net(x, weights=weights).float()
+    if grid != shape:
+        scale = torch.tensor([(n - 1) / (g - 1) for n, g in zip(shape, grid)], device=ddf.device).view(1, 3, 1, 1, 1)
+        ddf = F.interpolate(ddf, size=shape, mode="trilinear", align_corners=True) * scale
+    return ddf.clone()
+
+
+def _optimizer(options: dict):
+    """``instance_optimize`` bound to the options its signature accepts."""
+    from elastic_hypermorph_bundle.optimize import instance_optimize
+
+    accepted = inspect.signature(instance_optimize).parameters
+    extra = {key: value for key, value in options.get("optimize_kwargs", {}).items() if key in accepted}
+    if "steps" in accepted:
+        extra["steps"] = int(options["steps"])
+    return instance_optimize, accepted, extra
+
+
+def register_pairs(spec: dict, pair_paths: list[str], scratch: str) -> dict:
+    kind, options = spec["kind"], spec.get("options", {})
+    device = torch.device(options.get("device", "cpu"))
+    report: dict = {"device": str(device), "seconds": []}
+    if kind == "elastix" and not classical.elastix_available():
+        return {"skipped": "itk-elastix is not installed (pip install itk-elastix)"}
+    if kind == "convex_adam" and not classical.convex_adam_available():
+        return {"skipped": "convexAdam is not installed (pip install convexAdam)"}
+    net = weights = grid = None
+    if kind == "network" or (kind == "optimize" and options.get("init") == "network"):
+        if not Path(options["model"]).is_file():
+            return {"skipped": f"no trained model at {options['model']}"}
+        net, space, card = load_model(options["model"], device)
+        hyper = space.point(options["lam"], options["mu"]).to(device)
+        weights = net.generate_weights(hyper)
+        grid = card.get("spatial_size")
+        report["details"] = {"model_spatial_size": grid, "model_training": card.get("training", {}).get("steps")}
+    if kind == "optimize":
+        try:
+            optimize, accepted, extra = _optimizer(options)
+        except ImportError as error:
+            return {"skipped": f"elastic_hypermorph_bundle.optimize is not available ({error})"}
+        report["seconds_network"], report["seconds_optimize"] = [], []
+    report["baseline_rss_mib"] = None
+    for index, path in enumerate(pair_paths):
+        pair = load_pair(path)
+        if report["baseline_rss_mib"] is None:
+            report["baseline_rss_mib"] = max_rss_mib()
+        fixed, moving = normalise(pair.fixed_image), normalise(pair.moving_image)
+        synchronize(device)
+        start = time.perf_counter()
+        if kind == "identity":
+            ddf = np.zeros((3, *fixed.shape), np.float32)
+        elif kind == "elastix":
+            ddf = classical.elastix_register(fixed, moving, pair.spacing,
+                                             classical.elastix_lung_parameters(iterations=options["iterations"]))
+        elif kind == "demons":
+            ddf = classical.demons_register(fixed, moving, pair.spacing, iterations=options["iterations"])
+        elif kind == "convex_adam":
+            ddf = classical.convex_adam_register(pair.fixed_image.astype(np.float32),
+                                                 pair.moving_image.astype(np.float32), device=str(device),
+                                                 **options.get("convex_adam_kwargs", {}))
+        elif kind in ("network", "optimize"):
+            fixed_t = torch.from_numpy(fixed)[None, None].to(device)
+            moving_t = torch.from_numpy(moving)[None, None].to(device)
+            init = None
+            if net is not None:
+                init = network_ddf(net, weights, fixed_t, moving_t, grid)
+                synchronize(device)
+            if kind == "optimize":
+                after_network = time.perf_counter()
+                call = dict(extra)
+                if "spacing" in accepted:
+                    call["spacing"] = tuple(pair.spacing)
+                if options.get("use_mask") and "mask" in accepted:
+                    call["mask"] = torch.from_numpy(pair.fixed_mask > 0)[None, None].to(device)
+                with torch.enable_grad():
+                    result = optimize(fixed_t, moving_t, options["lam"], options["mu"], init_ddf=init, **call)
+                result = result[0] if isinstance(result, tuple) else result
+                synchronize(device)
+                report["seconds_network"].append(after_network - start)
+                report["seconds_optimize"].append(time.perf_counter() - after_network)
+                init = result
+            ddf = init.detach().reshape(3, *fixed.shape).cpu().numpy()
+        else:
+            raise ValueError(f"unknown method kind {kind!r}")
+        synchronize(device)
+        report["seconds"].append(time.perf_counter() - start)
+        np.save(Path(scratch) / f"ddf_{index}.npy", np.asarray(ddf, dtype=np.float32))
+    report["peak_rss_mib"] = max_rss_mib()
+    return report
+
+
+if __name__ == "__main__":
+    job = json.loads(sys.argv[1])
+    print(json.dumps(register_pairs(job["spec"], job["pairs"], job["scratch"])))
