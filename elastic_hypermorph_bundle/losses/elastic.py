@@ -26,9 +26,10 @@ def _per_sample_weight(value: float | torch.Tensor, name: str, batch: int, like:
         raise ValueError(
             f"{name} must be a number or a tensor of shape (B,) = ({batch},), got shape {tuple(weight.shape)}."
         )
-    if not torch.isfinite(weight).all():
+    # values are inspected on the host only: on a GPU each check would wait for the device (a sync per call)
+    if weight.device.type == "cpu" and not torch.isfinite(weight).all():
         raise ValueError(f"{name} must be finite, got {value}.")
-    if (weight < 0).any():
+    if weight.device.type == "cpu" and (weight < 0).any():
         raise ValueError(f"{name} must be non-negative, got {value}.")
     return weight
 
@@ -94,7 +95,7 @@ def elastic_energy(
         raise ValueError(
             f"every spatial size of ddf must be at least 2 for forward differences, got {tuple(ddf.shape[2:])}."
         )
-    if not torch.isfinite(ddf).all():
+    if ddf.device.type == "cpu" and not torch.isfinite(ddf).all():  # on a GPU: a sync per call, the caller checks
         raise ValueError("ddf contains non-finite values (nan or inf).")
     if spacing is not None and (len(spacing) != dims or min(spacing) <= 0):
         raise ValueError(f"spacing must hold {dims} positive voxel sizes, got {spacing}.")

@@ -108,9 +108,11 @@ class RegistrationLoss(_Loss):
                 f"hyper must have shape (B, {self.hyper_dims}) with columns {columns} for regularizer="
                 f"{self.regularizer!r} and B = 1 or the batch size {batch}, got shape {tuple(hyper.shape)}."
             )
-        if not torch.isfinite(hyper).all() or (hyper < 0).any():
+        # values are inspected on the host only: on a GPU each check would wait for the device (a sync per call)
+        on_host = hyper.device.type == "cpu"
+        if on_host and (not torch.isfinite(hyper).all() or (hyper < 0).any()):
             raise ValueError("hyper must be finite and non-negative.")
-        if self.weighting == "hypermorph" and (hyper.sum(1) > 1).any():
+        if on_host and self.weighting == "hypermorph" and (hyper.sum(1) > 1).any():
             raise ValueError(
                 'weighting="hypermorph" weights the similarity by 1 - sum(hyper row), which needs every row sum '
                 f"<= 1, got row sums {hyper.sum(1).tolist()}."

@@ -66,7 +66,8 @@ class TrainStep:
        ``inferer`` (a ``SimpleInferer``) and under autocast if the trainer has ``amp``;
     3. ``warped = warp_image(moving, ddf)`` and ``loss_function(warped, fixed, ddf, hyper, velocity=field,
        return_components=True)`` (a :class:`~elastic_hypermorph_bundle.losses.RegistrationLoss`), in float32;
-    4. backward and optimizer step (through the trainer's ``GradScaler`` with AMP).
+    4. backward and optimizer step (through the trainer's ``GradScaler`` with AMP); without AMP a non-finite loss
+       raises ``FloatingPointError`` first (one device sync per batch).
 
     Returns (and stores in ``engine.state.output``): ``"image"`` (network input), ``"pred"`` (DDF), ``"hyper"``, and
     the scalars ``"loss"``, ``"similarity"`` (LNCC, unweighted) and ``"regularization"`` (weighted).
@@ -111,6 +112,14 @@ class TrainStep:
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
         loss = terms["loss"]
+        # the one value check per batch on the device (the loss skips its per-call checks off the CPU); with AMP
+        # a non-finite loss is the GradScaler's to handle: it skips the step and lowers the scale
+        if not use_amp and not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss at iteration {engine.state.iteration}: "
+                f"{ {key: float(terms[key]) for key in _LOSS_TERMS} }; check the images (NaN voxels?) and the "
+                "learning rate."
+            )
         if use_amp:
             engine.scaler.scale(loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
