@@ -7,3 +7,36 @@ from pathlib import Path
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 if str(SCRIPTS) not in sys.path:
     sys.path.insert(0, str(SCRIPTS))
+
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def _save_trained_model(
+    folder: Path,
+    network: torch.nn.Module,
+    space,
+    network_kwargs: dict,
+    network_name: str = "HyperUNet",
+    spatial_size=None,
+    pixdim=None,
+    hu_window=(-1000.0, 500.0),
+    **info,
+) -> Path:
+    """``folder/model.pt`` (the state dict) and ``folder/model.json`` written through the bundle's
+    :class:`~elastic_hypermorph_bundle.model_card.ModelCard`, as training writes them. Returns the ``model.pt``."""
+    from elastic_hypermorph_bundle.model_card import ModelCard
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), folder / "model.pt")
+    ModelCard(space, network_name, network_kwargs, spatial_size, pixdim, hu_window, **info).save(folder)
+    return folder / "model.pt"
+
+
+@pytest.fixture(scope="session")
+def save_model():
+    """The one way tests write a trained model (weights + model card): ``save_model(folder, network, space,
+    network_kwargs, spatial_size=..., pixdim=..., hu_window=...) -> model.pt path``."""
+    return _save_trained_model

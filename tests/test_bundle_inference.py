@@ -29,12 +29,9 @@ from elastic_hypermorph_bundle.losses.elastic import elastic_energy
 from elastic_hypermorph_bundle.networks import HyperUNet
 from elastic_hypermorph_bundle.workflow.datalists import pair_datalist
 from elastic_hypermorph_bundle.workflow.ignite_metrics import FoldingPercent, MaskDice, PointTRE, SDLogJacobian
-from elastic_hypermorph_bundle.workflow.inference import (
-    check_network,
-    model_hyper_space,
-    parse_flag,
-    single_pair,
-)
+from elastic_hypermorph_bundle.model_card import ModelCard, trained_hyper_space
+from elastic_hypermorph_bundle.workflow import parse_flag
+from elastic_hypermorph_bundle.workflow.inference import single_pair
 from elastic_hypermorph_bundle.workflow.steps import RegisterStep
 from elastic_hypermorph_bundle.workflow.training import ExportTrainedModel, TrainStep
 from elastic_hypermorph_bundle.workflow.writers import OutputFiles
@@ -55,23 +52,15 @@ def dataset(tmp_path_factory) -> Path:
     return make_synthetic_dataset(tmp_path_factory.mktemp("data") / "LungCT", num_pairs=3, spatial_size=SIZE, seed=0)
 
 
-def _save_model(folder: Path, network: torch.nn.Module, space: HyperSpace) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.save(network.state_dict(), folder / "model.pt")
-    card = {**space.to_dict(), "hyper_sampling": space.sampling, "network": {"name": "HyperUNet", "kwargs": NETWORK_KWARGS}}
-    (folder / "model.json").write_text(json.dumps(card))
-    return folder / "model.pt"
-
-
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> Path:
+def model(tmp_path_factory, save_model) -> Path:
     """A random HyperUNet whose flow head is scaled up, so that its fields are voxel-sized and depend on hyper
     (the near-zero head of an untrained network would make every field nearly zero and equal)."""
     torch.manual_seed(0)
     network = HyperUNet(**NETWORK_KWARGS)
     with torch.no_grad():
         network.flow.weight.normal_(0.0, 0.05)
-    return _save_model(tmp_path_factory.mktemp("models"), network, HyperSpace())
+    return save_model(tmp_path_factory.mktemp("models"), network, HyperSpace(), NETWORK_KWARGS, spatial_size=SIZE)
 
 
 def _bundle(*args: str, configs: tuple[str, ...] = ("inference.json",)) -> subprocess.CompletedProcess:
@@ -180,12 +169,13 @@ def test_single_pair_rejects_mismatched_grids(tmp_path):
 
 
 def test_model_card_checks(model):
-    assert model_hyper_space(str(model), HyperSpace()).ranges == ((0.0, 1.0), (0.0, 1.0))
+    assert trained_hyper_space(str(model), HyperSpace()).ranges == ((0.0, 1.0), (0.0, 1.0))
     with pytest.raises(ValueError, match="--regularizer elastic"):
-        model_hyper_space(str(model), HyperSpace("diffusion"))
+        trained_hyper_space(str(model), HyperSpace("diffusion"))
+    card = ModelCard.load(model)
     with pytest.raises(ValueError, match="diffeomorphic=True"):
-        check_network(str(model), "HyperUNet", {**NETWORK_KWARGS, "diffeomorphic": True})
-    check_network(str(model), "HyperUNet", {**NETWORK_KWARGS, "default_hyper": [0.1, 0.1]})
+        card.check_network("HyperUNet", {**NETWORK_KWARGS, "diffeomorphic": True})
+    card.check_network("HyperUNet", {**NETWORK_KWARGS, "default_hyper": [0.1, 0.1]})
 
 
 # ---------------------------------------------------------------- end to end through monai.bundle
@@ -285,6 +275,8 @@ def test_stiffer_hyperparameters_give_a_smoother_field_of_a_trained_model(datase
         (["--lam", "1.5"], "outside the trained range"),
         (["--fixed", "FIXED", "--moving", "MISMATCH"], "affine"),
         (["--regularizer", "diffusion"], "--regularizer elastic"),
+        (["--hu_window", "[-900, 400]"], "--hu_window [-900.0, 400.0] (trained: [-1000.0, 500.0])"),
+        (["--diffeomorphic", "maybe"], "--diffeomorphic must be true or false"),
     ],
 )
 def test_inference_failures_are_clear_and_leave_nothing(dataset, model, tmp_path, args, message):
@@ -312,6 +304,9 @@ def test_evaluation_writes_plausible_metrics(dataset, model, tmp_path):
     assert 0.0 <= mean["folding_percent"] <= 100.0 and mean["sd_log_jacobian"] > 0 and mean["runtime_s"] > 0
     assert record["info"]["hyper"] == pytest.approx([0.083, 0.03])
     assert _bundle(*_common(dataset, model, out), configs=("train.json", "evaluate.json")).returncode != 0
+    other = _bundle(*_common(dataset, model, tmp_path / "eval64"), "--spatial_size", "[64, 64, 64]",
+                    configs=("train.json", "evaluate.json"))
+    assert other.returncode != 0 and "(trained: [32, 32, 32])" in other.stderr
 
 
 @pytest.mark.slow

@@ -18,17 +18,16 @@ from monai.engines import SupervisedTrainer
 from elastic_hypermorph_bundle.data.synthetic import make_synthetic_dataset
 from elastic_hypermorph_bundle.hyperparams import HyperSpace
 from elastic_hypermorph_bundle.losses import RegistrationLoss
+from elastic_hypermorph_bundle.model_card import ModelCard
 from elastic_hypermorph_bundle.networks import HyperUNet
 from elastic_hypermorph_bundle.physics import LAI_FOOK
 from elastic_hypermorph_bundle.workflow.training import (
     BEST_CHECKPOINT,
     ExportTrainedModel,
     TrainStep,
-    hyper_space_from_card,
     latest_checkpoint,
     loss_terms,
     prepare_outputs,
-    read_model_card,
 )
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Using PyTorch native grid_sample")
@@ -177,13 +176,13 @@ def test_export_trained_model_writes_clean_weights_and_a_card(tmp_path):
     restored.load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))  # strict: no extra keys
     for key, value in best.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value)
-    card = read_model_card(tmp_path / "model.json")
+    card = _card(tmp_path / "model.json")
     assert card["epochs"] == 7 and card["weights"] == "best"
     expected = {**kwargs, "encoder_features": [4], "decoder_features": [4, 4], "default_hyper": [0.5]}
     assert card["network"] == {"name": "HyperUNet", "kwargs": expected}
     HyperUNet(**card["network"]["kwargs"]).load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     assert card["spatial_size"] == [16, 16, 16] and card["training"] == {"lr": 1e-4}
-    again = hyper_space_from_card(card)
+    again = ModelCard.load(tmp_path / "model.json").hyper_space
     assert again.to_dict() == space.to_dict() and again.sampling == "log_uniform"
 
 
@@ -195,7 +194,7 @@ def test_export_without_validation_keeps_the_final_weights(tmp_path):
     ExportTrainedModel(tmp_path, HyperSpace(), "HyperUNet", {}, spatial_size=None)(engine)
     saved = torch.load(tmp_path / "model.pt", weights_only=True)
     assert all(torch.equal(saved[k], v) for k, v in engine.network.state_dict().items())
-    assert read_model_card(tmp_path / "model.json")["weights"] == "final"
+    assert _card(tmp_path / "model.json")["weights"] == "final"
 
 
 # ---------------------------------------------------------------------------------------------- end to end
@@ -243,7 +242,7 @@ def test_training_writes_checkpoints_refuses_to_overwrite_and_resumes(dataset, t
     assert sorted(p.name for p in models.iterdir()) == [
         "checkpoint_epoch=1.pt", "model.json", "model.pt", BEST_CHECKPOINT,
     ]  # fmt: skip
-    card = read_model_card(models / "model.json")
+    card = _card(models / "model.json")
     assert card["regularizer"] == "elastic" and card["names"] == ["lam", "mu"] and card["epochs"] == 1
     assert card["weights"] == "best" and card["key_metric"] == "val_mean_dice" and 0 < card["best_metric"] <= 1
     network = HyperUNet(**card["network"]["kwargs"])
@@ -264,7 +263,7 @@ def test_training_writes_checkpoints_refuses_to_overwrite_and_resumes(dataset, t
     assert second["trainer"]["iteration"] == 2  # one training pair, two epochs in total
     changed = [not torch.equal(first["model"][k], v) for k, v in second["model"].items() if k != "default_hyper"]
     assert any(changed), "the resumed run must keep training"
-    assert read_model_card(models / "model.json")["epochs"] == 2
+    assert _card(models / "model.json")["epochs"] == 2
 
 
 @pytest.mark.slow
@@ -272,7 +271,7 @@ def test_training_writes_checkpoints_refuses_to_overwrite_and_resumes(dataset, t
 def test_baselines_train_through_plain_run(dataset, tmp_path, regularizer):
     rc, log = _bundle(*_train_args(dataset, tmp_path, 1, "--regularizer", regularizer, "--alpha", "0.2"), run_id=None)
     assert rc == 0, log[-3000:]
-    card = read_model_card(tmp_path / "models" / "model.json")
+    card = _card(tmp_path / "models" / "model.json")
     assert card["regularizer"] == regularizer and card["names"] == ["alpha"]
     assert card["network"]["kwargs"]["hyper_dims"] == 1
     assert card["training"]["validation_hyper"] == [[pytest.approx(0.2)]]
@@ -312,3 +311,8 @@ def test_out_of_range_validation_hyper_fails_before_writing(dataset, tmp_path):
     rc, log = _bundle(*_train_args(dataset, tmp_path / "out", 1, "--lam", "3.0"))
     assert rc != 0 and "outside the trained range" in log
     assert not (tmp_path / "out").exists()
+
+
+def _card(path: Path) -> dict:
+    """A written model card as its JSON dict (read through the bundle's ModelCard)."""
+    return ModelCard.load(path).to_dict()

@@ -55,16 +55,6 @@ def _network_kwargs(hyper_dims: int) -> dict:
     }
 
 
-def _save_model(folder: Path, network: HyperUNet, space: HyperSpace) -> Path:
-    """model.pt + model.json as training writes them (ExportTrainedModel)."""
-    folder.mkdir(parents=True)
-    torch.save(network.state_dict(), folder / "model.pt")
-    card = {**space.to_dict(), "network": {"name": "HyperUNet", "kwargs": _network_kwargs(space.dims)},
-            "spatial_size": list(SIZE), "pixdim": None}
-    (folder / "model.json").write_text(json.dumps(card))
-    return folder / "model.pt"
-
-
 def _train_briefly(network: HyperUNet, space: HyperSpace, pairs, steps: int = 6) -> None:
     """A few Adam steps of the bundle's loss with per-step sampled hyperparameters."""
     loss = RegistrationLoss(space.regularizer)
@@ -91,7 +81,7 @@ def _mean_by_point(rows: list[dict], metric: str) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, save_model):
     root = tmp_path_factory.mktemp("discovery")
     dataset = make_synthetic_dataset(root / "LungCT", num_pairs=3, spatial_size=SIZE, seed=3,
                                      poisson_range=(0.1, 0.45), noise_std=0.0)
@@ -100,10 +90,10 @@ def setup(tmp_path_factory):
     network = HyperUNet(**_network_kwargs(2))
     pairs = prepare_pairs(pair_datalist(dataset, "all"), registration_transforms(with_masks=False, with_keypoints=False))
     _train_briefly(network, space, pairs)
-    ckpt = _save_model(root / "models", network, space)
+    ckpt = save_model(root / "models", network, space, _network_kwargs(2), spatial_size=SIZE)
     sweep_dir = root / "sweep_elastic"
     summary = ParameterSweep(network, space, dataset, sweep_dir, split="all", ckpt_path=ckpt, criterion="tre",
-                             refine_steps=2, progress=False, **GRID).run()
+                             refine_steps=2, progress=False, spatial_size=SIZE, **GRID).run()
     return {"root": root, "dataset": dataset, "space": space, "network": network, "ckpt": ckpt,
             "sweep_dir": sweep_dir, "summary": summary}
 
@@ -167,7 +157,7 @@ def test_resume_computes_only_the_missing_rows(setup, tmp_path):
     hook = network.register_forward_pre_hook(lambda *_: calls.__setitem__("forward", calls["forward"] + 1))
     try:
         sweep = ParameterSweep(network, setup["space"], setup["dataset"], resumed, split="all", ckpt_path=setup["ckpt"],
-                               criterion="tre", refine_steps=0, progress=False, **GRID)
+                               criterion="tre", refine_steps=0, progress=False, spatial_size=SIZE, **GRID)
         summary = sweep.run()
         assert summary["evaluations"]["grid_computed_this_run"] == 11
         assert calls == {"generate_weights": 4, "forward": 11}  # points 2..5, one network pass per missing row
@@ -189,12 +179,22 @@ def test_other_configuration_in_the_same_folder_is_refused(setup):
     sweep_dir = setup["sweep_dir"]
     before = {name: (sweep_dir / name).read_bytes() for name in ("sweep.csv", "sweep_config.json", "summary.json")}
     other = ParameterSweep(setup["network"], setup["space"], setup["dataset"], sweep_dir, split="all",
-                           ckpt_path=setup["ckpt"], grid_size=2, progress=False)
+                           ckpt_path=setup["ckpt"], grid_size=2, progress=False, spatial_size=SIZE)
     with pytest.raises(ValueError, match="another configuration.*grid"):
         other.run()
     assert before == {name: (sweep_dir / name).read_bytes() for name in before}
     with pytest.raises(ValueError, match="outside the trained range"):  # a zoom must stay inside the trained box
         ParameterSweep(setup["network"], setup["space"], setup["dataset"], sweep_dir, grid_low=[0, 0], grid_high=[2, 1])
+
+
+def test_sweep_refuses_preprocessing_other_than_the_models(setup, tmp_path):
+    with pytest.raises(ValueError, match=r"--spatial_size \[32, 32, 32\] \(trained: \[16, 16, 16\]\)"):
+        ParameterSweep(setup["network"], setup["space"], setup["dataset"], tmp_path / "sweep", ckpt_path=setup["ckpt"],
+                       spatial_size=(32, 32, 32))
+    with pytest.raises(ValueError, match=r"--hu_window \[-1000.0, 0.0\] \(trained: \[-1000.0, 500.0\]\)"):
+        ParameterSweep(setup["network"], setup["space"], setup["dataset"], tmp_path / "sweep", ckpt_path=setup["ckpt"],
+                       spatial_size=SIZE, hu_window=(-1000, 0))
+    assert not (tmp_path / "sweep").exists()
 
 
 def test_refinement_stays_in_the_trained_ranges_and_never_ends_worse(setup):
@@ -261,15 +261,15 @@ def test_unsupervised_criterion_maximises_similarity_under_the_folding_bound():
 
 
 @pytest.mark.slow
-def test_diffusion_sweep_comparison_and_pair_figure(setup):
+def test_diffusion_sweep_comparison_and_pair_figure(setup, save_model):
     root = setup["root"]
     torch.manual_seed(1)
     space = HyperSpace("diffusion", alpha_range=(0.0, 1.0))
     network = HyperUNet(**_network_kwargs(1)).eval()
-    ckpt = _save_model(root / "models_diffusion", network, space)
+    ckpt = save_model(root / "models_diffusion", network, space, _network_kwargs(1), spatial_size=SIZE)
     diffusion_dir = root / "sweep_diffusion"
     summary = ParameterSweep(network, space, setup["dataset"], diffusion_dir, split="all", ckpt_path=ckpt,
-                             grid_size=3, criterion="tre", refine_steps=0, progress=False).run()
+                             grid_size=3, criterion="tre", refine_steps=0, progress=False, spatial_size=SIZE).run()
     rows = _rows(diffusion_dir / "sweep.csv")
     assert len(rows) == 9 and (diffusion_dir / "curve_tre_mm.png").is_file()
     assert all(math.isnan(float(r["elastic_energy"])) for r in rows)

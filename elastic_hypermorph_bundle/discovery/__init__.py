@@ -5,7 +5,7 @@ alpha (:mod:`.sweep`), choice of the optimum (:mod:`.selection`), gradient refin
 from .refine import OBJECTIVES, pair_objective, refine_hyper
 from .selection import CRITERIA, SweepResults, material_correlation, physical_reading, read_sweep, summarize
 from .sweep import PreparedPair, SweepTable, field_metrics, mask_labels, prepare_pairs, run_grid, sweep_columns
-from .workflow import ParameterSweep, compare_sweeps, load_trained_network, pair_figure
+from .workflow import ParameterSweep, compare_sweeps, pair_figure
 
 __all__ = [
     "CRITERIA",
@@ -16,7 +16,6 @@ __all__ = [
     "SweepTable",
     "compare_sweeps",
     "field_metrics",
-    "load_trained_network",
     "mask_labels",
     "material_correlation",
     "pair_figure",

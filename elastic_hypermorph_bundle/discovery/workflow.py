@@ -28,9 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .. import __version__, networks
+from .. import __version__
 from ..data.transforms import registration_transforms
 from ..hyperparams import HyperSpace
+from ..model_card import ModelCard, load_trained_network, preprocessing
 from ..networks import warp_image, warp_label
 from ..workflow import parse_flag
 from ..workflow.datalists import pair_datalist
@@ -48,7 +49,7 @@ from .sweep import (
     sweep_columns,
 )
 
-__all__ = ["load_trained_network", "ParameterSweep", "compare_sweeps", "pair_figure"]
+__all__ = ["ParameterSweep", "compare_sweeps", "pair_figure"]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
 
@@ -72,35 +73,6 @@ def _write_json(path: Path, value) -> None:
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(json_ready(value), indent=4, allow_nan=False))
     os.replace(temporary, path)
-
-
-def load_trained_network(
-    ckpt_path: str | Path, network_def: torch.nn.Module | None = None, device: torch.device | str | None = None
-) -> torch.nn.Module:
-    """The trained network in eval mode: built from ``model.json`` next to ``ckpt_path`` (``network.name`` and
-    ``network.kwargs``, as training wrote them: the architecture THAT model has), else ``network_def``; then the
-    weights of ``ckpt_path`` (a state dict, or a checkpoint dict with ``"model"``) are loaded.
-
-    Raises:
-        FileNotFoundError: no checkpoint, or neither ``model.json`` nor ``network_def``.
-    """
-    ckpt_path = Path(ckpt_path)
-    if not ckpt_path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(ckpt_path)!r} not found: train the bundle first or pass --ckpt_path.")
-    card_path = ckpt_path.with_name("model.json")
-    if card_path.is_file():
-        spec = json.loads(card_path.read_text())["network"]
-        network = getattr(networks, spec["name"])(**spec["kwargs"])
-    elif network_def is not None:
-        logger.warning("%s not found: using the config's network_def for %s.", card_path, ckpt_path)
-        network = network_def
-    else:
-        raise FileNotFoundError(f"{card_path} not found: cannot tell which network {ckpt_path} holds.")
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    if isinstance(state.get("model"), dict):
-        state = state["model"]
-    network.load_state_dict(state)
-    return network.to(device).eval()
 
 
 def _points_kind(datalist: Sequence[dict]) -> str | None:
@@ -136,7 +108,9 @@ class ParameterSweep:
         dataset_dir, split, seed, split_file: the pairs (``workflow.datalists.pair_datalist``).
         output_dir: output folder (see the module docstring).
         ckpt_path: the weights' file (its checksum identifies the model in ``sweep_config.json``).
-        spatial_size, pixdim, hu_window: preprocessing (``registration_transforms``), as in training.
+        spatial_size, pixdim, hu_window: preprocessing (``registration_transforms``), as in training: checked
+            against the model card beside ``ckpt_path``, a difference refused unless
+            ``allow_preprocessing_mismatch``.
         grid_size: points per hyperparameter (an int, or one per hyperparameter).
         grid_low, grid_high: sub-range to zoom into (default the trained range), e.g. ``[0, 0]`` and
             ``[0.5, 0.1]`` for the paper's zoom.
@@ -161,6 +135,7 @@ class ParameterSweep:
         spatial_size: Sequence[int] | None = None,
         pixdim: Sequence[float] | None = None,
         hu_window: Sequence[float] = (-1000.0, 500.0),
+        allow_preprocessing_mismatch: bool = False,
         grid_size: int | Sequence[int] = 11,
         grid_low: Sequence[float] | None = None,
         grid_high: Sequence[float] | None = None,
@@ -176,11 +151,11 @@ class ParameterSweep:
         self.dataset_dir, self.split, self.seed, self.split_file = dataset_dir, split, seed, split_file
         self.output_dir = Path(output_dir)
         self.ckpt_path = None if ckpt_path is None else Path(ckpt_path)
-        self.preprocessing = {
-            "spatial_size": None if spatial_size is None else [int(s) for s in spatial_size],
-            "pixdim": None if pixdim is None else [float(s) for s in pixdim],
-            "hu_window": [float(v) for v in hu_window],
-        }
+        self.preprocessing = preprocessing(spatial_size, pixdim, hu_window)
+        allow = parse_flag("allow_preprocessing_mismatch", allow_preprocessing_mismatch)
+        card = None if self.ckpt_path is None else ModelCard.next_to(self.ckpt_path)
+        if card is not None:
+            card.check_preprocessing(**self.preprocessing, allow_mismatch=allow)
         self.grid = hyper_space.grid(grid_size, grid_low, grid_high)  # refuses a zoom outside the trained range
         self.grid_spec = {"size": grid_size, "low": grid_low, "high": grid_high}
         self.criterion = criterion

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
-__all__ = ["parse_flag"]
+import torch
+
+__all__ = ["parse_flag", "amp_enabled"]
 
 
 def parse_flag(name: str, value) -> bool:
@@ -15,3 +17,9 @@ def parse_flag(name: str, value) -> bool:
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
     raise ValueError(f"--{name} must be true or false, got {value!r}.")
+
+
+def amp_enabled(amp, device) -> bool:
+    """Whether a run uses automatic mixed precision: ``--amp`` (parsed by :func:`parse_flag`) and a CUDA device
+    (autocast on the CPU would run bfloat16 and gains nothing for these networks)."""
+    return parse_flag("amp", amp) and torch.device(device).type == "cuda"

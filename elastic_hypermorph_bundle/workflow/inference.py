@@ -3,13 +3,12 @@ hyperparameter space and checkpoint.
 
 A single pair comes from ``--fixed``/``--moving`` (and optional masks/points) and is checked before anything
 runs (files exist, NIfTI headers readable, fixed and moving on one grid, masks on their image's grid); otherwise
-the pairs of ``--split`` of ``--dataset_dir``. The model's ``model.json`` (written by training next to
-``model.pt``) says which hyperparameters, and which ranges, the model was trained for.
+the pairs of ``--split`` of ``--dataset_dir``. What the model was trained for (hyperparameters and ranges,
+network, preprocessing) is in its card, :mod:`elastic_hypermorph_bundle.model_card`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -18,13 +17,10 @@ from ..data.transforms import PAIR_KEYS
 from ..hyperparams import HyperSpace
 from . import parse_flag
 from .datalists import pair_datalist
-from .training import hyper_space_from_card, read_model_card
 
 __all__ = [
     "single_pair",
     "inference_datalist",
-    "model_hyper_space",
-    "check_network",
     "hyper_row",
     "check_checkpoint",
 ]
@@ -103,61 +99,6 @@ def check_checkpoint(ckpt_path: str) -> Path:
             "<ckpt_dir>/model.pt), download the released weights listed in large_files.yml, or pass --ckpt_path."
         )
     return path
-
-
-def _model_card(ckpt_path: str) -> dict | None:
-    card = Path(ckpt_path).with_name("model.json")
-    if not card.is_file():
-        logger.warning("%s not found: assuming the model was trained with this config's settings.", card)
-        return None
-    try:
-        return read_model_card(card)
-    except ValueError as error:
-        raise ValueError(f"cannot read the model card {card}: {error}") from error
-
-
-def model_hyper_space(ckpt_path: str, config_space: HyperSpace) -> HyperSpace:
-    """The hyperparameter space the checkpoint was trained for, from ``model.json`` next to it (the config's
-    ``regularizer`` and ranges when there is none).
-
-    Raises:
-        ValueError: ``model.json`` is unreadable, or its regularizer differs from the config's ``regularizer``
-            (a model conditioned on ``[alpha]`` cannot take ``[lam, mu]`` and vice versa).
-    """
-    card = _model_card(ckpt_path)
-    if card is None:
-        return config_space
-    space = hyper_space_from_card(card)
-    if space.regularizer != config_space.regularizer:
-        raise ValueError(
-            f"the model {ckpt_path} was trained with regularizer={space.regularizer!r} (model.json), but the config "
-            f"says regularizer={config_space.regularizer!r}; pass --regularizer {space.regularizer}."
-        )
-    return space
-
-
-def check_network(ckpt_path: str, network_name: str, network_kwargs: dict) -> None:
-    """Refuse a network definition that differs from the one the checkpoint was trained with (``model.json``).
-
-    Some differences would load without error and silently give wrong fields (``diffeomorphic`` adds no
-    weights); ``default_hyper`` is not compared (it is the inference-time default, not a trained property).
-    """
-    card = _model_card(ckpt_path)
-    if card is None or "network" not in card:
-        return
-    trained_name, trained = card["network"]["name"], dict(card["network"]["kwargs"])
-    if trained_name != network_name:
-        raise ValueError(f"the model {ckpt_path} is a {trained_name}; pass --network_name {trained_name}.")
-    config = {key: value for key, value in network_kwargs.items() if key != "default_hyper"}
-    trained.pop("default_hyper", None)
-    differing = {
-        key: (config.get(key), trained.get(key))
-        for key in set(config) | set(trained)
-        if json.dumps(config.get(key)) != json.dumps(trained.get(key))
-    }
-    if differing:
-        shown = ", ".join(f"{key}={ours!r} (trained: {theirs!r})" for key, (ours, theirs) in sorted(differing.items()))
-        raise ValueError(f"the network settings differ from those the model {ckpt_path} was trained with: {shown}.")
 
 
 def hyper_row(space: HyperSpace, lam=None, mu=None, alpha=None, allow_extrapolation=False):

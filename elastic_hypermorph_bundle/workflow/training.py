@@ -8,7 +8,6 @@ loss weights its regularizer by it, so one network learns the whole family of re
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -24,9 +23,9 @@ from monai.engines.utils import IterationEvents
 from monai.handlers import CheckpointLoader, CheckpointSaver
 from monai.utils import convert_to_tensor
 
-from .. import __version__
-from ..atomic import AtomicCheckpointSaver, atomic_torch_save, atomic_write_text, readable_checkpoint, remove_partial_files
+from ..atomic import AtomicCheckpointSaver, atomic_torch_save, readable_checkpoint, remove_partial_files
 from ..hyperparams import HyperSpace
+from ..model_card import ModelCard
 from ..networks import warp_image
 from . import parse_flag
 from .datalists import write_split
@@ -38,8 +37,6 @@ __all__ = [
     "prepare_outputs",
     "LastCheckpoint",
     "ExportTrainedModel",
-    "read_model_card",
-    "hyper_space_from_card",
     "init_distributed",
     "distributed_device",
     "LAST_CHECKPOINT_PREFIX",
@@ -280,26 +277,16 @@ def _map_location(engine: Engine) -> dict | str:
     return {"cuda:0": str(device)} if device.type == "cuda" else "cpu"
 
 
-def _jsonable(value):
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 class ExportTrainedModel:
     """Trainer handler: when training completes, write the bundle's trained model to ``ckpt_dir``:
 
     * ``model.pt``: the network state dict of ``model_best.pt`` (best key metric of validation), or of the final
       weights when no validation ran;
-    * ``model.json``: the model card that inference, evaluation and sweeps check their settings against:
-      ``HyperSpace.to_dict()`` (``regularizer``, ``names``, ``ranges``), ``hyper_sampling``, ``network``
-      (``name``, ``kwargs``), ``spatial_size``, ``pixdim``, ``epochs`` (trained), ``weights`` (``"best"`` or
-      ``"final"``), ``best_metric``/``best_metric_epoch``/``key_metric``, ``split_file``, ``training`` (settings
-      of the run given by the config: loss weighting, fixed Lamé parameters, learning rate, ...), ``package_version``.
+    * ``model.json``: the :class:`~elastic_hypermorph_bundle.model_card.ModelCard` that inference, evaluation and
+      sweeps check their settings against: trained space, network, preprocessing (``spatial_size``, ``pixdim``,
+      ``hu_window``), and ``epochs`` (trained), ``weights`` (``"best"`` or ``"final"``),
+      ``best_metric``/``best_metric_epoch``/``key_metric``, ``split_file``, ``training`` (settings of the run given
+      by the config: loss weighting, fixed Lamé parameters, learning rate, ...).
 
     Attach to the main process only in distributed runs.
     """
@@ -312,20 +299,21 @@ class ExportTrainedModel:
         network_kwargs: dict,
         spatial_size: Sequence[int] | None,
         pixdim: Sequence[float] | None = None,
+        hu_window: Sequence[float] = (-1000.0, 500.0),
         split_file: str | Path | None = None,
         training: dict | None = None,
         evaluator: Engine | None = None,
     ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
         self.card = {
-            **hyper_space.to_dict(),
-            "hyper_sampling": hyper_space.sampling,
-            "network": {"name": network_name, "kwargs": _jsonable(dict(network_kwargs))},
-            "spatial_size": _jsonable(spatial_size),
-            "pixdim": _jsonable(pixdim),
+            "hyper_space": hyper_space,
+            "network_name": network_name,
+            "network_kwargs": network_kwargs,
+            "spatial_size": spatial_size,
+            "pixdim": pixdim,
+            "hu_window": hu_window,
             "split_file": None if split_file is None else str(split_file),
-            "training": _jsonable(dict(training or {})),
-            "package_version": __version__,
+            "training": dict(training or {}),
         }
         self.evaluator = evaluator
 
@@ -352,28 +340,8 @@ class ExportTrainedModel:
                 best_metric=float(self.evaluator.state.best_metric),
                 best_metric_epoch=int(self.evaluator.state.best_metric_epoch),
             )
-        atomic_write_text(self.ckpt_dir / "model.json", json.dumps(card, indent=4))
+        ModelCard(**card).save(self.ckpt_dir)
         logger.info("trained model (%s weights, %d epochs) written to %s", source, engine.state.epoch, self.ckpt_dir)
-
-
-def read_model_card(path: str | Path) -> dict:
-    """Read a ``model.json`` written by :class:`ExportTrainedModel`."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model card not found: {path} (written by training next to model.pt).")
-    return json.loads(path.read_text())
-
-
-def hyper_space_from_card(card: dict) -> HyperSpace:
-    """The :class:`HyperSpace` a model card describes (ranges and sampling as trained)."""
-    ranges = dict(zip(card["names"], card["ranges"]))
-    return HyperSpace(
-        regularizer=card["regularizer"],
-        lam_range=ranges.get("lam", (0.0, 1.0)),
-        mu_range=ranges.get("mu", (0.0, 1.0)),
-        alpha_range=ranges.get("alpha", (0.0, 1.0)),
-        sampling=card.get("hyper_sampling", "uniform"),
-    )
 
 
 def distributed_device() -> torch.device:

@@ -1,0 +1,304 @@
+"""The model card ``model.json``: what a trained model is, so that every later run can rebuild it and check that
+its own settings match it.
+
+Training writes the card next to the weights (``<ckpt_dir>/model.json`` beside ``model.pt``); inference,
+evaluation, the sweep and the figures read it back. It holds:
+
+* the trained hyperparameter space: ``regularizer``, ``names``, ``ranges`` (:meth:`HyperSpace.to_dict`) and
+  ``hyper_sampling``;
+* the network: ``network`` = ``{"name": <class in elastic_hypermorph_bundle.networks>, "kwargs": {...}}``;
+* the preprocessing of the images the model was trained on: ``spatial_size`` (network grid, voxels), ``pixdim``
+  (resampled voxel size in mm, or null for the file spacing) and ``hu_window`` (HU range mapped to [0, 1]);
+* what training did: ``epochs``, ``weights`` (``"best"`` or ``"final"``), ``key_metric``, ``best_metric``,
+  ``best_metric_epoch``, ``split_file``, ``training`` (loss weighting, learning rate, ...), ``package_version``.
+
+Cards written before ``hu_window`` was recorded load with the window those trainings used, ``[-1000, 500]``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+
+from . import __version__, networks
+from .atomic import atomic_write_text
+from .hyperparams import HyperSpace
+from .workflow import parse_flag
+
+__all__ = ["ModelCard", "PREPROCESSING", "trained_hyper_space", "check_run", "build_network", "parse_network_kwargs", "load_trained_network"]
+
+logger = logging.getLogger("elastic_hypermorph_bundle")
+
+CARD_NAME = "model.json"
+#: preprocessing ids recorded by training and checked by every later run
+PREPROCESSING = ("spatial_size", "pixdim", "hu_window")
+#: the HU window of every training before it was a config id (``registration_transforms``' default)
+LEGACY_HU_WINDOW = [-1000.0, 500.0]
+#: boolean keyword arguments of the networks, given as "true"/"false" strings on the command line
+_NETWORK_FLAGS = ("diffeomorphic",)
+#: network keyword arguments that are inference-time defaults, not trained properties
+_NOT_TRAINED = ("default_hyper",)
+
+
+def _jsonable(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def parse_network_kwargs(kwargs: Mapping) -> dict:
+    """The network keyword arguments as JSON values, with the boolean ones parsed (``"false"`` is false)."""
+    kwargs = _jsonable(dict(kwargs))
+    for key in _NETWORK_FLAGS:
+        if key in kwargs:
+            kwargs[key] = parse_flag(key, kwargs[key])
+    return kwargs
+
+
+def preprocessing(spatial_size=None, pixdim=None, hu_window=LEGACY_HU_WINDOW) -> dict:
+    """The preprocessing settings in the card's canonical form (ints, floats, lists; None where unset)."""
+    return {
+        "spatial_size": None if spatial_size is None else [int(s) for s in spatial_size],
+        "pixdim": None if pixdim is None else [float(s) for s in pixdim],
+        "hu_window": None if hu_window is None else [float(v) for v in hu_window],
+    }
+
+
+def build_network(network_name: str, network_kwargs: Mapping) -> torch.nn.Module:
+    """``elastic_hypermorph_bundle.networks.<network_name>(**network_kwargs)``, boolean kwargs parsed.
+
+    Raises:
+        ValueError: no such network class.
+    """
+    cls = getattr(networks, str(network_name), None)
+    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+        choices = sorted(n for n in networks.__all__ if n.startswith("Hyper") and n.endswith("Net"))
+        raise ValueError(f"network_name {network_name!r} is not a network of the bundle; choose one of {choices}.")
+    return cls(**parse_network_kwargs(network_kwargs))
+
+
+class ModelCard:
+    """A trained model's card (see the module docstring for the file's keys).
+
+    Args:
+        hyper_space: the hyperparameter space the model was trained for.
+        network_name, network_kwargs: the network class (in :mod:`elastic_hypermorph_bundle.networks`) and its
+            constructor arguments.
+        spatial_size, pixdim, hu_window: the preprocessing of training (``registration_transforms``).
+        info: everything else the card records (``epochs``, ``weights``, ``training``, ``split_file``, best
+            metric, ``package_version``), kept as given.
+    """
+
+    def __init__(
+        self,
+        hyper_space: HyperSpace,
+        network_name: str,
+        network_kwargs: Mapping,
+        spatial_size: Sequence[int] | None = None,
+        pixdim: Sequence[float] | None = None,
+        hu_window: Sequence[float] | None = LEGACY_HU_WINDOW,
+        **info,
+    ) -> None:
+        self.hyper_space = hyper_space
+        self.network_name = str(network_name)
+        self.network_kwargs = parse_network_kwargs(network_kwargs)
+        self.preprocessing = preprocessing(spatial_size, pixdim, hu_window)
+        self.info = _jsonable(info)
+
+    # ------------------------------------------------------------------ file
+
+    def to_dict(self) -> dict:
+        return {
+            **self.hyper_space.to_dict(),
+            "hyper_sampling": self.hyper_space.sampling,
+            "network": {"name": self.network_name, "kwargs": self.network_kwargs},
+            **self.preprocessing,
+            "package_version": __version__,
+            **self.info,
+        }
+
+    @classmethod
+    def from_dict(cls, card: Mapping, source: str = "model card") -> ModelCard:
+        """A card from its JSON form (also the cards of earlier versions, which lack ``hu_window``).
+
+        Raises:
+            ValueError: a required key is missing or malformed, naming ``source``.
+        """
+        card = dict(card)
+        missing = [key for key in ("regularizer", "names", "ranges", "network") if key not in card]
+        if missing:
+            raise ValueError(f"{source} lacks {missing}: not a model card written by this bundle's training.")
+        try:
+            ranges = dict(zip(card.pop("names"), card.pop("ranges")))
+            space = HyperSpace(
+                regularizer=card.pop("regularizer"),
+                lam_range=ranges.get("lam", (0.0, 1.0)),
+                mu_range=ranges.get("mu", (0.0, 1.0)),
+                alpha_range=ranges.get("alpha", (0.0, 1.0)),
+                sampling=card.pop("hyper_sampling", "uniform"),
+            )
+            network = card.pop("network")
+            name, kwargs = network["name"], network.get("kwargs", {})
+        except (TypeError, KeyError, ValueError) as error:
+            raise ValueError(f"{source} is malformed: {error}") from error
+        card.pop("package_version", None)
+        known = {key: card.pop(key) for key in PREPROCESSING if key in card}
+        known.setdefault("hu_window", LEGACY_HU_WINDOW)
+        return cls(space, name, kwargs, **known, **card)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``folder/model.json`` atomically (:func:`~.atomic.atomic_write_text`: a kill never leaves half a
+        card)."""
+        path = Path(folder) / CARD_NAME
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=4))
+
+    @classmethod
+    def load(cls, path: str | Path) -> ModelCard:
+        """Read a card: ``path`` is the ``model.json`` itself or the checkpoint next to it.
+
+        Raises:
+            FileNotFoundError: no card there.
+            ValueError: the file is not a readable card.
+        """
+        path = Path(path)
+        if path.suffix != ".json":
+            path = path.with_name(CARD_NAME)
+        if not path.is_file():
+            raise FileNotFoundError(f"model card not found: {path} (written by training next to model.pt).")
+        try:
+            return cls.from_dict(json.loads(path.read_text()), source=str(path))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"cannot read the model card {path}: {error}") from error
+
+    @classmethod
+    def next_to(cls, ckpt_path: str | Path) -> ModelCard | None:
+        """The card beside a checkpoint, or None (with a warning) when there is none."""
+        path = Path(ckpt_path).with_name(CARD_NAME)
+        if not path.is_file():
+            logger.warning("%s not found: assuming the model was trained with this config's settings.", path)
+            return None
+        return cls.load(path)
+
+    # ------------------------------------------------------------------ use
+
+    def build_network(self, default_hyper: Sequence[float] | None = None) -> torch.nn.Module:
+        """The network this card describes (untrained weights), with an optional inference-time default row."""
+        kwargs = dict(self.network_kwargs)
+        if default_hyper is not None:
+            kwargs["default_hyper"] = _jsonable(default_hyper)
+        return build_network(self.network_name, kwargs)
+
+    def check_hyper_space(self, config_space: HyperSpace) -> HyperSpace:
+        """The trained space, refused when the config's ``regularizer`` differs (a model conditioned on
+        ``[alpha]`` cannot take ``[lam, mu]`` and vice versa)."""
+        if self.hyper_space.regularizer != config_space.regularizer:
+            raise ValueError(
+                f"the model was trained with regularizer={self.hyper_space.regularizer!r} (model.json), but the "
+                f"config says regularizer={config_space.regularizer!r}; pass --regularizer "
+                f"{self.hyper_space.regularizer}."
+            )
+        return self.hyper_space
+
+    def check_network(self, network_name: str, network_kwargs: Mapping) -> None:
+        """Refuse a network definition that differs from the trained one. Some differences would load without
+        error and silently give wrong fields (``diffeomorphic`` adds no weights); ``default_hyper`` is an
+        inference-time default and not compared."""
+        if str(network_name) != self.network_name:
+            raise ValueError(f"the model is a {self.network_name}; pass --network_name {self.network_name}.")
+        ours = {k: v for k, v in parse_network_kwargs(network_kwargs).items() if k not in _NOT_TRAINED}
+        trained = {k: v for k, v in self.network_kwargs.items() if k not in _NOT_TRAINED}
+        differing = sorted(k for k in set(ours) | set(trained) if json.dumps(ours.get(k)) != json.dumps(trained.get(k)))
+        if differing:
+            shown = ", ".join(f"{k}={ours.get(k)!r} (trained: {trained.get(k)!r})" for k in differing)
+            raise ValueError(f"the network settings differ from those the model was trained with: {shown}.")
+
+    def check_preprocessing(
+        self, spatial_size=None, pixdim=None, hu_window=LEGACY_HU_WINDOW, allow_mismatch: bool = False
+    ) -> None:
+        """Refuse preprocessing that departs from training's (a model trained at 32^3 run at 192x192x208, another
+        voxel size or HU window sees images unlike any it learned from), naming both values; with
+        ``allow_mismatch`` (``--allow_preprocessing_mismatch true``) warn instead."""
+        ours = preprocessing(spatial_size, pixdim, hu_window)
+        differing = [key for key in PREPROCESSING if ours[key] != self.preprocessing[key]]
+        if not differing:
+            return
+        shown = ", ".join(f"--{k} {json.dumps(ours[k])} (trained: {json.dumps(self.preprocessing[k])})" for k in differing)
+        message = f"preprocessing differs from the model's training: {shown}"
+        if not parse_flag("allow_preprocessing_mismatch", allow_mismatch):
+            raise ValueError(
+                f"{message}. Pass the trained values, or --allow_preprocessing_mismatch true to run anyway."
+            )
+        logger.warning("%s; running anyway as requested (--allow_preprocessing_mismatch true).", message)
+
+
+# ---------------------------------------------------------------------- config-facing helpers
+
+
+def load_trained_network(
+    ckpt_path: str | Path, network_def: torch.nn.Module | None = None, device: torch.device | str | None = None
+) -> torch.nn.Module:
+    """The trained network in eval mode: built from ``model.json`` next to ``ckpt_path`` (``network.name`` and
+    ``network.kwargs``, as training wrote them: the architecture THAT model has), else ``network_def``; then the
+    weights of ``ckpt_path`` (a state dict, or a checkpoint dict with ``"model"``) are loaded.
+
+    Raises:
+        FileNotFoundError: no checkpoint, or neither ``model.json`` nor ``network_def``.
+    """
+    ckpt_path = Path(ckpt_path)
+    if not ckpt_path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(ckpt_path)!r} not found: train the bundle first or pass --ckpt_path.")
+    card = ModelCard.next_to(ckpt_path)
+    if card is not None:
+        network = card.build_network()
+    elif network_def is not None:
+        network = network_def
+    else:
+        raise FileNotFoundError(f"{ckpt_path.with_name(CARD_NAME)} not found: cannot tell which network {ckpt_path} holds.")
+    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    if isinstance(state.get("model"), dict):
+        state = state["model"]
+    network.load_state_dict(state)
+    return network.to(device).eval()
+
+
+def trained_hyper_space(ckpt_path: str | Path, config_space: HyperSpace) -> HyperSpace:
+    """The hyperparameter space of the model at ``ckpt_path`` (its card), else the config's.
+
+    Raises:
+        ValueError: the card is unreadable or its regularizer differs from the config's.
+    """
+    card = ModelCard.next_to(ckpt_path)
+    return config_space if card is None else card.check_hyper_space(config_space)
+
+
+def check_run(
+    ckpt_path: str | Path,
+    network_name: str,
+    network_kwargs: Mapping,
+    spatial_size=None,
+    pixdim=None,
+    hu_window=LEGACY_HU_WINDOW,
+    allow_preprocessing_mismatch: bool = False,
+) -> ModelCard | None:
+    """Check a run's network and preprocessing against the card beside ``ckpt_path`` (nothing to check without
+    one). Returns the card.
+
+    Raises:
+        ValueError: the network or the preprocessing differs (see :meth:`ModelCard.check_network`,
+            :meth:`ModelCard.check_preprocessing`).
+    """
+    allow = parse_flag("allow_preprocessing_mismatch", allow_preprocessing_mismatch)
+    card = ModelCard.next_to(ckpt_path)
+    if card is not None:
+        card.check_network(network_name, network_kwargs)
+        card.check_preprocessing(spatial_size, pixdim, hu_window, allow_mismatch=allow)
+    return card
