@@ -12,11 +12,14 @@ evaluation, the sweep and the figures read it back. It holds:
 * what training did: ``epochs``, ``weights`` (``"best"`` or ``"final"``), ``key_metric``, ``best_metric``,
   ``best_metric_epoch``, ``split_file``, ``training`` (loss weighting, learning rate, ...), ``package_version``.
 
-Cards written before ``hu_window`` was recorded load with the window those trainings used, ``[-1000, 500]``.
+Cards written before ``hu_window`` was recorded load with the window those trainings used, ``[-1000, 500]``,
+and cards without ``hyper_rank`` as the full-map models they describe (``hyper_rank=None``). The card records
+every constructor argument of the network (defaults included), so later changes of defaults do not change it.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Mapping, Sequence
@@ -72,17 +75,33 @@ def preprocessing(spatial_size=None, pixdim=None, hu_window=LEGACY_HU_WINDOW) ->
     }
 
 
+def _network_class(network_name: str) -> type:
+    cls = getattr(networks, str(network_name), None)
+    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
+        choices = sorted(n for n in networks.__all__ if n.startswith("Hyper") and n.endswith("Net"))
+        raise ValueError(f"network_name {network_name!r} is not a network of the bundle; choose one of {choices}.")
+    return cls
+
+
+def complete_network_kwargs(network_name: str, network_kwargs: Mapping) -> dict:
+    """Every constructor argument of the network, the given ones (parsed) and the class defaults for the rest, so
+    that a card describes its model whatever later versions choose as defaults."""
+    signature = inspect.signature(_network_class(network_name).__init__)
+    defaults = {
+        name: param.default
+        for name, param in signature.parameters.items()
+        if param.default is not inspect.Parameter.empty and param.kind is not inspect.Parameter.VAR_KEYWORD
+    }
+    return parse_network_kwargs({**defaults, **dict(network_kwargs)})
+
+
 def build_network(network_name: str, network_kwargs: Mapping) -> torch.nn.Module:
     """``elastic_hypermorph_bundle.networks.<network_name>(**network_kwargs)``, boolean kwargs parsed.
 
     Raises:
         ValueError: no such network class.
     """
-    cls = getattr(networks, str(network_name), None)
-    if not isinstance(cls, type) or not issubclass(cls, torch.nn.Module):
-        choices = sorted(n for n in networks.__all__ if n.startswith("Hyper") and n.endswith("Net"))
-        raise ValueError(f"network_name {network_name!r} is not a network of the bundle; choose one of {choices}.")
-    return cls(**parse_network_kwargs(network_kwargs))
+    return _network_class(network_name)(**parse_network_kwargs(network_kwargs))
 
 
 class ModelCard:
@@ -109,7 +128,7 @@ class ModelCard:
     ) -> None:
         self.hyper_space = hyper_space
         self.network_name = str(network_name)
-        self.network_kwargs = parse_network_kwargs(network_kwargs)
+        self.network_kwargs = complete_network_kwargs(network_name, network_kwargs)
         self.preprocessing = preprocessing(spatial_size, pixdim, hu_window)
         self.info = _jsonable(info)
 
@@ -146,7 +165,9 @@ class ModelCard:
                 sampling=card.pop("hyper_sampling", "uniform"),
             )
             network = card.pop("network")
-            name, kwargs = network["name"], network.get("kwargs", {})
+            name, kwargs = network["name"], dict(network.get("kwargs", {}))
+            # cards written before the rank-limited kernel map (hyper_rank) describe full-map models
+            kwargs.setdefault("hyper_rank", None)
         except (TypeError, KeyError, ValueError) as error:
             raise ValueError(f"{source} is malformed: {error}") from error
         card.pop("package_version", None)
@@ -214,7 +235,8 @@ class ModelCard:
         inference-time default and not compared."""
         if str(network_name) != self.network_name:
             raise ValueError(f"the model is a {self.network_name}; pass --network_name {self.network_name}.")
-        ours = {k: v for k, v in parse_network_kwargs(network_kwargs).items() if k not in _NOT_TRAINED}
+        ours = complete_network_kwargs(network_name, network_kwargs)
+        ours = {k: v for k, v in ours.items() if k not in _NOT_TRAINED}
         trained = {k: v for k, v in self.network_kwargs.items() if k not in _NOT_TRAINED}
         differing = sorted(k for k in set(ours) | set(trained) if json.dumps(ours.get(k)) != json.dumps(trained.get(k)))
         if differing:

@@ -179,7 +179,8 @@ def test_export_trained_model_writes_clean_weights_and_a_card(tmp_path):
     card = _card(tmp_path / "model.json")
     assert card["epochs"] == 7 and card["weights"] == "best"
     expected = {**kwargs, "encoder_features": [4], "decoder_features": [4, 4], "default_hyper": [0.5]}
-    assert card["network"] == {"name": "HyperUNet", "kwargs": expected}
+    assert card["network"]["name"] == "HyperUNet"
+    assert {key: card["network"]["kwargs"][key] for key in expected} == expected
     HyperUNet(**card["network"]["kwargs"]).load_state_dict(torch.load(tmp_path / "model.pt", weights_only=True))
     assert card["spatial_size"] == [16, 16, 16] and card["training"] == {"lr": 1e-4}
     again = ModelCard.load(tmp_path / "model.json").hyper_space

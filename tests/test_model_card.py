@@ -55,7 +55,11 @@ def test_earlier_cards_load_with_the_window_they_were_trained_with(tmp_path):
     assert card.info["best_metric"] == 0.5 and card.info["training"] == {"learning_rate": 1e-4}
     card.check_preprocessing([32, 32, 32], None, (-1000, 500))
     rewritten = card.to_dict()
-    assert {k: v for k, v in rewritten.items() if k != "hu_window"} == EARLIER_CARD
+    kwargs = rewritten["network"].pop("kwargs")
+    assert kwargs["hyper_rank"] is None  # before the rank-limited map, every model had the full map
+    assert {k: kwargs[k] for k in KWARGS} == KWARGS and kwargs["integration_steps"] == 7  # defaults recorded
+    assert {k: v for k, v in rewritten.items() if k != "hu_window"} == {**EARLIER_CARD, "network": {"name": "HyperUNet"}}
+    card.build_network().load_state_dict(HyperUNet(**KWARGS, hyper_rank=None).state_dict())
 
 
 def test_not_a_card_is_refused_by_name(tmp_path):
