@@ -18,11 +18,12 @@ from collections.abc import Sequence
 
 import torch
 
+from .losses.registration import REGULARIZERS
+
 __all__ = ["HyperSpace", "REGULARIZERS", "SAMPLINGS"]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
 
-REGULARIZERS = ("elastic", "diffusion", "elastic_fixed")
 SAMPLINGS = ("uniform", "log_uniform", "endpoints")
 
 

@@ -11,11 +11,17 @@ every side of every spatial axis, so that only voxels whose stencil lies fully i
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+from monai.losses import LocalNormalizedCrossCorrelationLoss
 from monai.metrics import compute_dice
+
+from .losses.elastic import elastic_energy
+from .networks.warp import warp_image, warp_label
 
 __all__ = [
     "JACOBIAN_BORDER",
@@ -26,6 +32,10 @@ __all__ = [
     "sample_field_at_points",
     "warp_points",
     "target_registration_error",
+    "POINT_KINDS",
+    "LNCC_KERNEL",
+    "pair_metrics",
+    "metric_columns",
 ]
 
 JACOBIAN_BORDER = 2
@@ -283,3 +293,129 @@ def target_registration_error(ddf: torch.Tensor, fixed_points, moving_points, sp
     if spacing.shape != (warped.shape[1],):
         raise ValueError(f"spacing must hold {warped.shape[1]} voxel sizes, got shape {tuple(spacing.shape)}.")
     return torch.linalg.vector_norm((warped - moving_points) * spacing, dim=1)
+
+
+# ---------------------------------------------------------------------- one registered pair
+
+#: point kinds scored by TRE, in order of preference (manual landmarks over automatic keypoints)
+POINT_KINDS = ("landmarks", "keypoints")
+#: kernel of the local NCC similarity (as the training loss, :class:`~.losses.RegistrationLoss`)
+LNCC_KERNEL = 9
+
+
+@lru_cache(maxsize=4)
+def _lncc(spatial_dims: int) -> LocalNormalizedCrossCorrelationLoss:
+    return LocalNormalizedCrossCorrelationLoss(spatial_dims, kernel_size=LNCC_KERNEL)
+
+
+def pair_metrics(
+    ddf: torch.Tensor,
+    *,
+    fixed_mask: torch.Tensor | None = None,
+    moving_mask: torch.Tensor | None = None,
+    warped_mask: torch.Tensor | None = None,
+    labels: Sequence[int] | None = None,
+    fixed_points=None,
+    moving_points=None,
+    spacing: Sequence[float] | None = None,
+    fixed_image: torch.Tensor | None = None,
+    moving_image: torch.Tensor | None = None,
+    warped_image: torch.Tensor | None = None,
+    hyper: Mapping[str, float] | None = None,
+    masked: bool = True,
+    before: bool = False,
+) -> dict[str, float]:
+    """Every metric of one registered pair, under the bundle's one vocabulary of names (evaluation CSV/JSON,
+    sweep CSV, benchmark); a metric whose inputs are not given is left out.
+
+    * ``dice_mean`` and ``dice_<l>``: Dice (:func:`dice_per_label`) of the moving mask warped with nearest
+      neighbour (or ``warped_mask``) against the fixed mask, per label ``l`` in ``labels`` (default: the nonzero
+      labels of the fixed mask) and their mean; ``dice_before``: the mean Dice of the unregistered masks;
+    * ``tre_mm``: mean TRE in mm (:func:`target_registration_error`, ``spacing`` of the network grid) of the
+      points; ``tre_before_mm``: the same for ``u = 0``;
+    * ``folding_percent`` (% of ``J <= 0``) and ``sd_log_jacobian``: inside the fixed mask when ``masked`` and a
+      fixed mask is given (Learn2Reg "masked_evaluation"), else over the whole field;
+    * ``energy_shear = R(u; 0, 1)`` and ``energy_volume = R(u; 1, 0)`` (:func:`~.losses.elastic_energy`, voxel
+      units): ``R`` is linear in ``(lam, mu)``, so ``lam * energy_volume + mu * energy_shear`` is the energy for
+      any material; ``elastic_energy``: that at ``hyper``'s ``(lam, mu)`` (NaN when ``hyper`` has no lam, mu);
+    * ``lncc``: local normalised cross-correlation (window 9^D, as the training loss) of the warped moving image
+      (``warped_image``, or ``moving_image`` warped) and the fixed image; higher is better.
+
+    Args:
+        ddf: ``(1, D, *spatial)`` or ``(D, *spatial)`` displacement in voxels (package conventions).
+        fixed_mask, moving_mask, warped_mask: label maps ``(1, 1, *spatial)`` or ``(1, *spatial)``.
+        fixed_points, moving_points: ``(N, D)`` voxel coordinates of corresponding points.
+        spacing: ``D`` voxel sizes in mm (needed with points).
+        fixed_image, moving_image, warped_image: images ``(1, 1, *spatial)`` or ``(1, *spatial)``.
+        hyper: the hyperparameters of the registration by name (``{"lam": .., "mu": ..}`` or ``{"alpha": ..}``).
+        before: also report ``dice_before`` and ``tre_before_mm``.
+
+    Returns:
+        ``{name: float}`` in the order of :func:`metric_columns`.
+    """
+    ddf = torch.as_tensor(ddf)
+    ddf = (ddf.as_tensor() if hasattr(ddf, "as_tensor") else ddf).float()
+    if ddf.ndim == ddf.shape[-ddf.ndim] + 1:  # (D, *spatial): one sample without its batch axis
+        ddf = ddf.unsqueeze(0)
+    dims = _check_batched_ddf(ddf)
+    if ddf.shape[0] != 1:
+        raise ValueError(f"pair_metrics scores one pair: ddf must be (1, {dims}, *spatial), got {tuple(ddf.shape)}.")
+
+    def volume(value, name):
+        if value is None:
+            return None
+        value = torch.as_tensor(value)
+        value = (value.as_tensor() if hasattr(value, "as_tensor") else value).to(ddf.device)
+        value = value if value.ndim == dims + 2 else value.unsqueeze(0)
+        if value.shape[2:] != ddf.shape[2:]:
+            raise ValueError(f"{name} must be on the field's grid {tuple(ddf.shape[2:])}, got {tuple(value.shape)}.")
+        return value
+
+    fixed_mask, moving_mask, warped_mask = (volume(v, n) for v, n in (
+        (fixed_mask, "fixed_mask"), (moving_mask, "moving_mask"), (warped_mask, "warped_mask")))
+    fixed_image, moving_image, warped_image = (volume(v, n) for v, n in (
+        (fixed_image, "fixed_image"), (moving_image, "moving_image"), (warped_image, "warped_image")))
+    row: dict[str, float] = {}
+    if fixed_mask is not None and (moving_mask is not None or warped_mask is not None):
+        target = fixed_mask.round()
+        if labels is None:
+            labels = [int(v) for v in target.unique().tolist() if v != 0]
+        if warped_mask is None:
+            warped_mask = warp_label(moving_mask.round(), ddf)
+        dice = dice_per_label(warped_mask.float().round(), target, labels)[0]
+        row["dice_mean"] = float(dice.mean())
+        row.update({f"dice_{int(label)}": float(value) for label, value in zip(labels, dice)})
+        if before and moving_mask is not None:
+            row["dice_before"] = float(dice_per_label(moving_mask.round(), target, labels)[0].mean())
+    if fixed_points is not None and moving_points is not None:
+        if spacing is None:
+            raise ValueError("TRE needs the voxel spacing (mm) of the grid the points are on.")
+        row["tre_mm"] = float(target_registration_error(ddf[0], fixed_points, moving_points, spacing).mean())
+        if before:
+            zero = torch.zeros_like(ddf[0])
+            row["tre_before_mm"] = float(target_registration_error(zero, fixed_points, moving_points, spacing).mean())
+    region = fixed_mask.round() if masked and fixed_mask is not None else None
+    row["folding_percent"] = float(folding_percent(ddf, region)[0])
+    row["sd_log_jacobian"] = float(sd_log_jacobian(ddf, region)[0])
+    hyper = dict(hyper or {})
+    lame = {"lam", "mu"} <= set(hyper)
+    row["elastic_energy"] = float(elastic_energy(ddf, hyper["lam"], hyper["mu"])[0]) if lame else math.nan
+    row["energy_shear"] = float(elastic_energy(ddf, 0.0, 1.0)[0])
+    row["energy_volume"] = float(elastic_energy(ddf, 1.0, 0.0)[0])
+    if fixed_image is not None and (warped_image is not None or moving_image is not None):
+        if warped_image is None:
+            warped_image = warp_image(moving_image.float(), ddf)
+        row["lncc"] = -float(_lncc(dims)(warped_image.float(), fixed_image.float()))
+    return row
+
+
+def metric_columns(labels: Sequence[int] = (), with_points: bool = False, before: bool = False,
+                   with_similarity: bool = True) -> list[str]:
+    """The names :func:`pair_metrics` returns for these inputs, in its order (the columns of metric tables)."""
+    columns = []
+    if labels:
+        columns += ["dice_mean"] + [f"dice_{int(label)}" for label in labels] + (["dice_before"] if before else [])
+    if with_points:
+        columns += ["tre_mm"] + (["tre_before_mm"] if before else [])
+    columns += ["folding_percent", "sd_log_jacobian", "elastic_energy", "energy_shear", "energy_volume"]
+    return columns + (["lncc"] if with_similarity else [])

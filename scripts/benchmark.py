@@ -125,8 +125,8 @@ def run_accuracy(options: dict, model_dir: str | None, pair_cache: str, log) -> 
     for spec in section5_methods(options, str(model_path)):
         methods.append(accuracy.run_method(spec, pairs))
         row = methods[-1]
-        log(f"  {spec['name']}: " + (f"TRE {row['tre_keypoints_mm']:.2f} mm, {row['seconds_per_pair']:.1f} s/pair, "
-                                      f"peak {row['peak_rss_mib']:.0f} MiB" if "tre_keypoints_mm" in row
+        log(f"  {spec['name']}: " + (f"TRE {row['tre_mm']:.2f} mm, {row['seconds_per_pair']:.1f} s/pair, "
+                                      f"peak {row['peak_rss_mib']:.0f} MiB" if "tre_mm" in row
                                       else row.get("skipped") or row.get("error")))
     first = accuracy.load_pair(pairs[0])
     card = None

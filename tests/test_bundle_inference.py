@@ -28,7 +28,8 @@ from elastic_hypermorph_bundle.losses import RegistrationLoss
 from elastic_hypermorph_bundle.losses.elastic import elastic_energy
 from elastic_hypermorph_bundle.networks import HyperUNet
 from elastic_hypermorph_bundle.workflow.datalists import pair_datalist
-from elastic_hypermorph_bundle.workflow.ignite_metrics import FoldingPercent, MaskDice, PointTRE, SDLogJacobian
+from elastic_hypermorph_bundle.workflow.ignite_metrics import PairMean
+from elastic_hypermorph_bundle.metrics import metric_columns
 from elastic_hypermorph_bundle.model_card import ModelCard, trained_hyper_space
 from elastic_hypermorph_bundle.workflow import parse_flag
 from elastic_hypermorph_bundle.workflow.inference import single_pair
@@ -92,7 +93,7 @@ def _identity_pair(spatial=(8, 8, 8)) -> dict:
 def test_metrics_of_known_fields():
     pair = _identity_pair()
     shifted = dict(pair, pred=torch.zeros(3, 8, 8, 8).index_fill_(0, torch.tensor([0]), 1.0))
-    dice, tre, folding, sdlogj = MaskDice(), PointTRE(), FoldingPercent(), SDLogJacobian()
+    dice, tre, folding, sdlogj = (PairMean(m) for m in ("dice_mean", "tre_mm", "folding_percent", "sd_log_jacobian"))
     for metric in (dice, tre, folding, sdlogj):
         metric.reset()
         metric.update([pair, shifted])
@@ -103,7 +104,7 @@ def test_metrics_of_known_fields():
 
 
 def test_metric_without_data_is_nan():
-    metric = MaskDice()
+    metric = PairMean("dice_mean")
     metric.reset()
     metric.update([{"pred": torch.zeros(3, 8, 8, 8)}])
     assert np.isnan(metric.compute())
@@ -121,7 +122,7 @@ def test_register_step_generates_weights_once_per_run(dataset):
     generate = network.generate_weights
     network.generate_weights = lambda hyper: calls.append(hyper.clone()) or generate(hyper)
     evaluator = SupervisedEvaluator("cpu", loader, network, iteration_update=RegisterStep(torch.tensor([0.3, 0.2])),
-                                    key_val_metric={"dice": MaskDice()})
+                                    key_val_metric={"dice": PairMean("dice_mean")})
     evaluator.run()
     evaluator.run()
     assert len(calls) == 2 and torch.equal(calls[0], torch.tensor([[0.3, 0.2]]))  # once per run, not per batch
@@ -300,8 +301,10 @@ def test_evaluation_writes_plausible_metrics(dataset, model, tmp_path):
     assert record["num_pairs"] == 1 and [r["pair_id"] for r in rows] == [record["pairs"][0]["pair_id"], "mean"]
     mean = record["mean"]
     assert 0.0 < mean["dice_mean"] <= 1.0 and 0.0 < mean["dice_before"] <= 1.0
-    assert mean["tre_keypoints_mm"] > 0 and mean["tre_keypoints_before_mm"] > 0
+    assert mean["tre_mm"] > 0 and mean["tre_before_mm"] > 0
     assert 0.0 <= mean["folding_percent"] <= 100.0 and mean["sd_log_jacobian"] > 0 and mean["runtime_s"] > 0
+    assert mean["elastic_energy"] == pytest.approx(0.083 * mean["energy_volume"] + 0.03 * mean["energy_shear"])
+    assert list(rows[0]) == ["pair_id", *metric_columns([1], with_points=True, before=True), "runtime_s"]
     assert record["info"]["hyper"] == pytest.approx([0.083, 0.03])
     assert _bundle(*_common(dataset, model, out), configs=("train.json", "evaluate.json")).returncode != 0
     other = _bundle(*_common(dataset, model, tmp_path / "eval64"), "--spatial_size", "[64, 64, 64]",

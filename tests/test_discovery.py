@@ -31,6 +31,7 @@ from elastic_hypermorph_bundle.discovery import (
     summarize,
     sweep_columns,
 )
+from elastic_hypermorph_bundle.discovery import workflow as discovery_workflow
 from elastic_hypermorph_bundle.discovery.refine import objective_value
 from elastic_hypermorph_bundle.hyperparams import HyperSpace
 from elastic_hypermorph_bundle.losses import RegistrationLoss
@@ -261,15 +262,18 @@ def test_unsupervised_criterion_maximises_similarity_under_the_folding_bound():
 
 
 @pytest.mark.slow
-def test_diffusion_sweep_comparison_and_pair_figure(setup, save_model):
+def test_diffusion_sweep_comparison_and_pair_figure(setup, save_model, monkeypatch):
     root = setup["root"]
     torch.manual_seed(1)
     space = HyperSpace("diffusion", alpha_range=(0.0, 1.0))
     network = HyperUNet(**_network_kwargs(1)).eval()
-    ckpt = save_model(root / "models_diffusion", network, space, _network_kwargs(1), spatial_size=SIZE)
+    window = (-1000.0, 0.0)  # the diffusion model was trained with another HU window than the elastic one
+    ckpt = save_model(root / "models_diffusion", network, space, _network_kwargs(1), spatial_size=SIZE,
+                      hu_window=window)
     diffusion_dir = root / "sweep_diffusion"
     summary = ParameterSweep(network, space, setup["dataset"], diffusion_dir, split="all", ckpt_path=ckpt,
-                             grid_size=3, criterion="tre", refine_steps=0, progress=False, spatial_size=SIZE).run()
+                             grid_size=3, criterion="tre", refine_steps=0, progress=False, spatial_size=SIZE,
+                             hu_window=window).run()
     rows = _rows(diffusion_dir / "sweep.csv")
     assert len(rows) == 9 and (diffusion_dir / "curve_tre_mm.png").is_file()
     assert all(math.isnan(float(r["elastic_energy"])) for r in rows)
@@ -283,8 +287,32 @@ def test_diffusion_sweep_comparison_and_pair_figure(setup, save_model):
     assert (root / "comparison" / "comparison.csv").is_file()
     assert matplotlib.image.imread(root / "comparison" / "comparison.png").ndim == 3
 
+    windows = []  # each model's row is preprocessed as its own sweep was (not both with the elastic one's)
+    real_transforms = discovery_workflow.registration_transforms
+    monkeypatch.setattr(discovery_workflow, "registration_transforms",
+                        lambda **kw: windows.append(tuple(kw["hu_window"])) or real_transforms(**kw))
     figure = pair_figure(setup["sweep_dir"], diffusion_dir, root / "comparison")
     assert matplotlib.image.imread(figure).shape[1] > 500
+    assert windows == [(-1000.0, 500.0), window]
+
+    # an [alpha] sweep of the fixed-elastic baseline is labelled as such, not as "diffusion"
+    fixed_dir = root / "sweep_elastic_fixed"
+    shutil.copytree(diffusion_dir, fixed_dir)
+    config = json.loads((fixed_dir / "sweep_config.json").read_text())
+    config["identity"]["regularizer"] = "elastic_fixed"
+    (fixed_dir / "sweep_config.json").write_text(json.dumps(config))
+    labelled = compare_sweeps(setup["sweep_dir"], fixed_dir, root / "comparison_fixed")
+    assert [row["regularizer"] for row in labelled["table"]] == ["elastic", "elastic_fixed"]
+    assert set(next(iter(labelled["per_pair"].values()))["tre_mm"]) == {"elastic", "elastic_fixed"}
+
+
+def test_importing_discovery_leaves_the_matplotlib_backend_alone():
+    code = ("import matplotlib; matplotlib.use('pdf'); import elastic_hypermorph_bundle.discovery; "
+            "print(matplotlib.get_backend())")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "pdf"
 
 
 @pytest.mark.slow

@@ -260,3 +260,36 @@ def test_metrics_run_on_cuda():
     assert tre.device.type == "cuda"
     labels = torch.ones(1, 1, 4, 4, device="cuda", dtype=torch.int64)
     assert dice_per_label(labels, labels).device.type == "cuda"
+
+
+def test_pair_metrics_of_a_translation_one_vocabulary():
+    """A uniform 1-voxel shift along x: Dice, TRE, Jacobian and energies with known values, under the names that
+    evaluation, the sweep and the benchmark share (``metric_columns``)."""
+    from elastic_hypermorph_bundle.metrics import metric_columns, pair_metrics
+
+    size = 12
+    fixed = torch.zeros(1, 1, size, size, size)
+    fixed[..., 3:7, 3:9, 3:9] = 1
+    fixed[..., 7:9, 3:9, 3:9] = 2
+    moving = torch.roll(fixed, 1, dims=2)  # moving(x + 1) = fixed(x): the shift u = (1, 0, 0) registers it
+    ddf = torch.zeros(1, 3, size, size, size)
+    ddf[:, 0] = 1.0
+    points = torch.tensor([[4.0, 5.0, 5.0], [6.0, 4.0, 7.0]])
+    spacing = (2.0, 1.0, 1.0)
+    row = pair_metrics(ddf, fixed_mask=fixed, moving_mask=moving, fixed_points=points, moving_points=points + 1.0,
+                       spacing=spacing, fixed_image=fixed, moving_image=moving, hyper={"lam": 0.3, "mu": 0.2},
+                       before=True)
+    assert list(row) == metric_columns([1, 2], with_points=True, before=True)
+    assert row["dice_mean"] == row["dice_1"] == row["dice_2"] == pytest.approx(1.0)
+    assert row["dice_before"] < 0.9
+    # the points move by (1, 1, 1) voxels, the field by (1, 0, 0): |(0, 1, 1) * spacing| = sqrt(2) mm
+    assert row["tre_mm"] == pytest.approx(2**0.5) and row["tre_before_mm"] == pytest.approx((4 + 1 + 1) ** 0.5)
+    assert row["folding_percent"] == 0.0 and row["sd_log_jacobian"] == pytest.approx(0.0, abs=1e-6)
+    assert row["energy_shear"] == row["energy_volume"] == row["elastic_energy"] == 0.0  # a translation costs nothing
+    assert row["lncc"] == pytest.approx(1.0, abs=1e-3)
+    only_field = pair_metrics(ddf[0], hyper={"alpha": 0.1})  # (D, *spatial) accepted; alpha: no elastic energy
+    assert list(only_field) == metric_columns(with_similarity=False) and np.isnan(only_field["elastic_energy"])
+    with pytest.raises(ValueError, match="voxel spacing"):
+        pair_metrics(ddf, fixed_points=points, moving_points=points)
+    with pytest.raises(ValueError, match="one pair"):
+        pair_metrics(ddf.expand(2, -1, -1, -1, -1))

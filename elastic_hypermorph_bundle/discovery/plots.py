@@ -1,4 +1,5 @@
-"""Figures of parameter discovery (matplotlib, Agg backend): metric heatmaps over a (lam, mu) grid and curves
+"""Figures of parameter discovery (backend-free :class:`matplotlib.figure.Figure`, as :mod:`..visualize`; importing
+this module leaves matplotlib's global backend alone): metric heatmaps over a (lam, mu) grid and curves
 over alpha (in the spirit of Figures 3 and 2 of Reithmeir et al.), the elastic-vs-diffusion comparison, and a
 side-by-side registration figure of one pair (Figure 4)."""
 
@@ -8,14 +9,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+import torch
+from matplotlib.colors import LogNorm, TwoSlopeNorm
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from matplotlib.colors import LogNorm, TwoSlopeNorm  # noqa: E402
-
-from ..metrics import JACOBIAN_BORDER, jacobian_determinant  # noqa: E402
+from ..metrics import JACOBIAN_BORDER, jacobian_determinant
 
 __all__ = ["LABELS", "plot_grid_metric", "plot_regularizer_comparison", "plot_pair_comparison"]
 
@@ -63,7 +62,8 @@ def plot_grid_metric(
         path: PNG to write.
         criterion: name of the criterion that chose ``best`` (shown in the title).
     """
-    fig, ax = plt.subplots(figsize=(5.2, 4.2))
+    fig = Figure(figsize=(5.2, 4.2))
+    ax = fig.subplots()
     values = np.array([np.nan if point[metric] is None else point[metric] for point in grid], dtype=float)
     if len(names) == 2:
         axes = [np.unique([point[name] for point in grid]) for name in names]
@@ -92,25 +92,31 @@ def plot_grid_metric(
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_regularizer_comparison(
-    elastic: Mapping, diffusion: Mapping, per_pair: Mapping[str, Mapping[str, float]], metric: str, path: str | Path
+    elastic: Mapping,
+    diffusion: Mapping,
+    per_pair: Mapping[str, Mapping[str, float]],
+    metric: str,
+    path: str | Path,
+    baseline: str = "diffusion",
 ) -> Path:
     """Best elastic vs best diffusion: the diffusion model's mean ``metric`` over ``alpha`` with the best elastic
     value as a line (left), and each pair's ``metric`` at both optima (right).
 
     Args:
-        elastic, diffusion: sweep summaries (:func:`~.selection.summarize`) of the two models.
-        per_pair: ``{pair_id: {"elastic": value, "diffusion": value}}`` on the common pairs.
+        elastic, diffusion: sweep summaries (:func:`~.selection.summarize`) of the elastic and the ``[alpha]`` model.
+        per_pair: ``{pair_id: {"elastic": value, baseline: value}}`` on the common pairs.
+        baseline: the ``[alpha]`` model's regularizer (``"diffusion"`` or ``"elastic_fixed"``), its label.
         metric: metric to compare (e.g. the shared criterion's).
         path: PNG to write.
     """
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    left, right = fig.subplots(1, 2)
     grid = sorted(diffusion["grid"], key=lambda point: point["alpha"])
-    left.plot([p["alpha"] for p in grid], [p[metric] for p in grid], marker="o", label="diffusion (over α)")
+    left.plot([p["alpha"] for p in grid], [p[metric] for p in grid], marker="o", label=f"{baseline} (over α)")
     left.axhline(elastic["best"]["mean"][metric], color="red", linestyle="--",
                  label=f"best elastic (λ={elastic['best']['lam']:.3g}, μ={elastic['best']['mu']:.3g})")
     left.set_xlabel("α")
@@ -118,15 +124,14 @@ def plot_regularizer_comparison(
     left.legend(fontsize=8)
     left.grid(alpha=0.3)
     for values in per_pair.values():
-        right.plot([0, 1], [values["diffusion"], values["elastic"]], color="grey", alpha=0.6, marker="o")
-    right.set_xticks([0, 1], [f"diffusion\nα={diffusion['best']['alpha']:.3g}", "elastic\n(best λ, μ)"])
+        right.plot([0, 1], [values[baseline], values["elastic"]], color="grey", alpha=0.6, marker="o")
+    right.set_xticks([0, 1], [f"{baseline}\nα={diffusion['best']['alpha']:.3g}", "elastic\n(best λ, μ)"])
     right.set_xlim(-0.3, 1.3)
     right.set_ylabel(f"{LABELS.get(metric, metric)} per pair")
     right.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -151,7 +156,8 @@ def plot_pair_comparison(
     Args:
         fixed, moving: ``(1, 1, *spatial)`` images (3D) of one pair.
         results: one mapping per row with ``label`` (str), ``ddf`` ``(1, 3, *spatial)``, ``warped`` (image like
-            ``moving``) and optionally ``warped_mask``.
+            ``moving``) and optionally ``warped_mask``; a row whose model preprocesses the pair its own way gives its
+            own ``fixed``, ``moving``, ``fixed_mask``, ``moving_mask`` (default: the arguments).
         path: PNG to write.
         fixed_mask, moving_mask: ``(1, 1, *spatial)`` label maps, drawn as contours (fixed: yellow, moving/warped:
             cyan).
@@ -161,10 +167,11 @@ def plot_pair_comparison(
     """
     if fixed.ndim != 5:
         raise ValueError(f"plot_pair_comparison draws 3D pairs (1, 1, X, Y, Z), got shape {tuple(fixed.shape)}.")
-    index = fixed.shape[2 + axis] // 2 if index is None else int(index)
+    chosen_index = index
     in_plane = [a for a in range(3) if a != axis]
     columns = ["fixed", "moving", "warped", "deformation grid", "det J"]
-    fig, axes = plt.subplots(len(results), len(columns), figsize=(3 * len(columns), 3.1 * len(results)), squeeze=False)
+    fig = Figure(figsize=(3 * len(columns), 3.1 * len(results)))
+    axes = fig.subplots(len(results), len(columns), squeeze=False)
 
     def show(ax, image, mask=None, warped_mask=None):
         ax.imshow(_slice(image[0, 0], axis, index), cmap="gray", origin="lower")
@@ -175,14 +182,17 @@ def plot_pair_comparison(
 
     for row, result in zip(axes, results):
         ddf = result["ddf"]
-        show(row[0], fixed, fixed_mask)
-        show(row[1], moving, None, moving_mask)
-        show(row[2], result["warped"], fixed_mask, result.get("warped_mask"))
+        row_fixed, row_moving = result.get("fixed", fixed), result.get("moving", moving)
+        row_fixed_mask, row_moving_mask = result.get("fixed_mask", fixed_mask), result.get("moving_mask", moving_mask)
+        index = row_fixed.shape[2 + axis] // 2 if chosen_index is None else int(chosen_index)
+        show(row[0], row_fixed, row_fixed_mask)
+        show(row[1], row_moving, None, row_moving_mask)
+        show(row[2], result["warped"], row_fixed_mask, result.get("warped_mask"))
         # deformed grid x + u(x) in the slice plane
         u = [_slice(ddf[0, a], axis, index) for a in in_plane]
         h, v = np.meshgrid(np.arange(u[0].shape[1]), np.arange(u[0].shape[0]))
         points_h, points_v = h + u[0], v + u[1]
-        row[3].imshow(_slice(fixed[0, 0], axis, index), cmap="gray", origin="lower", alpha=0.35)
+        row[3].imshow(_slice(row_fixed[0, 0], axis, index), cmap="gray", origin="lower", alpha=0.35)
         for k in range(0, points_h.shape[0], grid_step):
             row[3].plot(points_h[k], points_v[k], color="tab:red", linewidth=0.6)
         for k in range(0, points_h.shape[1], grid_step):
@@ -191,7 +201,7 @@ def plot_pair_comparison(
         jacobian = torch.full(ddf.shape[2:], float("nan"))
         interior = (slice(JACOBIAN_BORDER, -JACOBIAN_BORDER),) * 3
         jacobian[interior] = jacobian_determinant(ddf.float())[0].cpu()
-        cmap = plt.get_cmap("RdBu_r").with_extremes(under="black")  # folding (J < 0) in black
+        cmap = matplotlib.colormaps["RdBu_r"].with_extremes(under="black")  # folding (J < 0) in black
         shown = row[4].imshow(_slice(jacobian, axis, index), cmap=cmap, origin="lower",
                               norm=TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=2.0))
         fig.colorbar(shown, ax=row[4], fraction=0.046, extend="both")
@@ -204,5 +214,4 @@ def plot_pair_comparison(
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

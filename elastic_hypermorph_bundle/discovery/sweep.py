@@ -18,17 +18,13 @@ from pathlib import Path
 
 import torch
 from monai.data.utils import affine_to_spacing
-from monai.losses import LocalNormalizedCrossCorrelationLoss
 
-from ..losses import elastic_energy
-from ..metrics import dice_per_label, folding_percent, sd_log_jacobian, target_registration_error
-from ..networks import warp_image, warp_label
+from ..metrics import metric_columns, pair_metrics
 
 __all__ = [
     "PreparedPair",
     "prepare_pairs",
     "mask_labels",
-    "metric_columns",
     "field_metrics",
     "sweep_columns",
     "SweepTable",
@@ -36,11 +32,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
-
-#: point kinds scored by TRE, in order of preference (manual landmarks over automatic keypoints)
-POINT_KINDS = ("landmarks", "keypoints")
-#: kernel of the local NCC similarity (as the training loss, :class:`~..losses.RegistrationLoss`)
-LNCC_KERNEL = 9
 
 
 @dataclass
@@ -132,69 +123,30 @@ def mask_labels(pairs: Sequence[PreparedPair]) -> list[int]:
     return [int(v) for v in values.tolist() if v != 0]
 
 
-def metric_columns(labels: Sequence[int], with_points: bool) -> list[str]:
-    """Metric columns of a sweep row, in order (what :func:`field_metrics` returns)."""
-    columns = []
-    if labels:
-        columns += ["dice_mean"] + [f"dice_{label}" for label in labels]
-    if with_points:
-        columns.append("tre_mm")
-    return columns + [
-        "folding_percent",
-        "sd_log_jacobian",
-        "elastic_energy",
-        "energy_shear",
-        "energy_volume",
-        "lncc",
-    ]
-
-
 def field_metrics(
-    ddf: torch.Tensor,
-    pair: PreparedPair,
-    hyper: dict[str, float],
-    labels: Sequence[int] = (),
-    similarity: Callable | None = None,
+    ddf: torch.Tensor, pair: PreparedPair, hyper: dict[str, float], labels: Sequence[int] = ()
 ) -> dict[str, float]:
-    """Every sweep metric of one registration result (same order as :func:`metric_columns`).
-
-    * ``dice_mean``, ``dice_<l>``: Dice of the moving mask warped with nearest neighbour against the fixed mask;
-    * ``tre_mm``: mean TRE (mm, network grid spacing) of the pair's points;
-    * ``folding_percent`` (% ``J <= 0``) and ``sd_log_jacobian``, inside the fixed mask when there is one (as the
-      bundle's evaluation, Learn2Reg "masked_evaluation");
-    * ``energy_shear = R(u; 0, 1)`` and ``energy_volume = R(u; 1, 0)`` (:func:`~..losses.elastic_energy`, voxel
-      units): ``R`` is linear in ``(lam, mu)``, so the energy of the field for ANY material is
-      ``lam * energy_volume + mu * energy_shear``; ``elastic_energy`` is that at the row's own ``(lam, mu)``
-      (NaN for an ``[alpha]`` model);
-    * ``lncc``: local normalised cross-correlation of the warped moving and the fixed image (higher is better).
+    """:func:`~elastic_hypermorph_bundle.metrics.pair_metrics` of one registration of a prepared pair (the sweep's
+    metric columns, :func:`~elastic_hypermorph_bundle.metrics.metric_columns`): Dice over ``labels`` (none when
+    empty), TRE of the pair's points, Jacobian metrics inside the fixed mask, elastic energies, LNCC.
 
     Args:
         ddf: ``(1, D, *spatial)`` displacement field of ``pair``.
         hyper: the row's hyperparameters by name.
         labels: mask labels to score (:func:`mask_labels`); empty skips Dice.
-        similarity: the LNCC loss module (created if None; pass one to reuse it).
     """
-    row: dict[str, float] = {}
-    region = pair.fixed_mask.round() if pair.fixed_mask is not None else None
-    if labels:
-        warped_mask = warp_label(pair.moving_mask.round(), ddf)
-        dice = dice_per_label(warped_mask, pair.fixed_mask.round(), labels)[0]
-        row["dice_mean"] = float(dice.mean())
-        row.update({f"dice_{label}": float(value) for label, value in zip(labels, dice)})
-    if pair.fixed_points is not None:
-        tre = target_registration_error(ddf[0], pair.fixed_points, pair.moving_points, pair.spacing)
-        row["tre_mm"] = float(tre.mean())
-    row["folding_percent"] = float(folding_percent(ddf, region)[0])
-    row["sd_log_jacobian"] = float(sd_log_jacobian(ddf, region)[0])
-    if set(hyper) == {"lam", "mu"}:
-        row["elastic_energy"] = float(elastic_energy(ddf, hyper["lam"], hyper["mu"])[0])
-    else:
-        row["elastic_energy"] = math.nan
-    row["energy_shear"] = float(elastic_energy(ddf, 0.0, 1.0)[0])
-    row["energy_volume"] = float(elastic_energy(ddf, 1.0, 0.0)[0])
-    similarity = similarity or LocalNormalizedCrossCorrelationLoss(ddf.ndim - 2, kernel_size=LNCC_KERNEL)
-    row["lncc"] = -float(similarity(warp_image(pair.moving, ddf), pair.fixed))
-    return row
+    return pair_metrics(
+        ddf,
+        fixed_mask=pair.fixed_mask,
+        moving_mask=pair.moving_mask if labels else None,
+        labels=list(labels) or None,
+        fixed_points=pair.fixed_points,
+        moving_points=pair.moving_points,
+        spacing=pair.spacing,
+        fixed_image=pair.fixed,
+        moving_image=pair.moving,
+        hyper=hyper,
+    )
 
 
 class SweepTable:
@@ -291,7 +243,6 @@ def run_grid(
     total = grid.shape[0] * len(pairs)
     tracker = _Progress(total, len(table.done)) if progress else None
     device = pairs[0].fixed.device
-    similarity = LocalNormalizedCrossCorrelationLoss(pairs[0].fixed.ndim - 2, kernel_size=LNCC_KERNEL)
     evaluations = 0
     network.eval()
     try:
@@ -305,7 +256,7 @@ def run_grid(
                 for pair in todo:
                     start = time.perf_counter()
                     ddf = network(pair.network_input, weights=weights).float()
-                    metrics = field_metrics(ddf, pair, hyper, labels, similarity)
+                    metrics = field_metrics(ddf, pair, hyper, labels)
                     evaluations += 1
                     table.append(
                         {

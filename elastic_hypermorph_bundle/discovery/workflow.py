@@ -38,8 +38,8 @@ from ..workflow.datalists import pair_datalist
 from .plots import plot_grid_metric, plot_pair_comparison, plot_regularizer_comparison
 from .refine import refine_hyper
 from .selection import json_ready, physical_reading, read_sweep, resolve_criterion, summarize
+from ..metrics import POINT_KINDS
 from .sweep import (
-    POINT_KINDS,
     PreparedPair,
     SweepTable,
     field_metrics,
@@ -326,18 +326,21 @@ def compare_sweeps(
     Raises:
         ValueError: the sweeps are not an elastic and an ``[alpha]`` model, or were run on different pairs.
     """
-    sweeps = {"elastic": _load_sweep(elastic_dir), "diffusion": _load_sweep(diffusion_dir)}
-    if tuple(sweeps["elastic"][2].names) != ("lam", "mu") or tuple(sweeps["diffusion"][2].names) != ("alpha",):
+    elastic, baseline = _load_sweep(elastic_dir), _load_sweep(diffusion_dir)
+    if tuple(elastic[2].names) != ("lam", "mu") or tuple(baseline[2].names) != ("alpha",):
         raise ValueError(
-            f"compare_sweeps needs an elastic [lam, mu] sweep and an [alpha] sweep, got {sweeps['elastic'][2].names} "
-            f"and {sweeps['diffusion'][2].names}."
+            f"compare_sweeps needs an elastic [lam, mu] sweep and an [alpha] sweep, got {elastic[2].names} "
+            f"and {baseline[2].names}."
         )
+    # the [alpha] model is the diffusion baseline or the elastic one at fixed (lam, mu): name it as it is
+    label = baseline[0]["identity"]["regularizer"]
+    sweeps = {"elastic": elastic, label: baseline}
     pair_sets = {name: set(results.pair_ids) for name, (_, _, results) in sweeps.items()}
-    if pair_sets["elastic"] != pair_sets["diffusion"]:
+    if pair_sets["elastic"] != pair_sets[label]:
         raise ValueError(
             "the two sweeps were run on different pairs (only in elastic: "
-            f"{sorted(pair_sets['elastic'] - pair_sets['diffusion'])}, only in diffusion: "
-            f"{sorted(pair_sets['diffusion'] - pair_sets['elastic'])}); sweep both on the same --split."
+            f"{sorted(pair_sets['elastic'] - pair_sets[label])}, only in {label}: "
+            f"{sorted(pair_sets[label] - pair_sets['elastic'])}); sweep both on the same --split."
         )
     pair_ids = sweeps["elastic"][2].pair_ids
     metrics = [m for m in COMPARED if all(m in results.metrics for _, _, results in sweeps.values())]
@@ -363,11 +366,11 @@ def compare_sweeps(
         writer.writeheader()
         writer.writerows(table)
     plot = plot_regularizer_comparison(
-        sweeps["elastic"][1], sweeps["diffusion"][1], {p: v[metric] for p, v in per_pair.items()}, metric,
-        output_dir / "comparison.png",
+        elastic[1], baseline[1], {p: v[metric] for p, v in per_pair.items()}, metric, output_dir / "comparison.png",
+        baseline=label,
     )
     result = {"metric": metric, "pairs": pair_ids, "table": table, "per_pair": per_pair, "figure": plot.name,
-              "sweeps": {"elastic": str(elastic_dir), "diffusion": str(diffusion_dir)}}
+              "sweeps": {"elastic": str(elastic_dir), label: str(diffusion_dir)}}
     _write_json(output_dir / "comparison.json", result)
     return result
 
@@ -381,30 +384,33 @@ def pair_figure(
     axis: int = 1,
 ) -> Path:
     """Figure 4 of the paper for one pair: fixed, moving, warped (mask contours), deformation grid and ``det J``,
-    for the best elastic setting (row 1) and the best diffusion setting (row 2) of two finished sweeps.
+    for the best elastic setting (row 1) and the best setting of the ``[alpha]`` model (row 2, labelled by its
+    regularizer) of two finished sweeps.
 
-    The models come from the sweeps' checkpoints (``model.json`` next to each gives the architecture), the pair
-    and its preprocessing from the elastic sweep's configuration. Writes ``output_dir/pair_<pair_id>.png``.
+    The models come from the sweeps' checkpoints (``model.json`` next to each gives the architecture); each row
+    preprocesses the pair as its own sweep did. Writes ``output_dir/pair_<pair_id>.png``.
 
     Args:
         pair_id: pair to draw; default the first pair of the sweep.
         axis: spatial axis the slice is taken across.
     """
-    sweeps = {"elastic": _load_sweep(elastic_dir), "diffusion": _load_sweep(diffusion_dir)}
-    identity = sweeps["elastic"][0]["identity"]
-    pair_id = pair_id or identity["pairs"][0]
+    elastic, baseline = _load_sweep(elastic_dir), _load_sweep(diffusion_dir)
+    sweeps = {"elastic": elastic, baseline[0]["identity"]["regularizer"]: baseline}
+    pair_id = pair_id or elastic[0]["identity"]["pairs"][0]
     for name, (config, _, _) in sweeps.items():
         if pair_id not in config["identity"]["pairs"]:
             raise ValueError(f"pair {pair_id!r} is not in the {name} sweep (pairs: {config['identity']['pairs']}).")
-    data = identity["dataset"]
-    datalist = [p for p in pair_datalist(data["dataset_dir"], data["split"], data["seed"], data["split_file"])
-                if p["pair_id"] == pair_id]
-    with_masks = bool(identity["labels"])
-    transform = registration_transforms(**identity["preprocessing"], with_masks=with_masks, with_keypoints=False)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    pair = prepare_pairs(datalist, transform, device)[0]
     rows = []
     for name, (config, summary, results) in sweeps.items():
+        identity = config["identity"]
+        data = identity["dataset"]
+        datalist = [p for p in pair_datalist(data["dataset_dir"], data["split"], data["seed"], data["split_file"])
+                    if p["pair_id"] == pair_id]
+        # each model sees the pair as its own sweep (and its training) preprocessed it
+        transform = registration_transforms(**identity["preprocessing"], with_masks=bool(identity["labels"]),
+                                            with_keypoints=False)
+        pair = prepare_pairs(datalist, transform, device)[0]
         network = load_trained_network(config["info"]["ckpt_path"], device=device)
         hyper = torch.tensor([[summary["best"][n] for n in results.names]], device=device)
         with torch.no_grad():
@@ -415,8 +421,10 @@ def pair_figure(
             "ddf": ddf,
             "warped": warp_image(pair.moving, ddf),
             "warped_mask": None if pair.moving_mask is None else warp_label(pair.moving_mask.round(), ddf),
+            "fixed": pair.fixed, "moving": pair.moving, "fixed_mask": pair.fixed_mask, "moving_mask": pair.moving_mask,
         })
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    return plot_pair_comparison(pair.fixed, pair.moving, rows, output_dir / f"pair_{pair_id}.png",
-                                pair.fixed_mask, pair.moving_mask, axis=axis)
+    first = rows[0]
+    return plot_pair_comparison(first["fixed"], first["moving"], rows, output_dir / f"pair_{pair_id}.png",
+                                first["fixed_mask"], first["moving_mask"], axis=axis)

@@ -12,8 +12,10 @@ from torch.nn.modules.loss import _Loss
 
 from .elastic import elastic_energy
 
-__all__ = ["RegistrationLoss"]
+__all__ = ["RegistrationLoss", "REGULARIZERS"]
 
+#: the regularizers of the bundle: the learnable linear elastic one over (lam, mu), and the two baselines over
+#: alpha (HyperMorph's diffusion, and the elastic one at fixed literature (lam, mu)); the model's HyperSpace uses it
 REGULARIZERS = ("elastic", "diffusion", "elastic_fixed")
 WEIGHTINGS = ("paper", "hypermorph")
 REGULARIZED_FIELDS = ("displacement", "velocity")

@@ -30,16 +30,9 @@ from ignite.engine import Engine, Events
 
 from ..data.transforms import ddf_to_original_grid
 from . import parse_flag
-from .ignite_metrics import (
-    POINT_KINDS,
-    as_pairs,
-    pair_dice,
-    pair_folding_percent,
-    pair_sd_log_jacobian,
-    pair_tre,
-)
+from .ignite_metrics import as_pairs, registered_pair_metrics
 
-__all__ = ["OutputFiles", "InferenceWriter", "EvaluationWriter", "pair_metric_row"]
+__all__ = ["OutputFiles", "InferenceWriter", "EvaluationWriter"]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
 
@@ -220,40 +213,18 @@ def _nan_to_none(value):
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def pair_metric_row(pair: dict, labels: Sequence[int] | None = None, masked: bool = True) -> dict:
-    """Metrics of one registered pair: Dice per label and mean (after and before registration), TRE in mm per
-    point kind (after and before), % folded voxels, SDlogJ, runtime in seconds, hyperparameters."""
-    row: dict = {"pair_id": pair.get("pair_id", "")}
-    dice = pair_dice(pair, labels)
-    if dice is not None:
-        if labels is None:  # the default of dice_per_label: nonzero labels of the fixed mask, sorted
-            labels_used = [int(v) for v in torch.as_tensor(pair["fixed_mask"]).round().unique() if v != 0]
-        else:
-            labels_used = [int(v) for v in labels]
-        row.update({f"dice_{label}": float(d) for label, d in zip(labels_used, dice)})
-        row["dice_mean"] = float(dice.mean())
-        row["dice_before"] = float(pair_dice(pair, labels, warped_key="moving_mask").mean())
-    for kind in POINT_KINDS:
-        tre = pair_tre(pair, kind)
-        if tre is not None:
-            row[f"tre_{kind}_mm"] = float(tre.mean())
-            row[f"tre_{kind}_before_mm"] = float(pair_tre(pair, kind, registered=False).mean())
-    row["folding_percent"] = pair_folding_percent(pair, masked)
-    row["sd_log_jacobian"] = pair_sd_log_jacobian(pair, masked)
-    row["runtime_s"] = float(pair["runtime"])
-    return row
-
-
 class EvaluationWriter:
-    """Collect :func:`pair_metric_row` of every pair and, when the run completes, write ``metrics.csv`` (one row
-    per pair and a ``mean`` row) and ``metrics.json`` (``mean``, ``pairs``, and ``info``, e.g. the hyperparameters
-    and checkpoint). Under distributed evaluation the rows are gathered and rank 0 writes.
+    """Collect the metrics of every pair (``pair_id``, :func:`~elastic_hypermorph_bundle.metrics.pair_metrics`
+    with the values before registration, ``runtime_s``) and, when the run completes, write ``metrics.csv`` (one
+    row per pair and a ``mean`` row) and ``metrics.json`` (``mean``, ``pairs``, and ``info``, e.g. the
+    hyperparameters and checkpoint). Under distributed evaluation the rows are gathered and rank 0 writes.
 
     Args:
         output_files: the run's :class:`OutputFiles`.
         labels: mask labels to score (default: nonzero labels of each fixed mask).
         masked: Jacobian metrics inside the fixed mask (Learn2Reg "masked_evaluation").
-        info: JSON-serialisable context stored in ``metrics.json``.
+        info: JSON-serialisable context stored in ``metrics.json``; its ``hyper_names`` (e.g. ``["lam", "mu"]``)
+            name the pairs' hyperparameter row (for ``elastic_energy``).
     """
 
     FILES = ("metrics.csv", "metrics.json")
@@ -281,7 +252,10 @@ class EvaluationWriter:
         self.rows = []
 
     def _collect(self, engine: Engine) -> None:
-        self.rows += [pair_metric_row(pair, self.labels, self.masked) for pair in as_pairs(engine.state.output)]
+        names = self.info.get("hyper_names")
+        for pair in as_pairs(engine.state.output):
+            metrics = registered_pair_metrics(pair, names, self.labels, self.masked)
+            self.rows.append({"pair_id": pair.get("pair_id", ""), **metrics, "runtime_s": float(pair["runtime"])})
 
     def summary(self) -> dict:
         """Mean of every numeric column over the pairs that have it."""

@@ -193,11 +193,11 @@ def _section4(result: dict, settings: dict) -> list[str]:
 
 
 def _peer(methods: list[dict], kind: str) -> dict | None:
-    return next((row for row in methods if row.get("kind") == kind and "tre_keypoints_mm" in row), None)
+    return next((row for row in methods if row.get("kind") == kind and "tre_mm" in row), None)
 
 
 def _scored(methods: list[dict]) -> list[dict]:
-    return [row for row in methods if "tre_keypoints_mm" in row]
+    return [row for row in methods if "tre_mm" in row]
 
 
 def accuracy_goals(result: dict) -> list[dict]:
@@ -210,12 +210,12 @@ def accuracy_goals(result: dict) -> list[dict]:
         if row["kind"] != "optimize" or row["options"].get("init") != "network":
             continue
         checks = [
-            ("keypoint TRE <= 0.9 x elastix", row["tre_keypoints_mm"],
-             0.9 * elastix["tre_keypoints_mm"] if elastix else None),
-            ("keypoint TRE <= ConvexAdam", row["tre_keypoints_mm"], convex["tre_keypoints_mm"] if convex else None),
+            ("keypoint TRE <= 0.9 x elastix", row["tre_mm"],
+             0.9 * elastix["tre_mm"] if elastix else None),
+            ("keypoint TRE <= ConvexAdam", row["tre_mm"], convex["tre_mm"] if convex else None),
             ("s / pair <= elastix / 10", row["seconds_per_pair"], elastix["seconds_per_pair"] / 10 if elastix else None),
             ("% J<=0 < 0.1", row["folding_percent"], 0.1),
-            ("SDlogJ <= elastix", row["sd_log_j"], elastix["sd_log_j"] if elastix else None),
+            ("SDlogJ <= elastix", row["sd_log_jacobian"], elastix["sd_log_jacobian"] if elastix else None),
             ("peak memory <= 4 GiB", row["peak_rss_mib"] / 1024, 4.0),
         ]
         goals.append({"method": row["method"], "checks": [
@@ -238,14 +238,14 @@ def plot_accuracy_time(result: dict, path) -> None:
         init = row["options"].get("init")
         color = {"network": "tab:red", "identity": "tab:orange"}.get(init, "tab:blue" if row["kind"] == "network"
                                                                       else "0.3")
-        ax.scatter(max(row["seconds_per_pair"], 1e-2), row["tre_keypoints_mm"], marker=markers[row["kind"]],
+        ax.scatter(max(row["seconds_per_pair"], 1e-2), row["tre_mm"], marker=markers[row["kind"]],
                    color=color, s=45, zorder=3)
         ax.annotate(row["method"].replace("bundle: ", ""), (max(row["seconds_per_pair"], 1e-2),
-                    row["tre_keypoints_mm"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
+                    row["tre_mm"]), textcoords="offset points", xytext=(5, 4), fontsize=7)
     for kind in ("identity", "network"):
         chain = sorted((r for r in rows if r["options"].get("init") == kind), key=lambda r: r["seconds_per_pair"])
         if len(chain) > 1:
-            ax.plot([r["seconds_per_pair"] for r in chain], [r["tre_keypoints_mm"] for r in chain],
+            ax.plot([r["seconds_per_pair"] for r in chain], [r["tre_mm"] for r in chain],
                     color={"network": "tab:red", "identity": "tab:orange"}[kind], lw=1, alpha=0.6)
     setup = result["setup"]
     ax.set_xscale("log")
@@ -303,15 +303,15 @@ def _section5(result: dict, run: dict | None = None) -> list[str]:
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in methods:
-        if "tre_keypoints_mm" not in row:
+        if "tre_mm" not in row:
             lines.append(f"| {row['method']} | {'skipped: ' + row['skipped'] if 'skipped' in row else 'failed: ' + row['error'][:200].replace('|', '/').replace(chr(10), ' ')} | | | | | | |")
             continue
         seconds = f"{row['seconds_per_pair']:.2f}"
         if "seconds_network" in row and row["options"].get("init") == "network":
             seconds += f" ({np.median(row['seconds_network']):.1f} + {np.median(row['seconds_optimize']):.1f})"
         lines.append(
-            f"| {row['method']} | {seconds} | {row['tre_keypoints_mm']:.2f} | {row['tre_dense_mm']:.2f} | "
-            f"{row['dice']:.3f} | {row['folding_percent']:.3f} | {row['sd_log_j']:.3f} | {_mib(row['peak_rss_mib'])} |"
+            f"| {row['method']} | {seconds} | {row['tre_mm']:.2f} | {row['tre_dense_mm']:.2f} | "
+            f"{row['dice_mean']:.3f} | {row['folding_percent']:.3f} | {row['sd_log_jacobian']:.3f} | {_mib(row['peak_rss_mib'])} |"
         )
     lines += ["", "In network + optimisation rows, the seconds in brackets are network + optimisation.", ""]
     if result.get("figure"):
@@ -345,14 +345,14 @@ def _closing_note(result: dict, goals: list[dict]) -> list[str]:
     chain = sorted((r for r in methods if r["options"].get("init") == "network"), key=lambda r: r["options"]["steps"])
     network = _peer(methods, "network")
     if any("TRE" in name for name in failed) and chain:
-        best = min(chain, key=lambda r: r["tre_keypoints_mm"])
-        trend = ("still falling with more steps" if len(chain) > 1 and chain[-1]["tre_keypoints_mm"] <
-                 chain[-2]["tre_keypoints_mm"] - 0.05 else "flat in the step count")
+        best = min(chain, key=lambda r: r["tre_mm"])
+        trend = ("still falling with more steps" if len(chain) > 1 and chain[-1]["tre_mm"] <
+                 chain[-2]["tre_mm"] - 0.05 else "flat in the step count")
         notes.append(
-            f"Accuracy: the best network + optimisation row reaches {best['tre_keypoints_mm']:.2f} mm"
-            + (f" (network alone {network['tre_keypoints_mm']:.2f} mm)" if network else "")
-            + (f" against elastix {elastix['tre_keypoints_mm']:.2f} mm" if elastix else "")
-            + (f" and ConvexAdam {convex['tre_keypoints_mm']:.2f} mm" if convex else "")
+            f"Accuracy: the best network + optimisation row reaches {best['tre_mm']:.2f} mm"
+            + (f" (network alone {network['tre_mm']:.2f} mm)" if network else "")
+            + (f" against elastix {elastix['tre_mm']:.2f} mm" if elastix else "")
+            + (f" and ConvexAdam {convex['tre_mm']:.2f} mm" if convex else "")
             + f"; the TRE is {trend}. "
             + ("More steps (or a finer control grid at the last level) would lower it at a proportional cost in time."
                if trend.startswith("still") else
