@@ -92,7 +92,7 @@ def _identity_pair(spatial=(8, 8, 8)) -> dict:
 
 def test_metrics_of_known_fields():
     pair = _identity_pair()
-    shifted = dict(pair, pred=torch.zeros(3, 8, 8, 8).index_fill_(0, torch.tensor([0]), 1.0))
+    shifted = dict(pair, pair_id="0002_0002", pred=torch.zeros(3, 8, 8, 8).index_fill_(0, torch.tensor([0]), 1.0))
     dice, tre, folding, sdlogj = (PairMean(m) for m in ("dice_mean", "tre_mm", "folding_percent", "sd_log_jacobian"))
     for metric in (dice, tre, folding, sdlogj):
         metric.reset()
@@ -101,6 +101,18 @@ def test_metrics_of_known_fields():
     # zero field: TRE = 1 voxel * 2 mm; shift of 1 voxel along x matches the moving points: TRE = 0
     assert tre.compute() == pytest.approx((2.0 + 0.0) / 2)
     assert folding.compute() == 0.0 and sdlogj.compute() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_pair_repeated_by_a_padding_sampler_counts_once():
+    """DistributedSampler(even_divisible=True) hands a pair to two ranks to fill them: the validation score that
+    picks the best checkpoint must stay the mean over the distinct pairs."""
+    pair = _identity_pair()  # TRE 2 mm
+    other = dict(pair, pair_id="0002_0002", pred=torch.zeros(3, 8, 8, 8).index_fill_(0, torch.tensor([0]), 1.0))
+    tre = PairMean("tre_mm")
+    tre.reset()
+    tre.update([pair, other])
+    tre.update([dict(pair)])  # the padded repeat of the first pair
+    assert tre.compute() == pytest.approx((2.0 + 0.0) / 2)
 
 
 def test_metric_without_data_is_nan():

@@ -2,8 +2,10 @@
 
 Every per-pair value is one entry of :func:`elastic_hypermorph_bundle.metrics.pair_metrics` (the bundle's one
 vocabulary of metric names) on the network grid, computed once per pair (:func:`registered_pair_metrics`) and shared
-by every metric and the evaluation writer. :class:`PairMean` is the mean over pairs of one entry; its running sum
-and count are all-reduced across processes, so the metrics are exact under distributed evaluation.
+by every metric and the evaluation writer. :class:`PairMean` is the mean over pairs of one entry, each pair counted
+once: under distributed evaluation the per-pair values of all processes are gathered and a pair that a padding
+sampler gave to two processes (``DistributedSampler(even_divisible=True)``) counts once, so the score that picks
+the best checkpoint is the plain mean over the validation pairs.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 
+import ignite.distributed as idist
 import torch
 from ignite.metrics import Metric
-from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+from ignite.metrics.metric import reinit__is_reduced
 from monai.data import decollate_batch
 
 from ..metrics import POINT_KINDS, pair_metrics
@@ -79,7 +82,7 @@ def registered_pair_metrics(
 class PairMean(Metric):
     """Mean over pairs of one :func:`~elastic_hypermorph_bundle.metrics.pair_metrics` entry, e.g. ``"dice_mean"``,
     ``"tre_mm"``, ``"folding_percent"``, ``"sd_log_jacobian"``; pairs without it (no masks, no points) or with NaN
-    are skipped.
+    are skipped, and a pair seen more than once (same ``pair_id``, on any process) counts once.
 
     Args:
         metric: the entry's name.
@@ -101,8 +104,7 @@ class PairMean(Metric):
 
     @reinit__is_reduced
     def reset(self) -> None:
-        self._sum = torch.tensor(0.0, dtype=torch.float64, device=self._device)
-        self._count = 0
+        self._values: dict[str, float] = {}
 
     @reinit__is_reduced
     def update(self, output) -> None:
@@ -110,13 +112,16 @@ class PairMean(Metric):
             value = registered_pair_metrics(pair, labels=self.labels, masked=self.masked).get(self.metric)
             if value is None or math.isnan(float(value)):
                 continue
-            self._sum += float(value)
-            self._count += 1
+            key = str(pair.get("pair_id") or f"rank{idist.get_rank()}_{len(self._values)}")
+            self._values[key] = float(value)
 
-    @sync_all_reduce("_sum", "_count")
     def compute(self) -> float:
         """The mean; NaN (with a warning) when no pair had the data, e.g. a dataset without masks or points."""
-        if self._count == 0:
+        values = dict(self._values)
+        if idist.get_world_size() > 1:  # every process takes part, also one without pairs
+            for gathered in idist.all_gather(self._values):
+                values.update(gathered)
+        if not values:
             logger.warning("%s(%r): no pair had the data it needs; reporting NaN.", type(self).__name__, self.metric)
             return math.nan
-        return float(self._sum) / self._count
+        return float(sum(values.values()) / len(values))

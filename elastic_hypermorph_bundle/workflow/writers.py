@@ -265,7 +265,8 @@ class EvaluationWriter:
 
     def _write(self, engine: Engine) -> None:
         if idist.get_world_size() > 1:
-            self.rows = [row for rank_rows in idist.all_gather(self.rows) for row in rank_rows]
+            gathered = [row for rank_rows in idist.all_gather(self.rows) for row in rank_rows]
+            self.rows = list({row["pair_id"]: row for row in gathered}.values())  # a padded pair counts once
         if idist.get_rank() != 0:
             return
         self.rows.sort(key=lambda row: row["pair_id"])
