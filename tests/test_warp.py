@@ -1,0 +1,34 @@
+"""The warp helpers reuse one MONAI Warp (and so its reference grid) per mode, device and dtype."""
+
+import torch
+from monai.networks.blocks import Warp
+
+from elastic_hypermorph_bundle.networks import warp
+from elastic_hypermorph_bundle.networks.warp import warp_image, warp_label
+
+
+def test_repeated_warps_build_the_reference_grid_once(monkeypatch):
+    built = []  # reference grids MONAI builds
+    original = Warp.get_reference_grid
+
+    def counting(self, ddf, *args, **kwargs):
+        grid = original(self, ddf, *args, **kwargs)
+        built.append(grid.data_ptr())
+        return grid
+
+    monkeypatch.setattr(Warp, "get_reference_grid", counting)
+    warp.cached_warp.cache_clear()
+    moving = torch.rand(1, 1, 6, 7, 8)
+    ddf = torch.randn(1, 3, 6, 7, 8)
+    first = warp_image(moving, ddf)
+    for _ in range(3):
+        torch.testing.assert_close(warp_image(moving, ddf), first)
+    assert len(built) == 1  # the grid is built once and reused by every call (MONAI alone rebuilds it each time)
+    # same result as a fresh MONAI Warp; labels keep their values and dtype
+    torch.testing.assert_close(first, Warp("bilinear", "border")(moving, ddf))
+    labels = torch.randint(0, 3, (1, 1, 6, 7, 8))
+    warped = warp_label(labels, ddf)
+    assert warped.dtype == labels.dtype and set(warped.unique().tolist()) <= {0, 1, 2}
+    # another dtype or shape gets its own grid
+    assert warp_image(moving.double(), ddf.double()).dtype == torch.float64
+    torch.testing.assert_close(warp_image(moving[..., :5], ddf[..., :5]), Warp("bilinear", "border")(moving[..., :5], ddf[..., :5]))
