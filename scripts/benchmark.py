@@ -69,7 +69,7 @@ def settings_for(quick: bool, cuda: bool) -> dict:
     }
 
 
-def accuracy_settings(spatial_size, seeds=(9000, 9001, 9002), elastix_iterations=200, demons_iterations=(100, 50),
+def accuracy_settings(spatial_size, seeds=(1000, 1001), elastix_iterations=200, demons_iterations=(100, 50),
                       convex_adam=None, optimize_steps=(100,), network_optimize_steps=(25, 50, 100), **extra) -> dict:
     """Section 5 settings: held-out pair seeds (disjoint from any training seed the bundle's scripts use),
     breath-hold amplitudes, the peers' iterations, the optimisation step counts; (lam, mu) default to the bundle's
@@ -78,7 +78,7 @@ def accuracy_settings(spatial_size, seeds=(9000, 9001, 9002), elastix_iterations
             "elastix_iterations": elastix_iterations, "demons_iterations": list(demons_iterations),
             "convex_adam": dict(convex_adam or {}), "optimize_steps": list(optimize_steps),
             "network_optimize_steps": list(network_optimize_steps), "lam": None, "mu": None, "use_mask": False,
-            "optimize_kwargs": {}, **extra}
+            "optimize_kwargs": {}, "method_timeout_s": 450.0, **extra}
 
 
 def inference_defaults() -> dict:
@@ -123,11 +123,12 @@ def run_accuracy(options: dict, model_dir: str | None, pair_cache: str, log) -> 
         log(f"  trained a tiny model for {options['tiny_model_seconds']} s (quick run)")
     methods = []
     for spec in section5_methods(options, str(model_path)):
-        methods.append(accuracy.run_method(spec, pairs))
+        methods.append(accuracy.run_method(spec, pairs, timeout=options.get("method_timeout_s", 3600)))
         row = methods[-1]
         log(f"  {spec['name']}: " + (f"TRE {row['tre_mm']:.2f} mm, {row['seconds_per_pair']:.1f} s/pair, "
                                       f"peak {row['peak_rss_mib']:.0f} MiB" if "tre_mm" in row
-                                      else row.get("skipped") or row.get("error")))
+                                      else row.get("skipped") or row.get("error")
+                                      or f"did not finish within {row['timed_out_s']:.0f} s"))
     first = accuracy.load_pair(pairs[0])
     card = None
     if model_path is not None and model_path.with_name("model.json").is_file():
@@ -177,8 +178,12 @@ def main(quick: bool = False, output_dir: str = "docs", sections=(1, 2, 3, 4, 5)
     # a subset run replaces only its own sections of an existing benchmarks.json; each section records its run
     results = json.loads(json_path.read_text()) if json_path.is_file() and sections != set(SECTION_KEYS) else {}
     results.pop("classical", None)  # the former section 5 (a 32^3 comparison), superseded by "accuracy"
-    results.update(machine=machine_description(), settings={**results.get("settings", {}), **settings})
     runs = results.setdefault("runs", {})
+    for key in SECTION_KEYS.values():  # sections kept from a run that predates per-section records
+        if key in results and key not in runs:
+            runs[key] = {"date_utc": results["machine"]["date_utc"], "command": results["settings"]["command"],
+                         "run_seconds": results.get("total_seconds", 0.0)}
+    results.update(machine=machine_description(), settings={**results.get("settings", {}), **settings})
 
     def log(message):
         print(f"[{time.perf_counter() - start:7.1f} s] {message}", flush=True)

@@ -147,14 +147,19 @@ def train_tiny_model(pairs: list, seconds: float, folder: str | Path, seed: int 
 def run_method(spec: dict, pair_paths: list[Path], timeout: float = 3600) -> dict:
     """Run one method (``spec``: ``name``, ``kind`` in :data:`KINDS`, options) on all pairs in a fresh process
     (:mod:`bench.register_probe`); score each pair's DDF against its ground truth. Returns the method's row
-    (:func:`summarise`), or ``{"method", "skipped"}`` / ``{"method", "error"}``."""
+    (:func:`summarise`), or ``{"method", "skipped"}`` / ``{"method", "error"}``, or ``{"method", "timed_out_s",
+    "pairs"}`` when the method did not finish all pairs within ``timeout`` seconds (the process is killed)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), str(REPO_ROOT / "scripts"),
                                                       env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory(prefix="bench_register_") as scratch:
         job = {"spec": spec, "pairs": [str(p) for p in pair_paths], "scratch": scratch}
-        completed = subprocess.run([sys.executable, "-m", "bench.register_probe", json.dumps(job)],
-                                   capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO_ROOT))
+        try:
+            completed = subprocess.run([sys.executable, "-m", "bench.register_probe", json.dumps(job)],
+                                       capture_output=True, text=True, timeout=timeout, env=env, cwd=str(REPO_ROOT))
+        except subprocess.TimeoutExpired:
+            return {"method": spec["name"], "kind": spec["kind"], "timed_out_s": float(timeout),
+                    "pairs": len(pair_paths)}
         if completed.returncode != 0:
             return {"method": spec["name"], "kind": spec["kind"],
                     "error": f"exited with {completed.returncode}: {completed.stderr.strip()[-800:]}"}
