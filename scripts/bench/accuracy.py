@@ -134,13 +134,15 @@ def train_tiny_model(pairs: list, seconds: float, folder: str | Path, seed: int 
         loss.backward()
         optimizer.step()
         steps += 1
+    from elastic_hypermorph_bundle.model_card import ModelCard
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(net.state_dict(), folder / "model.pt")
-    card = {**space.to_dict(), "hyper_sampling": "uniform", "network": {"name": "HyperUNet", "kwargs": kwargs},
-            "spatial_size": list(pairs[0].fixed_image.shape), "pixdim": list(pairs[0].spacing),
-            "training": {"steps": steps, "seconds": time.perf_counter() - start, "note": "benchmark --quick model"}}
-    (folder / "model.json").write_text(json.dumps(card, indent=2))
+    ModelCard(space, "HyperUNet", kwargs, spatial_size=list(pairs[0].fixed_image.shape),
+              pixdim=list(pairs[0].spacing), hu_window=list(HU_WINDOW),
+              training={"steps": steps, "seconds": time.perf_counter() - start, "note": "benchmark --quick model"}
+              ).save(folder)
     return folder / "model.pt"
 
 

@@ -42,17 +42,14 @@ __all__ = ["load_model", "network_ddf", "register_pairs"]
 
 
 def load_model(model_path: str | Path, device) -> tuple[torch.nn.Module, object, dict]:
-    """The bundle model exported by training: ``model.pt`` (state dict) and ``model.json`` (card) next to it."""
-    from elastic_hypermorph_bundle import networks
-    from elastic_hypermorph_bundle.workflow.training import hyper_space_from_card, read_model_card
+    """The bundle model exported by training: ``model.pt`` (state dict) and ``model.json`` (card) next to it;
+    returns the network (eval mode), its trained hyperparameter space and ``{"spatial_size", "training"}``."""
+    from elastic_hypermorph_bundle.model_card import ModelCard, load_trained_network
 
-    model_path = Path(model_path)
-    card = read_model_card(model_path.with_name("model.json"))
-    space = hyper_space_from_card(card)
-    kwargs = dict(card["network"]["kwargs"])
-    net = getattr(networks, card["network"]["name"])(**kwargs)
-    net.load_state_dict(torch.load(model_path, map_location="cpu", weights_only=True))
-    return net.to(device).eval(), space, card
+    card = ModelCard.load(model_path)
+    net = load_trained_network(model_path, device=device)
+    return net, card.hyper_space, {"spatial_size": card.preprocessing.get("spatial_size"),
+                                   "training": card.info.get("training") or {}}
 
 
 def network_ddf(net, weights, fixed: torch.Tensor, moving: torch.Tensor, grid=None) -> torch.Tensor:
