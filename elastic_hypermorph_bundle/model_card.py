@@ -324,3 +324,15 @@ def check_run(
         card.check_network(network_name, network_kwargs)
         card.check_preprocessing(spatial_size, pixdim, hu_window, allow_mismatch=allow)
     return card
+
+
+def trained_preprocessing(ckpt_path: str | Path, name: str, default=None):
+    """The preprocessing value ``name`` (``spatial_size``, ``pixdim`` or ``hu_window``) recorded in the card beside
+    ``ckpt_path``, or ``default`` when there is no card: the default of inference and evaluation, so that the
+    shipped model runs with its own preprocessing unless the user overrides it (which :func:`check_run` checks)."""
+    if name not in PREPROCESSING:
+        raise ValueError(f"unknown preprocessing id {name!r}; expected one of {list(PREPROCESSING)}.")
+    path = Path(ckpt_path).with_name(CARD_NAME)
+    if not path.is_file():
+        return default
+    return ModelCard.load(path).preprocessing[name]
