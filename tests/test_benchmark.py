@@ -131,7 +131,7 @@ def test_convex_adam_recovers_known_shift_in_package_convention():
 
 def test_pair_cache_round_trip_and_reuse(tmp_path):
     from bench.accuracy import cached_pairs, load_pair
-    from elastic_hypermorph_bundle.data.synthetic import simulate_pair
+    from elastic_hypermorph_bundle.simulation.generator import simulate_pair
 
     settings = {"max_displacement_range": [6.0, 8.0]}
     paths = cached_pairs((16, 16, 16), [5], settings, tmp_path, log=lambda message: None)
@@ -193,7 +193,7 @@ def test_interleaved_medians_alternates_order_after_warmup():
 
 def test_ground_truth_scores_zero_error_and_identity_does_not():
     from bench.accuracy import evaluate_ddf
-    from elastic_hypermorph_bundle.data.synthetic import simulate_pair
+    from elastic_hypermorph_bundle.simulation.generator import simulate_pair
 
     pair = simulate_pair((24, 24, 24), seed=3)
     truth = evaluate_ddf(pair.displacement, pair)

@@ -21,7 +21,7 @@ from elastic_hypermorph_bundle.atomic import (
     readable_checkpoint,
     remove_partial_files,
 )
-from elastic_hypermorph_bundle.data.synthetic import make_synthetic_dataset
+from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "configs" / "train.json")

@@ -1,4 +1,6 @@
-"""Learn2Reg data: dataset discovery and splits (learn2reg), MONAI transforms (transforms), file helpers (io)."""
+"""Learn2Reg data: dataset discovery and splits (learn2reg), MONAI transforms (transforms), file helpers (io).
+
+The simulated breathing pairs are in :mod:`elastic_hypermorph_bundle.simulation`."""
 
 from .io import Learn2RegDataError, Learn2RegFileNotFoundError, read_nifti_grid, read_points, write_points
 from .learn2reg import (

@@ -1,7 +1,7 @@
 """Section 5 of the benchmark: accuracy, time and memory of every registration method on the same held-out simulated
 breathing-lung pairs with known ground truth.
 
-Pairs: :func:`elastic_hypermorph_bundle.data.synthetic.simulate_pair` at the given grid (the default run: the
+Pairs: :func:`elastic_hypermorph_bundle.simulation.generator.simulate_pair` at the given grid (the default run: the
 Learn2Reg lung grid 192 x 192 x 208 of 1.75 x 1.25 x 1.75 mm) with the given simulation settings, cached as
 ``.npz`` under ``cache_dir/<settings hash>/`` (a full-size pair takes a minute to simulate; the cache holds nothing
 the settings do not determine).
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elastic_hypermorph_bundle.data.synthetic import SimulatedPair, simulate_pair
+from elastic_hypermorph_bundle.simulation.generator import SimulatedPair, simulate_pair
 from elastic_hypermorph_bundle.hyperparams import HyperSpace
 from elastic_hypermorph_bundle.losses import RegistrationLoss
 from elastic_hypermorph_bundle.metrics import pair_metrics

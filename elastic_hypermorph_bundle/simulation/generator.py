@@ -49,9 +49,9 @@ import scipy.fft
 from scipy.ndimage import gaussian_filter, map_coordinates
 
 from .. import __version__
+from ..data.io import write_points
+from ..data.learn2reg import split_sizes
 from ..physics import young_poisson_from_lame
-from .io import write_points
-from .learn2reg import split_sizes
 from .navier import solve_navier_lame
 from .phantom import LABELS, ThoraxAnatomy, render_phantom, sample_anatomy
 
@@ -372,7 +372,7 @@ def make_synthetic_dataset(
             "description": "Simulated breathing lung CT: exhale (_0000, fixed) and inhale (_0001, moving) of an "
             "analytic thorax phantom, the inhale displacement solving the linear elastic (Navier-Lame) "
             "equilibrium under a breathing body force.",
-            "reference": "elastic_hypermorph_bundle.data.synthetic",
+            "reference": "elastic_hypermorph_bundle.simulation.generator",
             "licence": "Apache-2.0 (synthetic data)",
             "release": __version__,
             "pairings": "paired",
