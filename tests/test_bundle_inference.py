@@ -348,3 +348,58 @@ def test_verify_net_in_out_and_export_reproduces_eager(model, tmp_path):
     x = torch.rand(1, 2, 32, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(exported(x), network(x), atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- the bundle as zoo users run it
+
+#: ``python -m monai.bundle`` with the package importable only from the bundle copy given as the first argument,
+#: as for a downloaded bundle that is not installed (whatever this environment has installed: an editable install's
+#: finder, site-packages); the import statement of a config that finds no package gets MONAI's lazy placeholder
+_NOT_INSTALLED = """
+import importlib.machinery, os, runpy, sys
+copy = os.path.realpath(sys.argv.pop(1))
+class OnlyTheBundleCopy:
+    def find_spec(self, name, path=None, target=None):
+        if name != "elastic_hypermorph_bundle":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, sys.path)
+        if spec is None or not os.path.realpath(spec.origin).startswith(copy + os.sep):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return spec
+sys.meta_path.insert(0, OnlyTheBundleCopy())
+sys.argv[0] = "monai.bundle"
+runpy.run_module("monai.bundle", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def bundle_copy(tmp_path_factory) -> Path:
+    """The bundle as downloaded from the model zoo: package and configs, not installed."""
+    import shutil
+
+    copy = tmp_path_factory.mktemp("zoo") / "elastic_hypermorph_bundle"
+    for folder in ("elastic_hypermorph_bundle", "configs"):
+        shutil.copytree(ROOT / folder, copy / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+def _zoo_run(copy: Path, cwd: Path, config_file: str, *args: str) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    cmd = [sys.executable, "-c", _NOT_INSTALLED, str(copy), "run", "--config_file", config_file, *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["bundle_root", "elsewhere"])
+def test_a_downloaded_bundle_runs_with_only_its_root_on_the_path(bundle_copy, dataset, model, tmp_path, where):
+    """MONAI evaluates a config's imports before ``run`` puts the bundle root on ``sys.path``: the configs must
+    not need the package before that, so that the bundle runs from its root or from anywhere (absolute paths and
+    ``--bundle_root``) without being installed."""
+    out = tmp_path / "out"
+    if where == "bundle_root":
+        cwd, config, root = bundle_copy, "configs/inference.json", "."
+    else:
+        cwd, config, root = tmp_path, str(bundle_copy / "configs" / "inference.json"), str(bundle_copy)
+    result = _zoo_run(bundle_copy, cwd, config, "--bundle_root", root, *_common(dataset, model, out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(list((out / "submission").glob("disp_*.nii.gz"))) == 1
