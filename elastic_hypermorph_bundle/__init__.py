@@ -17,3 +17,8 @@ Tensor conventions, used by every module of the package (and nowhere restated di
 """
 
 __version__ = "0.1.0"
+
+from .cli import install_clean_errors as _install_clean_errors
+
+# under `python -m monai.bundle run` an error ends with its real cause, once (ELASTIC_HYPERMORPH_DEBUG=1: full traceback)
+_install_clean_errors()

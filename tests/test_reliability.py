@@ -157,3 +157,91 @@ def test_kill_during_a_checkpoint_save_keeps_the_previous_one_and_resume_goes_on
         "checkpoint_epoch=2.pt", "model.json", "model.pt", "model_best.pt",
     ]  # fmt: skip
     assert torch.load(models / "checkpoint_epoch=2.pt", weights_only=True)["trainer"]["iteration"] == 2
+
+
+# ------------------------------------------------------------------------------- strict override ids (item 4)
+
+
+
+def _cli(*args: str) -> list[str]:
+    """``sys.argv`` of ``python -m monai.bundle run ...``."""
+    import monai
+
+    return [str(Path(monai.__file__).parent / "bundle" / "__main__.py"), "run", *args]
+
+
+def test_check_overrides_refuses_misspelled_ids_naming_the_closest(tmp_path):
+    from elastic_hypermorph_bundle.cli import UnknownOverrideError, check_overrides
+
+    evaluate = f"['{TRAIN}','{ROOT / 'configs' / 'evaluate.json'}']"
+    with pytest.raises(UnknownOverrideError, match=r"--lamda \(did you mean --lam\b") as info:
+        check_overrides(_cli("--config_file", evaluate, "--lamda", "0.1", "--mu=0.2"))
+    assert "--mu" not in str(info.value)
+    inference = str(ROOT / "configs" / "inference.json")
+    with pytest.raises(UnknownOverrideError, match=r"--write_previw \(did you mean --write_preview"):
+        check_overrides(_cli("--config_file", inference, "--write-previw", "false"))
+    # an id from --args_file is checked too; MONAI's own run arguments are not config ids
+    args_file = tmp_path / "args.json"
+    args_file.write_text('{"config_file": "%s", "ckpt_pth": "x.pt"}' % inference)
+    with pytest.raises(UnknownOverrideError, match=r"--ckpt_pth \(did you mean --ckpt_path"):
+        check_overrides(_cli("--args_file", str(args_file), "--meta_file", "configs/metadata.json"))
+
+
+def test_check_overrides_accepts_defined_nested_and_run_ids():
+    from elastic_hypermorph_bundle.cli import check_overrides, parse_run_arguments
+
+    check_overrides(_cli(
+        "training", "--meta_file", "configs/metadata.json", "--config_file", TRAIN, "--logging_file", "x.conf",
+        "--lam", "0.2", "--train#dataloader#num_workers", "0", "--validate::dataset::cache_rate", "0",
+        "--network_kwargs#encoder_features", "[4,4,4,4]", "--resume", "--tracking", "mlflow", "--tracking_uri", "file:x",
+    ))  # fmt: skip
+    assert parse_run_arguments(["training", "--lam", "-0.5", "--amp", "--x=[1, 2]"]) == {
+        "run_id": "training", "lam": -0.5, "amp": True, "x": [1, 2],
+    }  # fmt: skip
+    # programmatic use (this process is pytest, not `monai.bundle run`) is not checked
+    check_overrides()
+    check_overrides(["python", "run", "--lamda", "1"])
+
+
+# ------------------------------------------------------------------------------------- one clean error (item 9)
+
+
+def test_clean_excepthook_prints_the_root_cause_once(capsys):
+    from elastic_hypermorph_bundle import cli
+
+    def fail(error):
+        try:
+            try:
+                raise error
+            except Exception as inner:
+                raise RuntimeError("Failed to evaluate ConfigExpression: $x") from inner
+        except RuntimeError as outer:
+            return outer
+
+    outer = fail(FileExistsError("outputs exist: out/metrics.csv"))
+    assert isinstance(cli.root_cause(outer), FileExistsError)
+    cli._clean_excepthook(type(outer), outer, outer.__traceback__)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[-1] == "FileExistsError: outputs exist: out/metrics.csv" and len(lines) == 2
+    unexpected = fail(IndexError("index 3 is out of bounds"))
+    cli._clean_excepthook(type(unexpected), unexpected, unexpected.__traceback__)
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == "IndexError: index 3 is out of bounds"
+    assert "Traceback" in err and "ConfigExpression" not in err  # the cause's own traceback, without the wrapper
+
+
+@pytest.mark.slow
+def test_command_line_error_ends_with_its_cause_once_and_unknown_ids_are_refused(tmp_path):
+    base = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(ROOT / "configs" / "inference.json"),
+            "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    missing = tmp_path / "no_such_dataset"
+    result = subprocess.run([*base, "--dataset_dir", str(missing)], env=_env(), cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("FileNotFoundError: dataset_dir") and str(missing) in last, result.stderr[-3000:]
+    assert result.stderr.count("is not a folder") == 1 and "Failed to evaluate" not in result.stderr
+    result = subprocess.run([*base, "--lamda", "0.1"], env=_env(), cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert result.returncode == 1 and not (tmp_path / "out").exists()
+    assert result.stderr.strip().splitlines()[-1].startswith("UnknownOverrideError: unknown override id(s): --lamda")

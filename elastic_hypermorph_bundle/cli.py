@@ -1,0 +1,252 @@
+"""The bundle's command line, ``python -m monai.bundle run ...``: strict override ids and one clean error line.
+
+MONAI's ``run`` accepts any ``--<id> <value>`` and silently adds an id that no config defines, so a misspelled
+override (``--lamda 0.1``) would run with the default. :func:`check_overrides`, the first item of every config's
+``initialize`` list, refuses such ids and names the closest valid ones. It reads the ids from ``sys.argv`` (and
+from ``--args_file``) only when the process is ``python -m monai.bundle run``; programmatic use
+(``ConfigWorkflow`` or ``monai.bundle.run`` from Python) is left alone.
+
+A failing config expression reaches the user wrapped in MONAI's ``RuntimeError: Failed to evaluate
+ConfigExpression`` (once per level of references), and ignite's and MONAI's handlers log it again. Under the
+command line, :func:`install_clean_errors` (run when the package is imported) makes the real cause the last
+line printed, once: a one-line ``<Type>: <message>`` for the bundle's input and validation errors, the cause's own
+traceback (without the wrapping chain) for anything else. ``ELASTIC_HYPERMORPH_DEBUG=1`` restores Python's full
+traceback and the handlers' logs.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+__all__ = [
+    "DEBUG_ENV",
+    "UnknownOverrideError",
+    "bundle_run_argv",
+    "parse_run_arguments",
+    "config_ids",
+    "unknown_overrides",
+    "check_overrides",
+    "root_cause",
+    "install_clean_errors",
+]
+
+#: set to ``1`` for Python's full traceback (and the handlers' exception logs) instead of the one-line error
+DEBUG_ENV = "ELASTIC_HYPERMORPH_DEBUG"
+
+#: the arguments of ``monai.bundle run`` / ``create_workflow`` / ``ConfigWorkflow`` themselves (not config ids)
+RUN_ARGUMENTS = frozenset(
+    {
+        "run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
+        "workflow_name", "workflow_type", "properties_path",
+    }
+)  # fmt: skip
+
+#: exception types whose message is the whole story (input and validation errors): printed as one line
+CLEAN_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
+                PermissionError, FloatingPointError)  # fmt: skip
+
+
+class UnknownOverrideError(ValueError):
+    """A command-line override names an id that none of the loaded config files defines."""
+
+
+def bundle_run_argv(argv: Sequence[str] | None = None) -> list[str] | None:
+    """The arguments after ``run`` when this process is ``python -m monai.bundle run ...`` (also under
+    ``torchrun -m``), else None."""
+    argv = list(sys.argv if argv is None else argv)
+    if len(argv) < 2 or argv[1] != "run":
+        return None
+    main = Path(argv[0])
+    if main.name != "__main__.py" or main.parent.parts[-2:] != ("monai", "bundle"):
+        return None
+    return argv[2:]
+
+
+def _value(text: str):
+    """A command-line value as fire hands it over: a Python literal where it parses as one, else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_run_arguments(args: Sequence[str]) -> dict[str, object]:
+    """``--key value`` / ``--key=value`` / ``--flag`` pairs of a ``monai.bundle run`` command line, as python-fire
+    reads them (hyphens in a key become underscores; the first bare word is ``run_id``); arguments after a lone
+    ``--`` are fire's own flags and are skipped."""
+    parsed: dict[str, object] = {}
+    index = 0
+    while index < len(args):
+        token = args[index]
+        if token == "--":
+            break
+        if token.startswith("-") and not _is_number(token):
+            key, has_value, text = token.lstrip("-").partition("=")
+            key = key.replace("-", "_")
+            if has_value:
+                parsed[key] = _value(text)
+            elif index + 1 < len(args) and not (args[index + 1].startswith("-") and not _is_number(args[index + 1])):
+                parsed[key] = _value(args[index + 1])
+                index += 1
+            else:
+                parsed[key] = True
+        elif "run_id" not in parsed:
+            parsed["run_id"] = token
+        index += 1
+    return parsed
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _normal_id(config_id: str) -> str:
+    """One spelling of a nested id: MONAI accepts ``a#b`` and ``a::b``; a leading ``+`` (merge) is not part of it."""
+    return str(config_id).lstrip("+").replace("::", "#")
+
+
+def config_ids(config: Mapping | Sequence, prefix: str = "") -> dict[str, object]:
+    """Every id of a config, nested ids joined by ``#`` (``train#dataloader#num_workers``, list items by index),
+    mapped to its value."""
+    ids: dict[str, object] = {}
+    items = config.items() if isinstance(config, Mapping) else enumerate(config)
+    for key, value in items:
+        config_id = f"{prefix}{_normal_id(str(key))}"
+        ids[config_id] = value
+        if isinstance(value, (Mapping, list)):
+            ids.update(config_ids(value, prefix=f"{config_id}#"))
+    return ids
+
+
+def unknown_overrides(overrides: Iterable[str], defined: Mapping[str, object]) -> dict[str, list[str]]:
+    """The override ids of ``overrides`` that ``defined`` (see :func:`config_ids`) lacks, each with up to three
+    close valid ids (``difflib``). A nested id is valid if it exists, or if its parent is a dict (a new keyword
+    argument of a component, e.g. ``network_kwargs#encoder_features``)."""
+    unknown = {}
+    top_level = [config_id for config_id in defined if "#" not in config_id]
+    for override in overrides:
+        config_id = _normal_id(override)
+        if config_id in defined or config_id.startswith("_meta_"):
+            continue
+        parent, _, _ = config_id.rpartition("#")
+        if parent and isinstance(defined.get(parent), Mapping):
+            continue
+        candidates = top_level if "#" not in config_id else list(defined)
+        unknown[override] = difflib.get_close_matches(config_id, candidates, n=3, cutoff=0.6)
+    return unknown
+
+
+def _config_files(value) -> list[str]:
+    if isinstance(value, str):
+        if not Path(value).is_file() and "," in value:
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return [value]
+    return [str(v) for v in value]
+
+
+def check_overrides(argv: Sequence[str] | None = None) -> None:
+    """Refuse ``--<id>`` overrides of a ``python -m monai.bundle run`` command line that no loaded config file
+    defines (MONAI would silently add them), naming the closest valid ids. The ids come from ``argv``
+    (default ``sys.argv``) and from ``--args_file``; outside ``monai.bundle run`` this does nothing.
+
+    Raises:
+        UnknownOverrideError: an override id is not defined by the config files (or the ``--tracking`` settings).
+    """
+    args = bundle_run_argv(argv)
+    if args is None:
+        return
+    from monai.bundle import ConfigParser
+    from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
+
+    given = parse_run_arguments(args)
+    if given.get("args_file"):
+        given = {**ConfigParser.load_config_file(str(given["args_file"])), **given}
+    if not given.get("config_file"):
+        return
+    defined = config_ids(ConfigParser.load_config_files(_config_files(given["config_file"])))
+    tracking = given.get("tracking")
+    if isinstance(tracking, str) and tracking in DEFAULT_EXP_MGMT_SETTINGS:
+        defined.update(config_ids(DEFAULT_EXP_MGMT_SETTINGS[tracking].get("configs", {})))
+    elif tracking:
+        defined.update(config_ids(ConfigParser.load_config_files(tracking).get("configs", {})))
+    overrides = [key for key in given if key not in RUN_ARGUMENTS]
+    unknown = unknown_overrides(overrides, defined)
+    if unknown:
+        described = "; ".join(
+            f"--{key}" + (f" (did you mean {', '.join('--' + m for m in close)}?)" if close else "")
+            for key, close in unknown.items()
+        )
+        raise UnknownOverrideError(
+            f"unknown override id(s): {described}. No loaded config file "
+            f"({', '.join(_config_files(given['config_file']))}) defines them, so they would be ignored; the ids "
+            "a user changes are listed in README.md."
+        )
+
+
+def root_cause(error: BaseException) -> BaseException:
+    """The innermost exception of ``error``'s chain (``raise ... from`` or raised while handling another)."""
+    seen = {id(error)}
+    while True:
+        cause = error.__cause__ if error.__cause__ is not None else (
+            None if error.__suppress_context__ else error.__context__
+        )
+        if cause is None or id(cause) in seen:
+            return error
+        seen.add(id(cause))
+        error = cause
+
+
+def _clean_excepthook(kind, error, trace) -> None:
+    if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: Python's own handling
+        sys.__excepthook__(kind, error, trace)
+        return
+    cause = root_cause(error)
+    stream = sys.stderr
+    stream.write(f"(the run failed; set {DEBUG_ENV}=1 for the full traceback)\n")
+    if isinstance(cause, CLEAN_ERRORS):
+        message = str(cause.args[0]) if isinstance(cause, OSError) and len(cause.args) == 1 else str(cause)
+        stream.write(f"{type(cause).__name__}: {message}\n")
+    else:
+        traceback.print_exception(type(cause), cause, cause.__traceback__, chain=False, file=stream)
+    stream.flush()
+
+
+class _ExceptionLogFilter(logging.Filter):
+    """Drop the traceback of the exception logs that engines and their handlers write before re-raising (ignite's
+    "Engine run is terminating due to exception", MONAI's ``StatsHandler`` "Exception: ..."): the process prints
+    the cause once when it exits."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR and record.exc_info:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_INSTALLED = False
+
+
+def install_clean_errors(argv: Sequence[str] | None = None) -> bool:
+    """Under ``python -m monai.bundle run`` (and unless ``ELASTIC_HYPERMORPH_DEBUG`` is set), print an uncaught
+    error as its real cause, once (see the module docstring). Returns whether the hook is installed."""
+    global _INSTALLED
+    if _INSTALLED:
+        return True
+    if bundle_run_argv(argv) is None or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+        return False
+    sys.excepthook = _clean_excepthook
+    log_filter = _ExceptionLogFilter()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(log_filter)
+    _INSTALLED = True
+    return True
