@@ -245,3 +245,70 @@ def test_command_line_error_ends_with_its_cause_once_and_unknown_ids_are_refused
                             timeout=300)  # fmt: skip
     assert result.returncode == 1 and not (tmp_path / "out").exists()
     assert result.stderr.strip().splitlines()[-1].startswith("UnknownOverrideError: unknown override id(s): --lamda")
+
+
+# ------------------------------------------------------------- damaged and non-3D images named before any work (7, 8)
+
+
+def _nifti(path: Path, array) -> str:
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.asarray(array, dtype=np.float32), np.diag([1.5, 1.5, 2.0, 1.0])), str(path))
+    return str(path)
+
+
+def test_damaged_2d_4d_and_nan_images_are_named_before_any_work(tmp_path):
+    import numpy as np
+
+    from elastic_hypermorph_bundle.data.io import Learn2RegDataError, read_nifti_grid
+    from elastic_hypermorph_bundle.data.learn2reg import validate_pairs
+    from elastic_hypermorph_bundle.workflow.inference import single_pair
+
+    volume = np.random.default_rng(0).normal(size=(16, 16, 16))
+    fixed = _nifti(tmp_path / "fixed.nii.gz", volume)
+    moving = _nifti(tmp_path / "moving.nii.gz", volume)
+    validate_pairs([{"fixed_image": fixed, "moving_image": moving, "pair_id": "a"}])
+
+    truncated = tmp_path / "truncated.nii.gz"
+    truncated.write_bytes(Path(moving).read_bytes()[: int(Path(moving).stat().st_size * 0.6)])
+    assert read_nifti_grid(truncated)[0] == (16, 16, 16)  # the header alone looks fine
+    with pytest.raises(Learn2RegDataError, match=r"truncated\.nii\.gz.*truncated or damaged"):
+        single_pair(fixed, str(truncated))
+    flat = _nifti(tmp_path / "slice.nii.gz", volume[:, :, 0])
+    with pytest.raises(Learn2RegDataError, match=r"slice\.nii\.gz is a 2D image of shape \(16, 16\)"):
+        validate_pairs([{"fixed_image": flat, "moving_image": flat, "pair_id": "b"}])
+    series = _nifti(tmp_path / "series.nii.gz", np.stack([volume, volume], axis=-1))
+    with pytest.raises(Learn2RegDataError, match=r"series\.nii\.gz is a 4D image \(2 volumes\)"):
+        validate_pairs([{"fixed_image": fixed, "moving_image": series, "pair_id": "c"}])
+    single = _nifti(tmp_path / "single.nii.gz", volume[..., None])  # (X, Y, Z, 1) is one 3D volume
+    validate_pairs([{"fixed_image": fixed, "moving_image": single, "pair_id": "d"}])
+    nan = volume.copy()
+    nan[3, 4, 5] = np.nan
+    with pytest.raises(Learn2RegDataError, match=r"nan\.nii\.gz contains 1 non-finite voxel"):
+        validate_pairs([{"fixed_image": fixed, "moving_image": _nifti(tmp_path / "nan.nii.gz", nan), "pair_id": "e"}])
+
+
+@pytest.mark.slow
+def test_training_with_a_nan_voxel_fails_cleanly_with_the_default_cache_workers(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
+
+    data = make_synthetic_dataset(tmp_path / "LungCT", num_pairs=3, spatial_size=(16, 16, 16))
+    images = sorted((data / "imagesTr").glob("*.nii.gz"))
+    image = nib.load(images[0])
+    array = np.asarray(image.dataobj, dtype=np.float32)
+    array[5, 5, 5] = np.nan
+    nib.save(nib.Nifti1Image(array, image.affine), str(images[0]))  # float32 on disk, as many CTs are
+    overrides = {**_overrides(data, tmp_path, 1), "spatial_size": [16, 16, 16]}
+    overrides.pop("num_workers")  # the default cache/data-loading workers
+    args = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN]
+    for key, value in overrides.items():
+        args += [f"--{key}", str(value)]
+    result = subprocess.run(args, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=400)
+    assert result.returncode == 1, result.stderr[-3000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert str(images[0]) in last and "non-finite voxel" in last
+    assert not (tmp_path / "models").exists() and not (tmp_path / "eval").exists()

@@ -2,7 +2,15 @@
 
 The simulated breathing pairs are in :mod:`elastic_hypermorph_bundle.simulation`."""
 
-from .io import Learn2RegDataError, Learn2RegFileNotFoundError, read_nifti_grid, read_points, write_points
+from .io import (
+    Learn2RegDataError,
+    Learn2RegFileNotFoundError,
+    check_voxels,
+    read_nifti_grid,
+    read_points,
+    volume_grid,
+    write_points,
+)
 from .learn2reg import (
     PAPER_SPLIT_WEIGHTS,
     SPLITS,

@@ -13,7 +13,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["Learn2RegDataError", "Learn2RegFileNotFoundError", "read_points", "write_points", "read_nifti_grid"]
+__all__ = [
+    "Learn2RegDataError",
+    "Learn2RegFileNotFoundError",
+    "read_points",
+    "write_points",
+    "read_nifti_grid",
+    "volume_grid",
+    "check_voxels",
+]
 
 
 class Learn2RegDataError(ValueError):
@@ -97,3 +105,43 @@ def read_nifti_grid(path: str | Path) -> tuple[tuple[int, ...], np.ndarray]:
     except Exception as error:  # nibabel raises several types (ImageFileError, EOFError, gzip/zlib errors)
         raise Learn2RegDataError(f"cannot read NIfTI header of {path}: {error}") from error
     return shape, affine
+
+
+def volume_grid(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """:func:`read_nifti_grid` of a 3D volume: ``(X, Y, Z)`` and the affine, from the header only. A 4D file with
+    one volume, ``(X, Y, Z, 1)``, counts as 3D.
+
+    Raises:
+        Learn2RegFileNotFoundError: the file does not exist.
+        Learn2RegDataError: unreadable header, or not a 3D volume (a 2D slice, a 4D series); the message names the file.
+    """
+    shape, affine = read_nifti_grid(path)
+    if len(shape) == 3 or (len(shape) == 4 and shape[3] == 1):
+        return tuple(shape[:3]), affine
+    kind = f"a 4D image ({shape[3]} volumes)" if len(shape) == 4 else f"a {len(shape)}D image"
+    raise Learn2RegDataError(
+        f"{path} is {kind} of shape {shape}; the bundle registers 3D volumes (X, Y, Z): give one 3D NIfTI per image."
+    )
+
+
+def check_voxels(path: str | Path) -> None:
+    """Read every voxel of a NIfTI file (the header checks of :func:`read_nifti_grid` cannot see a truncated
+    ``.nii.gz``) and refuse non-finite values (NaN or inf), which would make every loss and metric NaN.
+
+    Raises:
+        Learn2RegDataError: the data cannot be read in full (truncated or damaged file), or contains non-finite
+            voxels; the message names the file and the problem.
+    """
+    try:
+        data = np.asanyarray(nib.load(str(path)).dataobj)
+    except Exception as error:  # EOFError (truncated gzip), zlib.error, OSError, ValueError (short raw data)
+        raise Learn2RegDataError(
+            f"cannot read the voxel data of {path}: {type(error).__name__}: {error} (truncated or damaged file?)."
+        ) from error
+    if np.issubdtype(data.dtype, np.inexact):
+        bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        if bad:
+            raise Learn2RegDataError(
+                f"{path} contains {bad} non-finite voxel(s) (NaN or inf); fix or replace the image "
+                "(e.g. set them to the background value)."
+            )

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import Learn2RegDataError, Learn2RegFileNotFoundError, read_nifti_grid, read_points
+from .io import Learn2RegDataError, Learn2RegFileNotFoundError, check_voxels, read_points, volume_grid
 
 __all__ = [
     "SPLITS",
@@ -55,6 +55,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
+
+#: the NIfTI files of a pair whose voxel data :func:`validate_pairs` reads
+VOLUME_KEYS = ("fixed_image", "moving_image", "fixed_mask", "moving_mask")
 
 SPLITS = ("train", "val", "test")
 #: relative sizes of train/val/test: 20/4/6 lung CT pairs as in the paper
@@ -362,14 +365,19 @@ def read_split(path: str | Path, dataset: Learn2RegDataset) -> dict[str, list[di
 
 
 def validate_pairs(
-    pairs: Sequence[dict], expected_shape: Sequence[int] | None = None, require_same_grid: bool = True
+    pairs: Sequence[dict],
+    expected_shape: Sequence[int] | None = None,
+    require_same_grid: bool = True,
+    voxels: bool = True,
 ) -> None:
-    """Check the files of each pair from NIfTI headers and point files, without loading voxel data.
+    """Check the files of each pair before any work starts: first every header and point file, then (``voxels``)
+    the voxel data of every image and mask.
 
-    Checks: every listed file exists and is readable; masks have the grid (shape and affine) of their
-    image; with ``require_same_grid`` fixed and moving share a grid (all Learn2Reg lung/NLST pairs do, and a
-    network DDF assumes it); images have ``expected_shape`` if given; fixed and moving point files of a kind
-    have the same number of rows. Non-finite voxels are checked when loading (``EnsureFinited``).
+    Checks: every listed file exists and is readable; images and masks are 3D volumes (not a 2D slice or a 4D
+    series); masks have the grid (shape and affine) of their image; with ``require_same_grid`` fixed and moving
+    share a grid (all Learn2Reg lung/NLST pairs do, and a network DDF assumes it); images have ``expected_shape``
+    if given; fixed and moving point files of a kind have the same number of rows; with ``voxels``, the data of
+    each image and mask reads in full (a truncated ``.nii.gz`` has a readable header) and is finite (no NaN/inf).
 
     Raises:
         Learn2RegDataError: empty ``pairs``, or a check fails (the message names the file).
@@ -382,13 +390,13 @@ def validate_pairs(
         for role in ("fixed", "moving"):
             if f"{role}_image" not in pair:
                 raise Learn2RegDataError(f"pair {pair.get('pair_id')} has no '{role}_image'.")
-            shape, affine = grids[role] = read_nifti_grid(pair[f"{role}_image"])
+            shape, affine = grids[role] = volume_grid(pair[f"{role}_image"])
             if expected_shape is not None and tuple(shape[:3]) != tuple(expected_shape):
                 raise Learn2RegDataError(
                     f"image {pair[f'{role}_image']} has shape {shape}, the dataset declares {tuple(expected_shape)}."
                 )
             if f"{role}_mask" in pair:
-                mask_shape, mask_affine = read_nifti_grid(pair[f"{role}_mask"])
+                mask_shape, mask_affine = volume_grid(pair[f"{role}_mask"])
                 _check_same_grid(pair[f"{role}_mask"], mask_shape, mask_affine, pair[f"{role}_image"], shape, affine)
         if require_same_grid:
             _check_same_grid(pair["moving_image"], *grids["moving"], pair["fixed_image"], *grids["fixed"])
@@ -404,6 +412,11 @@ def validate_pairs(
                         f"{kind} row counts differ: {pair[f'fixed_{kind}']} has {len(fixed)}, "
                         f"{pair[f'moving_{kind}']} has {len(moving)}."
                     )
+    if voxels:
+        volumes = list(dict.fromkeys(pair[key] for pair in pairs for key in VOLUME_KEYS if key in pair))
+        logger.info("checking the voxel data of %d image/mask file(s)", len(volumes))
+        for path in volumes:
+            check_voxels(path)
 
 
 def _check_same_grid(path, shape, affine, reference_path, reference_shape, reference_affine) -> None:

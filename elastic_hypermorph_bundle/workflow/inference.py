@@ -2,9 +2,10 @@
 hyperparameter space and checkpoint.
 
 A single pair comes from ``--fixed``/``--moving`` (and optional masks/points) and is checked before anything
-runs (files exist, NIfTI headers readable, fixed and moving on one grid, masks on their image's grid); otherwise
-the pairs of ``--split`` of ``--dataset_dir``. What the model was trained for (hyperparameters and ranges,
-network, preprocessing) is in its card, :mod:`elastic_hypermorph_bundle.model_card`.
+runs (files exist, 3D volumes that read in full and are finite, fixed and moving on one grid, masks on their
+image's grid); otherwise the pairs of ``--split`` of ``--dataset_dir``, checked the same way. What the model was
+trained for (hyperparameters and ranges, network, preprocessing) is in its card,
+:mod:`elastic_hypermorph_bundle.model_card`.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ def single_pair(
     moving_keypoints: str | None = None,
     pair_id: str | None = None,
 ) -> list[dict]:
-    """A one-pair datalist from file paths, validated (see ``validate_pairs``) before any voxel is loaded.
+    """A one-pair datalist from file paths, validated (see ``validate_pairs``: headers, then voxel data) before the
+    run starts.
 
     Raises:
         ValueError: only one of fixed/moving (or of a mask/point pair) is given, a grid mismatch, unreadable file.
