@@ -312,3 +312,30 @@ def test_training_with_a_nan_voxel_fails_cleanly_with_the_default_cache_workers(
     last = result.stderr.strip().splitlines()[-1]
     assert str(images[0]) in last and "non-finite voxel" in last
     assert not (tmp_path / "models").exists() and not (tmp_path / "eval").exists()
+
+
+# ------------------------------------------------------------------------------ divergence is named (item 10)
+
+
+def test_a_diverging_training_says_so_with_the_iteration_and_what_to_try():
+    from monai.engines import SupervisedTrainer
+
+    from elastic_hypermorph_bundle.hyperparams import HyperSpace
+    from elastic_hypermorph_bundle.losses import RegistrationLoss
+    from elastic_hypermorph_bundle.networks import HyperUNet
+    from elastic_hypermorph_bundle.workflow.training import TrainingDivergedError, TrainStep
+
+    torch.manual_seed(0)
+    space = HyperSpace("elastic")
+    network = HyperUNet(spatial_dims=3, hyper_dims=2, encoder_features=[4, 4, 4], decoder_features=[4, 4, 4, 4])
+    generator = torch.Generator().manual_seed(1)
+    batches = [{key: torch.rand(1, 1, 16, 16, 16, generator=generator) for key in ("fixed_image", "moving_image")}
+               for _ in range(4)]  # fmt: skip
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=10, train_data_loader=batches, network=network,
+        optimizer=torch.optim.Adam(network.parameters(), lr=1e3), iteration_update=TrainStep(space),
+        loss_function=RegistrationLoss(regularizer="elastic", spatial_dims=3, kernel_size=3),
+    )  # fmt: skip
+    with pytest.raises(TrainingDivergedError, match=r"training diverged at iteration \d+ \(epoch \d+\).*1000.*--learning_rate"):
+        trainer.run()
+    assert trainer.state.iteration < 40

@@ -32,6 +32,7 @@ from .datalists import write_split
 
 __all__ = [
     "TrainStep",
+    "TrainingDivergedError",
     "loss_terms",
     "latest_checkpoint",
     "prepare_outputs",
@@ -63,8 +64,9 @@ class TrainStep:
        ``inferer`` (a ``SimpleInferer``) and under autocast if the trainer has ``amp``;
     3. ``warped = warp_image(moving, ddf)`` and ``loss_function(warped, fixed, ddf, hyper, velocity=field,
        return_components=True)`` (a :class:`~elastic_hypermorph_bundle.losses.RegistrationLoss`), in float32;
-    4. backward and optimizer step (through the trainer's ``GradScaler`` with AMP); without AMP a non-finite loss
-       raises ``FloatingPointError`` first (one device sync per batch).
+    4. backward and optimizer step (through the trainer's ``GradScaler`` with AMP); without AMP a non-finite
+       displacement field (checked on the CPU) or loss (one device sync per batch) raises
+       :class:`TrainingDivergedError`, naming the iteration and what to try.
 
     Returns (and stores in ``engine.state.output``): ``"image"`` (network input), ``"pred"`` (DDF), ``"hyper"``, and
     the scalars ``"loss"``, ``"similarity"`` (LNCC, unweighted) and ``"regularization"`` (weighted).
@@ -104,6 +106,8 @@ class TrainStep:
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         # warping and LNCC in float32: the local variances of LNCC lose too much precision in half precision
         ddf, field = ddf.float(), field.float()
+        if not use_amp and ddf.device.type == "cpu" and not torch.isfinite(ddf).all():  # free on the CPU
+            raise TrainingDivergedError(_diverged(engine, "the predicted displacement field is not finite (NaN/inf)"))
         terms = engine.loss_function(warp_image(moving, ddf), fixed, ddf, hyper, velocity=field, return_components=True)
         engine.state.output.update(terms)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
@@ -112,11 +116,8 @@ class TrainStep:
         # the one value check per batch on the device (the loss skips its per-call checks off the CPU); with AMP
         # a non-finite loss is the GradScaler's to handle: it skips the step and lowers the scale
         if not use_amp and not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"non-finite training loss at iteration {engine.state.iteration}: "
-                f"{ {key: float(terms[key]) for key in _LOSS_TERMS} }; check the images (NaN voxels?) and the "
-                "learning rate."
-            )
+            values = ", ".join(f"{key}={float(terms[key]):.4g}" for key in _LOSS_TERMS)
+            raise TrainingDivergedError(_diverged(engine, f"the training loss is not finite ({values})"))
         if use_amp:
             engine.scaler.scale(loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
@@ -130,6 +131,23 @@ class TrainStep:
             engine.state.output[key] = terms[key].detach()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # the trainer decollates on this event
         return engine.state.output
+
+
+class TrainingDivergedError(FloatingPointError):
+    """Training produced non-finite values (the optimisation diverged); the message says where and what to try."""
+
+
+def _diverged(engine: Engine, what: str) -> str:
+    """The message of :class:`TrainingDivergedError`: iteration, epoch, learning rate, and what to try. (The input
+    images are checked to be finite before training starts, ``validate_pairs``, so it is the optimisation.)"""
+    rates = sorted({float(group["lr"]) for group in engine.optimizer.param_groups})
+    rate = ", ".join(f"{r:g}" for r in rates)
+    return (
+        f"training diverged at iteration {engine.state.iteration} (epoch {engine.state.epoch}): {what}. The "
+        f"learning rate is {rate}; try a lower --learning_rate (the default is 1e-4) and --amp false if AMP is "
+        "on, then train again with --overwrite true (or --resume true, if the last checkpoint predates the "
+        "divergence)."
+    )
 
 
 def loss_terms(output: dict | list[dict]) -> dict[str, float]:
