@@ -154,9 +154,9 @@ def test_prepare_outputs_overwrite_removes_only_training_files_and_writes_the_sp
     for name in ("model.pt", "model.json", BEST_CHECKPOINT, "checkpoint_epoch=1.pt", "notes.txt"):
         (ckpt / name).touch()
     split = prepare_outputs(ckpt, out, data, seed=0, overwrite=True)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["notes.txt"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["notes.txt", "split.json"]
     record = json.loads(split.read_text())
-    assert split == out / "split.json"
+    assert split == ckpt / "split.json"
     assert {len(record[s]) for s in ("train", "val", "test")} == {1}
 
 
@@ -241,14 +241,15 @@ def test_training_writes_checkpoints_refuses_to_overwrite_and_resumes(dataset, t
     rc, log = _bundle(*_train_args(dataset, tmp_path, 1), cwd=tmp_path)
     assert rc == 0, log[-3000:]
     assert sorted(p.name for p in models.iterdir()) == [
-        "checkpoint_epoch=1.pt", "model.json", "model.pt", BEST_CHECKPOINT,
+        "checkpoint_epoch=1.pt", "model.json", "model.pt", BEST_CHECKPOINT, "split.json",
     ]  # fmt: skip
     card = _card(models / "model.json")
     assert card["regularizer"] == "elastic" and card["names"] == ["lam", "mu"] and card["epochs"] == 1
     assert card["weights"] == "best" and card["key_metric"] == "val_mean_dice" and 0 < card["best_metric"] <= 1
     network = HyperUNet(**card["network"]["kwargs"])
     network.load_state_dict(torch.load(models / "model.pt", weights_only=True))
-    assert json.loads((tmp_path / "eval" / "split.json").read_text())["val"] == ["0002_0002"]
+    assert json.loads((models / "split.json").read_text())["val"] == ["0002_0002"]
+    assert card["split_file"] == str(models / "split.json")  # the card points at the split kept with the model
     assert list((tmp_path / "eval").glob("events.out.tfevents.*")), "TensorBoard logs expected"
     first = torch.load(models / "checkpoint_epoch=1.pt", weights_only=True)
 
@@ -292,7 +293,7 @@ def test_two_process_gloo_training(dataset, tmp_path):
     assert rc == 0, log[-3000:]
     models = tmp_path / "models"
     assert sorted(p.name for p in models.iterdir()) == [
-        "checkpoint_epoch=2.pt", "model.json", "model.pt", BEST_CHECKPOINT,
+        "checkpoint_epoch=2.pt", "model.json", "model.pt", BEST_CHECKPOINT, "split.json",
     ]  # fmt: skip
     weights = torch.load(models / "model.pt", weights_only=True)
     assert not any(k.startswith("module.") for k in weights)  # saved from the unwrapped network

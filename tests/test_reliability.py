@@ -154,7 +154,7 @@ def test_kill_during_a_checkpoint_save_keeps_the_previous_one_and_resume_goes_on
     assert result.returncode == 0, log[-3000:]
     assert "skipping checkpoint" in log and "checkpoint_epoch=7.pt" in log
     assert sorted(p.name for p in models.iterdir()) == [
-        "checkpoint_epoch=2.pt", "model.json", "model.pt", "model_best.pt",
+        "checkpoint_epoch=2.pt", "model.json", "model.pt", "model_best.pt", "split.json",
     ]  # fmt: skip
     assert torch.load(models / "checkpoint_epoch=2.pt", weights_only=True)["trainer"]["iteration"] == 2
 
@@ -339,3 +339,33 @@ def test_a_diverging_training_says_so_with_the_iteration_and_what_to_try():
     with pytest.raises(TrainingDivergedError, match=r"training diverged at iteration \d+ \(epoch \d+\).*1000.*--learning_rate"):
         trainer.run()
     assert trainer.state.iteration < 40
+
+
+# ------------------------------------------------------------------ the split stays with its model (item 3)
+
+
+def test_trainings_sharing_an_output_dir_keep_their_own_splits(tmp_path):
+    import json
+
+    from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
+    from elastic_hypermorph_bundle.workflow.training import prepare_outputs
+
+    data = make_synthetic_dataset(tmp_path / "data", num_pairs=6, spatial_size=(16, 16, 16))
+    shared = tmp_path / "eval"
+    other = tmp_path / "other_split.json"  # a second training on another split (its val and test swapped)
+    other.write_text(json.dumps({"train": ["0001_0001", "0002_0002", "0003_0003", "0004_0004"],
+                                 "val": ["0006_0006"], "test": ["0005_0005"]}))  # fmt: skip
+    first = prepare_outputs(tmp_path / "models_a", shared, data)
+    recorded = first.read_text()
+    second = prepare_outputs(tmp_path / "models_b", shared, data, split_file=other)
+    assert first == tmp_path / "models_a" / "split.json" and second == tmp_path / "models_b" / "split.json"
+    assert first.read_text() == recorded and not (shared / "split.json").exists()
+    assert json.loads(first.read_text())["test"] == ["0006_0006"] and json.loads(second.read_text())["test"] == ["0005_0005"]
+    # the split is part of the trained files: a new training into that folder is refused, a resume must use it
+    with pytest.raises(FileExistsError, match="split.json"):
+        prepare_outputs(tmp_path / "models_a", shared, data, split_file=other)
+    (tmp_path / "models_a" / "checkpoint_epoch=1.pt").touch()
+    with pytest.raises(ValueError, match=r"differs from .*models_a/split.json.*--split_file"):
+        prepare_outputs(tmp_path / "models_a", shared, data, split_file=other, resume=True)
+    assert prepare_outputs(tmp_path / "models_a", shared, data, resume=True) == first
+    assert first.read_text() == recorded

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..atomic import atomic_write_text
 from .io import Learn2RegDataError, Learn2RegFileNotFoundError, check_voxels, read_points, volume_grid
 
 __all__ = [
@@ -337,11 +338,12 @@ def split_pairs(
 def save_split(
     splits: dict[str, list[dict]], output_dir: str | Path, filename: str = "split.json", **info
 ) -> Path:
-    """Write the pair ids of each split (plus ``info``, e.g. seed and weights) to ``output_dir/filename``; log it."""
+    """Write the pair ids of each split (plus ``info``, e.g. seed and weights) to ``output_dir/filename``
+    (atomically); log it."""
     path = Path(output_dir) / filename
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {**info, **{split: [pair["pair_id"] for pair in splits[split]] for split in SPLITS}}
-    path.write_text(json.dumps(record, indent=2))
+    atomic_write_text(path, json.dumps(record, indent=2))
     logger.info(
         "data split (%s) written to %s: %s",
         ", ".join(f"{split} {len(splits[split])}" for split in SPLITS),

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..data.io import Learn2RegDataError
 from ..data.learn2reg import PAPER_SPLIT_WEIGHTS, SPLITS, discover_pairs, load_pairs, read_split, save_split, split_pairs
 
-__all__ = ["pair_datalist", "write_split"]
+__all__ = ["pair_datalist", "write_split", "check_split"]
 
 
 def pair_datalist(
@@ -66,8 +66,7 @@ def write_split(
 ) -> Path:
     """Record the split that :func:`pair_datalist` uses for these arguments as ``output_dir/split.json``, so that
     evaluation and later runs can reuse it (``--split_file``). Returns the path written."""
-    dataset = discover_pairs(dataset_dir)
-    splits = read_split(split_file, dataset) if split_file is not None else split_pairs(dataset, weights, seed)
+    dataset, splits = _splits(dataset_dir, seed, split_file, weights)
     return save_split(
         {split: splits[split] for split in SPLITS},
         output_dir,
@@ -77,3 +76,39 @@ def write_split(
         weights=list(weights),
         split_file=None if split_file is None else str(split_file),
     )
+
+
+def _splits(dataset_dir, seed, split_file, weights):
+    dataset = discover_pairs(dataset_dir)
+    splits = read_split(split_file, dataset) if split_file is not None else split_pairs(dataset, weights, seed)
+    return dataset, splits
+
+
+def check_split(
+    recorded: str | Path,
+    dataset_dir: str | Path,
+    seed: int = 0,
+    split_file: str | Path | None = None,
+    weights: Sequence[float] = PAPER_SPLIT_WEIGHTS,
+) -> Path:
+    """Check that a run with these arguments uses the split recorded in ``recorded`` (a :func:`write_split` file),
+    e.g. a resumed training the split its checkpoints were trained on. Returns ``recorded``.
+
+    Raises:
+        ValueError: a split (train, val or test) differs; the message names the pairs and the way out.
+    """
+    recorded = Path(recorded)
+    _, splits = _splits(dataset_dir, seed, split_file, weights)
+    record = read_split(recorded, discover_pairs(dataset_dir))
+    differing = {
+        split: (sorted(p["pair_id"] for p in record[split]), sorted(p["pair_id"] for p in splits[split]))
+        for split in SPLITS
+        if {p["pair_id"] for p in record[split]} != {p["pair_id"] for p in splits[split]}
+    }
+    if differing:
+        shown = "; ".join(f"{split}: recorded {old}, this run {new}" for split, (old, new) in differing.items())
+        raise ValueError(
+            f"this run's data split differs from {recorded}, the split of the model in that folder ({shown}); pass "
+            f"--split_file {recorded} (or that run's --seed) to go on with it."
+        )
+    return recorded

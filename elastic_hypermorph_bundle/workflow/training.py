@@ -28,7 +28,7 @@ from ..hyperparams import HyperSpace
 from ..model_card import ModelCard
 from ..networks import warp_image
 from . import parse_flag
-from .datalists import write_split
+from .datalists import check_split, write_split
 
 __all__ = [
     "TrainStep",
@@ -42,6 +42,7 @@ __all__ = [
     "distributed_device",
     "LAST_CHECKPOINT_PREFIX",
     "BEST_CHECKPOINT",
+    "SPLIT_FILE",
 ]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
@@ -50,6 +51,8 @@ logger = logging.getLogger("elastic_hypermorph_bundle")
 LAST_CHECKPOINT_PREFIX = "checkpoint_epoch="
 #: the validator's ``CheckpointSaver(key_metric_filename=...)`` writes the best model here
 BEST_CHECKPOINT = "model_best.pt"
+#: the data split of a training, kept with its model in ``ckpt_dir`` (the model card points at it)
+SPLIT_FILE = "split.json"
 _LOSS_TERMS = ("loss", "similarity", "regularization")
 
 
@@ -171,7 +174,7 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
 
 
 def _trained_files(ckpt_dir: Path) -> list[Path]:
-    names = {BEST_CHECKPOINT, "model.pt", "model.json"}
+    names = {BEST_CHECKPOINT, "model.pt", "model.json", SPLIT_FILE}
     return sorted(p for p in ckpt_dir.glob("*") if p.name in names or p.name.startswith(LAST_CHECKPOINT_PREFIX))
 
 
@@ -188,16 +191,21 @@ def prepare_outputs(
     """Check and create the output folders of a training run; call it after the datalists are built so that a run
     failing on its inputs writes nothing.
 
-    * ``resume``: ``ckpt_dir`` must hold a ``checkpoint_epoch=<N>.pt`` (training goes on from it).
-    * otherwise, a ``ckpt_dir`` holding checkpoints or a trained model is refused unless ``overwrite``, which
-      deletes them (only these files: ``checkpoint_epoch=*.pt``, ``model_best.pt``, ``model.pt``, ``model.json``).
+    * ``resume``: ``ckpt_dir`` must hold a ``checkpoint_epoch=<N>.pt`` (training goes on from it), and this run's
+      data split must be the one recorded in ``ckpt_dir/split.json``.
+    * otherwise, a ``ckpt_dir`` holding checkpoints, a trained model or a split is refused unless ``overwrite``,
+      which deletes them (only these files: ``checkpoint_epoch=*.pt``, ``model_best.pt``, ``model.pt``,
+      ``model.json``, ``split.json``).
 
-    The main process then creates both folders and writes the data split to ``output_dir/split.json``
-    (:func:`~elastic_hypermorph_bundle.workflow.datalists.write_split`). Returns the path of ``split.json``.
+    The main process then creates both folders and writes the data split to ``ckpt_dir/split.json``
+    (:func:`~elastic_hypermorph_bundle.workflow.datalists.write_split`), with the model it describes: two trainings
+    sharing ``output_dir`` (logs) keep their own splits, and each model card points at its own. Returns the path
+    of ``split.json``.
 
     Raises:
         FileNotFoundError: ``resume`` without a checkpoint.
         FileExistsError: existing trained files without ``overwrite``.
+        ValueError: ``resume`` with another data split than the recorded one.
     """
     ckpt_dir, output_dir = Path(ckpt_dir), Path(output_dir)
     resume, overwrite = parse_flag("resume", resume), parse_flag("overwrite", overwrite)
@@ -212,14 +220,18 @@ def prepare_outputs(
             f"ckpt_dir {ckpt_dir} already holds training outputs ({', '.join(p.name for p in existing)}); "
             "pass --resume true to continue that training or --overwrite true to replace it."
         )
-    split_path = output_dir / "split.json"
+    split_path = ckpt_dir / SPLIT_FILE
+    if resume and split_path.is_file():
+        check_split(split_path, dataset_dir, seed=seed, split_file=split_file)
     if main_process:
         if existing and overwrite and not resume:
             for path in existing:
                 path.unlink()
             logger.info("overwrite=true: removed %s from %s", [p.name for p in existing], ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
-        split_path = write_split(dataset_dir, output_dir, seed=seed, split_file=split_file)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not split_path.is_file():
+            split_path = write_split(dataset_dir, ckpt_dir, seed=seed, split_file=split_file)
     if dist.is_available() and dist.is_initialized():
         dist.barrier()  # no rank may start before the main process has cleaned up
     return split_path
