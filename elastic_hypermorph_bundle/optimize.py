@@ -1,0 +1,451 @@
+"""Test-time instance optimisation of a pair's displacement field at chosen elastic parameters, after a global
+pre-alignment (the accuracy stage of the strongest lung-CT methods, e.g. ConvexAdam, Siebert et al., MICCAI 2021;
+VoxelMorph++, Heinrich & Hansen, WBIR 2022).
+
+Three pure functions, in the order a registration uses them, all in the package's conventions (fixed and moving on
+one grid, DDF channel ``j`` = displacement along spatial axis ``j`` in voxels, backward warp):
+
+* :func:`prealign`: an affine (or rigid, or translation) map ``q = A (p - c) + c + t`` in physical coordinates
+  ``p = x * spacing`` (mm) about the image centre ``c``, started from the images' centres of mass and fitted by Adam
+  on downsampled images. :func:`affine_ddf` turns it into a DDF.
+* :func:`instance_optimize`: the non-rigid field ``u_N`` that minimises, per sample,
+  ``similarity(fixed, moving ∘ (x + u)) + R(u_N; lam, mu)``, with ``u = u_A + A_vox u_N`` the pre-alignment
+  composed with ``u_N`` (``A_vox`` the affine's linear part in voxels) and ``R`` the package's
+  :func:`~elastic_hypermorph_bundle.losses.elastic.elastic_energy` with the weighting of training
+  (:class:`~elastic_hypermorph_bundle.losses.RegistrationLoss`, ``weighting="paper"``: similarity + R), so
+  ``(lam, mu)`` mean the same as for the network. ``u_N`` = the initial field (e.g. the network's prediction on the
+  pre-aligned pair) plus a correction on a control grid ``grid`` times coarser than the image, optimised coarse to
+  fine over ``levels`` (each level twice as fine as the one before), upsampled (trilinear) to the image grid.
+  With ``diffeomorphic=True`` the correction is a stationary velocity, integrated by scaling and squaring and
+  composed with the initial field.
+
+Similarities: ``"mind"``, the squared difference of MIND-SSC descriptors (:mod:`.losses.mind`), insensitive to
+the lung's density change between phases; ``"lncc"``, MONAI's local NCC as in training (window 9 on the image
+grid, scaled with the level). Both can be restricted to a fixed-image mask (e.g. the lungs).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from monai.losses import LocalNormalizedCrossCorrelationLoss
+from monai.networks.blocks import DVF2DDF
+
+from .losses.elastic import elastic_energy
+from .losses.mind import mind_ssc
+from .networks.warp import warp_image
+
+__all__ = [
+    "SIMILARITIES",
+    "PREALIGNMENTS",
+    "Affine",
+    "affine_ddf",
+    "compose_affine",
+    "prealign",
+    "instance_optimize",
+]
+
+logger = logging.getLogger("elastic_hypermorph_bundle")
+
+SIMILARITIES = ("mind", "lncc")
+#: global transforms of the pre-alignment, by increasing degrees of freedom ("none" = identity)
+PREALIGNMENTS = ("none", "translation", "rigid", "affine")
+
+
+class Affine(NamedTuple):
+    """A batch of affine maps ``q = matrix (p - c) + c + translation`` of physical points ``p`` (mm) about the image
+    centre ``c``: ``matrix`` ``(B, 3, 3)``, ``translation`` ``(B, 3)`` in mm, ``spacing`` the voxel size (mm)."""
+
+    matrix: torch.Tensor
+    translation: torch.Tensor
+    spacing: tuple[float, ...]
+
+    @staticmethod
+    def identity(batch: int, spacing: Sequence[float], device=None) -> Affine:
+        eye = torch.eye(3, device=device).expand(batch, 3, 3).clone()
+        return Affine(eye, torch.zeros(batch, 3, device=device), tuple(float(s) for s in spacing))
+
+    def voxel_matrix(self) -> torch.Tensor:
+        """The linear part in voxel units, ``diag(1/s) A diag(s)``, ``(B, 3, 3)``."""
+        s = torch.as_tensor(self.spacing, dtype=self.matrix.dtype, device=self.matrix.device)
+        return self.matrix * s[None, None, :] / s[None, :, None]
+
+
+def _check_images(fixed: torch.Tensor, moving: torch.Tensor, name: str = "instance_optimize") -> None:
+    if fixed.ndim != 5 or fixed.shape[1] != 1:
+        raise ValueError(f"{name} needs 3D single-channel images (B, 1, X, Y, Z), got fixed of shape {tuple(fixed.shape)}.")
+    if moving.shape != fixed.shape:
+        raise ValueError(
+            f"{name} needs fixed and moving on one grid (resample them first), got shapes {tuple(fixed.shape)} "
+            f"and {tuple(moving.shape)}."
+        )
+    if min(fixed.shape[2:]) < 4:
+        raise ValueError(f"{name} needs at least 4 voxels per axis, got {tuple(fixed.shape[2:])}.")
+    for role, image in (("fixed", fixed), ("moving", moving)):
+        if not torch.isfinite(image).all():
+            raise ValueError(f"{name}: the {role} image contains non-finite values (nan or inf).")
+
+
+def _check_spacing(spacing: Sequence[float] | None, name: str) -> tuple[float, float, float] | None:
+    if spacing is None:
+        return None
+    values = tuple(float(s) for s in spacing)
+    if len(values) != 3 or not all(math.isfinite(s) and s > 0 for s in values):
+        raise ValueError(f"{name} must hold 3 positive, finite voxel sizes, got {spacing}.")
+    return values
+
+
+def _check_mask(mask: torch.Tensor | None, fixed: torch.Tensor) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.ndim != 5 or mask.shape[1] != 1 or mask.shape[0] != fixed.shape[0] or mask.shape[2:] != fixed.shape[2:]:
+        raise ValueError(
+            f"mask must have shape (B, 1, *spatial) = {(fixed.shape[0], 1, *fixed.shape[2:])}, got {tuple(mask.shape)}."
+        )
+    mask = (mask > 0).to(fixed.dtype)
+    if (mask.flatten(1).sum(1) == 0).any():
+        raise ValueError("mask is empty for at least one pair: the similarity would have no voxel to compare.")
+    return mask
+
+
+def _level_shape(shape: Sequence[int], factor: float) -> tuple[int, ...]:
+    return tuple(max(4, int(round(n / factor))) for n in shape)
+
+
+def _resize(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Area-averaged downsampling (anti-aliased), or trilinear resampling when a size grows or stays."""
+    if tuple(image.shape[2:]) == tuple(shape):
+        return image
+    if all(m <= n for m, n in zip(shape, image.shape[2:])):
+        return F.interpolate(image, size=tuple(shape), mode="area")
+    return F.interpolate(image, size=tuple(shape), mode="trilinear", align_corners=True)
+
+
+def _field_scale(from_shape: Sequence[int], to_shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """Per-axis factor converting a displacement in voxels of ``from_shape`` into voxels of ``to_shape`` (grids
+    aligned at their corner voxels), as a ``(1, 3, 1, 1, 1)`` tensor."""
+    scale = [(t - 1) / (f - 1) for f, t in zip(from_shape, to_shape)]
+    return torch.tensor(scale, dtype=like.dtype, device=like.device).reshape(1, 3, 1, 1, 1)
+
+
+def _resize_field(ddf: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A DDF resampled (trilinear, corner-aligned) onto another grid, with its values converted to that grid's voxels."""
+    if tuple(ddf.shape[2:]) == tuple(shape):
+        return ddf
+    resized = F.interpolate(ddf, size=tuple(shape), mode="trilinear", align_corners=True)
+    return resized * _field_scale(ddf.shape[2:], shape, ddf)
+
+
+def affine_ddf(affine: Affine, shape: Sequence[int], full_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """The DDF ``(B, 3, *shape)`` in voxels of ``shape`` of an :class:`Affine` defined on a grid of ``full_shape``
+    voxels of size ``affine.spacing`` (``shape`` may be a coarser level of that grid, corner-aligned)."""
+    full_shape = tuple(shape) if full_shape is None else tuple(full_shape)
+    matrix, translation = affine.matrix, affine.translation
+    s = torch.as_tensor(affine.spacing, dtype=matrix.dtype, device=matrix.device)
+    # physical coordinates (mm) of the level's voxels, on the full grid's frame
+    axes = [
+        torch.linspace(0, (n_full - 1) * s_k, n, dtype=matrix.dtype, device=matrix.device)
+        for n, n_full, s_k in zip(shape, full_shape, s)
+    ]
+    points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).flatten(1)  # (3, N)
+    centre = (torch.as_tensor(full_shape, dtype=matrix.dtype, device=matrix.device) - 1) / 2 * s
+    moved = matrix @ (points - centre[:, None]) + (centre + translation)[:, :, None]  # (B, 3, N)
+    ddf_full_voxels = (moved - points) / s[None, :, None]
+    ddf = ddf_full_voxels.reshape(matrix.shape[0], 3, *shape)
+    return ddf * _field_scale(full_shape, shape, ddf)
+
+
+def compose_affine(affine: Affine | None, ddf: torch.Tensor, affine_field: torch.Tensor | None = None) -> torch.Tensor:
+    """The DDF of ``x -> affine(x + ddf(x))`` in voxels: ``u_A(x) + A_vox ddf(x)``, exact for an affine map.
+    ``affine_field`` is ``affine_ddf(affine, ...)`` on ``ddf``'s grid when already computed."""
+    if affine is None:
+        return ddf
+    if affine_field is None:
+        affine_field = affine_ddf(affine, ddf.shape[2:])
+    linear = torch.einsum("bij,bj...->bi...", affine.voxel_matrix().to(ddf), ddf)
+    return affine_field + linear
+
+
+class _Similarity:
+    """Per-sample similarity ``(B,)`` of the moving image warped by a DDF to the fixed image on one level's grid,
+    averaged over the (soft) fixed mask. Descriptors of both images are computed once per level."""
+
+    def __init__(self, kind: str, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None, factor: float):
+        self.kind = kind
+        if kind == "mind":
+            # descriptors on the image grid, averaged onto the level (ConvexAdam's design)
+            self.fixed = fixed
+            self.moving = moving
+        else:
+            window = max(3, int(round(9 / factor)) | 1)
+            self.lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=window, reduction="none")
+            self.fixed = fixed
+            self.moving = moving
+        self.mask = mask
+
+    @staticmethod
+    def prepare(kind: str, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the similarity compares, on the image grid: MIND descriptors or the images themselves."""
+        if kind == "mind":
+            return mind_ssc(fixed), mind_ssc(moving)
+        return fixed, moving
+
+    def __call__(self, ddf: torch.Tensor) -> torch.Tensor:
+        warped = warp_image(self.moving, ddf)
+        if self.kind == "mind":
+            value = (warped - self.fixed).square().sum(dim=1, keepdim=True)  # SSD over the 12 descriptors
+        else:
+            value = self.lncc(warped, self.fixed)
+        if self.mask is None:
+            return value.flatten(1).mean(1)
+        return (value * self.mask).flatten(1).sum(1) / self.mask.flatten(1).sum(1)
+
+
+def _per_sample(value: float | torch.Tensor, name: str, batch: int, like: torch.Tensor) -> torch.Tensor:
+    value = torch.as_tensor(value, dtype=like.dtype, device=like.device).flatten()
+    if value.numel() == 1:
+        value = value.expand(batch)
+    if value.shape != (batch,):
+        raise ValueError(f"{name} must be a number or hold one value per pair ({batch}), got {value.numel()} values.")
+    if not torch.isfinite(value).all() or (value < 0).any():
+        raise ValueError(f"{name} must be finite and non-negative, got {value.tolist()}.")
+    return value
+
+
+def _check_similarity(similarity: str) -> None:
+    if similarity not in SIMILARITIES:
+        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}.")
+
+
+def prealign(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    spacing: Sequence[float] | None = None,
+    transform: str = "affine",
+    similarity: str = "mind",
+    mask: torch.Tensor | None = None,
+    steps: int = 100,
+    factor: float = 4.0,
+    lr: float = 0.01,
+) -> Affine:
+    """Global pre-alignment of ``moving`` to ``fixed``: the :class:`Affine` (per pair) that, started from the
+    translation between the images' intensity centres of mass, minimises the similarity of the pair downsampled
+    ``factor`` times, by Adam. The rotation is parametrised by its axis-angle vector, the linear part of an affine
+    by ``expm`` of a general matrix (so it stays invertible), the translation in units of 10 mm.
+
+    Args:
+        fixed, moving: ``(B, 1, X, Y, Z)`` images on one grid, intensities >= 0 for tissue (e.g. a CT window
+            mapped to [0, 1]); the centre of mass weights voxels by their intensity.
+        spacing: voxel size (mm) per axis, so rotations and scalings are physical; ``None`` is 1 mm.
+        transform: ``"translation"``, ``"rigid"`` (rotation + translation), ``"affine"`` or ``"none"``.
+        similarity: ``"mind"`` or ``"lncc"`` (see the module docstring).
+        mask: optional ``(B, 1, X, Y, Z)`` fixed-image mask restricting the similarity.
+        steps: Adam steps (0 keeps the centre-of-mass translation).
+        factor: downsampling of the images during the fit.
+        lr: Adam step size.
+
+    Raises:
+        ValueError: for images or masks of the wrong shape or with non-finite values, a non-positive spacing,
+            an unknown ``transform`` or ``similarity``, or a negative ``steps``.
+    """
+    _check_images(fixed, moving, "prealign")
+    spacing = _check_spacing(spacing, "spacing") or (1.0, 1.0, 1.0)
+    if transform not in PREALIGNMENTS:
+        raise ValueError(f"transform must be one of {PREALIGNMENTS}, got {transform!r}.")
+    _check_similarity(similarity)
+    if steps < 0:
+        raise ValueError(f"steps must be >= 0, got {steps}.")
+    mask = _check_mask(mask, fixed)
+    batch, shape = fixed.shape[0], tuple(fixed.shape[2:])
+    identity = Affine.identity(batch, spacing, fixed.device)
+    if transform == "none":
+        return identity
+
+    s = torch.as_tensor(spacing, dtype=fixed.dtype, device=fixed.device)
+    grids = torch.meshgrid(*[torch.arange(n, dtype=fixed.dtype, device=fixed.device) for n in shape], indexing="ij")
+    points = torch.stack(grids).flatten(1) * s[:, None]  # (3, N) mm
+
+    def centre_of_mass(image: torch.Tensor) -> torch.Tensor:
+        weight = image.clamp_min(0).flatten(1)
+        total = weight.sum(1, keepdim=True)
+        if (total == 0).any():
+            raise ValueError("prealign: an image is zero everywhere; nothing to align.")
+        return weight @ points.T / total  # (B, 3)
+
+    # the moving point of the fixed centre of mass is the moving centre of mass
+    shift = (centre_of_mass(moving) - centre_of_mass(fixed)).detach()
+    translation = torch.nn.Parameter(shift / 10.0)
+    rotation = torch.nn.Parameter(torch.zeros(batch, 3, device=fixed.device, dtype=fixed.dtype))
+    linear = torch.nn.Parameter(torch.zeros(batch, 3, 3, device=fixed.device, dtype=fixed.dtype))
+    params = {"translation": [translation], "rigid": [translation, rotation], "affine": [translation, linear]}[transform]
+
+    def current() -> Affine:
+        if transform == "affine":
+            matrix = torch.linalg.matrix_exp(linear)
+        elif transform == "rigid":
+            skew = torch.zeros(batch, 3, 3, device=fixed.device, dtype=fixed.dtype)
+            skew[:, 0, 1], skew[:, 0, 2], skew[:, 1, 2] = -rotation[:, 2], rotation[:, 1], -rotation[:, 0]
+            matrix = torch.linalg.matrix_exp(skew - skew.transpose(1, 2))
+        else:
+            matrix = identity.matrix
+        return Affine(matrix, translation * 10.0, spacing)
+
+    if steps:
+        level = _level_shape(shape, factor)
+        fixed_l, moving_l = (_resize(t, level) for t in _Similarity.prepare(similarity, fixed, moving))
+        mask_l = None if mask is None else _resize(mask, level)
+        measure = _Similarity(similarity, fixed_l, moving_l, mask_l, factor)
+        optimizer = torch.optim.Adam(params, lr=lr)
+        with torch.enable_grad():
+            for step in range(steps):
+                optimizer.zero_grad(set_to_none=True)
+                loss = measure(affine_ddf(current(), level, shape)).sum()
+                loss.backward()
+                optimizer.step()
+                if step == 0 or step == steps - 1:
+                    logger.info("prealign (%s, %s) step %d/%d: similarity %.4f", transform, similarity, step + 1,
+                                steps, loss.item() / batch)
+    with torch.no_grad():
+        result = current()
+    return Affine(result.matrix.detach(), result.translation.detach(), spacing)
+
+
+def instance_optimize(
+    fixed: torch.Tensor,
+    moving: torch.Tensor,
+    lam: float | torch.Tensor,
+    mu: float | torch.Tensor,
+    init_ddf: torch.Tensor | None = None,
+    *,
+    similarity: str = "mind",
+    steps: int = 50,
+    levels: int = 2,
+    grid: float = 2.0,
+    lr: float = 0.1,
+    spacing: Sequence[float] | None = None,
+    mask: torch.Tensor | None = None,
+    diffeomorphic: bool = False,
+    affine: Affine | None = None,
+    smooth: int = 3,
+    log_every: int = 0,
+) -> torch.Tensor:
+    """Optimise each pair's displacement field at its ``(lam, mu)``; see the module docstring for the objective.
+
+    Args:
+        fixed, moving: ``(B, 1, X, Y, Z)`` images on one grid (the network's grid).
+        lam, mu: Lamé parameters, numbers or one value per pair ``(B,)`` (as in training, per sample).
+        init_ddf: the starting non-rigid field ``(B, 3, X, Y, Z)`` in voxels (e.g. the network's prediction on the
+            pre-aligned pair); ``None`` starts from the identity (pure optimisation, no trained model needed).
+        similarity: ``"mind"`` or ``"lncc"``.
+        steps: Adam steps per level (0 returns the initial field, composed with ``affine``).
+        levels: number of coarse-to-fine levels; level ``l`` (0 = coarsest) works on images and a control grid
+            ``grid * 2^(levels - 1 - l)`` times coarser than the image grid.
+        grid: coarsening of the finest level's control grid (2 = half resolution).
+        lr: Adam step size, in voxels of each level's grid.
+        spacing: voxel size used by the elastic energy, as in training's loss (``None``: the image grid's voxels,
+            the bundle's training default); a level's voxels are scaled accordingly, so the energy, a mean strain
+            density, means the same on every level.
+        mask: optional ``(B, 1, X, Y, Z)`` fixed-image mask (e.g. lungs) restricting the similarity.
+        diffeomorphic: optimise a stationary velocity (integrated by scaling and squaring) composed with
+            ``init_ddf``, so the correction stays invertible.
+        affine: a pre-alignment (:func:`prealign`) composed in front of the non-rigid field; the elastic energy
+            applies to the non-rigid part only, as in training on pre-aligned pairs.
+        log_every: log step and loss terms every this many steps per level (0: first and last step only).
+
+    Returns:
+        the total DDF ``(B, 3, X, Y, Z)`` in voxels (pre-alignment composed with the optimised non-rigid field).
+
+    Raises:
+        ValueError: for images, masks or ``init_ddf`` of the wrong shape or with non-finite values, an unknown
+            similarity, ``steps`` < 0, ``levels`` < 1, ``grid`` < 1, ``lr`` <= 0, a non-positive spacing, or
+            negative or non-finite ``lam``/``mu``.
+    """
+    _check_images(fixed, moving)
+    _check_similarity(similarity)
+    spacing = _check_spacing(spacing, "spacing")
+    if steps < 0 or levels < 1 or not grid >= 1 or not lr > 0:
+        raise ValueError(f"need steps >= 0, levels >= 1, grid >= 1 and lr > 0, got {steps}, {levels}, {grid}, {lr}.")
+    batch, shape = fixed.shape[0], tuple(fixed.shape[2:])
+    lam = _per_sample(lam, "lam", batch, fixed)
+    mu = _per_sample(mu, "mu", batch, fixed)
+    mask = _check_mask(mask, fixed)
+    if init_ddf is None:
+        init_ddf = torch.zeros(batch, 3, *shape, dtype=fixed.dtype, device=fixed.device)
+    elif init_ddf.shape != (batch, 3, *shape):
+        raise ValueError(f"init_ddf must have shape {(batch, 3, *shape)}, got {tuple(init_ddf.shape)}.")
+    elif not torch.isfinite(init_ddf).all():
+        raise ValueError("init_ddf contains non-finite values (nan or inf).")
+    init_ddf = init_ddf.detach().to(fixed.dtype)
+    if steps == 0:
+        return compose_affine(affine, init_ddf)
+
+    compared = _Similarity.prepare(similarity, fixed, moving)
+    base_spacing = torch.as_tensor(spacing or (1.0, 1.0, 1.0), dtype=fixed.dtype)
+    correction: torch.Tensor | None = None
+    integrate = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="border") if diffeomorphic else None
+
+    def smoothed(correction: torch.Tensor) -> torch.Tensor:
+        # the control values pass through `smooth` 3^3 box filters: a B-spline-like basis, so the field between
+        # control points is smooth even where the images hold no information
+        for _ in range(smooth):
+            correction = F.avg_pool3d(F.pad(correction, (1,) * 6, mode="replicate"), 3, stride=1)
+        return correction
+
+    def non_rigid(correction: torch.Tensor, init: torch.Tensor) -> torch.Tensor:
+        correction = smoothed(correction)
+        if integrate is None:
+            return init + correction
+        flow = integrate(correction)
+        return flow + warp_image(init, flow)  # x -> init(x + flow(x)) + flow(x): init composed after the flow
+
+    for level in range(levels):
+        factor = grid * 2 ** (levels - 1 - level)
+        level_shape = _level_shape(shape, factor)
+        fixed_l, moving_l = (_resize(t, level_shape) for t in compared)
+        measure = _Similarity(similarity, fixed_l, moving_l, None if mask is None else _resize(mask, level_shape), factor)
+        init_l = _resize_field(init_ddf, level_shape)
+        scale = _field_scale(shape, level_shape, base_spacing).flatten()
+        # the pre-alignment on the level's grid: its field, and its linear part in the level's voxels
+        affine_l = None if affine is None else affine._replace(spacing=tuple((torch.tensor(affine.spacing) / scale).tolist()))
+        affine_field_l = None if affine is None else affine_ddf(affine, level_shape, shape)
+        # the level's voxel, in voxels of the image grid per axis (times the training spacing)
+        level_spacing = (base_spacing / scale).tolist()
+        start = torch.zeros(batch, 3, *level_shape, dtype=fixed.dtype, device=fixed.device)
+        # the next level starts from this level's (smoothed) field
+        previous = None if correction is None else _resize_field(smoothed(correction.detach()), level_shape)
+        correction = torch.nn.Parameter(start if previous is None else previous)
+        # the loss is summed over the level's voxels, and Adam's eps set on that scale, so that the rounding noise of
+        # warping with a zero field (gradients of about 1e-6 per voxel) is not magnified into full steps by Adam's normalisation
+        voxels = math.prod(level_shape)
+        optimizer = torch.optim.Adam([correction], lr=lr, eps=1e-4)
+        with torch.enable_grad():
+            for step in range(steps):
+                # cosine decay: Adam's steps are about lr in size whatever the gradient, so without it the field
+                # would keep jittering by about lr around the optimum
+                optimizer.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                optimizer.zero_grad(set_to_none=True)
+                field = non_rigid(correction, init_l)
+                similarity_value = measure(compose_affine(affine_l, field, affine_field_l))
+                energy = elastic_energy(field, lam, mu, level_spacing)
+                loss = (similarity_value + energy).sum()
+                (loss * voxels).backward()
+                optimizer.step()
+                if step in (0, steps - 1) or (log_every and (step + 1) % log_every == 0):
+                    logger.info(
+                        "instance optimisation level %d/%d (%s) step %d/%d: loss %.5f, %s %.5f, elastic %.5f",
+                        level + 1, levels, "x".join(map(str, level_shape)), step + 1, steps,
+                        loss.item() / batch, similarity, similarity_value.mean().item(), energy.mean().item(),
+                    )
+    with torch.no_grad():
+        correction = smoothed(correction.detach())
+        if integrate is None:
+            field = init_ddf + _resize_field(correction, shape)
+        else:
+            flow = _resize_field(integrate(correction), shape)
+            field = flow + warp_image(init_ddf, flow)
+        return compose_affine(affine, field)

@@ -1,0 +1,276 @@
+"""Instance optimisation, pre-alignment and MIND-SSC on small generated images."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from elastic_hypermorph_bundle.losses.elastic import elastic_energy
+from elastic_hypermorph_bundle.losses.mind import MINDSSCLoss, mind_ssc
+from elastic_hypermorph_bundle.metrics import folding_percent, target_registration_error
+from elastic_hypermorph_bundle.networks import warp_image
+from elastic_hypermorph_bundle.optimize import Affine, affine_ddf, compose_affine, instance_optimize, prealign
+
+torch.set_num_threads(1)
+
+
+def blobs(shape=(32, 32, 32), seed=0, count=12) -> torch.Tensor:
+    """A smooth random image ``(1, 1, *shape)`` in [0, 1]: Gaussian blobs of several sizes inside a body."""
+    rng = np.random.default_rng(seed)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(np.float32)
+    image = np.zeros(shape, np.float32)
+    for _ in range(count):
+        centre = rng.uniform(0.25, 0.75, 3) * np.array(shape)
+        width = rng.uniform(1.5, 4.0)
+        image += rng.uniform(0.3, 1.0) * np.exp(-((grid - centre) ** 2).sum(-1) / (2 * width**2))
+    return torch.from_numpy(np.clip(image, 0, 1))[None, None]
+
+
+def smooth_field(shape=(32, 32, 32), amplitude=2.0) -> torch.Tensor:
+    """A smooth displacement ``(1, 3, *shape)`` in voxels, largest in the middle, zero at the border."""
+    axes = [torch.linspace(0, math.pi, n) for n in shape]
+    x, y, z = torch.meshgrid(*axes, indexing="ij")
+    bump = torch.sin(x) * torch.sin(y) * torch.sin(z)
+    return amplitude * torch.stack([bump, 0.5 * bump * torch.cos(y), -0.7 * bump]).unsqueeze(0)
+
+
+@pytest.fixture(scope="module")
+def simulated_pair():
+    from elastic_hypermorph_bundle.simulation.generator import simulate_pair
+
+    pair = simulate_pair((40, 40, 40), seed=3)
+
+    def normalise(hu):
+        return torch.from_numpy(np.clip((hu.astype(np.float32) + 1000) / 1500, 0, 1))[None, None]
+
+    return {
+        "fixed": normalise(pair.fixed_image),
+        "moving": normalise(pair.moving_image),
+        "fixed_points": torch.from_numpy(pair.fixed_keypoints).float(),
+        "moving_points": torch.from_numpy(pair.moving_keypoints).float(),
+        "spacing": pair.spacing,
+        "mask": torch.from_numpy(pair.fixed_mask.astype(np.float32))[None, None],
+    }
+
+
+def tre(ddf, pair) -> float:
+    return target_registration_error(ddf[0], pair["fixed_points"], pair["moving_points"], pair["spacing"]).mean().item()
+
+
+# ---------------------------------------------------------------------------- MIND-SSC
+
+
+def test_mind_shape_range_and_intensity_invariance():
+    image = blobs()
+    mind = mind_ssc(image)
+    assert mind.shape == (1, 12, 32, 32, 32)
+    assert (mind > 0).all() and (mind <= 1).all()
+    # a global linear intensity change (the lung's darkening, to first order) leaves the descriptor unchanged
+    assert torch.allclose(mind_ssc(0.4 * image + 0.3), mind, atol=1e-4)
+    assert MINDSSCLoss()(0.4 * image + 0.3, image).item() < 1e-6
+    assert MINDSSCLoss()(image, blobs(seed=1)).item() > 1e-3
+
+
+def test_mind_follows_the_image():
+    image = blobs()
+    shifted = torch.roll(image, shifts=3, dims=2)
+    inner = (slice(None), slice(None), slice(8, 24), slice(4, 28), slice(4, 28))
+    assert torch.allclose(torch.roll(mind_ssc(image), shifts=3, dims=2)[inner], mind_ssc(shifted)[inner], atol=2e-3)
+
+
+def test_mind_refuses_bad_input():
+    with pytest.raises(ValueError, match="3D single-channel"):
+        mind_ssc(torch.zeros(1, 2, 8, 8, 8))
+    with pytest.raises(ValueError, match="non-finite"):
+        mind_ssc(torch.full((1, 1, 8, 8, 8), float("nan")))
+    with pytest.raises(ValueError, match="same shape"):
+        MINDSSCLoss()(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 9))
+
+
+# ---------------------------------------------------------------------------- affine maps
+
+
+def test_affine_ddf_translation_and_identity():
+    spacing = (2.0, 1.0, 4.0)
+    identity = Affine.identity(1, spacing)
+    assert affine_ddf(identity, (8, 9, 10)).abs().max() < 1e-5
+    shift = Affine(torch.eye(3)[None], torch.tensor([[4.0, -3.0, 8.0]]), spacing)
+    ddf = affine_ddf(shift, (8, 9, 10))
+    assert torch.allclose(ddf, torch.tensor([2.0, -3.0, 2.0]).reshape(1, 3, 1, 1, 1).expand_as(ddf), atol=1e-5)
+    # on a level half as fine, the same map counts half as many (coarser) voxels
+    coarse = affine_ddf(shift, (4, 5, 5), full_shape=(7, 9, 9))
+    assert torch.allclose(coarse[0, :, 0, 0, 0], torch.tensor([2.0 * 3 / 6, -3.0 * 4 / 8, 2.0 * 4 / 8]), atol=1e-5)
+
+
+def test_compose_affine_matches_warping_the_affine_field():
+    spacing = (1.5, 1.0, 2.0)
+    angle = 0.1
+    rotation = torch.tensor([[math.cos(angle), -math.sin(angle), 0], [math.sin(angle), math.cos(angle), 0], [0, 0, 1.0]])
+    affine = Affine((1.05 * rotation)[None], torch.tensor([[3.0, 1.0, -2.0]]), spacing)
+    shape = (16, 16, 16)
+    field = smooth_field(shape, amplitude=1.5)
+    affine_field = affine_ddf(affine, shape)
+    # x -> A(x + u(x)): the affine field sampled at x + u, plus u
+    expected = field + warp_image(affine_field, field)
+    inner = (slice(None), slice(None)) + (slice(2, -2),) * 3
+    assert torch.allclose(compose_affine(affine, field)[inner], expected[inner], atol=1e-3)
+
+
+# ---------------------------------------------------------------------------- pre-alignment
+
+
+@pytest.mark.parametrize("transform", ["rigid", "affine"])
+def test_prealign_recovers_a_large_offset_and_scaling(transform):
+    spacing = (5.0, 4.0, 5.0)
+    fixed = blobs((40, 40, 40), seed=2, count=20)
+    scale = 1.0 if transform == "rigid" else 1.08
+    angle = 0.05
+    rotation = torch.tensor([[1.0, 0, 0], [0, math.cos(angle), -math.sin(angle)], [0, math.sin(angle), math.cos(angle)]])
+    true = Affine((scale * rotation)[None], torch.tensor([[30.0, -20.0, 15.0]]), spacing)  # ~40 mm offset
+    inverse_matrix = torch.linalg.inv(true.matrix)
+    inverse = Affine(inverse_matrix, -(inverse_matrix @ true.translation[:, :, None])[:, :, 0], spacing)
+    moving = warp_image(fixed, affine_ddf(inverse, fixed.shape[2:]), padding_mode="zeros")
+    estimate = prealign(fixed, moving, spacing, transform=transform, steps=150, factor=2)
+    error_mm = (affine_ddf(estimate, fixed.shape[2:]) - affine_ddf(true, fixed.shape[2:])) * torch.tensor(spacing).reshape(1, 3, 1, 1, 1)
+    body = fixed > 0.05
+    before = (affine_ddf(true, fixed.shape[2:]) * torch.tensor(spacing).reshape(1, 3, 1, 1, 1)).norm(dim=1, keepdim=True)
+    after = error_mm.norm(dim=1, keepdim=True)
+    assert before[body].mean() > 30
+    assert after[body].mean() < 3.0, after[body].mean()
+
+
+def test_prealign_none_is_identity_and_bad_transform_refused():
+    image = blobs((16, 16, 16))
+    identity = prealign(image, image, transform="none")
+    assert torch.equal(identity.matrix, torch.eye(3)[None]) and not identity.translation.any()
+    with pytest.raises(ValueError, match="transform must be one of"):
+        prealign(image, image, transform="bspline")
+    with pytest.raises(ValueError, match="zero everywhere"):
+        prealign(torch.zeros(1, 1, 8, 8, 8), torch.zeros(1, 1, 8, 8, 8), transform="translation")
+
+
+# ---------------------------------------------------------------------------- instance optimisation
+
+
+def objective(fixed, moving, ddf, lam, mu):
+    """The optimised objective at the image grid (levels=1, grid=1): MIND descriptor SSD + elastic energy."""
+    warped = warp_image(mind_ssc(moving), ddf)
+    return ((warped - mind_ssc(fixed)).square().mean() + elastic_energy(ddf, lam, mu).mean()).item()
+
+
+def test_optimisation_lowers_the_objective(simulated_pair):
+    fixed, moving = simulated_pair["fixed"], simulated_pair["moving"]
+    start = torch.zeros(1, 3, *fixed.shape[2:])
+    ddf = instance_optimize(fixed, moving, 0.1, 0.05, steps=30, levels=1, grid=1, lr=0.2)
+    assert objective(fixed, moving, ddf, 0.1, 0.05) < 0.9 * objective(fixed, moving, start, 0.1, 0.05)
+
+
+def test_known_motion_is_recovered_from_identity(simulated_pair):
+    """Without a trained model (identity start), the breathing motion of a simulated pair is found."""
+    before = tre(torch.zeros(1, 3, 40, 40, 40), simulated_pair)
+    ddf = instance_optimize(simulated_pair["fixed"], simulated_pair["moving"], 0.083, 0.03, steps=40)
+    assert before > 5.0
+    assert tre(ddf, simulated_pair) < 0.4 * before
+    assert folding_percent(ddf).item() < 0.5
+
+
+def test_starting_from_a_good_field_keeps_it_good(simulated_pair):
+    """A start near the answer (as a network would give) ends near it, and zero steps return the start."""
+    rough = instance_optimize(simulated_pair["fixed"], simulated_pair["moving"], 0.083, 0.03, steps=15, levels=1, grid=4)
+    assert torch.equal(instance_optimize(simulated_pair["fixed"], simulated_pair["moving"], 0.083, 0.03, rough, steps=0), rough)
+    refined = instance_optimize(simulated_pair["fixed"], simulated_pair["moving"], 0.083, 0.03, rough, steps=30)
+    assert tre(refined, simulated_pair) < tre(rough, simulated_pair)
+
+
+def test_identical_images_give_a_near_zero_field():
+    image = blobs((24, 24, 24))
+    ddf = instance_optimize(image, image, 0.1, 0.1, steps=20)
+    # Adam's steps are about lr whatever the gradient (here rounding noise), so a residual jitter of about a tenth
+    # of a voxel remains; a real motion is tens of times larger (see the tests below)
+    assert ddf.abs().mean() < 0.03 and ddf.abs().max() < 0.2
+
+
+def test_stiffer_material_gives_a_smoother_field(simulated_pair):
+    fields = {
+        stiffness: instance_optimize(simulated_pair["fixed"], simulated_pair["moving"], stiffness, stiffness, steps=30)
+        for stiffness in (0.01, 1.0)
+    }
+    soft, stiff = (elastic_energy(fields[k], 0.05, 0.05).item() for k in (0.01, 1.0))
+    assert stiff < 0.7 * soft
+
+
+def test_mask_restricts_the_similarity():
+    """Fixed and moving differ only outside the mask: with the mask there is nothing to register."""
+    fixed = blobs((24, 24, 24), seed=4)
+    moving = fixed.clone()
+    moving[..., 16:] = torch.roll(fixed, shifts=2, dims=2)[..., 16:]
+    mask = torch.zeros_like(fixed)
+    mask[..., :10] = 1
+    masked = instance_optimize(fixed, moving, 0.05, 0.05, steps=20, mask=mask, levels=1)
+    unmasked = instance_optimize(fixed, moving, 0.05, 0.05, steps=20, levels=1)
+    assert masked.abs().mean() < 0.05 and masked.abs().max() < 0.2
+    assert unmasked.abs().max() > 1.0
+
+
+def test_batch_agrees_with_single_pairs_at_per_sample_parameters():
+    fixed = torch.cat([blobs((16, 16, 16), seed=5), blobs((16, 16, 16), seed=6)])
+    moving = warp_image(fixed, smooth_field((16, 16, 16), 1.0).expand(2, -1, -1, -1, -1))
+    lam, mu = torch.tensor([0.05, 0.5]), torch.tensor([0.02, 0.3])
+    batch = instance_optimize(fixed, moving, lam, mu, steps=10, levels=1)
+    for b in range(2):
+        single = instance_optimize(fixed[b : b + 1], moving[b : b + 1], lam[b], mu[b], steps=10, levels=1)
+        assert torch.allclose(batch[b : b + 1], single, atol=1e-4)
+    assert not torch.allclose(batch[0], batch[1], atol=1e-3)
+
+
+def test_diffeomorphic_option_stays_fold_free(simulated_pair):
+    ddf = instance_optimize(simulated_pair["fixed"], simulated_pair["moving"], 0.01, 0.01, steps=30, diffeomorphic=True)
+    assert folding_percent(ddf).item() == 0.0
+    assert tre(ddf, simulated_pair) < 0.5 * tre(torch.zeros_like(ddf), simulated_pair)
+
+
+def test_lncc_similarity_also_registers(simulated_pair):
+    before = tre(torch.zeros(1, 3, 40, 40, 40), simulated_pair)
+    ddf = instance_optimize(simulated_pair["fixed"], simulated_pair["moving"], 0.083, 0.03, similarity="lncc", steps=40)
+    assert tre(ddf, simulated_pair) < 0.7 * before
+
+
+def test_prealignment_is_composed_into_the_field(simulated_pair):
+    """A pair offset by 33 mm (a patient placed differently on the table) is registered through the pre-alignment."""
+    fixed, moving, spacing = simulated_pair["fixed"], simulated_pair["moving"], simulated_pair["spacing"]
+    shift_voxels = torch.tensor([3.0, -3.0, 1.0])  # whole voxels (about 25, -18 and 9 mm), so no interpolation blur
+    shifted = warp_image(moving, -shift_voxels.reshape(1, 3, 1, 1, 1).expand(1, 3, 40, 40, 40), padding_mode="zeros")
+    pair = dict(simulated_pair, moving_points=simulated_pair["moving_points"] + shift_voxels)
+    affine = prealign(fixed, shifted, spacing, transform="translation", steps=50, factor=2)
+    ddf = instance_optimize(fixed, shifted, 0.083, 0.03, steps=40, affine=affine)
+    assert tre(torch.zeros_like(ddf), pair) > 25
+    # as good as the optimisation told the true offset (the part of the anatomy shifted out of the image is lost)
+    true = Affine(torch.eye(3)[None], (shift_voxels * torch.tensor(spacing))[None], spacing)
+    told = instance_optimize(fixed, shifted, 0.083, 0.03, steps=40, affine=true)
+    assert tre(ddf, pair) < 1.2 * tre(told, pair)
+    assert tre(ddf, pair) < 0.5 * tre(torch.zeros_like(ddf), simulated_pair)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(moving=torch.zeros(1, 1, 16, 16, 17)), "on one grid"),
+        (dict(fixed=torch.zeros(1, 2, 16, 16, 16)), "single-channel"),
+        (dict(moving=torch.full((1, 1, 16, 16, 16), float("nan"))), "moving image contains non-finite"),
+        (dict(spacing=(1.0, 0.0, 1.0)), "positive, finite voxel sizes"),
+        (dict(similarity="mse"), "similarity must be one of"),
+        (dict(lam=-1.0), "lam must be finite and non-negative"),
+        (dict(init_ddf=torch.zeros(1, 3, 8, 8, 8)), "init_ddf must have shape"),
+        (dict(mask=torch.zeros(1, 1, 16, 16, 16)), "mask is empty"),
+        (dict(levels=0), "levels >= 1"),
+    ],
+)
+def test_bad_input_is_refused(change, message):
+    image = blobs((16, 16, 16))
+    arguments = dict(fixed=image, moving=image, lam=0.1, mu=0.1, steps=1)
+    arguments.update(change)
+    with pytest.raises(ValueError, match=message):
+        instance_optimize(**arguments)
