@@ -156,7 +156,9 @@ def test_output_files_refuse_existing_and_discard_only_their_own(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         files.run(failing_run)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old.txt"]
-    assert OutputFiles(tmp_path, overwrite="true").new("old.txt") == tmp_path / "old.txt"
+    replacing = OutputFiles(tmp_path, overwrite="true")
+    replacing.run(lambda: replacing.new("old.txt").write_text("new run"))
+    assert (tmp_path / "old.txt").read_text() == "new run"
 
 
 def test_parse_flag():
@@ -216,7 +218,7 @@ def test_inference_writes_the_field_of_the_requested_hyperparameters(dataset, mo
         out = tmp_path / f"lam{lam}"
         result = _bundle(*_common(dataset, model, out), "--lam", str(lam), "--mu", str(mu))
         assert result.returncode == 0, result.stderr[-3000:]
-        (pair_id,) = [p.name for p in out.iterdir() if p.name != "submission"]
+        (pair_id,) = [p.name for p in out.iterdir() if p.name not in ("submission", OutputFiles.MANIFEST)]
         ddf = _ddf(out / pair_id / "ddf.nii.gz")
         torch.testing.assert_close(ddf, _eager_ddf(model, dataset, pair_id, [lam, mu]), atol=1e-4, rtol=1e-4)
         submission = nib.load(out / "submission" / f"disp_{pair_id}.nii.gz")
@@ -272,7 +274,7 @@ def test_stiffer_hyperparameters_give_a_smoother_field_of_a_trained_model(datase
         out = tmp_path / name
         result = _bundle(*_common(dataset, model, out), *small_net, "--lam", value, "--mu", value)
         assert result.returncode == 0, result.stderr[-3000:]
-        (pair_id,) = [p.name for p in out.iterdir() if p.name != "submission"]
+        (pair_id,) = [p.name for p in out.iterdir() if p.name not in ("submission", OutputFiles.MANIFEST)]
         fields[name] = _ddf(out / pair_id / "ddf.nii.gz")
     soft, stiff = fields["soft"], fields["stiff"]
     assert soft.abs().max() > 0.5  # trained: a voxel-sized field (an untrained flow head gives ~0)

@@ -369,3 +369,52 @@ def test_trainings_sharing_an_output_dir_keep_their_own_splits(tmp_path):
         prepare_outputs(tmp_path / "models_a", shared, data, split_file=other, resume=True)
     assert prepare_outputs(tmp_path / "models_a", shared, data, resume=True) == first
     assert first.read_text() == recorded
+
+
+# ----------------------------------------------------- outputs are staged and swapped in on success (item 2)
+
+
+def _tree(root: Path) -> dict[str, str]:
+    return {p.relative_to(root).as_posix(): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_a_failed_overwrite_keeps_the_earlier_results_and_a_successful_one_replaces_the_whole_set(tmp_path):
+    from elastic_hypermorph_bundle.workflow.writers import OutputFiles
+
+    out = tmp_path / "outputs" / "inference"
+
+    def write(files: OutputFiles, names, fail_after=None):
+        for index, name in enumerate(names):
+            if index == fail_after:
+                raise RuntimeError("killed half-way")
+            files.new(name).write_text(f"{name} of this run")
+
+    first = OutputFiles(out)
+    first.run(lambda: write(first, ["submission/disp_1.nii.gz", "1/ddf.nii.gz", "1/warped_mask.nii.gz", "metrics.csv"]))
+    earlier = _tree(out)
+    assert set(earlier) == {"submission/disp_1.nii.gz", "1/ddf.nii.gz", "1/warped_mask.nii.gz", "metrics.csv",
+                            OutputFiles.MANIFEST}  # fmt: skip
+
+    # an overwrite that fails half-way (after replacing two of the files) leaves the earlier set exactly as it was
+    failing = OutputFiles(out, overwrite=True)
+    with pytest.raises(RuntimeError, match="killed half-way"):
+        failing.run(lambda: write(failing, ["submission/disp_1.nii.gz", "1/ddf.nii.gz", "metrics.csv"], fail_after=2))
+    assert _tree(out) == earlier and sorted(p.name for p in out.parent.iterdir()) == ["inference"]
+
+    # a successful overwrite that writes fewer files (no masks) leaves none of the earlier run's files behind
+    second = OutputFiles(out, overwrite="true")
+    second.run(lambda: write(second, ["submission/disp_1.nii.gz", "1/ddf.nii.gz"]))
+    assert set(_tree(out)) == {"submission/disp_1.nii.gz", "1/ddf.nii.gz", OutputFiles.MANIFEST}
+    assert _tree(out)["1/ddf.nii.gz"] == "1/ddf.nii.gz of this run" and sorted(p.name for p in out.parent.iterdir()) == ["inference"]
+
+    # a folder shared with other files (e.g. training logs): only the earlier run's set is replaced
+    (out / "events.out.tfevents.1").write_text("training log")
+    third = OutputFiles(out, overwrite=True)
+    third.run(lambda: write(third, ["metrics.csv"]))
+    assert set(_tree(out)) == {"metrics.csv", "events.out.tfevents.1", OutputFiles.MANIFEST}
+    # without overwrite an existing output is refused and nothing changes
+    before = _tree(out)
+    refusing = OutputFiles(out)
+    with pytest.raises(FileExistsError, match="--overwrite true"):
+        refusing.run(lambda: write(refusing, ["new.csv", "metrics.csv"]))
+    assert _tree(out) == before and sorted(p.name for p in out.parent.iterdir()) == ["inference"]

@@ -1,8 +1,8 @@
 """Files written by inference and evaluation: registration results per pair and metric tables.
 
-Every file goes through one :class:`OutputFiles` per run, which refuses to replace existing files (unless
-``overwrite``) and, if the run fails, removes every file and folder the run created, so a failed run leaves no
-partial outputs. Layout under ``output_dir``:
+Every file goes through one :class:`OutputFiles` per run, which stages the run's files next to ``output_dir`` and
+moves them in only when the run succeeds: a failed run leaves ``output_dir`` as it was, existing files are
+refused unless ``overwrite``, and an overwrite replaces the earlier run's whole set. Layout under ``output_dir``:
 
 * ``submission/disp_<pair_id>.nii.gz``: Learn2Reg submission, the displacement on the ORIGINAL fixed-image grid
   in its voxels, channel-last ``(X, Y, Z, 3)``, float32, with the original fixed affine;
@@ -19,6 +19,8 @@ import json
 import logging
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
+from ..atomic import atomic_write_text
 from ..data.transforms import ddf_to_original_grid
 from . import parse_flag
 from .ignite_metrics import as_pairs, registered_pair_metrics
@@ -38,22 +41,37 @@ logger = logging.getLogger("elastic_hypermorph_bundle")
 
 
 class OutputFiles:
-    """The files one run writes under ``root``.
+    """The files one run writes under ``root``: all of them, or none.
 
-    :meth:`new` hands out a path (creating its folder) and refuses one that exists unless ``overwrite``;
-    :meth:`run` executes the workflow and, if it raises, removes everything created through :meth:`new` (files
-    and the folders made for them) before re-raising.
+    :meth:`new` hands out paths in a fresh staging folder next to ``root`` (``.<root name>.staging-<random>``,
+    created on first use), so nothing under ``root`` changes while the run works. :meth:`run` executes the
+    workflow; if it raises, the staging folder is deleted (``root`` is exactly as before), otherwise
+    :meth:`commit` moves the new files into ``root``:
+
+    * without ``overwrite``, an output that exists already is refused (at the start of the run through
+      :meth:`check`, and again by :meth:`new` and :meth:`commit`);
+    * with ``overwrite``, the new set replaces the earlier run's whole set: the files the earlier run recorded in
+      ``root/.output_files.json`` that this run does not write are removed, so none of them stays behind. If
+      ``root`` holds nothing else, the swap is two renames of the whole folder; otherwise the files are moved one
+      by one and other files in ``root`` (e.g. training logs) are left alone.
+
+    Under distributed runs every process stages and commits its own files (the record of the earlier set is
+    then per process's view, and stale files are removed only by the process that finds them in the record).
 
     Args:
         root: output folder.
-        overwrite: replace existing files instead of failing.
+        overwrite: replace an earlier run's outputs instead of failing.
     """
+
+    #: the record of the files a committed run wrote (relative to ``root``), used by the next ``overwrite``
+    MANIFEST = ".output_files.json"
 
     def __init__(self, root: str | os.PathLike, overwrite: bool = False) -> None:
         self.root = Path(root)
         self.overwrite = parse_flag("overwrite", overwrite)
-        self.files: list[Path] = []
-        self.folders: list[Path] = []
+        self.files: list[Path] = []  # staged files, in the order handed out
+        self.staging: Path | None = None
+        self._made_parents: list[Path] = []
 
     def check(self, relative_paths: Sequence[str]) -> None:
         """Fail before any work if one of these outputs already exists (and ``overwrite`` is off)."""
@@ -67,32 +85,97 @@ class OutputFiles:
                 "another --output_dir."
             )
 
+    def _staging(self) -> Path:
+        if self.staging is None:
+            parent = Path(os.path.abspath(self.root)).parent
+            missing = [folder for folder in (parent, *parent.parents) if not folder.exists()]
+            for folder in reversed(missing):
+                folder.mkdir()
+                self._made_parents.append(folder)
+            self.staging = Path(tempfile.mkdtemp(prefix=f".{Path(os.path.abspath(self.root)).name}.staging-", dir=parent))
+        return self.staging
+
     def new(self, relative_path: str) -> Path:
-        """Path for a new output file, recorded for removal if the run fails."""
+        """Path (in the staging folder) for a new output ``root/relative_path``, its folder created."""
         self.check([relative_path])
-        path = self.root / relative_path
-        missing = [folder for folder in (path.parent, *path.parent.parents) if not folder.exists()]
-        for folder in reversed(missing):
-            folder.mkdir()
-            self.folders.append(folder)
+        path = self._staging() / relative_path
+        path.parent.mkdir(parents=True, exist_ok=True)
         self.files.append(path)
         return path
 
+    def _written(self) -> list[str]:
+        staging = self.staging
+        return sorted({p.relative_to(staging).as_posix() for p in self.files if p.is_file()}) if staging else []
+
+    def _recorded(self) -> set[str]:
+        """The files the earlier committed run recorded in ``root`` (none if it kept no record)."""
+        try:
+            return set(json.loads((self.root / self.MANIFEST).read_text())["files"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return set()
+
+    def commit(self) -> None:
+        """Move the staged files into ``root`` (see the class docstring); a no-op if the run wrote nothing."""
+        if self.staging is None:
+            return
+        written = self._written()
+        if not self.overwrite:
+            self.check(written)  # another run may have written them in the meantime
+        record = self._recorded() if self.root.exists() else set()
+        stale = (record - set(written)) if self.overwrite else set()
+        manifest = sorted((record - stale) | set(written))
+        atomic_write_text(self.staging / self.MANIFEST, json.dumps({"files": manifest}, indent=1))
+        if not self.root.exists():
+            os.replace(self.staging, self.root)
+        elif self.overwrite and self._holds_only(record):
+            previous = self.staging.with_name(self.staging.name.replace(".staging-", ".previous-"))
+            os.replace(self.root, previous)
+            os.replace(self.staging, self.root)
+            shutil.rmtree(previous, ignore_errors=True)
+        else:
+            for relative in written:
+                target = self.root / relative
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(self.staging / relative, target)
+            for relative in stale:
+                (self.root / relative).unlink(missing_ok=True)
+                for folder in (self.root / relative).parents:
+                    if folder == self.root or not folder.is_dir() or any(folder.iterdir()):
+                        break
+                    folder.rmdir()
+            os.replace(self.staging / self.MANIFEST, self.root / self.MANIFEST)
+            shutil.rmtree(self.staging, ignore_errors=True)
+        if stale:
+            logger.info("overwrite=true: removed %d file(s) of the earlier run not written again", len(stale))
+        self.staging, self._made_parents = None, []
+
+    def _holds_only(self, record: set[str]) -> bool:
+        """Whether ``root`` holds nothing but the recorded files (and their folders) and the record."""
+        for path in self.root.rglob("*"):
+            relative = path.relative_to(self.root).as_posix()
+            if path.is_dir():
+                if not any(name == relative or name.startswith(relative + "/") for name in record):
+                    return False
+            elif relative != self.MANIFEST and relative not in record:
+                return False
+        return True
+
     def discard(self) -> None:
-        """Remove the files and folders this run created (folders only if nothing else is in them)."""
-        for path in self.files:
-            path.unlink(missing_ok=True)
-        for folder in reversed(self.folders):
+        """Delete the staging folder (and the parent folders made for it, if empty): ``root`` is untouched."""
+        if self.staging is not None:
+            count = len(self._written())
+            shutil.rmtree(self.staging, ignore_errors=True)
+            logger.warning("run failed: discarded the %d output file(s) it had written; %s is as it was.", count, self.root)
+        for folder in reversed(self._made_parents):
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
-        if self.files:
-            logger.warning("run failed: removed the %d output file(s) it had written under %s.", len(self.files), self.root)
-        self.files, self.folders = [], []
+        self.staging, self.files, self._made_parents = None, [], []
 
     def run(self, workflow: Callable[[], object]) -> None:
-        """Run ``workflow()`` (e.g. ``evaluator.run``); on any error remove this run's outputs and re-raise."""
+        """Run ``workflow()`` (e.g. ``evaluator.run``), then :meth:`commit`; on any error discard and re-raise."""
         try:
             workflow()
+            self.commit()
         except BaseException:
             self.discard()
             raise
