@@ -48,6 +48,7 @@ __all__ = [
     "compose_affine",
     "prealign",
     "instance_optimize",
+    "InstanceOptimization",
 ]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
@@ -326,7 +327,7 @@ def instance_optimize(
     steps: int = 50,
     levels: int = 2,
     grid: float = 2.0,
-    lr: float = 0.1,
+    lr: float = 0.2,
     spacing: Sequence[float] | None = None,
     mask: torch.Tensor | None = None,
     diffeomorphic: bool = False,
@@ -355,6 +356,7 @@ def instance_optimize(
             ``init_ddf``, so the correction stays invertible.
         affine: a pre-alignment (:func:`prealign`) composed in front of the non-rigid field; the elastic energy
             applies to the non-rigid part only, as in training on pre-aligned pairs.
+        smooth: number of 3^3 box filters the control values pass through (a B-spline-like basis; 0: none).
         log_every: log step and loss terms every this many steps per level (0: first and last step only).
 
     Returns:
@@ -449,3 +451,101 @@ def instance_optimize(
             flow = _resize_field(integrate(correction), shape)
             field = flow + warp_image(init_ddf, flow)
         return compose_affine(affine, field)
+
+
+class InstanceOptimization:
+    """The test-time stages of a registration around the network, with their settings: pre-alignment before the
+    network, instance optimisation after it (used by :class:`~elastic_hypermorph_bundle.workflow.steps.RegisterStep`
+    in inference, evaluation and the sweep's selected point).
+
+    ``(lam, mu)`` of the optimisation are the network's hyperparameter row: ``[lam, mu]`` for the elastic
+    regularizer, ``alpha * (fixed_lam, fixed_mu)`` for ``"elastic_fixed"`` (the same energy, since it is linear in
+    ``(lam, mu)``). The diffusion baseline has no elastic parameters and is refused when ``steps > 0``.
+
+    Args:
+        steps: Adam steps per level (0: no instance optimisation).
+        similarity, levels, grid, lr, smooth: see :func:`instance_optimize`.
+        prealign: ``"none"``, ``"translation"``, ``"rigid"`` or ``"affine"`` (see :func:`prealign`).
+        prealign_steps: Adam steps of the pre-alignment.
+        use_mask: restrict both stages' similarity to the fixed mask (the batch must have ``fixed_mask``).
+        diffeomorphic: optimise a velocity (see :func:`instance_optimize`).
+        regularizer, fixed_lam, fixed_mu: the model's regularizer (see
+            :class:`~elastic_hypermorph_bundle.losses.RegistrationLoss`).
+
+    Raises:
+        ValueError: for an unknown similarity or pre-alignment, negative steps, or ``steps > 0`` with the
+            diffusion regularizer.
+    """
+
+    def __init__(
+        self,
+        steps: int = 0,
+        similarity: str = "mind",
+        levels: int = 2,
+        grid: float = 2.0,
+        lr: float = 0.2,
+        smooth: int = 3,
+        prealign: str = "none",
+        prealign_steps: int = 100,
+        use_mask: bool | str = False,
+        diffeomorphic: bool | str = False,
+        regularizer: str = "elastic",
+        fixed_lam: float | None = None,
+        fixed_mu: float | None = None,
+    ) -> None:
+        from .workflow import parse_flag  # booleans from the command line are parsed once, here
+
+        steps, levels, prealign_steps = int(steps), int(levels), int(prealign_steps)
+        _check_similarity(similarity)
+        if prealign not in PREALIGNMENTS:
+            raise ValueError(f"prealign must be one of {PREALIGNMENTS}, got {prealign!r}.")
+        if steps < 0 or prealign_steps < 0:
+            raise ValueError(f"instance_steps and prealign_steps must be >= 0, got {steps} and {prealign_steps}.")
+        if levels < 1 or not float(grid) >= 1 or not float(lr) > 0 or int(smooth) < 0:
+            raise ValueError(f"need instance_levels >= 1, instance_grid >= 1, instance_lr > 0 and smooth >= 0, got "
+                             f"{levels}, {grid}, {lr}, {smooth}.")
+        if steps > 0 and regularizer == "diffusion":
+            raise ValueError(
+                "instance optimisation optimises the elastic energy at the network's (lam, mu); the diffusion "
+                "baseline has none: use --instance_steps 0 with --regularizer diffusion."
+            )
+        if regularizer == "elastic_fixed" and (fixed_lam is None or fixed_mu is None):
+            raise ValueError('regularizer="elastic_fixed" needs fixed_lam and fixed_mu for the instance optimisation.')
+        self.steps, self.similarity, self.levels, self.grid = steps, similarity, levels, float(grid)
+        self.lr, self.smooth = float(lr), int(smooth)
+        self.prealign, self.prealign_steps = prealign, prealign_steps
+        self.use_mask = parse_flag("use_mask", use_mask)
+        self.diffeomorphic = parse_flag("diffeomorphic", diffeomorphic)
+        self.regularizer, self.fixed_lam, self.fixed_mu = regularizer, fixed_lam, fixed_mu
+
+    @property
+    def enabled(self) -> bool:
+        return self.steps > 0 or self.prealign != "none"
+
+    def elastic_parameters(self, hyper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lam, mu)``, each ``(B,)``, of the network's ``(B, H)`` hyperparameter rows."""
+        if self.regularizer == "elastic":
+            return hyper[:, 0], hyper[:, 1]
+        return hyper[:, 0] * self.fixed_lam, hyper[:, 0] * self.fixed_mu
+
+    def mask(self, batch: dict) -> torch.Tensor | None:
+        if not self.use_mask:
+            return None
+        if "fixed_mask" not in batch:
+            raise ValueError("--use_mask true needs a fixed mask for every pair (--fixed_mask, or masksTr in the dataset).")
+        return batch["fixed_mask"].float()
+
+    def align(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None) -> Affine | None:
+        """The pre-alignment of the pair, ``None`` when off."""
+        if self.prealign == "none":
+            return None
+        return prealign(fixed, moving, spacing, self.prealign, self.similarity, mask, self.prealign_steps)
+
+    def refine(self, fixed, moving, hyper, init_ddf, affine: Affine | None = None, mask=None) -> torch.Tensor:
+        """The total DDF: ``init_ddf`` optimised at the rows' ``(lam, mu)`` and composed with ``affine``."""
+        lam, mu = self.elastic_parameters(hyper)
+        return instance_optimize(
+            fixed, moving, lam, mu, init_ddf, similarity=self.similarity, steps=self.steps, levels=self.levels,
+            grid=self.grid, lr=self.lr, mask=mask, diffeomorphic=self.diffeomorphic, affine=affine,
+            smooth=self.smooth,
+        )

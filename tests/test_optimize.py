@@ -274,3 +274,69 @@ def test_bad_input_is_refused(change, message):
     arguments.update(change)
     with pytest.raises(ValueError, match=message):
         instance_optimize(**arguments)
+
+
+# ---------------------------------------------------------------------------- in the evaluator's step
+
+
+class _ZeroNetwork(torch.nn.Module):
+    """A stand-in registration network predicting the identity (no trained model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def generate_weights(self, hyper):
+        return {}
+
+    def forward(self, x, weights=None):
+        return torch.zeros(x.shape[0], 3, *x.shape[2:]) * self.unused
+
+
+def _register(pair, instance):
+    from monai.data import MetaTensor
+    from monai.engines import SupervisedEvaluator
+
+    from elastic_hypermorph_bundle.workflow.steps import RegisterStep
+
+    affine = torch.diag(torch.tensor([*pair["spacing"], 1.0]))
+    batch = {
+        "fixed_image": MetaTensor(pair["fixed"], affine=affine),
+        "moving_image": MetaTensor(pair["moving"], affine=affine),
+        "fixed_mask": pair["mask"],
+        "pair_id": ["p"],
+    }
+    step = RegisterStep(torch.tensor([[0.083, 0.03]]), instance=instance)
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=[batch], network=_ZeroNetwork(), iteration_update=step,
+        decollate=False,
+    )
+    evaluator.run()
+    return evaluator.state.output["pred"]
+
+
+def test_register_step_optimises_the_network_field(simulated_pair):
+    from elastic_hypermorph_bundle.optimize import InstanceOptimization
+
+    network_only = _register(simulated_pair, None)
+    assert network_only.abs().max() == 0
+    optimised = _register(simulated_pair, InstanceOptimization(steps=40, prealign="affine", use_mask=True))
+    assert tre(optimised, simulated_pair) < 0.4 * tre(network_only, simulated_pair)
+
+
+def test_instance_settings_refuse_bad_values():
+    from elastic_hypermorph_bundle.optimize import InstanceOptimization
+
+    with pytest.raises(ValueError, match="similarity must be one of"):
+        InstanceOptimization(steps=10, similarity="ssd")
+    with pytest.raises(ValueError, match="prealign must be one of"):
+        InstanceOptimization(prealign="bspline")
+    with pytest.raises(ValueError, match="diffusion baseline"):
+        InstanceOptimization(steps=10, regularizer="diffusion")
+    with pytest.raises(ValueError, match="use_mask"):
+        InstanceOptimization(use_mask="maybe")
+    with pytest.raises(ValueError, match="--use_mask true needs a fixed mask"):
+        InstanceOptimization(steps=1, use_mask=True).mask({"fixed_image": torch.zeros(1)})
+    fixed = InstanceOptimization(steps=1, regularizer="elastic_fixed", fixed_lam=4.0, fixed_mu=2.0)
+    lam, mu = fixed.elastic_parameters(torch.tensor([[0.5]]))
+    assert lam.item() == 2.0 and mu.item() == 1.0

@@ -11,6 +11,7 @@ from monai.engines.utils import IterationEvents
 
 from ..data.transforms import PAIR_KEYS
 from ..networks import warp_image, warp_label
+from ..optimize import InstanceOptimization, affine_ddf, compose_affine
 
 __all__ = ["RegisterStep"]
 
@@ -32,18 +33,26 @@ class RegisterStep:
     * ``"spacing"``: ``(B, D)`` voxel size of the network grid in mm (from the fixed image's affine);
     * ``"hyper"``: ``(B, H)`` the row used; ``"runtime"``: ``(B,)`` seconds of network and warping per pair.
 
+    With ``instance`` (:class:`~elastic_hypermorph_bundle.optimize.InstanceOptimization`), the pair is first
+    pre-aligned (the network sees the pre-aligned moving image), and the network's field is then optimised for the
+    pair at the same row's ``(lam, mu)``; ``"pred"`` is the total field (pre-alignment composed with the optimised
+    one) and ``"runtime"`` counts all stages.
+
     Args:
         hyper: one hyperparameter row, ``(1, H)`` or ``(H,)`` (e.g. ``HyperSpace.point(lam, mu)``), checked against
             the model's trained range by the caller.
+        instance: the test-time stages around the network; ``None`` (or all stages off) registers with the
+            network alone.
     """
 
-    def __init__(self, hyper: torch.Tensor) -> None:
+    def __init__(self, hyper: torch.Tensor, instance: InstanceOptimization | None = None) -> None:
         hyper = torch.as_tensor(hyper, dtype=torch.float32)
         if hyper.ndim == 1:
             hyper = hyper.unsqueeze(0)
         if hyper.ndim != 2 or hyper.shape[0] != 1:
             raise ValueError(f"hyper must be one row of shape (1, H) or (H,), got shape {tuple(hyper.shape)}.")
         self.hyper = hyper
+        self.instance = instance if instance is not None and instance.enabled else None
         self._weights: dict | None = None
 
     def __call__(self, engine, batchdata: dict) -> dict:
@@ -61,12 +70,27 @@ class RegisterStep:
         # unwrap DistributedDataParallel: weight generation is a method of the module itself
         network = getattr(engine.network, "module", engine.network)
         start = time.perf_counter()
+        affine = mask = None
+        network_moving = moving
+        if self.instance is not None:
+            mask = self.instance.mask(batch)
+            # one spacing for the batch: inference and evaluation register one pair per batch
+            affine = self.instance.align(_plain(fixed), _plain(moving), self._spacing(fixed)[0].tolist(), mask)
+            if affine is not None:
+                network_moving = warp_image(_plain(moving), affine_ddf(affine, moving.shape[2:])).to(moving.dtype)
         with engine.mode(engine.network), torch.autocast(
             device.type, enabled=bool(engine.amp) and device.type == "cuda", **engine.amp_kwargs
         ):
             if self._weights is None or engine.state.iteration == 1:
                 self._weights = network.generate_weights(self.hyper.to(device))
-            ddf = network(torch.cat([moving, fixed], dim=1), weights=self._weights).float()
+            ddf = network(torch.cat([network_moving, fixed], dim=1), weights=self._weights).float()
+        ddf = ddf.as_tensor() if hasattr(ddf, "as_tensor") else ddf
+        if self.instance is not None and self.instance.steps > 0:
+            hyper = self.hyper.to(device).expand(fixed.shape[0], -1)
+            ddf = self.instance.refine(_plain(fixed), _plain(moving), hyper, ddf, affine, mask)
+        elif affine is not None:
+            ddf = compose_affine(affine, ddf)
+        with torch.no_grad():
             warped = warp_image(moving.float(), ddf)
             warped_mask = warp_label(batch["moving_mask"], ddf) if "moving_mask" in batch else None
         if device.type == "cuda":
@@ -74,7 +98,7 @@ class RegisterStep:
         runtime = (time.perf_counter() - start) / fixed.shape[0]
 
         output = {key: batch[key] for key in PAIR_KEYS if key in batch}
-        output["pred"] = ddf.as_tensor() if hasattr(ddf, "as_tensor") else ddf
+        output["pred"] = ddf
         output["warped_image"] = warped
         if warped_mask is not None:
             output["warped_mask"] = warped_mask
@@ -97,3 +121,8 @@ class RegisterStep:
             return torch.ones(batch, dims)
         affine = torch.as_tensor(affine, dtype=torch.float64).reshape(-1, dims + 1, dims + 1).expand(batch, -1, -1)
         return torch.stack([torch.as_tensor(affine_to_spacing(a, r=dims)) for a in affine]).float()
+
+
+def _plain(image: torch.Tensor) -> torch.Tensor:
+    """A float tensor without MONAI's meta data (the optimisation's autograd graph needs no affine tracking)."""
+    return (image.as_tensor() if hasattr(image, "as_tensor") else image).float()
