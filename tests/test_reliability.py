@@ -418,3 +418,52 @@ def test_a_failed_overwrite_keeps_the_earlier_results_and_a_successful_one_repla
     with pytest.raises(FileExistsError, match="--overwrite true"):
         refusing.run(lambda: write(refusing, ["new.csv", "metrics.csv"]))
     assert _tree(out) == before and sorted(p.name for p in out.parent.iterdir()) == ["inference"]
+
+
+# -------------------------------------------------------------- a pickle payload in model.pt is refused (item 12)
+
+
+class _Payload:
+    """Unpickling this object calls ``open(marker, "w")``: a checkpoint that runs code when loaded unsafely."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_pickle_payload_in_model_pt_is_refused_not_executed(tmp_path):
+    import pickle
+
+    from ignite.engine import Engine
+    from monai.bundle import ConfigParser
+    from monai.handlers import CheckpointLoader
+
+    from elastic_hypermorph_bundle.model_card import load_trained_network
+    from elastic_hypermorph_bundle.networks import HyperUNet
+
+    marker = tmp_path / "payload_ran"
+    model = tmp_path / "model.pt"
+    torch.save({"model": {"weight": torch.zeros(1)}, "payload": _Payload(marker)}, model)
+    network = HyperUNet(spatial_dims=3, hyper_dims=2, encoder_features=[4, 4, 4], decoder_features=[4, 4, 4, 4])
+    # the package's own loading (sweep, benchmark)
+    with pytest.raises(pickle.UnpicklingError):
+        load_trained_network(model, network)
+    # the configs' CheckpointLoader (inference, evaluation), as the configs build it
+    for config_files, handlers in ((["inference.json"], "handlers"), (["train.json", "evaluate.json"], "validate#handlers")):
+        parser = ConfigParser()
+        parser.read_config([str(ROOT / "configs" / name) for name in config_files])
+        index = next(i for i, h in enumerate(parser[handlers]) if h.get("_target_") == "CheckpointLoader")
+        parser.update({"ckpt_path": str(model), "device": "$torch.device('cpu')"})
+        loader = parser.get_parsed_content(f"{handlers}#{index}")
+        assert isinstance(loader, CheckpointLoader)
+        with pytest.raises(pickle.UnpicklingError):
+            loader(Engine(lambda engine, batch: None))
+    assert not marker.exists()
+    # the payload is real: an unsafe load would have run it (which is why the floors below matter)
+    torch.load(model, weights_only=False)
+    assert marker.exists()
+    # torch >= 2.6 loads weights_only by default; MONAI >= 1.5.1's CheckpointLoader passes weights_only=True
+    text = (ROOT / "pyproject.toml").read_text()
+    assert '"torch>=2.6' in text and '"monai>=1.5.1' in text
