@@ -15,12 +15,12 @@ import pytest
 import torch
 from monai.networks.blocks import Warp
 
-from elastic_hypermorph_bundle.simulation import generator
 from elastic_hypermorph_bundle.data.io import read_points
 from elastic_hypermorph_bundle.data.learn2reg import discover_pairs, split_sizes
-from elastic_hypermorph_bundle.simulation.navier import navier_lame_operator, solve_navier_lame
-from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset, simulate_pair
 from elastic_hypermorph_bundle.metrics import sample_field_at_points
+from elastic_hypermorph_bundle.simulation import generator
+from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset, simulate_pair
+from elastic_hypermorph_bundle.simulation.navier import navier_lame_operator, solve_navier_lame
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = (40, 40, 40)
