@@ -33,7 +33,7 @@ __all__ = [
     "config_ids",
     "unknown_overrides",
     "check_overrides",
-    "root_cause",
+    "real_cause",
     "install_clean_errors",
 ]
 
@@ -51,6 +51,10 @@ RUN_ARGUMENTS = frozenset(
 #: exception types whose message is the whole story (input and validation errors): printed as one line
 CLEAN_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError,
                 PermissionError, FloatingPointError)  # fmt: skip
+
+
+#: loggers that log an engine's exception with its traceback before it is re-raised (MONAI ``StatsHandler``'s default)
+EXCEPTION_LOGGERS = ("monai.handlers.StatsHandler", "root")
 
 
 class UnknownOverrideError(ValueError):
@@ -194,24 +198,31 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
         )
 
 
-def root_cause(error: BaseException) -> BaseException:
-    """The innermost exception of ``error``'s chain (``raise ... from`` or raised while handling another)."""
-    seen = {id(error)}
-    while True:
-        cause = error.__cause__ if error.__cause__ is not None else (
-            None if error.__suppress_context__ else error.__context__
-        )
-        if cause is None or id(cause) in seen:
-            return error
-        seen.add(id(cause))
-        error = cause
+#: how MONAI wraps an error raised while it evaluates a ``$`` expression or instantiates a ``_target_``
+WRAPPER_MESSAGES = ("Failed to evaluate ConfigExpression", "Failed to instantiate component")
+
+
+def real_cause(error: BaseException) -> BaseException:
+    """The error a user needs: ``error`` unwrapped from MONAI's ``RuntimeError("Failed to evaluate
+    ConfigExpression ...")`` / ``("Failed to instantiate component ...")`` layers (one per level of references).
+    An error the bundle raised ``from`` another one (adding context, e.g. which config id to change) is kept."""
+    seen = set()
+    while (
+        isinstance(error, RuntimeError)
+        and str(error).startswith(WRAPPER_MESSAGES)
+        and error.__cause__ is not None
+        and id(error) not in seen
+    ):
+        seen.add(id(error))
+        error = error.__cause__
+    return error
 
 
 def _clean_excepthook(kind, error, trace) -> None:
     if not isinstance(error, Exception):  # KeyboardInterrupt, SystemExit: Python's own handling
         sys.__excepthook__(kind, error, trace)
         return
-    cause = root_cause(error)
+    cause = real_cause(error)
     stream = sys.stderr
     stream.write(f"(the run failed; set {DEBUG_ENV}=1 for the full traceback)\n")
     if isinstance(cause, CLEAN_ERRORS):
@@ -246,7 +257,9 @@ def install_clean_errors(argv: Sequence[str] | None = None) -> bool:
         return False
     sys.excepthook = _clean_excepthook
     log_filter = _ExceptionLogFilter()
-    for handler in logging.getLogger().handlers:
+    for handler in logging.getLogger().handlers:  # records propagated to the root logger's handlers
         handler.addFilter(log_filter)
+    for name in EXCEPTION_LOGGERS:  # loggers with their own handlers (MONAI's get_logger does not propagate)
+        logging.getLogger(name).addFilter(log_filter)
     _INSTALLED = True
     return True

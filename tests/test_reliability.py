@@ -209,17 +209,26 @@ def test_check_overrides_accepts_defined_nested_and_run_ids():
 def test_clean_excepthook_prints_the_root_cause_once(capsys):
     from elastic_hypermorph_bundle import cli
 
-    def fail(error):
+    def fail(error, levels=2):
         try:
             try:
                 raise error
             except Exception as inner:
-                raise RuntimeError("Failed to evaluate ConfigExpression: $x") from inner
+                if levels == 1:
+                    raise RuntimeError("Failed to evaluate ConfigExpression: $x") from inner
+                raise RuntimeError("Failed to evaluate ConfigExpression: $y") from fail(error, levels - 1)
         except RuntimeError as outer:
             return outer
 
     outer = fail(FileExistsError("outputs exist: out/metrics.csv"))
-    assert isinstance(cli.root_cause(outer), FileExistsError)
+    assert isinstance(cli.real_cause(outer), FileExistsError)
+    try:  # an error raised from another (adding context) is the one shown
+        try:
+            raise ValueError("ddf contains non-finite values")
+        except ValueError as inner:
+            raise FloatingPointError("training diverged at iteration 2") from inner
+    except FloatingPointError as translated:
+        assert cli.real_cause(fail(translated)) is translated
     cli._clean_excepthook(type(outer), outer, outer.__traceback__)
     lines = capsys.readouterr().err.strip().splitlines()
     assert lines[-1] == "FileExistsError: outputs exist: out/metrics.csv" and len(lines) == 2
@@ -467,3 +476,28 @@ def test_a_pickle_payload_in_model_pt_is_refused_not_executed(tmp_path):
     # torch >= 2.6 loads weights_only by default; MONAI >= 1.5.1's CheckpointLoader passes weights_only=True
     text = (ROOT / "pyproject.toml").read_text()
     assert '"torch>=2.6' in text and '"monai>=1.5.1' in text
+
+
+def test_a_non_finite_field_in_validation_during_training_is_reported_as_divergence(tmp_path):
+    from ignite.engine import Engine, Events
+
+    from elastic_hypermorph_bundle.losses.elastic import NonFiniteFieldError, elastic_energy
+    from elastic_hypermorph_bundle.workflow.training import LastCheckpoint, TrainingDivergedError
+
+    trainer = Engine(lambda engine, batch: None)
+    trainer.network = torch.nn.Linear(1, 1)
+    trainer.optimizer = torch.optim.Adam(trainer.network.parameters(), lr=5.0)
+    LastCheckpoint(tmp_path, save=False).attach(trainer)
+
+    def validate(engine):  # as the validator's metrics meet the field of overflowing weights
+        elastic_energy(torch.full((1, 3, 4, 4, 4), float("nan")), 1.0, 1.0)
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, validate)
+    with pytest.raises(TrainingDivergedError, match=r"diverged at iteration 2 \(epoch 1\): validation .*rate is 5") as info:
+        trainer.run([0, 1], max_epochs=3)
+    assert isinstance(info.value.__cause__, NonFiniteFieldError)
+    other = Engine(lambda engine, batch: (_ for _ in ()).throw(KeyError("unrelated")))
+    other.network, other.optimizer = trainer.network, trainer.optimizer
+    LastCheckpoint(tmp_path, save=False).attach(other)
+    with pytest.raises(KeyError, match="unrelated"):  # other failures pass through unchanged
+        other.run([0])

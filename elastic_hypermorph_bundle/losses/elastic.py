@@ -14,7 +14,11 @@ import torch
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-__all__ = ["elastic_energy", "ElasticLoss"]
+__all__ = ["elastic_energy", "ElasticLoss", "NonFiniteFieldError"]
+
+
+class NonFiniteFieldError(ValueError):
+    """A displacement field holds NaN or inf values (e.g. from a network whose training diverged)."""
 
 
 def _per_sample_weight(value: float | torch.Tensor, name: str, batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -96,7 +100,7 @@ def elastic_energy(
             f"every spatial size of ddf must be at least 2 for forward differences, got {tuple(ddf.shape[2:])}."
         )
     if ddf.device.type == "cpu" and not torch.isfinite(ddf).all():  # on a GPU: a sync per call, the caller checks
-        raise ValueError("ddf contains non-finite values (nan or inf).")
+        raise NonFiniteFieldError("ddf contains non-finite values (nan or inf).")
     if spacing is not None and (len(spacing) != dims or min(spacing) <= 0):
         raise ValueError(f"spacing must hold {dims} positive voxel sizes, got {spacing}.")
     batch = ddf.shape[0]

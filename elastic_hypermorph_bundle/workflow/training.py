@@ -25,6 +25,7 @@ from monai.utils import convert_to_tensor
 
 from ..atomic import AtomicCheckpointSaver, atomic_torch_save, readable_checkpoint, remove_partial_files
 from ..hyperparams import HyperSpace
+from ..losses.elastic import NonFiniteFieldError
 from ..model_card import ModelCard
 from ..networks import warp_image
 from . import parse_flag
@@ -68,7 +69,7 @@ class TrainStep:
     3. ``warped = warp_image(moving, ddf)`` and ``loss_function(warped, fixed, ddf, hyper, velocity=field,
        return_components=True)`` (a :class:`~elastic_hypermorph_bundle.losses.RegistrationLoss`), in float32;
     4. backward and optimizer step (through the trainer's ``GradScaler`` with AMP); without AMP a non-finite
-       displacement field (checked on the CPU) or loss (one device sync per batch) raises
+       displacement field (checked on the CPU), loss or updated weights (one device sync per batch) raises
        :class:`TrainingDivergedError`, naming the iteration and what to try.
 
     Returns (and stores in ``engine.state.output``): ``"image"`` (network input), ``"pred"`` (DDF), ``"hyper"``, and
@@ -116,12 +117,7 @@ class TrainStep:
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
         loss = terms["loss"]
-        # the one value check per batch on the device (the loss skips its per-call checks off the CPU); with AMP
-        # a non-finite loss is the GradScaler's to handle: it skips the step and lowers the scale
-        if not use_amp and not torch.isfinite(loss):
-            values = ", ".join(f"{key}={float(terms[key]):.4g}" for key in _LOSS_TERMS)
-            raise TrainingDivergedError(_diverged(engine, f"the training loss is not finite ({values})"))
-        if use_amp:
+        if use_amp:  # a non-finite loss is the GradScaler's to handle: it skips the step and lowers the scale
             engine.scaler.scale(loss).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.scaler.step(engine.optimizer)
@@ -130,6 +126,16 @@ class TrainStep:
             loss.backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
+            # the one value check per batch on the device (the loss skips its per-call checks off the CPU): a
+            # non-finite loss, or weights this step made non-finite (validation would meet them first)
+            weights = torch.stack([torch.isfinite(p).all() for p in engine.network.parameters()]).all()
+            if not bool(torch.isfinite(loss) & weights):
+                if torch.isfinite(loss):
+                    what = "the network's weights are not finite (NaN/inf) after this step"
+                else:
+                    values = ", ".join(f"{key}={float(terms[key]):.4g}" for key in _LOSS_TERMS)
+                    what = f"the training loss is not finite ({values})"
+                raise TrainingDivergedError(_diverged(engine, what))
         for key in _LOSS_TERMS:
             engine.state.output[key] = terms[key].detach()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # the trainer decollates on this event
@@ -249,7 +255,8 @@ class LastCheckpoint:
 
     The trainer itself is part of the saved state, so this handler takes it at :meth:`attach` instead of from the
     config (which would be a circular reference). In distributed runs every rank resumes; only the main process
-    saves (``save=False`` elsewhere).
+    saves (``save=False`` elsewhere). A run stopped by a non-finite field in validation (the weights of the last step
+    overflow) is reported as :class:`TrainingDivergedError`, like a divergence met by :class:`TrainStep`.
     """
 
     def __init__(
@@ -269,6 +276,21 @@ class LastCheckpoint:
     def attach(self, engine: Engine) -> None:
         # the trainer's network and optimizer exist only after its handlers are attached: bind them at start
         engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._explain_divergence)
+
+    @staticmethod
+    def _explain_divergence(engine: Engine, error: BaseException) -> None:
+        """Re-raise a failure of the run; a non-finite field met by validation (the updated weights overflow) is
+        reported as :class:`TrainingDivergedError`, with the iteration and what to try. (Attach this handler
+        before ``StatsHandler``, which re-raises the original error.)"""
+        cause = error
+        while cause is not None and not isinstance(cause, NonFiniteFieldError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None and not isinstance(error, TrainingDivergedError):
+            raise TrainingDivergedError(
+                _diverged(engine, "validation met a non-finite displacement field (the updated weights overflow)")
+            ) from error
+        raise error
 
     def _start(self, engine: Engine) -> None:
         state = {"model": engine.network, "optimizer": engine.optimizer, "trainer": engine}
