@@ -469,7 +469,9 @@ class InstanceOptimization:
         prealign_steps: Adam steps of the pre-alignment.
         use_mask: restrict both stages' similarity to the fixed mask (the batch must have ``fixed_mask``).
         diffeomorphic: optimise a velocity (see :func:`instance_optimize`).
-        regularizer, fixed_lam, fixed_mu: the model's regularizer (see
+        hyper_space: the model's trained :class:`~elastic_hypermorph_bundle.hyperparams.HyperSpace` (its
+            regularizer decides how a row maps to ``(lam, mu)``); ``None`` means the elastic regularizer.
+        fixed_lam, fixed_mu: the ``"elastic_fixed"`` regularizer's constants (see
             :class:`~elastic_hypermorph_bundle.losses.RegistrationLoss`).
 
     Raises:
@@ -489,13 +491,14 @@ class InstanceOptimization:
         prealign_steps: int = 100,
         use_mask: bool | str = False,
         diffeomorphic: bool | str = False,
-        regularizer: str = "elastic",
+        hyper_space=None,
         fixed_lam: float | None = None,
         fixed_mu: float | None = None,
     ) -> None:
         from .workflow import parse_flag  # booleans from the command line are parsed once, here
 
         steps, levels, prealign_steps = int(steps), int(levels), int(prealign_steps)
+        regularizer = "elastic" if hyper_space is None else hyper_space.regularizer
         _check_similarity(similarity)
         if prealign not in PREALIGNMENTS:
             raise ValueError(f"prealign must be one of {PREALIGNMENTS}, got {prealign!r}.")

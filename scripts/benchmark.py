@@ -78,7 +78,7 @@ def accuracy_settings(spatial_size, seeds=(1000, 1001), elastix_iterations=200, 
             "elastix_iterations": elastix_iterations, "demons_iterations": list(demons_iterations),
             "convex_adam": dict(convex_adam or {}), "optimize_steps": list(optimize_steps),
             "network_optimize_steps": list(network_optimize_steps), "lam": None, "mu": None, "use_mask": False,
-            "optimize_kwargs": {}, "method_timeout_s": 450.0, **extra}
+            "prealign": "none", "optimize_kwargs": {}, "method_timeout_s": 450.0, **extra}
 
 
 def inference_defaults() -> dict:
@@ -90,7 +90,8 @@ def inference_defaults() -> dict:
 def section5_methods(options: dict, model_path: str) -> list[dict]:
     """The methods of section 5 (``bench.register_probe`` kinds), all on the same pairs."""
     lam_mu = {"lam": options["lam"], "mu": options["mu"]}
-    optimize = {**lam_mu, "use_mask": options["use_mask"], "optimize_kwargs": options["optimize_kwargs"]}
+    optimize = {**lam_mu, "use_mask": options["use_mask"], "prealign": options["prealign"],
+                "optimize_kwargs": options["optimize_kwargs"]}
     methods = [
         {"name": "identity (no registration)", "kind": "identity"},
         {"name": "elastix B-spline (NCC + bending energy)", "kind": "elastix",

@@ -325,6 +325,7 @@ def test_register_step_optimises_the_network_field(simulated_pair):
 
 
 def test_instance_settings_refuse_bad_values():
+    from elastic_hypermorph_bundle.hyperparams import HyperSpace
     from elastic_hypermorph_bundle.optimize import InstanceOptimization
 
     with pytest.raises(ValueError, match="similarity must be one of"):
@@ -332,11 +333,11 @@ def test_instance_settings_refuse_bad_values():
     with pytest.raises(ValueError, match="prealign must be one of"):
         InstanceOptimization(prealign="bspline")
     with pytest.raises(ValueError, match="diffusion baseline"):
-        InstanceOptimization(steps=10, regularizer="diffusion")
+        InstanceOptimization(steps=10, hyper_space=HyperSpace("diffusion"))
     with pytest.raises(ValueError, match="use_mask"):
         InstanceOptimization(use_mask="maybe")
     with pytest.raises(ValueError, match="--use_mask true needs a fixed mask"):
         InstanceOptimization(steps=1, use_mask=True).mask({"fixed_image": torch.zeros(1)})
-    fixed = InstanceOptimization(steps=1, regularizer="elastic_fixed", fixed_lam=4.0, fixed_mu=2.0)
+    fixed = InstanceOptimization(steps=1, hyper_space=HyperSpace("elastic_fixed"), fixed_lam=4.0, fixed_mu=2.0)
     lam, mu = fixed.elastic_parameters(torch.tensor([[0.5]]))
     assert lam.item() == 2.0 and mu.item() == 1.0

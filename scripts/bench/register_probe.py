@@ -17,14 +17,14 @@ Kinds (``spec["kind"]``; options in ``spec["options"]``):
   ``convex_adam_pt``).
 * ``network``: the bundle's model (``model``: path of ``model.pt`` with ``model.json`` next to it) at ``lam``,
   ``mu``; run on the model's training grid (the pair resampled to it when it differs, the field resampled back).
-* ``optimize``: :func:`elastic_hypermorph_bundle.optimize.instance_optimize` at ``lam``, ``mu`` with ``steps``
-  (and any further ``optimize_kwargs``), from identity (``init: "identity"``) or from the network's prediction
-  (``init: "network"``, with ``model``).
+* ``optimize``: the bundle's test-time stages (:class:`elastic_hypermorph_bundle.optimize.InstanceOptimization`
+  with ``steps``, ``prealign``, ``use_mask`` and any further ``optimize_kwargs``) at ``lam``, ``mu``, as
+  ``RegisterStep`` runs them: pre-alignment, then the network on the pre-aligned pair (``init: "network"``, with
+  ``model``) or the identity (``init: "identity"``), then the instance optimisation.
 """
 
 from __future__ import annotations
 
-import inspect
 import json
 import sys
 import time
@@ -70,17 +70,6 @@ def network_ddf(net, weights, fixed: torch.Tensor, moving: torch.Tensor, grid=No
     return ddf.clone()
 
 
-def _optimizer(options: dict):
-    """``instance_optimize`` bound to the options its signature accepts."""
-    from elastic_hypermorph_bundle.optimize import instance_optimize
-
-    accepted = inspect.signature(instance_optimize).parameters
-    extra = {key: value for key, value in options.get("optimize_kwargs", {}).items() if key in accepted}
-    if "steps" in accepted:
-        extra["steps"] = int(options["steps"])
-    return instance_optimize, accepted, extra
-
-
 def register_pairs(spec: dict, pair_paths: list[str], scratch: str) -> dict:
     kind, options = spec["kind"], spec.get("options", {})
     device = torch.device(options.get("device", "cpu"))
@@ -99,10 +88,11 @@ def register_pairs(spec: dict, pair_paths: list[str], scratch: str) -> dict:
         grid = card.get("spatial_size")
         report["details"] = {"model_spatial_size": grid, "model_training": card.get("training", {}).get("steps")}
     if kind == "optimize":
-        try:
-            optimize, accepted, extra = _optimizer(options)
-        except ImportError as error:
-            return {"skipped": f"elastic_hypermorph_bundle.optimize is not available ({error})"}
+        from elastic_hypermorph_bundle.optimize import InstanceOptimization
+
+        stages = InstanceOptimization(steps=int(options["steps"]), prealign=options.get("prealign", "none"),
+                                      use_mask=bool(options.get("use_mask")), **options.get("optimize_kwargs", {}))
+        row = torch.tensor([[float(options["lam"]), float(options["mu"])]], device=device)
         report["seconds_network"], report["seconds_optimize"] = [], []
     report["baseline_rss_mib"] = None
     for index, path in enumerate(pair_paths):
@@ -124,26 +114,25 @@ def register_pairs(spec: dict, pair_paths: list[str], scratch: str) -> dict:
                                                  pair.moving_image.astype(np.float32), device=str(device),
                                                  **options.get("convex_adam_kwargs", {}))
         elif kind in ("network", "optimize"):
+            from elastic_hypermorph_bundle.networks import warp_image
+            from elastic_hypermorph_bundle.optimize import affine_ddf
+
             fixed_t = torch.from_numpy(fixed)[None, None].to(device)
             moving_t = torch.from_numpy(moving)[None, None].to(device)
-            init = None
-            if net is not None:
-                init = network_ddf(net, weights, fixed_t, moving_t, grid)
-                synchronize(device)
+            mask = affine = None
+            if kind == "optimize":
+                if stages.use_mask:
+                    mask = torch.from_numpy(pair.fixed_mask > 0)[None, None].to(device).float()
+                affine = stages.align(fixed_t, moving_t, tuple(pair.spacing), mask)
+            network_moving = moving_t if affine is None else warp_image(moving_t, affine_ddf(affine, fixed.shape))
+            init = None if net is None else network_ddf(net, weights, fixed_t, network_moving, grid)
+            synchronize(device)
             if kind == "optimize":
                 after_network = time.perf_counter()
-                call = dict(extra)
-                if "spacing" in accepted:
-                    call["spacing"] = tuple(pair.spacing)
-                if options.get("use_mask") and "mask" in accepted:
-                    call["mask"] = torch.from_numpy(pair.fixed_mask > 0)[None, None].to(device)
-                with torch.enable_grad():
-                    result = optimize(fixed_t, moving_t, options["lam"], options["mu"], init_ddf=init, **call)
-                result = result[0] if isinstance(result, tuple) else result
+                init = stages.refine(fixed_t, moving_t, row, init, affine, mask)
                 synchronize(device)
                 report["seconds_network"].append(after_network - start)
                 report["seconds_optimize"].append(time.perf_counter() - after_network)
-                init = result
             ddf = init.detach().reshape(3, *fixed.shape).cpu().numpy()
         else:
             raise ValueError(f"unknown method kind {kind!r}")
