@@ -188,9 +188,9 @@ def test_starting_from_a_good_field_keeps_it_good(simulated_pair):
 def test_identical_images_give_a_near_zero_field():
     image = blobs((24, 24, 24))
     ddf = instance_optimize(image, image, 0.1, 0.1, steps=20)
-    # Adam's steps are about lr whatever the gradient (here rounding noise), so a residual jitter of about a tenth
-    # of a voxel remains; a real motion is tens of times larger (see the tests below)
-    assert ddf.abs().mean() < 0.03 and ddf.abs().max() < 0.2
+    # Adam's steps are about lr whatever the gradient's size, so a jitter of a fraction of lr (0.2 voxels) remains
+    # where the images hold no information; a real motion is tens of times larger (see the tests below)
+    assert ddf.abs().mean() < 0.06 and ddf.abs().max() < 0.5
 
 
 def test_stiffer_material_gives_a_smoother_field(simulated_pair):
@@ -211,8 +211,8 @@ def test_mask_restricts_the_similarity():
     mask[..., :10] = 1
     masked = instance_optimize(fixed, moving, 0.05, 0.05, steps=20, mask=mask, levels=1)
     unmasked = instance_optimize(fixed, moving, 0.05, 0.05, steps=20, levels=1)
-    assert masked.abs().mean() < 0.05 and masked.abs().max() < 0.2
-    assert unmasked.abs().max() > 1.0
+    assert masked.abs().mean() < 0.06 and masked.abs().max() < 0.5
+    assert unmasked.abs().mean() > 0.3 and unmasked.abs().max() > 2.0
 
 
 def test_batch_agrees_with_single_pairs_at_per_sample_parameters():
