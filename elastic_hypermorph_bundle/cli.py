@@ -53,8 +53,9 @@ CLEAN_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErr
                 PermissionError, FloatingPointError)  # fmt: skip
 
 
-#: loggers that log an engine's exception with its traceback before it is re-raised (MONAI ``StatsHandler``'s default)
-EXCEPTION_LOGGERS = ("monai.handlers.StatsHandler", "root")
+#: loggers (name prefixes) that log an engine's exception with its traceback before it is re-raised: MONAI
+#: ``StatsHandler``'s own logger, or the engine's when it is given none
+EXCEPTION_LOGGERS = ("monai.handlers.StatsHandler", "ignite.engine.")
 
 
 class UnknownOverrideError(ValueError):
@@ -233,15 +234,18 @@ def _clean_excepthook(kind, error, trace) -> None:
     stream.flush()
 
 
-class _ExceptionLogFilter(logging.Filter):
-    """Drop the traceback of the exception logs that engines and their handlers write before re-raising (ignite's
-    "Engine run is terminating due to exception", MONAI's ``StatsHandler`` "Exception: ..."): the process prints
-    the cause once when it exits."""
+def _without_engine_tracebacks(make_record):
+    """A log-record factory that drops the traceback of the exception logs engines and their handlers write
+    before re-raising (MONAI ``StatsHandler``'s "Exception: ...", on its own logger or the engine's): the process
+    prints the cause once when it exits. (A factory, not a filter: a logger or handler made for these records
+    later, as MONAI's ``get_logger`` does, stays as MONAI sets it up.)"""
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.ERROR and record.exc_info:
-            record.exc_info, record.exc_text = None, None
-        return True
+    def factory(name, level, fn, lno, msg, args, exc_info, func=None, sinfo=None, **kwargs):
+        if level >= logging.ERROR and exc_info and str(name).startswith(EXCEPTION_LOGGERS):
+            exc_info = None
+        return make_record(name, level, fn, lno, msg, args, exc_info, func, sinfo, **kwargs)
+
+    return factory
 
 
 _INSTALLED = False
@@ -256,10 +260,6 @@ def install_clean_errors(argv: Sequence[str] | None = None) -> bool:
     if bundle_run_argv(argv) is None or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
         return False
     sys.excepthook = _clean_excepthook
-    log_filter = _ExceptionLogFilter()
-    for handler in logging.getLogger().handlers:  # records propagated to the root logger's handlers
-        handler.addFilter(log_filter)
-    for name in EXCEPTION_LOGGERS:  # loggers with their own handlers (MONAI's get_logger does not propagate)
-        logging.getLogger(name).addFilter(log_filter)
+    logging.setLogRecordFactory(_without_engine_tracebacks(logging.getLogRecordFactory()))
     _INSTALLED = True
     return True

@@ -501,3 +501,35 @@ def test_a_non_finite_field_in_validation_during_training_is_reported_as_diverge
     LastCheckpoint(tmp_path, save=False).attach(other)
     with pytest.raises(KeyError, match="unrelated"):  # other failures pass through unchanged
         other.run([0])
+
+
+def test_clean_errors_keep_the_engine_logs_and_drop_only_their_tracebacks():
+    import logging
+
+    from monai.apps import get_logger
+
+    from elastic_hypermorph_bundle import cli
+
+    previous = logging.getLogRecordFactory()
+    logging.setLogRecordFactory(cli._without_engine_tracebacks(previous))
+    try:
+        records = []
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records.append(record)
+
+        stats = get_logger("monai.handlers.StatsHandler")  # as MONAI's StatsHandler makes its logger
+        assert stats.handlers, "MONAI's own stdout handler must still be set up"
+        keep = Keep()
+        stats.addHandler(keep)
+        stats.info("Epoch[1] Metrics -- val_mean_dice: 0.9")
+        try:
+            raise ValueError("bad input")
+        except ValueError:
+            stats.exception("Exception: bad input")
+        stats.removeHandler(keep)
+        assert [r.getMessage() for r in records] == ["Epoch[1] Metrics -- val_mean_dice: 0.9", "Exception: bad input"]
+        assert records[1].exc_info is None
+    finally:
+        logging.setLogRecordFactory(previous)

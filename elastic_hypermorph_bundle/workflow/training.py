@@ -229,6 +229,9 @@ def prepare_outputs(
     split_path = ckpt_dir / SPLIT_FILE
     if resume and split_path.is_file():
         check_split(split_path, dataset_dir, seed=seed, split_file=split_file)
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        dist.barrier()  # every rank has checked ckpt_dir before the main process writes to it
     if main_process:
         if existing and overwrite and not resume:
             for path in existing:
@@ -238,7 +241,7 @@ def prepare_outputs(
         output_dir.mkdir(parents=True, exist_ok=True)
         if not split_path.is_file():
             split_path = write_split(dataset_dir, ckpt_dir, seed=seed, split_file=split_file)
-    if dist.is_available() and dist.is_initialized():
+    if distributed:
         dist.barrier()  # no rank may start before the main process has cleaned up
     return split_path
 
