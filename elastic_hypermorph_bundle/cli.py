@@ -1,8 +1,8 @@
 """The bundle's command line, ``python -m monai.bundle run ...``: strict override ids and one clean error line.
 
 MONAI's ``run`` accepts any ``--<id> <value>`` and silently adds an id that no config defines, so a misspelled
-override (``--lamda 0.1``) would run with the default. :func:`check_overrides`, the first item of every config's
-``initialize`` list, refuses such ids and names the closest valid ones. It reads the ids from ``sys.argv`` (and
+override (``--lamda 0.1``) would run with the default. :func:`check_overrides`, the first item of every run list
+of the configs (``run``, and ``compare`` of ``sweep.json``), refuses such ids and names the closest valid ones. It reads the ids from ``sys.argv`` (and
 from ``--args_file``) only when the process is ``python -m monai.bundle run``; programmatic use
 (``ConfigWorkflow`` or ``monai.bundle.run`` from Python) is left alone.
 
@@ -10,8 +10,8 @@ A failing config expression reaches the user wrapped in MONAI's ``RuntimeError: 
 ConfigExpression`` (once per level of references), and ignite's and MONAI's handlers log it again. Under the
 command line, :func:`install_clean_errors` (run when the package is imported) makes the real cause the last
 line printed, once: a one-line ``<Type>: <message>`` for the bundle's input and validation errors, the cause's own
-traceback (without the wrapping chain) for anything else. ``ELASTIC_HYPERMORPH_DEBUG=1`` restores Python's full
-traceback and the handlers' logs.
+traceback (without the wrapping chain) for anything else; the engines' exception logs keep their one-line message
+but lose their traceback. ``ELASTIC_HYPERMORPH_DEBUG=1`` restores Python's full traceback and the logged ones.
 """
 
 from __future__ import annotations
