@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
+import ignite.distributed as idist
 import torch
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
@@ -100,6 +101,7 @@ class AtomicDiskSaver(BaseSaveHandler):
 
     Ignite's ``Checkpoint`` asks its handler to ``remove`` the old file *before* saving the new one; here the
     removal is deferred until the next save has succeeded, so at every moment one complete checkpoint exists.
+    In a distributed run only rank 0 writes (as ignite's ``DiskSaver``), so every rank may attach the saver.
 
     Args:
         dirname: folder of the checkpoints.
@@ -113,6 +115,8 @@ class AtomicDiskSaver(BaseSaveHandler):
         self._pending_removal: list[str] = []
 
     def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+        if idist.get_rank() != 0:  # as ignite's DiskSaver: one process of a distributed run writes
+            return
         name = self.filename or filename
         atomic_torch_save(checkpoint, self.dirname / name)
         for old in self._pending_removal:

@@ -32,7 +32,18 @@ from .atomic import atomic_write_text
 from .hyperparams import HyperSpace
 from .workflow import parse_flag
 
-__all__ = ["ModelCard", "PREPROCESSING", "trained_hyper_space", "check_run", "build_network", "parse_network_kwargs", "load_trained_network"]
+__all__ = [
+    "ModelCard",
+    "PREPROCESSING",
+    "trained_hyper_space",
+    "trained_preprocessing",
+    "check_checkpoint",
+    "check_run",
+    "build_network",
+    "network_kwargs_for",
+    "parse_network_kwargs",
+    "load_trained_network",
+]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
 
@@ -95,13 +106,35 @@ def complete_network_kwargs(network_name: str, network_kwargs: Mapping) -> dict:
     return parse_network_kwargs({**defaults, **dict(network_kwargs)})
 
 
-def build_network(network_name: str, network_kwargs: Mapping) -> torch.nn.Module:
-    """``elastic_hypermorph_bundle.networks.<network_name>(**network_kwargs)``, boolean kwargs parsed.
+def network_kwargs_for(
+    network_kwargs: Mapping, hyper_space: HyperSpace | None = None, default_hyper: Sequence[float] | None = None
+) -> dict:
+    """The network keyword arguments of a model conditioned on ``hyper_space``: ``network_kwargs`` (parsed, see
+    :func:`parse_network_kwargs`) completed with ``hyper_dims = hyper_space.dims`` and ``hyper_scale =
+    hyper_space.high`` (the upper ends of the trained ranges) where not given, and ``default_hyper`` (a row ``(H,)``
+    or ``(1, H)``, the inference-time default of ``forward``) when given."""
+    kwargs = parse_network_kwargs(network_kwargs)
+    if hyper_space is not None:
+        kwargs.setdefault("hyper_dims", hyper_space.dims)
+        kwargs.setdefault("hyper_scale", hyper_space.high.tolist())
+    if default_hyper is not None:
+        kwargs["default_hyper"] = torch.as_tensor(default_hyper, dtype=torch.float32).reshape(-1).tolist()
+    return kwargs
+
+
+def build_network(
+    network_name: str,
+    network_kwargs: Mapping,
+    hyper_space: HyperSpace | None = None,
+    default_hyper: Sequence[float] | None = None,
+) -> torch.nn.Module:
+    """``elastic_hypermorph_bundle.networks.<network_name>(**kwargs)`` with the keyword arguments of
+    :func:`network_kwargs_for` (boolean ones parsed; ``hyper_dims``/``hyper_scale`` from ``hyper_space``).
 
     Raises:
         ValueError: no such network class.
     """
-    return _network_class(network_name)(**parse_network_kwargs(network_kwargs))
+    return _network_class(network_name)(**network_kwargs_for(network_kwargs, hyper_space, default_hyper))
 
 
 class ModelCard:
@@ -302,6 +335,21 @@ def trained_hyper_space(ckpt_path: str | Path, config_space: HyperSpace) -> Hype
     return config_space if card is None else card.check_hyper_space(config_space)
 
 
+def check_checkpoint(ckpt_path: str | Path) -> Path:
+    """Fail clearly if the weights to load do not exist.
+
+    Raises:
+        FileNotFoundError: no file at ``ckpt_path``.
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {str(ckpt_path)!r} not found: train the bundle first (configs/train.json writes "
+            "<ckpt_dir>/model.pt), download the released weights listed in large_files.yml, or pass --ckpt_path."
+        )
+    return path
+
+
 def check_run(
     ckpt_path: str | Path,
     network_name: str,
@@ -310,18 +358,22 @@ def check_run(
     pixdim=None,
     hu_window=LEGACY_HU_WINDOW,
     allow_preprocessing_mismatch: bool = False,
+    hyper_space: HyperSpace | None = None,
 ) -> ModelCard | None:
-    """Check a run's network and preprocessing against the card beside ``ckpt_path`` (nothing to check without
-    one). Returns the card.
+    """Check, before a run loads anything, that its checkpoint exists (:func:`check_checkpoint`) and that its
+    network (``network_kwargs`` completed from ``hyper_space`` as :func:`network_kwargs_for` does) and
+    preprocessing match the card beside ``ckpt_path`` (nothing to compare without one). Returns the card.
 
     Raises:
+        FileNotFoundError: no checkpoint.
         ValueError: the network or the preprocessing differs (see :meth:`ModelCard.check_network`,
             :meth:`ModelCard.check_preprocessing`).
     """
     allow = parse_flag("allow_preprocessing_mismatch", allow_preprocessing_mismatch)
+    check_checkpoint(ckpt_path)
     card = ModelCard.next_to(ckpt_path)
     if card is not None:
-        card.check_network(network_name, network_kwargs)
+        card.check_network(network_name, network_kwargs_for(network_kwargs, hyper_space))
         card.check_preprocessing(spatial_size, pixdim, hu_window, allow_mismatch=allow)
     return card
 

@@ -39,12 +39,12 @@ python -m monai.bundle run --meta_file configs/metadata.json --config_file confi
 
 step "4/5 evaluating the test pairs at lam=0.083, mu=0.03"
 python -m monai.bundle run --meta_file configs/metadata.json \
-    --config_file "['configs/train.json','configs/evaluate.json']" \
+    --config_file "['configs/inference.json','configs/evaluate.json']" \
     "${common[@]}" --ckpt_dir "$out/models" --output_dir "$out/evaluation" --lam 0.083 --mu 0.03
 
 step "5/5 sweeping (lam, mu) on a ${grid}x${grid} grid over the trained range"
 python -m monai.bundle run sweep --meta_file configs/metadata.json \
-    --config_file "['configs/train.json','configs/sweep.json']" \
+    --config_file "['configs/inference.json','configs/sweep.json']" \
     "${common[@]}" --ckpt_dir "$out/models" --output_dir "$out/sweep" --grid_size "$grid" --refine_steps 10
 
 echo

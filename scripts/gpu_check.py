@@ -213,7 +213,7 @@ class Check:
                            self.logs / f"inference_{lam}_{mu}.log", self.timeout)
             result[f"lam={lam},mu={mu}"] = {"wall_s": seconds, "ddf_finite": _ddfs_finite(folder)}
         folder = self.work / "evaluation"
-        seconds = _run(self.bundle() + ["--config_file", json.dumps(["configs/train.json", "configs/evaluate.json"]),
+        seconds = _run(self.bundle() + ["--config_file", json.dumps(["configs/inference.json", "configs/evaluate.json"]),
                                         *self.common(), "--ckpt_dir", str(self.models), "--output_dir", str(folder)],
                        self.logs / "evaluation.log", self.timeout)
         metrics = json.loads((folder / "metrics.json").read_text())

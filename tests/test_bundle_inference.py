@@ -34,7 +34,8 @@ from elastic_hypermorph_bundle.model_card import ModelCard, trained_hyper_space
 from elastic_hypermorph_bundle.workflow import parse_flag
 from elastic_hypermorph_bundle.workflow.inference import single_pair
 from elastic_hypermorph_bundle.workflow.steps import RegisterStep
-from elastic_hypermorph_bundle.workflow.training import ExportTrainedModel, TrainStep
+from elastic_hypermorph_bundle.workflow.export import ExportTrainedModel
+from elastic_hypermorph_bundle.workflow.train_step import TrainStep
 from elastic_hypermorph_bundle.workflow.writers import OutputFiles
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,7 +309,7 @@ def test_inference_failures_are_clear_and_leave_nothing(dataset, model, tmp_path
 @pytest.mark.slow
 def test_evaluation_writes_plausible_metrics(dataset, model, tmp_path):
     out = tmp_path / "eval"
-    result = _bundle(*_common(dataset, model, out), configs=("train.json", "evaluate.json"))
+    result = _bundle(*_common(dataset, model, out), configs=("inference.json", "evaluate.json"))
     assert result.returncode == 0, result.stderr[-3000:]
     record = json.loads((out / "metrics.json").read_text())
     rows = list(csv.DictReader(open(out / "metrics.csv")))
@@ -320,9 +321,9 @@ def test_evaluation_writes_plausible_metrics(dataset, model, tmp_path):
     assert mean["elastic_energy"] == pytest.approx(0.083 * mean["energy_volume"] + 0.03 * mean["energy_shear"])
     assert list(rows[0]) == ["pair_id", *metric_columns([1], with_points=True, before=True), "runtime_s"]
     assert record["info"]["hyper"] == pytest.approx([0.083, 0.03])
-    assert _bundle(*_common(dataset, model, out), configs=("train.json", "evaluate.json")).returncode != 0
+    assert _bundle(*_common(dataset, model, out), configs=("inference.json", "evaluate.json")).returncode != 0
     other = _bundle(*_common(dataset, model, tmp_path / "eval64"), "--spatial_size", "[64, 64, 64]",
-                    configs=("train.json", "evaluate.json"))
+                    configs=("inference.json", "evaluate.json"))
     assert other.returncode != 0 and "(trained: [32, 32, 32])" in other.stderr
 
 

@@ -21,14 +21,9 @@ from elastic_hypermorph_bundle.losses import RegistrationLoss
 from elastic_hypermorph_bundle.model_card import ModelCard
 from elastic_hypermorph_bundle.networks import HyperUNet
 from elastic_hypermorph_bundle.physics import LAI_FOOK
-from elastic_hypermorph_bundle.workflow.training import (
-    BEST_CHECKPOINT,
-    ExportTrainedModel,
-    TrainStep,
-    latest_checkpoint,
-    loss_terms,
-    prepare_outputs,
-)
+from elastic_hypermorph_bundle.workflow.checkpoints import BEST_CHECKPOINT, latest_checkpoint, prepare_outputs
+from elastic_hypermorph_bundle.workflow.export import ExportTrainedModel
+from elastic_hypermorph_bundle.workflow.train_step import TrainStep, loss_terms
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Using PyTorch native grid_sample")
 

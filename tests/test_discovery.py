@@ -320,7 +320,7 @@ def test_sweep_runs_from_the_bundle_config(setup, tmp_path):
     output_dir = tmp_path / "sweep"
     command = [
         sys.executable, "-m", "monai.bundle", "run", "sweep",
-        "--config_file", f"['{ROOT / 'configs/train.json'}','{ROOT / 'configs/sweep.json'}']",
+        "--config_file", f"['{ROOT / 'configs/inference.json'}','{ROOT / 'configs/sweep.json'}']",
         "--bundle_root", str(ROOT),
         "--dataset_dir", str(setup["dataset"]),
         "--split", "all",

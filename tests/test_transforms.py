@@ -194,3 +194,20 @@ def test_real_case_tre_and_dice_on_network_grid(tmp_path):
     u = back[0, :, *np.round(fixed_file).astype(int).T].T.numpy()  # constant field: any sample point works
     original_tre = np.linalg.norm((fixed_file + u - moving_file) * [1.75, 1.25, 1.75], axis=1)
     np.testing.assert_allclose(original_tre, network_tre.numpy(), atol=1e-4)
+
+
+def test_the_transforms_load_the_optional_files_the_pair_has(tmp_path):
+    """Masks and points are loaded when the pair dict lists them, without the config telling the transforms."""
+    image = ramp((12, 10, 8), 0)
+    full = write_pair(tmp_path / "full", image, image, points=np.array([[2.0, 3.0, 4.0]]), masks=image > 30)
+    bare = write_pair(tmp_path / "bare", image, image)
+    transform = registration_transforms(spatial_size=(16, 16, 16), pixdim=(1.5, 1.5, 1.5))
+    loaded, plain = transform(full), transform(bare)
+    assert loaded["fixed_mask"].shape == loaded["fixed_image"].shape and loaded["moving_keypoints"].shape == (1, 3)
+    assert not any(key in plain for key in ("fixed_mask", "moving_mask", "fixed_keypoints", "moving_keypoints"))
+    assert isinstance(registration_transforms(with_masks=False)(full)["fixed_mask"], str)  # left as the path
+    with pytest.raises(RuntimeError) as error:  # MONAI wraps the KeyError of the transform
+        registration_transforms(with_masks=True)(bare)
+    assert "fixed_mask" in str(error.value.__cause__)
+    with pytest.raises(ValueError, match="with_masks must be None"):
+        registration_transforms(with_masks="false")

@@ -169,9 +169,9 @@ def registration_transforms(
     pixdim: Sequence[float] | None = None,
     hu_window: tuple[float, float] = (-1000.0, 500.0),
     hu_offset: int | None = None,
-    with_masks: bool = True,
-    with_keypoints: bool = True,
-    with_landmarks: bool = False,
+    with_masks: bool | None = None,
+    with_keypoints: bool | None = None,
+    with_landmarks: bool | None = None,
     axcodes: str | None = None,
 ) -> Compose:
     """Transforms taking a pair dict of paths (:mod:`.learn2reg`) to network inputs on one grid.
@@ -182,6 +182,9 @@ def registration_transforms(
     ``ResizeWithPadOrCropd(spatial_size)`` (centred, zero padding = air) -> :class:`LoadPointsd` and
     :class:`MapPointsToGridd` (points follow their image's grid) -> float32.
 
+    The images are required; masks, keypoints and landmarks are loaded when the pair dict has them (the datalist
+    decides: ``inference_datalist`` keeps the keys every pair has), unless a ``with_*`` flag says otherwise.
+
     Output: images and masks ``(1, *spatial)`` MetaTensors (masks 0/1 float); points ``(N, 3)`` voxel xyz of
     the network grid; ``fixed_image.meta["original_affine"]``, ``.affine`` and ``["spatial_shape"]`` give what
     :func:`ddf_to_original_grid` needs. Fixed and moving must share a grid (``validate_pairs``) to stay aligned.
@@ -191,34 +194,43 @@ def registration_transforms(
         pixdim: target voxel spacing in mm; None keeps the file spacing.
         hu_window: HU range mapped linearly to [0, 1], values outside clipped.
         hu_offset: storage offset, see :class:`HounsfieldOffsetd` (None detects it).
-        with_masks, with_keypoints, with_landmarks: which optional keys of the pair dict to load.
+        with_masks, with_keypoints, with_landmarks: for each optional kind of file, None (default) loads it when
+            the pair has it, True requires it (a pair without it fails naming the key), False ignores it.
         axcodes: e.g. ``"RAS"`` to reorient; None keeps the array order of the files (default, see module doc).
     """
     if hu_window[1] <= hu_window[0]:
         raise ValueError(f"hu_window must be (low, high) with low < high, got {hu_window}.")
-    masks = list(MASK_KEYS) if with_masks else []
-    points = (list(KEYPOINT_KEYS) if with_keypoints else []) + (list(LANDMARK_KEYS) if with_landmarks else [])
+    for name, flag in (("with_masks", with_masks), ("with_keypoints", with_keypoints), ("with_landmarks", with_landmarks)):
+        if flag not in (None, True, False):
+            raise ValueError(f"{name} must be None (as the data has it), True or False, got {flag!r}.")
+    masks = [] if with_masks is False else list(MASK_KEYS)
     volumes = list(IMAGE_KEYS) + masks
-    transforms = [
-        LoadImaged(volumes, reader="NibabelReader", ensure_channel_first=True, image_only=True),
-        EnsureFinited(IMAGE_KEYS),
-    ]
+    optional = with_masks is None  # the transforms of images and masks skip absent masks when masks are optional
+    transforms = [LoadImaged(IMAGE_KEYS, reader="NibabelReader", ensure_channel_first=True, image_only=True)]
+    if masks:
+        transforms.append(
+            LoadImaged(masks, reader="NibabelReader", ensure_channel_first=True, image_only=True, allow_missing_keys=optional)
+        )
+    transforms.append(EnsureFinited(IMAGE_KEYS))
     if axcodes is not None:
-        transforms.append(Orientationd(volumes, axcodes=axcodes))
+        transforms.append(Orientationd(volumes, axcodes=axcodes, allow_missing_keys=optional))
     transforms += [
         HounsfieldOffsetd(IMAGE_KEYS, offset=hu_offset),
         ScaleIntensityRanged(IMAGE_KEYS, a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0, clip=True),
     ]
     if pixdim is not None:
-        transforms.append(Spacingd(volumes, pixdim=pixdim, mode=["bilinear"] * 2 + ["nearest"] * len(masks)))
+        modes = ["bilinear"] * len(IMAGE_KEYS) + ["nearest"] * len(masks)
+        transforms.append(Spacingd(volumes, pixdim=pixdim, mode=modes, allow_missing_keys=optional))
     if spatial_size is not None:
-        transforms.append(ResizeWithPadOrCropd(volumes, spatial_size=spatial_size, mode="constant"))
-    if points:
-        transforms += [
-            LoadPointsd(points),
-            MapPointsToGridd(points, reference_keys=[f"{key.split('_')[0]}_image" for key in points]),
-        ]
-    transforms.append(EnsureTyped(volumes, dtype=torch.float32, track_meta=True))
+        transforms.append(ResizeWithPadOrCropd(volumes, spatial_size=spatial_size, mode="constant", allow_missing_keys=optional))
+    for points, flag in ((KEYPOINT_KEYS, with_keypoints), (LANDMARK_KEYS, with_landmarks)):
+        if flag is not False:
+            references = [f"{key.split('_')[0]}_image" for key in points]
+            transforms += [
+                LoadPointsd(points, allow_missing_keys=flag is None),
+                MapPointsToGridd(points, reference_keys=references, allow_missing_keys=flag is None),
+            ]
+    transforms.append(EnsureTyped(volumes, dtype=torch.float32, track_meta=True, allow_missing_keys=optional))
     return Compose(transforms)
 
 

@@ -10,9 +10,10 @@ from monai.losses import DiffusionLoss, LocalNormalizedCrossCorrelationLoss
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
+from ..physics import LAI_FOOK, LameParameters
 from .elastic import elastic_energy
 
-__all__ = ["RegistrationLoss", "REGULARIZERS"]
+__all__ = ["RegistrationLoss", "REGULARIZERS", "training_loss", "FIXED_LAME"]
 
 #: the regularizers of the bundle: the learnable linear elastic one over (lam, mu), and the two baselines over
 #: alpha (HyperMorph's diffusion, and the elastic one at fixed literature (lam, mu)); the model's HyperSpace uses it
@@ -189,3 +190,23 @@ class RegistrationLoss(_Loss):
             "similarity": self._reduce(similarity),
             "regularization": self._reduce(regularization),
         }
+
+
+#: the fixed (lam, mu) of the ``"elastic_fixed"`` baseline when none are given: a tenth of Lai-Fook's lung tissue
+#: values (:data:`~elastic_hypermorph_bundle.physics.LAI_FOOK`), the scale of the images' [0, 1] intensities
+FIXED_LAME = LameParameters(lam=LAI_FOOK.lam * 0.1, mu=LAI_FOOK.mu * 0.1)
+
+
+def training_loss(
+    regularizer: str = "elastic",
+    fixed_lam: float | None = None,
+    fixed_mu: float | None = None,
+    **kwargs,
+) -> RegistrationLoss:
+    """The :class:`RegistrationLoss` of ``configs/train.json``: for ``regularizer="elastic_fixed"`` the fixed Lamé
+    parameters default to :data:`FIXED_LAME`; for the other regularizers they must stay unset (as the loss
+    requires). ``kwargs`` go to :class:`RegistrationLoss` (``weighting``, ``kernel_size``, ...)."""
+    if regularizer == "elastic_fixed":
+        fixed_lam = FIXED_LAME.lam if fixed_lam is None else float(fixed_lam)
+        fixed_mu = FIXED_LAME.mu if fixed_mu is None else float(fixed_mu)
+    return RegistrationLoss(regularizer, fixed_lam=fixed_lam, fixed_mu=fixed_mu, **kwargs)

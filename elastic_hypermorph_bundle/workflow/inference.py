@@ -1,5 +1,5 @@
 """Inputs of the inference and evaluation workflows: which pairs to register, and the trained model's
-hyperparameter space and checkpoint.
+hyperparameter row.
 
 A single pair comes from ``--fixed``/``--moving`` (and optional masks/points) and is checked before anything
 runs (files exist, 3D volumes that read in full and are finite, fixed and moving on one grid, masks on their
@@ -23,7 +23,6 @@ __all__ = [
     "single_pair",
     "inference_datalist",
     "hyper_row",
-    "check_checkpoint",
 ]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
@@ -92,18 +91,8 @@ def inference_datalist(
     return [{key: pair[key] for key in (*common, "pair_id")} for pair in pairs]
 
 
-def check_checkpoint(ckpt_path: str) -> Path:
-    """Fail clearly if the weights to load do not exist."""
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {str(ckpt_path)!r} not found: train the bundle first (configs/train.json writes "
-            "<ckpt_dir>/model.pt), download the released weights listed in large_files.yml, or pass --ckpt_path."
-        )
-    return path
-
-
 def hyper_row(space: HyperSpace, lam=None, mu=None, alpha=None, allow_extrapolation=False):
-    """The ``(1, H)`` row of ``space`` for the named values, refused outside the trained ranges unless
-    ``allow_extrapolation`` (see :meth:`HyperSpace.point`)."""
+    """The ``(1, H)`` row of ``space`` for the named values (``--lam``, ``--mu``, ``--alpha``), refused outside the
+    trained ranges unless ``allow_extrapolation`` (``true``/``false``, see :func:`~.parse_flag` and
+    :meth:`HyperSpace.point`)."""
     return space.point(lam, mu, alpha, allow_extrapolation=parse_flag("allow_extrapolation", allow_extrapolation))

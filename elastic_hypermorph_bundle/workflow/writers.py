@@ -21,7 +21,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -32,6 +32,7 @@ from ignite.engine import Engine, Events
 
 from ..atomic import atomic_write_text
 from ..data.transforms import ddf_to_original_grid
+from ..hyperparams import HyperSpace
 from . import parse_flag
 from .ignite_metrics import as_pairs, registered_pair_metrics
 
@@ -202,7 +203,8 @@ class InferenceWriter:
 
     Args:
         output_files: the run's :class:`OutputFiles`.
-        pair_ids: the pairs of the run, whose outputs are checked for existence when the run starts.
+        pair_ids: the pairs of the run (their ids, or the datalist's pair dicts with ``"pair_id"``), whose outputs
+            are checked for existence when the run starts.
         submission: write the Learn2Reg ``submission/disp_<pair_id>.nii.gz``.
         network_grid: write ``ddf``, ``warped_image``, ``warped_mask`` on the network grid.
         preview: write ``preview.png`` (:mod:`elastic_hypermorph_bundle.visualize`).
@@ -217,7 +219,7 @@ class InferenceWriter:
         preview: bool = True,
     ) -> None:
         self.files = output_files
-        self.pair_ids = list(pair_ids)
+        self.pair_ids = [pair["pair_id"] if isinstance(pair, Mapping) else str(pair) for pair in pair_ids]
         self.submission = parse_flag("write_submission", submission)
         self.network_grid = parse_flag("write_network_grid", network_grid)
         self.preview = parse_flag("write_preview", preview)
@@ -308,6 +310,8 @@ class EvaluationWriter:
         masked: Jacobian metrics inside the fixed mask (Learn2Reg "masked_evaluation").
         info: JSON-serialisable context stored in ``metrics.json``; its ``hyper_names`` (e.g. ``["lam", "mu"]``)
             name the pairs' hyperparameter row (for ``elastic_energy``).
+        hyper_space, hyper: the model's hyperparameter space and the row of the run, recorded in ``info`` as
+            ``hyper_names`` and ``hyper``.
     """
 
     FILES = ("metrics.csv", "metrics.json")
@@ -318,11 +322,17 @@ class EvaluationWriter:
         labels: Sequence[int] | None = None,
         masked: bool = True,
         info: dict | None = None,
+        hyper_space: HyperSpace | None = None,
+        hyper: torch.Tensor | Sequence[float] | None = None,
     ) -> None:
         self.files = output_files
         self.labels = labels
         self.masked = masked
         self.info = dict(info or {})
+        if hyper_space is not None:
+            self.info["hyper_names"] = list(hyper_space.names)
+        if hyper is not None:
+            self.info["hyper"] = torch.as_tensor(hyper, dtype=torch.float32).reshape(-1).tolist()
         self.rows: list[dict] = []
 
     def attach(self, engine: Engine) -> None:

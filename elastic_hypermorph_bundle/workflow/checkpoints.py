@@ -1,0 +1,209 @@
+"""The checkpoints of a training run in ``ckpt_dir``: checking and preparing the folder before a run, saving the
+last training state every epoch and resuming from it.
+
+Files: ``checkpoint_epoch=<N>.pt`` (the last training state: model, optimizer, trainer), ``model_best.pt`` (the
+validator's best model with its saver's state), ``split.json`` (the data split); the trained model ``model.pt`` + ``model.json`` is written at the
+end by :class:`~elastic_hypermorph_bundle.workflow.export.ExportTrainedModel`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine, Events
+from monai.handlers import CheckpointLoader, CheckpointSaver
+
+from ..atomic import AtomicCheckpointSaver, readable_checkpoint, remove_partial_files
+from ..losses.elastic import NonFiniteFieldError
+from . import parse_flag
+from .datalists import check_split, write_split
+from .train_step import TrainingDivergedError, diverged_message
+
+__all__ = [
+    "LAST_CHECKPOINT_PREFIX",
+    "BEST_CHECKPOINT",
+    "SPLIT_FILE",
+    "checkpoints_newest_first",
+    "latest_checkpoint",
+    "prepare_outputs",
+    "LastCheckpoint",
+]
+
+logger = logging.getLogger("elastic_hypermorph_bundle")
+
+#: ``CheckpointSaver(save_interval=1, n_saved=1)`` names the last checkpoint ``checkpoint_epoch=<N>.pt``
+LAST_CHECKPOINT_PREFIX = "checkpoint_epoch="
+#: the validator's ``CheckpointSaver(key_metric_filename=...)`` writes the best model here
+BEST_CHECKPOINT = "model_best.pt"
+#: the data split of a training, kept with its model in ``ckpt_dir`` (the model card points at it)
+SPLIT_FILE = "split.json"
+
+
+def checkpoints_newest_first(ckpt_dir: str | Path) -> list[Path]:
+    """The ``checkpoint_epoch=<N>.pt`` files of ``ckpt_dir``, largest ``N`` first."""
+    pattern = re.compile(re.escape(LAST_CHECKPOINT_PREFIX) + r"(\d+)\.pt$")
+    found = [(int(m.group(1)), path) for path in Path(ckpt_dir).glob("*.pt") if (m := pattern.match(path.name))]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The ``checkpoint_epoch=<N>.pt`` with the largest ``N`` in ``ckpt_dir``, or None."""
+    found = checkpoints_newest_first(ckpt_dir)
+    return found[0] if found else None
+
+
+def _trained_files(ckpt_dir: Path) -> list[Path]:
+    names = {BEST_CHECKPOINT, "model.pt", "model.json", SPLIT_FILE}
+    return sorted(p for p in ckpt_dir.glob("*") if p.name in names or p.name.startswith(LAST_CHECKPOINT_PREFIX))
+
+
+def prepare_outputs(
+    ckpt_dir: str | Path,
+    output_dir: str | Path,
+    dataset_dir: str | Path,
+    seed: int = 0,
+    split_file: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    main_process: bool = True,
+) -> Path:
+    """Check and create the output folders of a training run; call it after the datalists are built so that a run
+    failing on its inputs writes nothing.
+
+    * ``resume``: ``ckpt_dir`` must hold a ``checkpoint_epoch=<N>.pt`` (training goes on from it), and this run's
+      data split must be the one recorded in ``ckpt_dir/split.json``.
+    * otherwise, a ``ckpt_dir`` holding checkpoints, a trained model or a split is refused unless ``overwrite``,
+      which deletes them (only these files: ``checkpoint_epoch=*.pt``, ``model_best.pt``, ``model.pt``,
+      ``model.json``, ``split.json``).
+
+    The main process then creates both folders and writes the data split to ``ckpt_dir/split.json``
+    (:func:`~elastic_hypermorph_bundle.workflow.datalists.write_split`), with the model it describes: two trainings
+    sharing ``output_dir`` (logs) keep their own splits, and each model card points at its own. Returns the path
+    of ``split.json``.
+
+    Raises:
+        FileNotFoundError: ``resume`` without a checkpoint.
+        FileExistsError: existing trained files without ``overwrite``.
+        ValueError: ``resume`` with another data split than the recorded one.
+    """
+    ckpt_dir, output_dir = Path(ckpt_dir), Path(output_dir)
+    resume, overwrite = parse_flag("resume", resume), parse_flag("overwrite", overwrite)
+    existing = _trained_files(ckpt_dir) if ckpt_dir.is_dir() else []
+    if resume:
+        if latest_checkpoint(ckpt_dir) is None:
+            raise FileNotFoundError(
+                f"resume=true but ckpt_dir {ckpt_dir} holds no {LAST_CHECKPOINT_PREFIX}<N>.pt checkpoint to resume from."
+            )
+    elif existing and not overwrite:
+        raise FileExistsError(
+            f"ckpt_dir {ckpt_dir} already holds training outputs ({', '.join(p.name for p in existing)}); "
+            "pass --resume true to continue that training or --overwrite true to replace it."
+        )
+    split_path = ckpt_dir / SPLIT_FILE
+    if resume and split_path.is_file():
+        check_split(split_path, dataset_dir, seed=seed, split_file=split_file)
+    distributed = dist.is_available() and dist.is_initialized()
+    if distributed:
+        dist.barrier()  # every rank has checked ckpt_dir before the main process writes to it
+    if main_process:
+        if existing and overwrite and not resume:
+            for path in existing:
+                path.unlink()
+            logger.info("overwrite=true: removed %s from %s", [p.name for p in existing], ckpt_dir)
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not split_path.is_file():
+            split_path = write_split(dataset_dir, ckpt_dir, seed=seed, split_file=split_file)
+    if distributed:
+        dist.barrier()  # no rank may start before the main process has cleaned up
+    return split_path
+
+
+class LastCheckpoint:
+    """Trainer handler for interrupted runs: saves the last training state and, with ``resume``, goes on from it.
+
+    * ``save``: after every ``interval`` epochs, model, optimizer and trainer state (epoch, iteration) are written to
+      ``ckpt_dir/checkpoint_epoch=<N>.pt``, replacing the previous one (MONAI ``CheckpointSaver``).
+    * ``resume``: when the trainer starts, that state is restored from the latest ``checkpoint_epoch=<N>.pt``
+      (MONAI ``CheckpointLoader``), and the best-model tracking of ``best_saver`` (the validator's key-metric
+      ``CheckpointSaver``, saved with ``key_metric_save_state=True``) from ``model_best.pt``, so that only a better
+      model replaces it. Training goes on up to the trainer's ``max_epochs`` (raise ``--epochs`` to train longer).
+
+    The trainer itself is part of the saved state, so this handler takes it at :meth:`attach` instead of from the
+    config (which would be a circular reference). In distributed runs every rank resumes; only the main process
+    saves (``save=False`` elsewhere). A run stopped by a non-finite field in validation (the weights of the last step
+    overflow) is reported as :class:`TrainingDivergedError`, like a divergence met by :class:`TrainStep`.
+    """
+
+    def __init__(
+        self,
+        ckpt_dir: str | Path,
+        resume: bool = False,
+        save: bool = True,
+        best_saver: CheckpointSaver | None = None,
+        interval: int = 1,
+    ) -> None:
+        self.ckpt_dir = Path(ckpt_dir)
+        self.resume = parse_flag("resume", resume)
+        self.save = bool(save)
+        self.best_saver = best_saver
+        self.interval = int(interval)
+
+    def attach(self, engine: Engine) -> None:
+        # the trainer's network and optimizer exist only after its handlers are attached: bind them at start
+        engine.add_event_handler(Events.STARTED, self._start)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._explain_divergence)
+
+    @staticmethod
+    def _explain_divergence(engine: Engine, error: BaseException) -> None:
+        """Re-raise a failure of the run; a non-finite field met by validation (the updated weights overflow) is
+        reported as :class:`TrainingDivergedError`, with the iteration and what to try. (Attach this handler
+        before ``StatsHandler``, which re-raises the original error.)"""
+        cause = error
+        while cause is not None and not isinstance(cause, NonFiniteFieldError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None and not isinstance(error, TrainingDivergedError):
+            raise TrainingDivergedError(
+                diverged_message(engine, "validation met a non-finite displacement field (the updated weights overflow)")
+            ) from error
+        raise error
+
+    def _start(self, engine: Engine) -> None:
+        state = {"model": engine.network, "optimizer": engine.optimizer, "trainer": engine}
+        if self.save:
+            remove_partial_files(self.ckpt_dir)  # leftovers of a save interrupted by a kill
+        if self.resume:
+            # an unreadable newest checkpoint (e.g. written by another tool, or damaged) is skipped with a warning
+            last = readable_checkpoint(checkpoints_newest_first(self.ckpt_dir))
+            if last is None:
+                raise FileNotFoundError(
+                    f"resume=true but {self.ckpt_dir} holds no readable {LAST_CHECKPOINT_PREFIX}<N>.pt checkpoint."
+                )
+            engine.logger.info("resuming from %s", last)
+            loaders = [CheckpointLoader(str(last), state, map_location=_map_location(engine))]
+            best = self.ckpt_dir / BEST_CHECKPOINT
+            if self.best_saver is not None and best.is_file() and readable_checkpoint([best]) is not None:
+                loaders.append(CheckpointLoader(str(best), {"checkpointer": self.best_saver}, map_location="cpu"))
+            for loader in loaders:
+                loader.logger = engine.logger
+                loader(engine)
+        if self.save:
+            AtomicCheckpointSaver(str(self.ckpt_dir), state, save_interval=self.interval, n_saved=1).attach(engine)
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self._remove_older)
+
+    def _remove_older(self, engine: Engine) -> None:
+        """Delete the checkpoints other than the one just saved (a resumed run's saver does not know them)."""
+        just_saved = f"{LAST_CHECKPOINT_PREFIX}{engine.state.epoch}.pt"
+        for path in checkpoints_newest_first(self.ckpt_dir):
+            if path.name != just_saved:
+                path.unlink()
+
+
+def _map_location(engine: Engine) -> dict | str:
+    """Checkpoints saved on ``cuda:0`` (the main process) load onto this process's device."""
+    device = torch.device(engine.state.device)
+    return {"cuda:0": str(device)} if device.type == "cuda" else "cpu"

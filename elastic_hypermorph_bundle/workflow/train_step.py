@@ -1,0 +1,132 @@
+"""The training iteration wired by ``configs/train.json``: one HyperMorph step per batch.
+
+HyperMorph training (Hoopes et al., IPMI 2021): every sample of every batch gets its own hyperparameter row drawn
+from the model's :class:`~elastic_hypermorph_bundle.hyperparams.HyperSpace`; the network is conditioned on it and the
+loss weights its regularizer by it, so one network learns the whole family of regularized registrations.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from ignite.engine import Engine
+from monai.engines.utils import IterationEvents
+from monai.utils import convert_to_tensor
+
+from ..hyperparams import HyperSpace
+from ..networks import warp_image
+
+__all__ = ["TrainStep", "TrainingDivergedError", "diverged_message", "loss_terms", "LOSS_TERMS"]
+
+#: the scalars of a training step's output, logged by the Stats/TensorBoard handlers
+LOSS_TERMS = ("loss", "similarity", "regularization")
+
+
+class TrainStep:
+    """``iteration_update`` of a :class:`monai.engines.SupervisedTrainer`: one HyperMorph training step.
+
+    For a batch of pairs (``"moving_image"``, ``"fixed_image"``, ``(B, 1, *spatial)``):
+
+    1. draw ``hyper`` ``(B, H)``, one row per sample, with ``hyper_space.sample`` from a generator seeded by
+       ``(seed, rank, iteration)`` (so resumed and distributed runs draw reproducible, rank-distinct rows);
+    2. ``ddf, field = network(cat([moving, fixed], 1), hyper, return_velocity=True)``, through the trainer's
+       ``inferer`` (a ``SimpleInferer``) and under autocast if the trainer has ``amp``;
+    3. ``warped = warp_image(moving, ddf)`` and ``loss_function(warped, fixed, ddf, hyper, velocity=field,
+       return_components=True)`` (a :class:`~elastic_hypermorph_bundle.losses.RegistrationLoss`), in float32;
+    4. backward and optimizer step (through the trainer's ``GradScaler`` with AMP); without AMP a non-finite
+       displacement field (checked on the CPU), loss or updated weights (one device sync per batch) raises
+       :class:`TrainingDivergedError`, naming the iteration and what to try.
+
+    Returns (and stores in ``engine.state.output``): ``"image"`` (network input), ``"pred"`` (DDF), ``"hyper"``, and
+    the scalars ``"loss"``, ``"similarity"`` (LNCC, unweighted) and ``"regularization"`` (weighted).
+
+    Args:
+        hyper_space: the hyperparameters the network is conditioned on.
+        seed: base seed of the hyperparameter draws.
+    """
+
+    def __init__(self, hyper_space: HyperSpace, seed: int = 0) -> None:
+        self.hyper_space = hyper_space
+        self.seed = int(seed)
+
+    def _generator(self, iteration: int) -> torch.Generator:
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        state = np.random.SeedSequence([self.seed, rank, iteration]).generate_state(1, dtype=np.uint64)[0]
+        return torch.Generator().manual_seed(int(state))
+
+    def __call__(self, engine: Engine, batchdata: dict) -> dict:
+        if batchdata is None or not {"fixed_image", "moving_image"} <= set(batchdata):
+            raise ValueError("TrainStep needs batches with 'fixed_image' and 'moving_image' (B, 1, *spatial).")
+        device = engine.state.device
+        moving, fixed = (
+            convert_to_tensor(batchdata[key], track_meta=False).to(device, non_blocking=engine.non_blocking)
+            for key in ("moving_image", "fixed_image")
+        )
+        hyper = self.hyper_space.sample(moving.shape[0], self._generator(engine.state.iteration), device)
+        image = torch.cat([moving, fixed], dim=1)
+        engine.state.output = {"image": image, "hyper": hyper}
+
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+        use_amp = bool(engine.amp) and engine.scaler is not None
+        with torch.autocast(device.type, enabled=use_amp, **engine.amp_kwargs):
+            ddf, field = engine.inferer(image, engine.network, hyper, return_velocity=True)
+        engine.state.output["pred"] = ddf
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        # warping and LNCC in float32: the local variances of LNCC lose too much precision in half precision
+        ddf, field = ddf.float(), field.float()
+        if not use_amp and ddf.device.type == "cpu" and not torch.isfinite(ddf).all():  # free on the CPU
+            raise TrainingDivergedError(diverged_message(engine, "the predicted displacement field is not finite (NaN/inf)"))
+        terms = engine.loss_function(warp_image(moving, ddf), fixed, ddf, hyper, velocity=field, return_components=True)
+        engine.state.output.update(terms)
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+        loss = terms["loss"]
+        if use_amp:  # a non-finite loss is the GradScaler's to handle: it skips the step and lowers the scale
+            engine.scaler.scale(loss).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            loss.backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+            # the one value check per batch on the device (the loss skips its per-call checks off the CPU): a
+            # non-finite loss, or weights this step made non-finite (validation would meet them first)
+            weights = torch.stack([torch.isfinite(p).all() for p in engine.network.parameters()]).all()
+            if not bool(torch.isfinite(loss) & weights):
+                if torch.isfinite(loss):
+                    what = "the network's weights are not finite (NaN/inf) after this step"
+                else:
+                    values = ", ".join(f"{key}={float(terms[key]):.4g}" for key in LOSS_TERMS)
+                    what = f"the training loss is not finite ({values})"
+                raise TrainingDivergedError(diverged_message(engine, what))
+        for key in LOSS_TERMS:
+            engine.state.output[key] = terms[key].detach()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)  # the trainer decollates on this event
+        return engine.state.output
+
+
+class TrainingDivergedError(FloatingPointError):
+    """Training produced non-finite values (the optimisation diverged); the message says where and what to try."""
+
+
+def diverged_message(engine: Engine, what: str) -> str:
+    """The message of :class:`TrainingDivergedError`: iteration, epoch, learning rate, and what to try. (The input
+    images are checked to be finite before training starts, ``validate_pairs``, so it is the optimisation.)"""
+    rates = sorted({float(group["lr"]) for group in engine.optimizer.param_groups})
+    rate = ", ".join(f"{r:g}" for r in rates)
+    return (
+        f"training diverged at iteration {engine.state.iteration} (epoch {engine.state.epoch}): {what}. The "
+        f"learning rate is {rate}; try a lower --learning_rate (the default is 1e-4) and --amp false if AMP is "
+        "on, then train again with --overwrite true (or --resume true, if the last checkpoint predates the "
+        "divergence)."
+    )
+
+
+def loss_terms(output: dict | list[dict]) -> dict[str, float]:
+    """``output_transform`` for Stats/TensorBoard handlers: ``{"loss", "similarity", "regularization"}`` of a
+    :class:`TrainStep` output (a dict, or the per-sample dicts of a decollated batch, where they are replicated)."""
+    first = output[0] if isinstance(output, list) else output
+    return {key: float(first[key]) for key in LOSS_TERMS if key in first}
