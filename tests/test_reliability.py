@@ -173,7 +173,7 @@ def _cli(*args: str) -> list[str]:
 def test_check_overrides_refuses_misspelled_ids_naming_the_closest(tmp_path):
     from elastic_hypermorph_bundle.cli import UnknownOverrideError, check_overrides
 
-    evaluate = f"['{TRAIN}','{ROOT / 'configs' / 'evaluate.json'}']"
+    evaluate = f"['{ROOT / 'configs' / 'inference.json'}','{ROOT / 'configs' / 'evaluate.json'}']"
     with pytest.raises(UnknownOverrideError, match=r"--lamda \(did you mean --lam\b") as info:
         check_overrides(_cli("--config_file", evaluate, "--lamda", "0.1", "--mu=0.2"))
     assert "--mu" not in str(info.value)
@@ -332,7 +332,7 @@ def test_a_diverging_training_says_so_with_the_iteration_and_what_to_try():
     from elastic_hypermorph_bundle.hyperparams import HyperSpace
     from elastic_hypermorph_bundle.losses import RegistrationLoss
     from elastic_hypermorph_bundle.networks import HyperUNet
-    from elastic_hypermorph_bundle.workflow.training import TrainingDivergedError, TrainStep
+    from elastic_hypermorph_bundle.workflow.train_step import TrainingDivergedError, TrainStep
 
     torch.manual_seed(0)
     space = HyperSpace("elastic")
@@ -357,7 +357,7 @@ def test_trainings_sharing_an_output_dir_keep_their_own_splits(tmp_path):
     import json
 
     from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
-    from elastic_hypermorph_bundle.workflow.training import prepare_outputs
+    from elastic_hypermorph_bundle.workflow.checkpoints import prepare_outputs
 
     data = make_synthetic_dataset(tmp_path / "data", num_pairs=6, spatial_size=(16, 16, 16))
     shared = tmp_path / "eval"
@@ -460,10 +460,10 @@ def test_a_pickle_payload_in_model_pt_is_refused_not_executed(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         load_trained_network(model, network)
     # the configs' CheckpointLoader (inference, evaluation), as the configs build it
-    for config_files, handlers in ((["inference.json"], "handlers"), (["train.json", "evaluate.json"], "validate#handlers")):
+    for config_files, handlers in ((["inference.json"], "handlers"), (["inference.json", "evaluate.json"], "handlers")):
         parser = ConfigParser()
         parser.read_config([str(ROOT / "configs" / name) for name in config_files])
-        index = next(i for i, h in enumerate(parser[handlers]) if h.get("_target_") == "CheckpointLoader")
+        index = next(i for i, h in enumerate(parser[handlers]) if isinstance(h, dict) and h.get("_target_") == "CheckpointLoader")
         parser.update({"ckpt_path": str(model), "device": "$torch.device('cpu')"})
         loader = parser.get_parsed_content(f"{handlers}#{index}")
         assert isinstance(loader, CheckpointLoader)
