@@ -482,7 +482,8 @@ def test_a_non_finite_field_in_validation_during_training_is_reported_as_diverge
     from ignite.engine import Engine, Events
 
     from elastic_hypermorph_bundle.losses.elastic import NonFiniteFieldError, elastic_energy
-    from elastic_hypermorph_bundle.workflow.training import LastCheckpoint, TrainingDivergedError
+    from elastic_hypermorph_bundle.workflow.checkpoints import LastCheckpoint
+    from elastic_hypermorph_bundle.workflow.train_step import TrainingDivergedError
 
     trainer = Engine(lambda engine, batch: None)
     trainer.network = torch.nn.Linear(1, 1)
