@@ -534,3 +534,28 @@ def test_clean_errors_keep_the_engine_logs_and_drop_only_their_tracebacks():
         assert records[1].exc_info is None
     finally:
         logging.setLogRecordFactory(previous)
+
+
+def test_outputs_are_staged_inside_the_folder_when_its_parent_is_read_only(tmp_path, monkeypatch):
+    import tempfile
+
+    from elastic_hypermorph_bundle.workflow import writers
+
+    out = tmp_path / "here"
+    out.mkdir()
+    (out / "notes.txt").write_text("user file")
+    make = tempfile.mkdtemp
+
+    def read_only_parent(prefix=None, dir=None):
+        if Path(dir) == tmp_path:
+            raise PermissionError(13, "Permission denied", str(dir))
+        return make(prefix=prefix, dir=dir)
+
+    monkeypatch.setattr(writers.tempfile, "mkdtemp", read_only_parent)
+    failing = writers.OutputFiles(out, overwrite=True)
+    with pytest.raises(RuntimeError):
+        failing.run(lambda: (failing.new("a/ddf.nii.gz").write_text("x"), (_ for _ in ()).throw(RuntimeError("x"))))
+    assert _tree(out) == {"notes.txt": "user file"} and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    files = writers.OutputFiles(out, overwrite=True)
+    files.run(lambda: files.new("a/ddf.nii.gz").write_text("new"))
+    assert set(_tree(out)) == {"notes.txt", "a/ddf.nii.gz", writers.OutputFiles.MANIFEST}

@@ -88,12 +88,18 @@ class OutputFiles:
 
     def _staging(self) -> Path:
         if self.staging is None:
-            parent = Path(os.path.abspath(self.root)).parent
-            missing = [folder for folder in (parent, *parent.parents) if not folder.exists()]
+            root = Path(os.path.abspath(self.root))
+            missing = [folder for folder in root.parents if not folder.exists()]
             for folder in reversed(missing):
                 folder.mkdir()
                 self._made_parents.append(folder)
-            self.staging = Path(tempfile.mkdtemp(prefix=f".{Path(os.path.abspath(self.root)).name}.staging-", dir=parent))
+            try:
+                self.staging = Path(tempfile.mkdtemp(prefix=f".{root.name}.staging-", dir=root.parent))
+            except PermissionError:  # e.g. --output_dir . in a folder whose parent is read-only: stage inside
+                if not root.exists():
+                    root.mkdir()
+                    self._made_parents.append(root)
+                self.staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
         return self.staging
 
     def new(self, relative_path: str) -> Path:
@@ -128,7 +134,7 @@ class OutputFiles:
         atomic_write_text(self.staging / self.MANIFEST, json.dumps({"files": manifest}, indent=1))
         if not self.root.exists():
             os.replace(self.staging, self.root)
-        elif self.overwrite and self._holds_only(record):
+        elif self.overwrite and self.staging.parent != self.root.resolve() and self._holds_only(record):
             previous = self.staging.with_name(self.staging.name.replace(".staging-", ".previous-"))
             os.replace(self.root, previous)
             os.replace(self.staging, self.root)
