@@ -552,3 +552,26 @@ class InstanceOptimization:
             grid=self.grid, lr=self.lr, mask=mask, diffeomorphic=self.diffeomorphic, affine=affine,
             smooth=self.smooth,
         )
+
+    def register(self, predict, fixed, moving, hyper, spacing: Sequence[float], mask=None) -> torch.Tensor:
+        """One registration with every stage: pre-alignment, ``predict(network_moving) -> ddf`` (the network on
+        the pre-aligned moving image; ``None``: the identity), instance optimisation; returns the total DDF.
+
+        Args:
+            predict: callable mapping the (pre-aligned) moving image ``(B, 1, *spatial)`` to the network's DDF.
+            fixed, moving: ``(B, 1, *spatial)`` plain tensors on one grid.
+            hyper: ``(B, H)`` the network's hyperparameter rows (they give ``(lam, mu)``, see
+                :meth:`elastic_parameters`).
+            spacing: voxel size (mm) of the grid, for the pre-alignment's rotations and scalings.
+            mask: the fixed mask ``(B, 1, *spatial)`` when ``use_mask`` (see :meth:`mask`).
+        """
+        affine = self.align(fixed, moving, spacing, mask)
+        network_moving = moving if affine is None else warp_image(moving, affine_ddf(affine, moving.shape[2:]))
+        if predict is None:
+            ddf = torch.zeros(fixed.shape[0], 3, *fixed.shape[2:], dtype=fixed.dtype, device=fixed.device)
+        else:
+            ddf = predict(network_moving)
+            ddf = (ddf.as_tensor() if hasattr(ddf, "as_tensor") else ddf).float()
+        if self.steps > 0:
+            return self.refine(fixed, moving, hyper, ddf, affine, mask)
+        return compose_affine(affine, ddf)

@@ -33,9 +33,11 @@ from ..data.transforms import registration_transforms
 from ..hyperparams import HyperSpace
 from ..model_card import ModelCard, load_trained_network, preprocessing
 from ..networks import warp_image, warp_label
+from ..optimize import InstanceOptimization
 from ..workflow import parse_flag
 from ..workflow.datalists import pair_datalist
 from .plots import plot_grid_metric, plot_pair_comparison, plot_regularizer_comparison
+from .instance import instance_gain
 from .refine import refine_hyper
 from .selection import json_ready, physical_reading, read_sweep, resolve_criterion, summarize
 from ..metrics import POINT_KINDS
@@ -118,6 +120,9 @@ class ParameterSweep:
         max_folding_percent: folding bound of the ``"similarity"`` criterion.
         refine_steps, refine_lr: gradient refinement from the best grid point (0 steps: none); refinement needs the
             ``"dice"`` or ``"tre"`` criterion.
+        instance: the test-time stages (:class:`~elastic_hypermorph_bundle.optimize.InstanceOptimization`) run
+            once per pair at the selected point (the refined one, else the best grid point), their gain over the
+            network alone reported in the summary's ``instance_optimization``; ``None`` or all stages off: none.
         device: where pairs are cached and the network runs (default: the network's device).
         progress: show progress with ETA.
     """
@@ -145,8 +150,10 @@ class ParameterSweep:
         refine_lr: float = 0.1,
         device: torch.device | str | None = None,
         progress: bool = True,
+        instance: InstanceOptimization | None = None,
     ) -> None:
         self.network = network
+        self.instance = instance if instance is not None and instance.enabled else None
         self.space = hyper_space
         self.dataset_dir, self.split, self.seed, self.split_file = dataset_dir, split, seed, split_file
         self.output_dir = Path(output_dir)
@@ -243,6 +250,7 @@ class ParameterSweep:
         summary["before_registration"] = _before_registration(pairs, labels)
         summary["evaluations"] = {"grid": int(self.grid.shape[0] * len(pairs)), "grid_computed_this_run": evaluations}
         summary["refinement"] = self._refine(pairs, labels, summary)
+        summary["instance_optimization"] = self._instance(pairs, labels, summary)
         summary["figures"] = self._plot(summary)
         _write_json(self.output_dir / SUMMARY_FILE, summary)
         best = summary["best"]
@@ -283,6 +291,16 @@ class ParameterSweep:
             "mean": refined_metrics,
             "physics": physical_reading(result["refined"]),
         }
+        return result
+
+    def _instance(self, pairs, labels, summary: dict) -> dict:
+        if self.instance is None:
+            return {"skipped": "instance_steps is 0 and prealign is none."}
+        point = summary["refinement"].get("refined") or {n: summary["best"][n] for n in self.space.names}
+        row = torch.tensor([[point[n] for n in self.space.names]], device=self.device)
+        result = instance_gain(self.network, row, self.space.names, pairs, labels, self.instance)
+        logger.info("instance optimisation at %s: %s", point, {k: round(v, 4) for k, v in result["gain"].items()
+                                                                if k in ("tre_mm", "dice_mean", "folding_percent")})
         return result
 
     def _plot(self, summary: dict) -> list[str]:

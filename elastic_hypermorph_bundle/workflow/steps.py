@@ -11,7 +11,7 @@ from monai.engines.utils import IterationEvents
 
 from ..data.transforms import PAIR_KEYS
 from ..networks import warp_image, warp_label
-from ..optimize import InstanceOptimization, affine_ddf, compose_affine
+from ..optimize import InstanceOptimization
 
 __all__ = ["RegisterStep"]
 
@@ -70,26 +70,24 @@ class RegisterStep:
         # unwrap DistributedDataParallel: weight generation is a method of the module itself
         network = getattr(engine.network, "module", engine.network)
         start = time.perf_counter()
-        affine = mask = None
-        network_moving = moving
-        if self.instance is not None:
-            mask = self.instance.mask(batch)
+        hyper = self.hyper.to(device)
+
+        def predict(network_moving: torch.Tensor) -> torch.Tensor:
+            with engine.mode(engine.network), torch.autocast(
+                device.type, enabled=bool(engine.amp) and device.type == "cuda", **engine.amp_kwargs
+            ):
+                if self._weights is None or engine.state.iteration == 1:
+                    self._weights = network.generate_weights(hyper)
+                return network(torch.cat([network_moving, fixed], dim=1), weights=self._weights).float()
+
+        if self.instance is None:
+            ddf = _plain(predict(moving))
+        else:
             # one spacing for the batch: inference and evaluation register one pair per batch
-            affine = self.instance.align(_plain(fixed), _plain(moving), self._spacing(fixed)[0].tolist(), mask)
-            if affine is not None:
-                network_moving = warp_image(_plain(moving), affine_ddf(affine, moving.shape[2:])).to(moving.dtype)
-        with engine.mode(engine.network), torch.autocast(
-            device.type, enabled=bool(engine.amp) and device.type == "cuda", **engine.amp_kwargs
-        ):
-            if self._weights is None or engine.state.iteration == 1:
-                self._weights = network.generate_weights(self.hyper.to(device))
-            ddf = network(torch.cat([network_moving, fixed], dim=1), weights=self._weights).float()
-        ddf = ddf.as_tensor() if hasattr(ddf, "as_tensor") else ddf
-        if self.instance is not None and self.instance.steps > 0:
-            hyper = self.hyper.to(device).expand(fixed.shape[0], -1)
-            ddf = self.instance.refine(_plain(fixed), _plain(moving), hyper, ddf, affine, mask)
-        elif affine is not None:
-            ddf = compose_affine(affine, ddf)
+            ddf = self.instance.register(
+                predict, _plain(fixed), _plain(moving), hyper.expand(fixed.shape[0], -1),
+                self._spacing(fixed)[0].tolist(), self.instance.mask(batch),
+            )
         with torch.no_grad():
             warped = warp_image(moving.float(), ddf)
             warped_mask = warp_label(batch["moving_mask"], ddf) if "moving_mask" in batch else None

@@ -93,7 +93,6 @@ def register_pairs(spec: dict, pair_paths: list[str], scratch: str) -> dict:
         stages = InstanceOptimization(steps=int(options["steps"]), prealign=options.get("prealign", "none"),
                                       use_mask=bool(options.get("use_mask")), **options.get("optimize_kwargs", {}))
         row = torch.tensor([[float(options["lam"]), float(options["mu"])]], device=device)
-        report["seconds_network"], report["seconds_optimize"] = [], []
     report["baseline_rss_mib"] = None
     for index, path in enumerate(pair_paths):
         pair = load_pair(path)
@@ -114,25 +113,14 @@ def register_pairs(spec: dict, pair_paths: list[str], scratch: str) -> dict:
                                                  pair.moving_image.astype(np.float32), device=str(device),
                                                  **options.get("convex_adam_kwargs", {}))
         elif kind in ("network", "optimize"):
-            from elastic_hypermorph_bundle.networks import warp_image
-            from elastic_hypermorph_bundle.optimize import affine_ddf
-
             fixed_t = torch.from_numpy(fixed)[None, None].to(device)
             moving_t = torch.from_numpy(moving)[None, None].to(device)
-            mask = affine = None
-            if kind == "optimize":
-                if stages.use_mask:
-                    mask = torch.from_numpy(pair.fixed_mask > 0)[None, None].to(device).float()
-                affine = stages.align(fixed_t, moving_t, tuple(pair.spacing), mask)
-            network_moving = moving_t if affine is None else warp_image(moving_t, affine_ddf(affine, fixed.shape))
-            init = None if net is None else network_ddf(net, weights, fixed_t, network_moving, grid)
-            synchronize(device)
-            if kind == "optimize":
-                after_network = time.perf_counter()
-                init = stages.refine(fixed_t, moving_t, row, init, affine, mask)
-                synchronize(device)
-                report["seconds_network"].append(after_network - start)
-                report["seconds_optimize"].append(time.perf_counter() - after_network)
+            if kind == "network":
+                init = network_ddf(net, weights, fixed_t, moving_t, grid)
+            else:
+                mask = torch.from_numpy(pair.fixed_mask > 0)[None, None].to(device).float() if stages.use_mask else None
+                predict = None if net is None else (lambda m: network_ddf(net, weights, fixed_t, m, grid))
+                init = stages.register(predict, fixed_t, moving_t, row, tuple(pair.spacing), mask)
             ddf = init.detach().reshape(3, *fixed.shape).cpu().numpy()
         else:
             raise ValueError(f"unknown method kind {kind!r}")
