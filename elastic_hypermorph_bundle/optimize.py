@@ -46,6 +46,7 @@ __all__ = [
     "Affine",
     "affine_ddf",
     "compose_affine",
+    "centre_of_mass_offset",
     "prealign",
     "instance_optimize",
     "InstanceOptimization",
@@ -56,6 +57,9 @@ logger = logging.getLogger("elastic_hypermorph_bundle")
 SIMILARITIES = ("mind", "lncc")
 #: global transforms of the pre-alignment, by increasing degrees of freedom ("none" = identity)
 PREALIGNMENTS = ("none", "translation", "rigid", "affine")
+#: ``prealign="auto"`` fits an affine map when the images' centres of mass are further apart than this (mm): more
+#: than breathing moves them (a few mm), as when a follow-up scan was taken in another position
+AUTO_PREALIGN_MM = 15.0
 
 
 class Affine(NamedTuple):
@@ -223,6 +227,32 @@ def _check_similarity(similarity: str) -> None:
         raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}.")
 
 
+def _voxel_points(shape: Sequence[int], spacing: Sequence[float], like: torch.Tensor) -> torch.Tensor:
+    """Physical coordinates (mm) of every voxel, ``(3, N)``."""
+    grids = torch.meshgrid(*[torch.arange(n, dtype=like.dtype, device=like.device) for n in shape], indexing="ij")
+    return torch.stack(grids).flatten(1) * torch.as_tensor(spacing, dtype=like.dtype, device=like.device)[:, None]
+
+
+def centre_of_mass_offset(fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float] | None = None) -> torch.Tensor:
+    """``(B, 3)`` offset in mm from the fixed to the moving image's intensity centre of mass (intensities below 0
+    count as 0), the starting translation of :func:`prealign` and the test of ``prealign="auto"``.
+
+    Raises:
+        ValueError: when an image is zero everywhere (no centre of mass).
+    """
+    spacing = _check_spacing(spacing, "spacing") or (1.0, 1.0, 1.0)
+    points = _voxel_points(fixed.shape[2:], spacing, fixed)
+
+    def centre(image: torch.Tensor) -> torch.Tensor:
+        weight = image.clamp_min(0).flatten(1)
+        total = weight.sum(1, keepdim=True)
+        if (total == 0).any():
+            raise ValueError("prealign: an image is zero everywhere; nothing to align.")
+        return weight @ points.T / total
+
+    return centre(moving) - centre(fixed)
+
+
 def prealign(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -267,19 +297,8 @@ def prealign(
     if transform == "none":
         return identity
 
-    s = torch.as_tensor(spacing, dtype=fixed.dtype, device=fixed.device)
-    grids = torch.meshgrid(*[torch.arange(n, dtype=fixed.dtype, device=fixed.device) for n in shape], indexing="ij")
-    points = torch.stack(grids).flatten(1) * s[:, None]  # (3, N) mm
-
-    def centre_of_mass(image: torch.Tensor) -> torch.Tensor:
-        weight = image.clamp_min(0).flatten(1)
-        total = weight.sum(1, keepdim=True)
-        if (total == 0).any():
-            raise ValueError("prealign: an image is zero everywhere; nothing to align.")
-        return weight @ points.T / total  # (B, 3)
-
     # the moving point of the fixed centre of mass is the moving centre of mass
-    shift = (centre_of_mass(moving) - centre_of_mass(fixed)).detach()
+    shift = centre_of_mass_offset(fixed, moving, spacing).detach()
     translation = torch.nn.Parameter(shift / 10.0)
     rotation = torch.nn.Parameter(torch.zeros(batch, 3, device=fixed.device, dtype=fixed.dtype))
     linear = torch.nn.Parameter(torch.zeros(batch, 3, 3, device=fixed.device, dtype=fixed.dtype))
@@ -325,7 +344,7 @@ def instance_optimize(
     *,
     similarity: str = "mind",
     steps: int = 50,
-    levels: int = 2,
+    levels: int = 3,
     grid: float = 2.0,
     lr: float = 0.2,
     spacing: Sequence[float] | None = None,
@@ -465,7 +484,9 @@ class InstanceOptimization:
     Args:
         steps: Adam steps per level (0: no instance optimisation).
         similarity, levels, grid, lr, smooth: see :func:`instance_optimize`.
-        prealign: ``"none"``, ``"translation"``, ``"rigid"`` or ``"affine"`` (see :func:`prealign`).
+        prealign: ``"auto"`` (an affine pre-alignment when the centres of mass are more than
+            :data:`AUTO_PREALIGN_MM` apart, else none: it costs little and leaves pre-aligned pairs as they are),
+            ``"none"``, ``"translation"``, ``"rigid"`` or ``"affine"`` (see :func:`prealign`).
         prealign_steps: Adam steps of the pre-alignment.
         use_mask: restrict both stages' similarity to the fixed mask (the batch must have ``fixed_mask``).
         diffeomorphic: optimise a velocity (see :func:`instance_optimize`).
@@ -481,13 +502,13 @@ class InstanceOptimization:
 
     def __init__(
         self,
-        steps: int = 0,
+        steps: int = 50,
         similarity: str = "mind",
-        levels: int = 2,
+        levels: int = 3,
         grid: float = 2.0,
         lr: float = 0.2,
         smooth: int = 3,
-        prealign: str = "none",
+        prealign: str = "auto",
         prealign_steps: int = 100,
         use_mask: bool | str = False,
         diffeomorphic: bool | str = False,
@@ -500,8 +521,8 @@ class InstanceOptimization:
         steps, levels, prealign_steps = int(steps), int(levels), int(prealign_steps)
         regularizer = "elastic" if hyper_space is None else hyper_space.regularizer
         _check_similarity(similarity)
-        if prealign not in PREALIGNMENTS:
-            raise ValueError(f"prealign must be one of {PREALIGNMENTS}, got {prealign!r}.")
+        if prealign not in ("auto", *PREALIGNMENTS):
+            raise ValueError(f"prealign must be one of {('auto', *PREALIGNMENTS)}, got {prealign!r}.")
         if steps < 0 or prealign_steps < 0:
             raise ValueError(f"instance_steps and prealign_steps must be >= 0, got {steps} and {prealign_steps}.")
         if levels < 1 or not float(grid) >= 1 or not float(lr) > 0 or int(smooth) < 0:
@@ -539,10 +560,16 @@ class InstanceOptimization:
         return batch["fixed_mask"].float()
 
     def align(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None) -> Affine | None:
-        """The pre-alignment of the pair, ``None`` when off."""
-        if self.prealign == "none":
+        """The pre-alignment of the pair, ``None`` when off (or, with ``"auto"``, not needed)."""
+        transform = self.prealign
+        if transform == "auto":
+            offset = centre_of_mass_offset(fixed, moving, spacing).norm(dim=1).max().item()
+            transform = "affine" if offset > AUTO_PREALIGN_MM else "none"
+            if transform == "affine":
+                logger.info("pre-alignment: centres of mass %.1f mm apart, fitting an affine map", offset)
+        if transform == "none":
             return None
-        return prealign(fixed, moving, spacing, self.prealign, self.similarity, mask, self.prealign_steps)
+        return prealign(fixed, moving, spacing, transform, self.similarity, mask, self.prealign_steps)
 
     def refine(self, fixed, moving, hyper, init_ddf, affine: Affine | None = None, mask=None) -> torch.Tensor:
         """The total DDF: ``init_ddf`` optimised at the rows' ``(lam, mu)`` and composed with ``affine``."""
