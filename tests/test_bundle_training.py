@@ -149,7 +149,9 @@ def test_prepare_outputs_overwrite_removes_only_training_files_and_writes_the_sp
     for name in ("model.pt", "model.json", BEST_CHECKPOINT, "checkpoint_epoch=1.pt", "notes.txt"):
         (ckpt / name).touch()
     split = prepare_outputs(ckpt, out, data, seed=0, overwrite=True)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["notes.txt", "split.json"]
+    (aside,) = ckpt.glob(".replaced-*")  # the earlier training waits there until the new one completes
+    assert sorted(p.name for p in ckpt.iterdir() if p != aside) == ["notes.txt", "split.json"]
+    assert sorted(p.name for p in aside.iterdir()) == sorted(["model.pt", "model.json", BEST_CHECKPOINT, "checkpoint_epoch=1.pt"])
     record = json.loads(split.read_text())
     assert split == ckpt / "split.json"
     assert {len(record[s]) for s in ("train", "val", "test")} == {1}

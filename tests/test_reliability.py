@@ -559,3 +559,33 @@ def test_outputs_are_staged_inside_the_folder_when_its_parent_is_read_only(tmp_p
     files = writers.OutputFiles(out, overwrite=True)
     files.run(lambda: files.new("a/ddf.nii.gz").write_text("new"))
     assert set(_tree(out)) == {"notes.txt", "a/ddf.nii.gz", writers.OutputFiles.MANIFEST}
+
+
+def test_an_overwriting_training_keeps_the_earlier_one_until_it_completes(tmp_path):
+    from ignite.engine import Engine
+
+    from elastic_hypermorph_bundle.hyperparams import HyperSpace
+    from elastic_hypermorph_bundle.networks import HyperUNet
+    from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
+    from elastic_hypermorph_bundle.workflow.checkpoints import prepare_outputs
+    from elastic_hypermorph_bundle.workflow.export import ExportTrainedModel
+
+    data = make_synthetic_dataset(tmp_path / "data", num_pairs=3, spatial_size=(16, 16, 16))
+    ckpt = tmp_path / "models"
+    prepare_outputs(ckpt, tmp_path / "eval", data)
+    earlier = {"model.pt": b"earlier weights", "model.json": b"{}", "checkpoint_epoch=9.pt": b"earlier state"}
+    for name, content in earlier.items():
+        (ckpt / name).write_bytes(content)
+    earlier["split.json"] = (ckpt / "split.json").read_bytes()
+    prepare_outputs(ckpt, tmp_path / "eval", data, overwrite=True)
+    # the new training fails (or is killed) here: the earlier training is whole, set aside
+    (aside,) = ckpt.glob(".replaced-*")
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == earlier
+    assert not (ckpt / "model.pt").exists() and (ckpt / "split.json").is_file()
+    # when the new training completes and its model is written, the earlier one goes
+    engine = Engine(lambda e, b: None)
+    kwargs = {"encoder_features": [4, 4, 4], "decoder_features": [4, 4, 4, 4]}
+    engine.network = HyperUNet(spatial_dims=3, hyper_dims=2, **kwargs)
+    engine.state.epoch = 1
+    ExportTrainedModel(ckpt, HyperSpace(), "HyperUNet", kwargs, spatial_size=None)(engine)
+    assert sorted(p.name for p in ckpt.iterdir()) == ["model.json", "model.pt", "split.json"]

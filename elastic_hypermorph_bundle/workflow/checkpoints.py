@@ -9,7 +9,10 @@ end by :class:`~elastic_hypermorph_bundle.workflow.export.ExportTrainedModel`.
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -27,6 +30,8 @@ __all__ = [
     "LAST_CHECKPOINT_PREFIX",
     "BEST_CHECKPOINT",
     "SPLIT_FILE",
+    "REPLACED_PREFIX",
+    "remove_replaced",
     "checkpoints_newest_first",
     "latest_checkpoint",
     "prepare_outputs",
@@ -41,6 +46,8 @@ LAST_CHECKPOINT_PREFIX = "checkpoint_epoch="
 BEST_CHECKPOINT = "model_best.pt"
 #: the data split of a training, kept with its model in ``ckpt_dir`` (the model card points at it)
 SPLIT_FILE = "split.json"
+#: ``--overwrite true`` sets the earlier training aside in ``ckpt_dir/.replaced-<random>/`` until the new one completes
+REPLACED_PREFIX = ".replaced-"
 
 
 def checkpoints_newest_first(ckpt_dir: str | Path) -> list[Path]:
@@ -61,6 +68,17 @@ def _trained_files(ckpt_dir: Path) -> list[Path]:
     return sorted(p for p in ckpt_dir.glob("*") if p.name in names or p.name.startswith(LAST_CHECKPOINT_PREFIX))
 
 
+def remove_replaced(ckpt_dir: str | Path) -> list[Path]:
+    """Delete the earlier training set aside by an ``overwrite`` (:func:`prepare_outputs`) once the training
+    replacing it has completed; returns the folders removed."""
+    found = sorted(Path(ckpt_dir).glob(f"{REPLACED_PREFIX}*")) if Path(ckpt_dir).is_dir() else []
+    for folder in found:
+        shutil.rmtree(folder, ignore_errors=True)
+    if found:
+        logger.info("removed the earlier training replaced by this one: %s", [str(f) for f in found])
+    return found
+
+
 def prepare_outputs(
     ckpt_dir: str | Path,
     output_dir: str | Path,
@@ -77,8 +95,9 @@ def prepare_outputs(
     * ``resume``: ``ckpt_dir`` must hold a ``checkpoint_epoch=<N>.pt`` (training goes on from it), and this run's
       data split must be the one recorded in ``ckpt_dir/split.json``.
     * otherwise, a ``ckpt_dir`` holding checkpoints, a trained model or a split is refused unless ``overwrite``,
-      which deletes them (only these files: ``checkpoint_epoch=*.pt``, ``model_best.pt``, ``model.pt``,
-      ``model.json``, ``split.json``).
+      which sets them aside (only these files: ``checkpoint_epoch=*.pt``, ``model_best.pt``, ``model.pt``,
+      ``model.json``, ``split.json``) in ``ckpt_dir/.replaced-<random>/``: they are deleted when the new training
+      completes (:func:`remove_replaced`), and stay there, whole, if it fails or is killed.
 
     The main process then creates both folders and writes the data split to ``ckpt_dir/split.json``
     (:func:`~elastic_hypermorph_bundle.workflow.datalists.write_split`), with the model it describes: two trainings
@@ -111,9 +130,13 @@ def prepare_outputs(
         dist.barrier()  # every rank has checked ckpt_dir before the main process writes to it
     if main_process:
         if existing and overwrite and not resume:
+            aside = Path(tempfile.mkdtemp(prefix=REPLACED_PREFIX, dir=ckpt_dir))
             for path in existing:
-                path.unlink()
-            logger.info("overwrite=true: removed %s from %s", [p.name for p in existing], ckpt_dir)
+                os.replace(path, aside / path.name)
+            logger.info(
+                "overwrite=true: the earlier training's %s moved to %s; deleted when this training completes, kept "
+                "if it fails", [p.name for p in existing], aside,
+            )
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         output_dir.mkdir(parents=True, exist_ok=True)
         if not split_path.is_file():

@@ -13,7 +13,7 @@ from ..atomic import atomic_torch_save
 from ..hyperparams import HyperSpace
 from ..losses import RegistrationLoss
 from ..model_card import ModelCard, network_kwargs_for
-from .checkpoints import BEST_CHECKPOINT
+from .checkpoints import BEST_CHECKPOINT, remove_replaced
 
 __all__ = ["ExportTrainedModel"]
 
@@ -31,7 +31,8 @@ class ExportTrainedModel:
       ``best_metric``/``best_metric_epoch``/``key_metric``, ``split_file``, ``training`` (settings of the run given
       by the config: loss weighting, fixed Lamé parameters, learning rate, ...).
 
-    Attach to the main process only in distributed runs.
+    Then an earlier training that this one overwrote (set aside by ``prepare_outputs``) is deleted. Attach to the
+    main process only in distributed runs.
 
     Args:
         ckpt_dir: where ``model_best.pt`` is and ``model.pt`` + ``model.json`` go.
@@ -100,3 +101,4 @@ class ExportTrainedModel:
             )
         ModelCard(**card).save(self.ckpt_dir)
         logger.info("trained model (%s weights, %d epochs) written to %s", source, engine.state.epoch, self.ckpt_dir)
+        remove_replaced(self.ckpt_dir)  # an earlier training this one overwrote is no longer needed
