@@ -479,7 +479,8 @@ class InstanceOptimization:
 
     ``(lam, mu)`` of the optimisation are the network's hyperparameter row: ``[lam, mu]`` for the elastic
     regularizer, ``alpha * (fixed_lam, fixed_mu)`` for ``"elastic_fixed"`` (the same energy, since it is linear in
-    ``(lam, mu)``). The diffusion baseline has no elastic parameters and is refused when ``steps > 0``.
+    ``(lam, mu)``). The diffusion baseline has no elastic parameters: for it the optimisation is off (with a
+    warning), the pre-alignment stays.
 
     Args:
         steps: Adam steps per level (0: no instance optimisation).
@@ -492,12 +493,11 @@ class InstanceOptimization:
         diffeomorphic: optimise a velocity (see :func:`instance_optimize`).
         hyper_space: the model's trained :class:`~elastic_hypermorph_bundle.hyperparams.HyperSpace` (its
             regularizer decides how a row maps to ``(lam, mu)``); ``None`` means the elastic regularizer.
-        fixed_lam, fixed_mu: the ``"elastic_fixed"`` regularizer's constants (see
-            :class:`~elastic_hypermorph_bundle.losses.RegistrationLoss`).
+        fixed_lam, fixed_mu: the ``"elastic_fixed"`` regularizer's constants (default: the training loss's,
+            :data:`~elastic_hypermorph_bundle.losses.registration.FIXED_LAME`).
 
     Raises:
-        ValueError: for an unknown similarity or pre-alignment, negative steps, or ``steps > 0`` with the
-            diffusion regularizer.
+        ValueError: for an unknown similarity or pre-alignment, negative steps, levels < 1, grid < 1, lr <= 0.
     """
 
     def __init__(
@@ -529,12 +529,16 @@ class InstanceOptimization:
             raise ValueError(f"need instance_levels >= 1, instance_grid >= 1, instance_lr > 0 and smooth >= 0, got "
                              f"{levels}, {grid}, {lr}, {smooth}.")
         if steps > 0 and regularizer == "diffusion":
-            raise ValueError(
-                "instance optimisation optimises the elastic energy at the network's (lam, mu); the diffusion "
-                "baseline has none: use --instance_steps 0 with --regularizer diffusion."
+            logger.warning(
+                "instance optimisation optimises the elastic energy at the network's (lam, mu), which the diffusion "
+                "baseline does not have: it registers with its network alone (--instance_steps 0 says so)."
             )
-        if regularizer == "elastic_fixed" and (fixed_lam is None or fixed_mu is None):
-            raise ValueError('regularizer="elastic_fixed" needs fixed_lam and fixed_mu for the instance optimisation.')
+            steps = 0
+        if regularizer == "elastic_fixed":  # the training loss's defaults (the model card does not record them)
+            from .losses.registration import FIXED_LAME
+
+            fixed_lam = FIXED_LAME.lam if fixed_lam is None else float(fixed_lam)
+            fixed_mu = FIXED_LAME.mu if fixed_mu is None else float(fixed_mu)
         self.steps, self.similarity, self.levels, self.grid = steps, similarity, levels, float(grid)
         self.lr, self.smooth = float(lr), int(smooth)
         self.prealign, self.prealign_steps = prealign, prealign_steps

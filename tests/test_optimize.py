@@ -332,8 +332,7 @@ def test_instance_settings_refuse_bad_values():
         InstanceOptimization(steps=10, similarity="ssd")
     with pytest.raises(ValueError, match="prealign must be one of"):
         InstanceOptimization(prealign="bspline")
-    with pytest.raises(ValueError, match="diffusion baseline"):
-        InstanceOptimization(steps=10, hyper_space=HyperSpace("diffusion"))
+    assert InstanceOptimization(steps=10, hyper_space=HyperSpace("diffusion")).steps == 0  # no (lam, mu) to use
     with pytest.raises(ValueError, match="use_mask"):
         InstanceOptimization(use_mask="maybe")
     with pytest.raises(ValueError, match="--use_mask true needs a fixed mask"):
