@@ -629,9 +629,11 @@ def make_synthetic_dataset(
         "mu_range": [float(v) for v in mu_range],
         "max_displacement_range": [float(v) for v in resolved["max_displacement_range"]],
     }
+    record = dict(options)
     if preset is not None or any(v is not None for k, v in given.items() if k not in options):
         options.update(preset=preset, **{k: v for k, v in given.items() if k not in options})
-    record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
+        record.update(preset=preset, **{k: v for k, v in resolved.items() if k not in record})  # values in effect
+    record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in record.items()}
     if real_ct is not None:
         record.update(real_ct=str(Path(real_ct).absolute()), real_ct_fraction=real_ct_fraction)
     seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(num_pairs)]
