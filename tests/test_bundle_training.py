@@ -92,6 +92,30 @@ def test_train_step_draws_rows_per_sample_and_updates_the_network():
     assert all(changed), "every parameter (hypernetwork and generated convs) must receive gradient updates"
 
 
+def test_training_terms_are_forward_warp_and_loss_of_the_network_input():
+    """The one training step of the bundle (engine, benchmark): x = cat([moving, fixed]), then the loss of the
+    moving image warped by the predicted field, with the velocity for velocity regularization."""
+    from elastic_hypermorph_bundle.forward import network_input, training_terms
+    from elastic_hypermorph_bundle.networks import warp_image
+
+    torch.manual_seed(0)
+    network = HyperUNet(spatial_dims=3, hyper_dims=2, diffeomorphic=True, **SMALL_NET)
+    moving, fixed = torch.rand(2, 1, 16, 16, 16), torch.rand(2, 1, 16, 16, 16)
+    hyper = torch.tensor([[0.2, 0.1], [0.9, 0.5]])
+    loss = RegistrationLoss("elastic", regularize="velocity")
+    seen = []
+    terms = training_terms(network, loss, moving, fixed, hyper, on_forward=seen.append)
+    ddf, velocity = network(torch.cat([moving, fixed], dim=1), hyper, return_velocity=True)
+    expected = loss(warp_image(moving, ddf), fixed, ddf, hyper, velocity=velocity, return_components=True)
+    for key in ("loss", "similarity", "regularization"):
+        assert float(terms[key]) == pytest.approx(float(expected[key]), rel=1e-5)
+    assert torch.equal(terms["image"], torch.cat([moving, fixed], dim=1)) and seen[0] is terms["pred"]
+    terms["loss"].backward()
+    assert all(p.grad is not None for p in network.parameters())
+    with pytest.raises(ValueError, match="one shape"):
+        network_input(moving, fixed[:, :, :8])
+
+
 def test_train_step_rows_depend_only_on_seed_and_iteration():
     space = HyperSpace("diffusion", alpha_range=(0.0, 1.0))
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from monai.data.utils import affine_to_spacing
 
+from ..forward import network_input
 from ..metrics import metric_columns, pair_metrics
 
 __all__ = [
@@ -52,8 +53,8 @@ class PreparedPair:
 
     @property
     def network_input(self) -> torch.Tensor:
-        """``cat([moving, fixed], dim=1)``, the input convention of the hyper-conditioned networks."""
-        return torch.cat([self.moving, self.fixed], dim=1)
+        """The network input of the pair (:func:`~elastic_hypermorph_bundle.forward.network_input`)."""
+        return network_input(self.moving, self.fixed)
 
 
 def _plain(tensor: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from monai.data.utils import affine_to_spacing
 from monai.engines.utils import IterationEvents
 
 from ..data.transforms import PAIR_KEYS
+from ..forward import network_input
 from ..networks import warp_image, warp_label
 from ..optimize import InstanceOptimization
 
@@ -78,7 +79,7 @@ class RegisterStep:
             ):
                 if self._weights is None or engine.state.iteration == 1:
                     self._weights = network.generate_weights(hyper)
-                return network(torch.cat([network_moving, fixed], dim=1), weights=self._weights).float()
+                return network(network_input(network_moving, fixed), weights=self._weights).float()
 
         if self.instance is None:
             ddf = _plain(predict(moving))

@@ -15,7 +15,7 @@ from monai.engines.utils import IterationEvents
 from monai.utils import convert_to_tensor
 
 from ..hyperparams import HyperSpace
-from ..networks import warp_image
+from ..forward import training_terms
 
 __all__ = ["TrainStep", "TrainingDivergedError", "diverged_message", "loss_terms", "LOSS_TERMS"]
 
@@ -30,11 +30,10 @@ class TrainStep:
 
     1. draw ``hyper`` ``(B, H)``, one row per sample, with ``hyper_space.sample`` from a generator seeded by
        ``(seed, rank, iteration)`` (so resumed and distributed runs draw reproducible, rank-distinct rows);
-    2. ``ddf, field = network(cat([moving, fixed], 1), hyper, return_velocity=True)``, through the trainer's
-       ``inferer`` (a ``SimpleInferer``) and under autocast if the trainer has ``amp``;
-    3. ``warped = warp_image(moving, ddf)`` and ``loss_function(warped, fixed, ddf, hyper, velocity=field,
-       return_components=True)`` (a :class:`~elastic_hypermorph_bundle.losses.RegistrationLoss`), in float32;
-    4. backward and optimizer step (through the trainer's ``GradScaler`` with AMP); without AMP a non-finite
+    2. forward, warp and loss terms with :func:`~elastic_hypermorph_bundle.forward.training_terms` (through the
+       trainer's ``inferer`` and under autocast if the trainer has ``amp``; ``FORWARD_COMPLETED`` fires between the
+       forward pass and the loss);
+    3. backward and optimizer step (through the trainer's ``GradScaler`` with AMP); without AMP a non-finite
        displacement field (checked on the CPU), loss or updated weights (one device sync per batch) raises
        :class:`TrainingDivergedError`, naming the iteration and what to try.
 
@@ -64,21 +63,24 @@ class TrainStep:
             for key in ("moving_image", "fixed_image")
         )
         hyper = self.hyper_space.sample(moving.shape[0], self._generator(engine.state.iteration), device)
-        image = torch.cat([moving, fixed], dim=1)
-        engine.state.output = {"image": image, "hyper": hyper}
+        engine.state.output = {"hyper": hyper}
 
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         use_amp = bool(engine.amp) and engine.scaler is not None
-        with torch.autocast(device.type, enabled=use_amp, **engine.amp_kwargs):
-            ddf, field = engine.inferer(image, engine.network, hyper, return_velocity=True)
-        engine.state.output["pred"] = ddf
-        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        # warping and LNCC in float32: the local variances of LNCC lose too much precision in half precision
-        ddf, field = ddf.float(), field.float()
-        if not use_amp and ddf.device.type == "cpu" and not torch.isfinite(ddf).all():  # free on the CPU
-            raise TrainingDivergedError(diverged_message(engine, "the predicted displacement field is not finite (NaN/inf)"))
-        terms = engine.loss_function(warp_image(moving, ddf), fixed, ddf, hyper, velocity=field, return_components=True)
+
+        def forward_completed(ddf: torch.Tensor) -> None:
+            engine.state.output["pred"] = ddf
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            if not use_amp and ddf.device.type == "cpu" and not torch.isfinite(ddf).all():  # free on the CPU
+                raise TrainingDivergedError(diverged_message(engine, "the predicted displacement field is not finite (NaN/inf)"))
+
+        terms = training_terms(
+            engine.network, engine.loss_function, moving, fixed, hyper, inferer=engine.inferer, amp=use_amp,
+            amp_kwargs=engine.amp_kwargs, on_forward=forward_completed,
+        )
+        engine.state.output["image"] = terms.pop("image")
+        terms.pop("pred"), terms.pop("warped")
         engine.state.output.update(terms)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 

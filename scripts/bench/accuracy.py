@@ -30,9 +30,10 @@ import torch
 
 from elastic_hypermorph_bundle.simulation.generator import SimulatedPair, simulate_pair
 from elastic_hypermorph_bundle.hyperparams import HyperSpace
+from elastic_hypermorph_bundle.forward import training_terms
 from elastic_hypermorph_bundle.losses import RegistrationLoss
 from elastic_hypermorph_bundle.metrics import pair_metrics
-from elastic_hypermorph_bundle.networks import HyperUNet, warp_image
+from elastic_hypermorph_bundle.networks import HyperUNet
 
 __all__ = [
     "HU_WINDOW", "KINDS", "normalise", "cached_pairs", "load_pair", "evaluate_ddf", "train_tiny_model",
@@ -123,13 +124,13 @@ def train_tiny_model(pairs: list, seconds: float, folder: str | Path, seed: int 
     loss_fn = RegistrationLoss(regularizer="elastic")
     optimizer = torch.optim.Adam(net.parameters(), lr=learning_rate)
     generator = torch.Generator().manual_seed(seed)
-    inputs = [torch.from_numpy(np.stack([normalise(p.moving_image), normalise(p.fixed_image)]))[None] for p in pairs]
+    images = [
+        tuple(torch.from_numpy(normalise(image))[None, None] for image in (p.moving_image, p.fixed_image)) for p in pairs
+    ]
     steps, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        x = inputs[steps % len(inputs)]
-        hyper = space.sample(1, generator)
-        ddf = net(x, hyper)
-        loss = loss_fn(warp_image(x[:, :1], ddf), x[:, 1:], ddf, hyper)
+        moving, fixed = images[steps % len(images)]
+        loss = training_terms(net, loss_fn, moving, fixed, space.sample(1, generator))["loss"]  # the bundle's step
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

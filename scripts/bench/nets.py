@@ -13,11 +13,11 @@ import copy
 from collections.abc import Callable, Sequence
 
 import torch
-from monai.networks.blocks import Warp
 from monai.networks.layers import Conv
 from torch import nn
 
 from elastic_hypermorph_bundle import networks
+from elastic_hypermorph_bundle.forward import network_input, training_terms
 from elastic_hypermorph_bundle.losses import RegistrationLoss
 from elastic_hypermorph_bundle.networks.hyper import HyperConv, HyperRegistrationNet
 
@@ -57,9 +57,10 @@ class PlainTwin(nn.Module):
         del backbone.hypernetwork
         self.backbone = backbone
 
-    def forward(self, x: torch.Tensor, hyper: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, hyper: torch.Tensor | None = None, return_velocity: bool = False):
         field = self.backbone.predict_field(x, {})
-        return field if self.backbone.integrate is None else self.backbone.integrate(field)
+        ddf = field if self.backbone.integrate is None else self.backbone.integrate(field)
+        return (ddf, field) if return_velocity else ddf
 
 
 def build_network(name: str, variant: str, hyper_dims: int = 2, spatial_dims: int = 3, **kwargs) -> nn.Module:
@@ -96,18 +97,15 @@ def training_step(net: nn.Module, batch: int, spatial_size: Sequence[int], devic
     loss with the same rows, so both steps differ only in the network.
     """
     moving, fixed = random_pair(batch, spatial_size, device)
-    x = torch.cat([moving, fixed], dim=1)
     rows = batch if per_sample_hyper else 1
     hyper = torch.rand(rows, 2, generator=torch.Generator().manual_seed(1)).to(device)
-    warp = Warp(mode="bilinear", padding_mode="border")
     loss_fn = RegistrationLoss(regularizer="elastic")
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4)
     net.train()
 
     def step() -> float:
         optimizer.zero_grad(set_to_none=True)
-        ddf = net(x, hyper)
-        loss = loss_fn(warp(moving, ddf), fixed, ddf, hyper)
+        loss = training_terms(net, loss_fn, moving, fixed, hyper)["loss"]  # the bundle's step: forward, warp, loss
         loss.backward()
         optimizer.step()
         return float(loss.detach())
@@ -119,7 +117,7 @@ def inference(net: nn.Module, batch: int, spatial_size: Sequence[int], device) -
     """One inference as a callable: ``net(x, hyper)`` under ``torch.inference_mode`` with one ``[lam, mu]`` row
     shared by the batch (the inference use: one hyperparameter value per run)."""
     moving, fixed = random_pair(batch, spatial_size, device)
-    x = torch.cat([moving, fixed], dim=1)
+    x = network_input(moving, fixed)
     hyper = torch.tensor([[0.5, 0.5]], device=device)
     net.eval()
 

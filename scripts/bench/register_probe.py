@@ -58,7 +58,9 @@ def network_ddf(net, weights, fixed: torch.Tensor, moving: torch.Tensor, grid=No
     When ``grid`` (the model's training grid) differs from the pair's, both images are resampled to it (trilinear,
     corner-aligned), and the field is resampled back with channel ``j`` scaled by ``(X_j - 1) / (grid_j - 1)``."""
     shape = tuple(fixed.shape[2:])
-    x = torch.cat([moving, fixed], dim=1)
+    from elastic_hypermorph_bundle.forward import network_input
+
+    x = network_input(moving, fixed)
     grid = shape if grid is None else tuple(int(g) for g in grid)
     if grid != shape:
         x = F.interpolate(x, size=grid, mode="trilinear", align_corners=True)
