@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from ..forward import network_input
 from ..optimize import InstanceOptimization
 from .sweep import PreparedPair, field_metrics
 
@@ -39,7 +40,7 @@ def instance_gain(
 
         def predict(moving: torch.Tensor, pair=pair) -> torch.Tensor:
             with torch.no_grad():
-                return network(torch.cat([moving, pair.fixed], dim=1), weights=weights).float()
+                return network(network_input(moving, pair.fixed), weights=weights).float()
 
         alone.append(field_metrics(predict(pair.moving), pair, named, labels))
         mask = None if not instance.use_mask else pair.fixed_mask
