@@ -31,7 +31,7 @@ from elastic_hypermorph_bundle.discovery import (
     summarize,
     sweep_columns,
 )
-from elastic_hypermorph_bundle.discovery import workflow as discovery_workflow
+from elastic_hypermorph_bundle.discovery import comparison as discovery_comparison
 from elastic_hypermorph_bundle.discovery.refine import objective_value
 from elastic_hypermorph_bundle.hyperparams import HyperSpace
 from elastic_hypermorph_bundle.losses import RegistrationLoss
@@ -288,8 +288,8 @@ def test_diffusion_sweep_comparison_and_pair_figure(setup, save_model, monkeypat
     assert matplotlib.image.imread(root / "comparison" / "comparison.png").ndim == 3
 
     windows = []  # each model's row is preprocessed as its own sweep was (not both with the elastic one's)
-    real_transforms = discovery_workflow.registration_transforms
-    monkeypatch.setattr(discovery_workflow, "registration_transforms",
+    real_transforms = discovery_comparison.registration_transforms
+    monkeypatch.setattr(discovery_comparison, "registration_transforms",
                         lambda **kw: windows.append(tuple(kw["hu_window"])) or real_transforms(**kw))
     figure = pair_figure(setup["sweep_dir"], diffusion_dir, root / "comparison")
     assert matplotlib.image.imread(figure).shape[1] > 500

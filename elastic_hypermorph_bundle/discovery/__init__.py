@@ -1,11 +1,13 @@
 """Test-time discovery of the regularization parameters of a trained hypernetwork: grid sweeps over (lam, mu) or
 alpha (:mod:`.sweep`), choice of the optimum (:mod:`.selection`), gradient refinement (:mod:`.refine`), figures
-(:mod:`.plots`) and the workflow that ``configs/sweep.json`` wires (:mod:`.workflow`). See ``docs/discovery.md``."""
+(:mod:`.plots`), the sweep that ``configs/sweep.json`` runs (:mod:`.workflow`) with its output folder
+(:mod:`.store`), and the comparison with a baseline (:mod:`.comparison`). See ``docs/discovery.md``."""
 
 from .refine import OBJECTIVES, pair_objective, refine_hyper
 from .selection import CRITERIA, SweepResults, material_correlation, physical_reading, read_sweep, summarize
 from .sweep import PreparedPair, SweepTable, field_metrics, mask_labels, prepare_pairs, run_grid, sweep_columns
-from .workflow import ParameterSweep, compare_sweeps, pair_figure
+from .comparison import compare_sweeps, pair_figure
+from .workflow import ParameterSweep
 
 __all__ = [
     "CRITERIA",

@@ -1,27 +1,19 @@
-"""Test-time discovery of the regularization parameters of a trained hypernetwork, as wired by
-``configs/sweep.json``: grid sweep (resumable), dataset and per-pair optima, heatmaps, gradient refinement,
-physical reading; then the elastic-vs-diffusion comparison and the side-by-side pair figure.
+"""The sweep that ``configs/sweep.json`` runs: :class:`ParameterSweep` sweeps a trained hypernetwork over a grid of
+its hyperparameters (resumable), chooses the dataset and per-pair optima, refines the best point by gradient
+descent, measures the test-time stages there, and draws the heatmaps.
 
-Output folder of one sweep (``output_dir``):
-
-* ``sweep_config.json``: what the sweep computes (model checksum, data, preprocessing, grid, columns). A later run
-  with the same output folder must have the same configuration: it then resumes (computing only missing rows);
-  otherwise it is refused before anything is written;
-* ``sweep.csv``: one row per (grid point, pair), see :func:`~.sweep.field_metrics`;
-* ``summary.json``: see :func:`~.selection.summarize`, plus ``before_registration``, ``refinement``,
-  ``evaluations`` and ``model``; re-derived from the CSV on every run (a new ``--criterion`` re-ranks a finished
-  sweep without recomputing it);
-* ``heatmap_<metric>.png`` (``[lam, mu]`` models) or ``curve_<metric>.png`` (``[alpha]`` models).
+Its output folder (files, identity check, resume) is :mod:`.store`'s: ``sweep_config.json``, ``sweep.csv``, and
+``summary.json`` (:func:`~.selection.summarize`, plus ``before_registration``, ``refinement``,
+``instance_optimization``, ``evaluations``, ``model`` and ``figures``; re-derived from the CSV on every run, so a
+new ``--criterion`` re-ranks a finished sweep without recomputing it), and here ``heatmap_<metric>.png``
+(``[lam, mu]`` models) or ``curve_<metric>.png`` (``[alpha]`` models). The comparison with a baseline is
+:mod:`.comparison`'s.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,50 +23,24 @@ import torch
 from .. import __version__
 from ..data.transforms import registration_transforms
 from ..hyperparams import HyperSpace
-from ..model_card import ModelCard, load_trained_network, preprocessing
-from ..networks import warp_image, warp_label
+from ..metrics import POINT_KINDS
+from ..model_card import ModelCard, preprocessing
 from ..optimize import InstanceOptimization
 from ..workflow import parse_flag
 from ..workflow.datalists import pair_datalist
-from .plots import plot_grid_metric, plot_pair_comparison, plot_regularizer_comparison
 from .instance import instance_gain
+from .plots import plot_grid_metric
 from .refine import refine_hyper
-from .selection import json_ready, physical_reading, read_sweep, resolve_criterion, summarize
-from ..metrics import POINT_KINDS
-from .sweep import (
-    PreparedPair,
-    SweepTable,
-    field_metrics,
-    mask_labels,
-    prepare_pairs,
-    run_grid,
-    sweep_columns,
-)
+from .selection import physical_reading, read_sweep, resolve_criterion, summarize
+from .store import SUMMARY_FILE, TABLE_FILE, check_or_record, file_sha256, write_json
+from .sweep import PreparedPair, SweepTable, field_metrics, mask_labels, prepare_pairs, run_grid, sweep_columns
 
-__all__ = ["ParameterSweep", "compare_sweeps", "pair_figure"]
+__all__ = ["ParameterSweep", "PLOTTED"]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
 
-CONFIG_FILE, TABLE_FILE, SUMMARY_FILE = "sweep_config.json", "sweep.csv", "summary.json"
 #: metrics drawn as heatmaps/curves when the sweep has them
 PLOTTED = ("dice_mean", "tre_mm", "folding_percent", "sd_log_jacobian", "elastic_energy", "lncc")
-#: metrics of the elastic-vs-diffusion comparison table when both sweeps have them
-COMPARED = ("dice_mean", "tre_mm", "folding_percent", "sd_log_jacobian", "energy_shear", "energy_volume", "lncc")
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_json(path: Path, value) -> None:
-    """Write strict JSON atomically (a sweep interrupted while writing leaves the previous file intact)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(json_ready(value), indent=4, allow_nan=False))
-    os.replace(temporary, path)
 
 
 def _points_kind(datalist: Sequence[dict]) -> str | None:
@@ -191,7 +157,7 @@ class ParameterSweep:
             "names": list(self.space.names),
             "trained_ranges": [list(r) for r in self.space.ranges],
             "grid": self.grid.tolist(),
-            "model_sha256": None if self.ckpt_path is None else _file_sha256(self.ckpt_path),
+            "model_sha256": None if self.ckpt_path is None else file_sha256(self.ckpt_path),
             "dataset": {
                 "dataset_dir": str(Path(self.dataset_dir).resolve()),
                 "split": self.split,
@@ -206,28 +172,12 @@ class ParameterSweep:
         }
 
     def _check_or_record(self, identity: dict) -> None:
-        """Refuse an output folder holding a sweep of another configuration; record this one if new."""
-        config_path, table_path = self.output_dir / CONFIG_FILE, self.output_dir / TABLE_FILE
-        identity = json.loads(json.dumps(identity))  # compare as it reads back from disk
-        if config_path.is_file():
-            recorded = json.loads(config_path.read_text()).get("identity", {})
-            differing = sorted(key for key in set(recorded) | set(identity) if recorded.get(key) != identity.get(key))
-            if differing:
-                raise ValueError(
-                    f"{self.output_dir} holds a sweep with another configuration (differs in: {', '.join(differing)}); "
-                    "pass another --output_dir, or delete that folder to start over. Only the same configuration "
-                    "resumes."
-                )
-            return
-        if table_path.exists():
-            raise ValueError(f"{table_path} exists without {CONFIG_FILE}: not a sweep this workflow can resume.")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
         info = {
             "ckpt_path": None if self.ckpt_path is None else str(self.ckpt_path.resolve()),
             "grid_spec": self.grid_spec,
             "package_version": __version__,
         }
-        _write_json(config_path, {"identity": identity, "info": info})
+        check_or_record(self.output_dir, identity, info)
 
     def run(self) -> dict:
         """Run (or resume) the sweep, then summarise, plot and refine; returns the summary written."""
@@ -252,7 +202,7 @@ class ParameterSweep:
         summary["refinement"] = self._refine(pairs, labels, summary)
         summary["instance_optimization"] = self._instance(pairs, labels, summary)
         summary["figures"] = self._plot(summary)
-        _write_json(self.output_dir / SUMMARY_FILE, summary)
+        write_json(self.output_dir / SUMMARY_FILE, summary)
         best = summary["best"]
         logger.info(
             "sweep %s: best %s by %s, mean %s = %.4g (%d of %d evaluations computed this run)",
@@ -315,134 +265,3 @@ class ParameterSweep:
             plot_grid_metric(summary["grid"], names, metric, summary["best"], path, summary["criterion"]["name"])
             files.append(path.name)
         return files
-
-
-def _load_sweep(folder: str | Path) -> tuple[dict, dict, object]:
-    folder = Path(folder)
-    for name in (CONFIG_FILE, SUMMARY_FILE, TABLE_FILE):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder / name} not found: run the sweep (configs/sweep.json) of that model first.")
-    config = json.loads((folder / CONFIG_FILE).read_text())
-    summary = json.loads((folder / SUMMARY_FILE).read_text())
-    identity = config["identity"]
-    results = read_sweep(folder / TABLE_FILE, identity["names"], num_points=len(identity["grid"]))
-    return config, summary, results
-
-
-def compare_sweeps(
-    elastic_dir: str | Path, diffusion_dir: str | Path, output_dir: str | Path, metric: str | None = None
-) -> dict:
-    """Best elastic vs best diffusion on the same pairs: ``comparison.csv`` (one row per regularizer: optimum and
-    mean/std over pairs of each metric there), ``comparison.json`` (the same with per-pair values) and
-    ``comparison.png`` (:func:`~.plots.plot_regularizer_comparison`).
-
-    Args:
-        elastic_dir, diffusion_dir: output folders of the two sweeps (``[lam, mu]`` and ``[alpha]`` models).
-        output_dir: where to write the comparison.
-        metric: metric of the plot; default the elastic sweep's criterion metric.
-
-    Raises:
-        ValueError: the sweeps are not an elastic and an ``[alpha]`` model, or were run on different pairs.
-    """
-    elastic, baseline = _load_sweep(elastic_dir), _load_sweep(diffusion_dir)
-    if tuple(elastic[2].names) != ("lam", "mu") or tuple(baseline[2].names) != ("alpha",):
-        raise ValueError(
-            f"compare_sweeps needs an elastic [lam, mu] sweep and an [alpha] sweep, got {elastic[2].names} "
-            f"and {baseline[2].names}."
-        )
-    # the [alpha] model is the diffusion baseline or the elastic one at fixed (lam, mu): name it as it is
-    label = baseline[0]["identity"]["regularizer"]
-    sweeps = {"elastic": elastic, label: baseline}
-    pair_sets = {name: set(results.pair_ids) for name, (_, _, results) in sweeps.items()}
-    if pair_sets["elastic"] != pair_sets[label]:
-        raise ValueError(
-            "the two sweeps were run on different pairs (only in elastic: "
-            f"{sorted(pair_sets['elastic'] - pair_sets[label])}, only in {label}: "
-            f"{sorted(pair_sets[label] - pair_sets['elastic'])}); sweep both on the same --split."
-        )
-    pair_ids = sweeps["elastic"][2].pair_ids
-    metrics = [m for m in COMPARED if all(m in results.metrics for _, _, results in sweeps.values())]
-    metric = metric or sweeps["elastic"][1]["criterion"]["metric"]
-    if metric not in metrics:
-        raise ValueError(f"metric {metric!r} is not in both sweeps; choose one of {metrics}.")
-    table, per_pair = [], {pair_id: {} for pair_id in pair_ids}
-    for name, (_, summary, results) in sweeps.items():
-        best = summary["best"]["grid_index"]
-        columns = [results.pair_ids.index(pair_id) for pair_id in pair_ids]
-        row = {"regularizer": name, **results.hyper(best), "criterion": summary["criterion"]["name"]}
-        for key in metrics:
-            values = results.metrics[key][best, columns]
-            row[f"{key}_mean"], row[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
-            for pair_id, value in zip(pair_ids, values):
-                per_pair[pair_id].setdefault(key, {})[name] = float(value)
-        row.update({f"physics_{k}": v for k, v in physical_reading(results.hyper(best)).items() if k != "undefined"})
-        table.append(row)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with (output_dir / "comparison.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in table for key in row)))
-        writer.writeheader()
-        writer.writerows(table)
-    plot = plot_regularizer_comparison(
-        elastic[1], baseline[1], {p: v[metric] for p, v in per_pair.items()}, metric, output_dir / "comparison.png",
-        baseline=label,
-    )
-    result = {"metric": metric, "pairs": pair_ids, "table": table, "per_pair": per_pair, "figure": plot.name,
-              "sweeps": {"elastic": str(elastic_dir), label: str(diffusion_dir)}}
-    _write_json(output_dir / "comparison.json", result)
-    return result
-
-
-def pair_figure(
-    elastic_dir: str | Path,
-    diffusion_dir: str | Path,
-    output_dir: str | Path,
-    pair_id: str | None = None,
-    device: torch.device | str | None = None,
-    axis: int = 1,
-) -> Path:
-    """Figure 4 of the paper for one pair: fixed, moving, warped (mask contours), deformation grid and ``det J``,
-    for the best elastic setting (row 1) and the best setting of the ``[alpha]`` model (row 2, labelled by its
-    regularizer) of two finished sweeps.
-
-    The models come from the sweeps' checkpoints (``model.json`` next to each gives the architecture); each row
-    preprocesses the pair as its own sweep did. Writes ``output_dir/pair_<pair_id>.png``.
-
-    Args:
-        pair_id: pair to draw; default the first pair of the sweep.
-        axis: spatial axis the slice is taken across.
-    """
-    elastic, baseline = _load_sweep(elastic_dir), _load_sweep(diffusion_dir)
-    sweeps = {"elastic": elastic, baseline[0]["identity"]["regularizer"]: baseline}
-    pair_id = pair_id or elastic[0]["identity"]["pairs"][0]
-    for name, (config, _, _) in sweeps.items():
-        if pair_id not in config["identity"]["pairs"]:
-            raise ValueError(f"pair {pair_id!r} is not in the {name} sweep (pairs: {config['identity']['pairs']}).")
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    rows = []
-    for name, (config, summary, results) in sweeps.items():
-        identity = config["identity"]
-        data = identity["dataset"]
-        datalist = [p for p in pair_datalist(data["dataset_dir"], data["split"], data["seed"], data["split_file"])
-                    if p["pair_id"] == pair_id]
-        # each model sees the pair as its own sweep (and its training) preprocessed it
-        transform = registration_transforms(**identity["preprocessing"], with_masks=bool(identity["labels"]),
-                                            with_keypoints=False)
-        pair = prepare_pairs(datalist, transform, device)[0]
-        network = load_trained_network(config["info"]["ckpt_path"], device=device)
-        hyper = torch.tensor([[summary["best"][n] for n in results.names]], device=device)
-        with torch.no_grad():
-            ddf = network(pair.network_input, hyper).float()
-        text = ", ".join(f"{n}={summary['best'][n]:.3g}" for n in results.names)
-        rows.append({
-            "label": f"{name} ({text})",
-            "ddf": ddf,
-            "warped": warp_image(pair.moving, ddf),
-            "warped_mask": None if pair.moving_mask is None else warp_label(pair.moving_mask.round(), ddf),
-            "fixed": pair.fixed, "moving": pair.moving, "fixed_mask": pair.fixed_mask, "moving_mask": pair.moving_mask,
-        })
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    first = rows[0]
-    return plot_pair_comparison(first["fixed"], first["moving"], rows, output_dir / f"pair_{pair_id}.png",
-                                first["fixed_mask"], first["moving_mask"], axis=axis)
