@@ -388,3 +388,12 @@ def trained_preprocessing(ckpt_path: str | Path, name: str, default=None):
     if not path.is_file():
         return default
     return ModelCard.load(path).preprocessing[name]
+
+
+def network_grid(spatial_size, pixdim=None):
+    """The network's input grid (:class:`~elastic_hypermorph_bundle.networks.grid.NetworkGrid`) of a run whose
+    network preprocessing is ``spatial_size``/``pixdim`` (by default the card's, see :func:`trained_preprocessing`,
+    and checked against it by :func:`check_run`)."""
+    from .networks.grid import NetworkGrid
+
+    return NetworkGrid(spatial_size, pixdim)

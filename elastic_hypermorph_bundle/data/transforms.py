@@ -33,6 +33,8 @@ from monai.transforms import (
 from .io import Learn2RegDataError, read_points
 
 __all__ = [
+    "REGISTRATION_GRIDS",
+    "inference_transforms",
     "PAIR_KEYS",
     "IMAGE_KEYS",
     "MASK_KEYS",
@@ -279,3 +281,29 @@ def ddf_to_original_grid(
     sampled = F.grid_sample(ddf, grid, mode=mode, padding_mode="border", align_corners=True)
     linear = net_to_orig[:dims, :dims].to(ddf.dtype)
     return torch.einsum("ij,bj...->bi...", linear, sampled)
+
+
+#: where inference and evaluation register a pair: on the images' own grid ("image", full resolution; the network
+#: still reads its trained grid, see :class:`~elastic_hypermorph_bundle.networks.grid.NetworkGrid`) or on the
+#: network's grid ("network", the preprocessing of training)
+REGISTRATION_GRIDS = ("image", "network")
+
+
+def inference_transforms(
+    registration_grid: str = "image",
+    spatial_size: Sequence[int] | None = None,
+    pixdim: Sequence[float] | None = None,
+    hu_window: tuple[float, float] = (-1000.0, 500.0),
+) -> Compose:
+    """:func:`registration_transforms` of inference and evaluation: on the images' own grid
+    (``registration_grid="image"``: no resampling, pad or crop) or on the network's (``"network"``:
+    ``spatial_size`` and ``pixdim``).
+
+    Raises:
+        ValueError: for an unknown ``registration_grid``.
+    """
+    if registration_grid not in REGISTRATION_GRIDS:
+        raise ValueError(f"registration_grid must be one of {REGISTRATION_GRIDS}, got {registration_grid!r}.")
+    if registration_grid == "image":
+        return registration_transforms(hu_window=hu_window)
+    return registration_transforms(spatial_size=spatial_size, pixdim=pixdim, hu_window=hu_window)

@@ -12,6 +12,7 @@ from monai.engines.utils import IterationEvents
 from ..data.transforms import PAIR_KEYS
 from ..forward import network_input
 from ..networks import warp_image, warp_label
+from ..networks.grid import NetworkGrid
 from ..optimize import InstanceOptimization
 
 __all__ = ["RegisterStep"]
@@ -44,9 +45,13 @@ class RegisterStep:
             the model's trained range by the caller.
         instance: the test-time stages around the network; ``None`` (or all stages off) registers with the
             network alone.
+        network_grid: the grid the network was trained on; a pair registered on another grid (e.g. the images'
+            own, ``registration_grid="image"``) is brought onto it for the network and the field back.
     """
 
-    def __init__(self, hyper: torch.Tensor, instance: InstanceOptimization | None = None) -> None:
+    def __init__(
+        self, hyper: torch.Tensor, instance: InstanceOptimization | None = None, network_grid: NetworkGrid | None = None
+    ) -> None:
         hyper = torch.as_tensor(hyper, dtype=torch.float32)
         if hyper.ndim == 1:
             hyper = hyper.unsqueeze(0)
@@ -54,6 +59,7 @@ class RegisterStep:
             raise ValueError(f"hyper must be one row of shape (1, H) or (H,), got shape {tuple(hyper.shape)}.")
         self.hyper = hyper
         self.instance = instance if instance is not None and instance.enabled else None
+        self.network_grid = network_grid
         self._weights: dict | None = None
 
     def __call__(self, engine, batchdata: dict) -> dict:
@@ -72,22 +78,27 @@ class RegisterStep:
         network = getattr(engine.network, "module", engine.network)
         start = time.perf_counter()
         hyper = self.hyper.to(device)
+        shape, spacing = tuple(fixed.shape[2:]), self._spacing(fixed)[0].tolist()
+        grid = self.network_grid
+        convert = grid is not None and not grid.matches(shape, spacing)
 
         def predict(network_moving: torch.Tensor) -> torch.Tensor:
+            x = network_input(_plain(network_moving), _plain(fixed))
             with engine.mode(engine.network), torch.autocast(
                 device.type, enabled=bool(engine.amp) and device.type == "cuda", **engine.amp_kwargs
             ):
                 if self._weights is None or engine.state.iteration == 1:
                     self._weights = network.generate_weights(hyper)
-                return network(network_input(network_moving, fixed), weights=self._weights).float()
+                ddf = network(grid.to_network(x, spacing) if convert else x, weights=self._weights).float()
+            return grid.from_network(ddf, shape, spacing) if convert else ddf
 
         if self.instance is None:
             ddf = _plain(predict(moving))
         else:
             # one spacing for the batch: inference and evaluation register one pair per batch
             ddf = self.instance.register(
-                predict, _plain(fixed), _plain(moving), hyper.expand(fixed.shape[0], -1),
-                self._spacing(fixed)[0].tolist(), self.instance.mask(batch),
+                predict, _plain(fixed), _plain(moving), hyper.expand(fixed.shape[0], -1), spacing,
+                self.instance.mask(batch),
             )
         with torch.no_grad():
             warped = warp_image(moving.float(), ddf)

@@ -1,0 +1,94 @@
+"""The grid a trained network reads, when it differs from the grid a pair is registered on.
+
+A model is trained on images resampled to its voxel size ``pixdim`` and centre padded/cropped to its
+``spatial_size`` (``data.transforms.registration_transforms``; both recorded on its card). A pair may be registered
+on a finer grid (e.g. the images' own, for the instance optimisation): :class:`NetworkGrid` brings the images onto
+the model's grid the same way (trilinear resampling to ``pixdim`` with corner voxels aligned, then the centred pad
+or crop with zero = air) and the network's DDF back (the inverse crop/pad, trilinear resampling, and each channel
+``j`` rescaled from network voxels to registration voxels along axis ``j``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["NetworkGrid"]
+
+
+class NetworkGrid:
+    """The model's input grid: ``spatial_size`` voxels after resampling to ``pixdim`` mm (``None``: no resampling).
+
+    Args:
+        spatial_size: the network's input size per axis (the card's ``spatial_size``).
+        pixdim: the voxel size (mm) images were resampled to in training, or ``None``.
+
+    Raises:
+        ValueError: when ``spatial_size`` or ``pixdim`` do not hold 3 positive values.
+    """
+
+    def __init__(self, spatial_size: Sequence[int], pixdim: Sequence[float] | None = None) -> None:
+        if spatial_size is None or len(spatial_size) != 3 or min(spatial_size) < 1:
+            raise ValueError(f"spatial_size must hold 3 positive sizes, got {spatial_size}.")
+        if pixdim is not None and (len(pixdim) != 3 or min(pixdim) <= 0):
+            raise ValueError(f"pixdim must hold 3 positive voxel sizes (mm) or be None, got {pixdim}.")
+        self.spatial_size = tuple(int(n) for n in spatial_size)
+        self.pixdim = None if pixdim is None else tuple(float(p) for p in pixdim)
+
+    def resampled_shape(self, shape: Sequence[int], spacing: Sequence[float]) -> tuple[int, ...]:
+        """The registration grid's shape after resampling to ``pixdim`` (before the pad/crop)."""
+        if self.pixdim is None:
+            return tuple(int(n) for n in shape)
+        return tuple(max(2, int(round((n - 1) * s / p)) + 1) for n, s, p in zip(shape, spacing, self.pixdim))
+
+    def matches(self, shape: Sequence[int], spacing: Sequence[float]) -> bool:
+        """Whether a pair on this grid is already on the network's grid (nothing to convert)."""
+        return tuple(shape) == self.spatial_size and self.resampled_shape(shape, spacing) == tuple(shape)
+
+    def _pad_crop(self, tensor: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
+        """Centred pad (zeros) or crop of the spatial axes to ``target``, as MONAI's ``ResizeWithPadOrCrop``."""
+        for axis, (n, m) in enumerate(zip(tensor.shape[2:], target)):
+            dim = axis + 2
+            if m > n:
+                before = (m - n) // 2
+                pad = [0, 0] * (tensor.ndim - 2)
+                pad[2 * (tensor.ndim - 1 - dim)] = before
+                pad[2 * (tensor.ndim - 1 - dim) + 1] = m - n - before
+                tensor = F.pad(tensor, pad)
+            elif m < n:
+                start = n // 2 - m // 2
+                tensor = tensor.narrow(dim, start, m)
+        return tensor
+
+    def to_network(self, images: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
+        """Images ``(B, C, *shape)`` on the registration grid (voxel size ``spacing``) on the network's grid."""
+        resampled = self.resampled_shape(images.shape[2:], spacing)
+        if resampled != tuple(images.shape[2:]):
+            images = F.interpolate(images, size=resampled, mode="trilinear", align_corners=True)
+        return self._pad_crop(images, self.spatial_size)
+
+    def from_network(self, ddf: torch.Tensor, shape: Sequence[int], spacing: Sequence[float]) -> torch.Tensor:
+        """A DDF ``(B, 3, *spatial_size)`` in network voxels as a DDF ``(B, 3, *shape)`` in registration voxels."""
+        resampled = self.resampled_shape(shape, spacing)
+        # the inverse of the pad/crop: crop what was padded, pad (border values) what was cropped
+        ddf = self._unpad_uncrop(ddf, resampled)
+        if resampled != tuple(shape):
+            ddf = F.interpolate(ddf, size=tuple(shape), mode="trilinear", align_corners=True)
+            scale = [(n - 1) / (r - 1) for n, r in zip(shape, resampled)]
+            ddf = ddf * torch.tensor(scale, dtype=ddf.dtype, device=ddf.device).reshape(1, 3, 1, 1, 1)
+        return ddf
+
+    def _unpad_uncrop(self, ddf: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
+        for axis, (m, n) in enumerate(zip(self.spatial_size, target)):
+            dim = axis + 2
+            if m > n:  # padded by (m - n) // 2 before: take the image's part back
+                ddf = ddf.narrow(dim, (m - n) // 2, n)
+            elif m < n:  # cropped from n // 2 - m // 2: extend with the edge values
+                before = n // 2 - m // 2
+                pad = [0, 0] * 3
+                pad[2 * (2 - axis)] = before
+                pad[2 * (2 - axis) + 1] = n - m - before
+                ddf = F.pad(ddf, pad, mode="replicate")
+        return ddf
