@@ -10,7 +10,9 @@ skip a checkpoint that cannot be read.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import stat
 import tempfile
@@ -18,6 +20,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import ignite.distributed as idist
+import numpy as np
 import torch
 from ignite.handlers.checkpoint import BaseSaveHandler
 from monai.handlers import CheckpointSaver
@@ -26,6 +29,8 @@ __all__ = [
     "atomic_write",
     "atomic_torch_save",
     "atomic_write_text",
+    "atomic_write_json",
+    "json_ready",
     "AtomicDiskSaver",
     "AtomicCheckpointSaver",
     "is_readable_checkpoint",
@@ -84,6 +89,28 @@ def atomic_torch_save(obj, path: str | os.PathLike) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """``Path(path).write_text(text)`` (UTF-8), atomically."""
     return atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
+
+
+def json_ready(value):
+    """``value`` as strict JSON values: mappings and sequences recursively, tensors and numpy arrays as lists, numpy
+    scalars as Python numbers, and NaN/inf floats as None (strict JSON has no NaN; a metric that could not be
+    computed is written as null)."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        value = value.tolist()
+    if isinstance(value, Mapping):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def atomic_write_json(path: str | os.PathLike, value, indent: int = 4) -> Path:
+    """Write ``json_ready(value)`` as strict JSON to ``path``, atomically."""
+    return atomic_write_text(path, json.dumps(json_ready(value), indent=indent, allow_nan=False))
 
 
 def remove_partial_files(folder: str | os.PathLike) -> list[Path]:

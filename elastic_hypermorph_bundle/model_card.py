@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, networks
-from .atomic import atomic_write_text
+from .atomic import atomic_write_json, json_ready
 from .hyperparams import HyperSpace
 from .workflow import parse_flag
 
@@ -58,19 +58,9 @@ _NETWORK_FLAGS = ("diffeomorphic",)
 _NOT_TRAINED = ("default_hyper",)
 
 
-def _jsonable(value):
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
-
-
 def parse_network_kwargs(kwargs: Mapping) -> dict:
     """The network keyword arguments as JSON values, with the boolean ones parsed (``"false"`` is false)."""
-    kwargs = _jsonable(dict(kwargs))
+    kwargs = json_ready(dict(kwargs))
     for key in _NETWORK_FLAGS:
         if key in kwargs:
             kwargs[key] = parse_flag(key, kwargs[key])
@@ -163,7 +153,7 @@ class ModelCard:
         self.network_name = str(network_name)
         self.network_kwargs = complete_network_kwargs(network_name, network_kwargs)
         self.preprocessing = preprocessing(spatial_size, pixdim, hu_window)
-        self.info = _jsonable(info)
+        self.info = json_ready(info)
 
     # ------------------------------------------------------------------ file
 
@@ -209,11 +199,11 @@ class ModelCard:
         return cls(space, name, kwargs, **known, **card)
 
     def save(self, folder: str | Path) -> Path:
-        """Write ``folder/model.json`` atomically (:func:`~.atomic.atomic_write_text`: a kill never leaves half a
-        card)."""
+        """Write ``folder/model.json`` as strict JSON, atomically (:func:`~.atomic.atomic_write_json`: a kill never
+        leaves half a card; a NaN metric is written as null)."""
         path = Path(folder) / CARD_NAME
         path.parent.mkdir(parents=True, exist_ok=True)
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=4))
+        return atomic_write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> ModelCard:
@@ -248,7 +238,7 @@ class ModelCard:
         """The network this card describes (untrained weights), with an optional inference-time default row."""
         kwargs = dict(self.network_kwargs)
         if default_hyper is not None:
-            kwargs["default_hyper"] = _jsonable(default_hyper)
+            kwargs["default_hyper"] = json_ready(default_hyper)
         return build_network(self.network_name, kwargs)
 
     def check_hyper_space(self, config_space: HyperSpace) -> HyperSpace:

@@ -131,3 +131,18 @@ def test_configs_parse_boolean_ids(configs, tmp_path):
     with pytest.raises(RuntimeError) as error:  # MONAI wraps the cause in "Failed to evaluate ConfigExpression"
         parser.get_parsed_content(amp_id)
     assert "--amp must be true or false, got 'maybe'" in str(error.value.__cause__)
+
+
+def test_the_card_is_strict_json_when_a_metric_is_nan(tmp_path):
+    """A validation metric that could not be computed (NaN: e.g. no pair had points) is written as null, as
+    metrics.json and the sweep's files write it; Python's default would write NaN, which strict JSON readers refuse."""
+    import numpy as np
+
+    card = ModelCard(HyperSpace(), "HyperUNet", KWARGS, best_metric=float("nan"), best_metric_epoch=np.int64(3))
+    text = card.save(tmp_path).read_text()
+
+    def refuse(constant):
+        raise ValueError(f"not strict JSON: {constant}")
+
+    record = json.loads(text, parse_constant=refuse)
+    assert record["best_metric"] is None and record["best_metric_epoch"] == 3

@@ -10,13 +10,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..atomic import atomic_write_json
 from ..data.transforms import registration_transforms
 from ..model_card import load_trained_network
 from ..networks import warp_image, warp_label
 from ..workflow.datalists import pair_datalist
 from .plots import plot_pair_comparison, plot_regularizer_comparison
 from .selection import physical_reading
-from .store import load_sweep, write_json
+from .store import load_sweep
 from .sweep import prepare_pairs
 
 __all__ = ["COMPARED", "compare_sweeps", "pair_figure"]
@@ -85,7 +86,7 @@ def compare_sweeps(
     )
     result = {"metric": metric, "pairs": pair_ids, "table": table, "per_pair": per_pair, "figure": plot.name,
               "sweeps": {"elastic": str(elastic_dir), label: str(diffusion_dir)}}
-    write_json(output_dir / "comparison.json", result)
+    atomic_write_json(output_dir / "comparison.json", result)
     return result
 
 

@@ -37,7 +37,6 @@ __all__ = [
     "physical_reading",
     "material_correlation",
     "summarize",
-    "json_ready",
 ]
 
 CRITERIA = ("auto", "dice", "tre", "similarity")
@@ -251,16 +250,3 @@ def summarize(
         for g in range(results.grid.shape[0])
     ]
     return summary
-
-
-def json_ready(value):
-    """``value`` with NaN/inf floats as None (strict JSON has no NaN) and numpy scalars as Python numbers."""
-    if isinstance(value, Mapping):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
-from .selection import SweepResults, json_ready, read_sweep
+from ..atomic import atomic_write_json
+from .selection import SweepResults, read_sweep
 
-__all__ = ["CONFIG_FILE", "TABLE_FILE", "SUMMARY_FILE", "file_sha256", "write_json", "check_or_record", "load_sweep"]
+__all__ = ["CONFIG_FILE", "TABLE_FILE", "SUMMARY_FILE", "file_sha256", "check_or_record", "load_sweep"]
 
 CONFIG_FILE, TABLE_FILE, SUMMARY_FILE = "sweep_config.json", "sweep.csv", "summary.json"
 
@@ -29,13 +29,6 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def write_json(path: Path, value) -> None:
-    """Write strict JSON atomically (a sweep interrupted while writing leaves the previous file intact)."""
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(json_ready(value), indent=4, allow_nan=False))
-    os.replace(temporary, path)
 
 
 def check_or_record(output_dir: str | Path, identity: dict, info: dict) -> None:
@@ -62,7 +55,7 @@ def check_or_record(output_dir: str | Path, identity: dict, info: dict) -> None:
     if table_path.exists():
         raise ValueError(f"{table_path} exists without {CONFIG_FILE}: not a sweep this workflow can resume.")
     output_dir.mkdir(parents=True, exist_ok=True)
-    write_json(config_path, {"identity": identity, "info": info})
+    atomic_write_json(config_path, {"identity": identity, "info": info})
 
 
 def load_sweep(folder: str | Path) -> tuple[dict, dict, SweepResults]:

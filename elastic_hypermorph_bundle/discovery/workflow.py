@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .. import __version__
+from ..atomic import atomic_write_json
 from ..data.transforms import registration_transforms
 from ..hyperparams import HyperSpace
 from ..metrics import POINT_KINDS
@@ -32,7 +33,7 @@ from .instance import instance_gain
 from .plots import plot_grid_metric
 from .refine import refine_hyper
 from .selection import physical_reading, read_sweep, resolve_criterion, summarize
-from .store import SUMMARY_FILE, TABLE_FILE, check_or_record, file_sha256, write_json
+from .store import SUMMARY_FILE, TABLE_FILE, check_or_record, file_sha256
 from .sweep import PreparedPair, SweepTable, field_metrics, mask_labels, prepare_pairs, run_grid, sweep_columns
 
 __all__ = ["ParameterSweep", "PLOTTED"]
@@ -202,7 +203,7 @@ class ParameterSweep:
         summary["refinement"] = self._refine(pairs, labels, summary)
         summary["instance_optimization"] = self._instance(pairs, labels, summary)
         summary["figures"] = self._plot(summary)
-        write_json(self.output_dir / SUMMARY_FILE, summary)
+        atomic_write_json(self.output_dir / SUMMARY_FILE, summary)
         best = summary["best"]
         logger.info(
             "sweep %s: best %s by %s, mean %s = %.4g (%d of %d evaluations computed this run)",

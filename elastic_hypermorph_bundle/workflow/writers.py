@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from ..atomic import atomic_write_text
+from ..atomic import atomic_write_text, json_ready
 from ..data.transforms import ddf_to_original_grid
 from ..hyperparams import HyperSpace
 from . import parse_flag
@@ -295,15 +295,6 @@ def _mean(values) -> float:
     return float(np.mean(values)) if values else math.nan
 
 
-def _nan_to_none(value):
-    """Strict JSON has no NaN: a metric that could not be computed is written as null."""
-    if isinstance(value, dict):
-        return {k: _nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_nan_to_none(v) for v in value]
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
 class EvaluationWriter:
     """Collect the metrics of every pair (``pair_id``, :func:`~elastic_hypermorph_bundle.metrics.pair_metrics`
     with the values before registration, ``runtime_s``) and, when the run completes, write ``metrics.csv`` (one
@@ -377,5 +368,5 @@ class EvaluationWriter:
             writer.writerows(self.rows)
             writer.writerow({"pair_id": "mean", **mean})
         record = {"info": self.info, "num_pairs": len(self.rows), "mean": mean, "pairs": self.rows}
-        self.files.new("metrics.json").write_text(json.dumps(_nan_to_none(record), indent=4))
+        self.files.new("metrics.json").write_text(json.dumps(json_ready(record), indent=4, allow_nan=False))
         logger.info("evaluation of %d pairs written to %s: %s", len(self.rows), self.files.root, mean)
