@@ -349,10 +349,12 @@ def check_run(
     hu_window=LEGACY_HU_WINDOW,
     allow_preprocessing_mismatch: bool = False,
     hyper_space: HyperSpace | None = None,
+    init: str = "network",
 ) -> ModelCard | None:
     """Check, before a run loads anything, that its checkpoint exists (:func:`check_checkpoint`) and that its
     network (``network_kwargs`` completed from ``hyper_space`` as :func:`network_kwargs_for` does) and
     preprocessing match the card beside ``ckpt_path`` (nothing to compare without one). Returns the card.
+    With ``init="identity"`` (registration by instance optimisation alone) no model is used: nothing to check.
 
     Raises:
         FileNotFoundError: no checkpoint.
@@ -360,6 +362,10 @@ def check_run(
             :meth:`ModelCard.check_preprocessing`).
     """
     allow = parse_flag("allow_preprocessing_mismatch", allow_preprocessing_mismatch)
+    if init not in ("network", "identity"):
+        raise ValueError(f"init must be 'network' (start from the model's prediction) or 'identity', got {init!r}.")
+    if init == "identity":
+        return None
     check_checkpoint(ckpt_path)
     card = ModelCard.next_to(ckpt_path)
     if card is not None:

@@ -348,6 +348,19 @@ def test_evaluation_with_instance_optimisation_beats_the_network_alone(dataset, 
 
 
 @pytest.mark.slow
+def test_registration_without_a_model_by_instance_optimisation_alone(dataset, tmp_path):
+    out = tmp_path / "no_model"
+    args = ["--dataset_dir", str(dataset), "--ckpt_path", str(tmp_path / "none" / "model.pt"), "--output_dir",
+            str(out), "--num_workers", "0", "--init", "identity", "--instance_steps", "30"]
+    result = _bundle(*args, configs=("inference.json", "evaluate.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    mean = json.loads((out / "metrics.json").read_text())["mean"]
+    assert mean["tre_mm"] < 0.6 * mean["tre_before_mm"]
+    refused = _bundle(*args[:-1], "0", "--output_dir", str(tmp_path / "refused"), configs=("inference.json", "evaluate.json"))
+    assert refused.returncode != 0 and "needs --instance_steps > 0" in refused.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not SCHEMA.is_file(), reason="offline copy of the metadata schema not available")
 def test_verify_metadata():
     result = subprocess.run(

@@ -47,10 +47,16 @@ class RegisterStep:
             network alone.
         network_grid: the grid the network was trained on; a pair registered on another grid (e.g. the images'
             own, ``registration_grid="image"``) is brought onto it for the network and the field back.
+        init: ``"network"`` (the network's prediction starts the optimisation) or ``"identity"`` (no model: the
+            registration is the instance optimisation's alone, which then needs ``instance.steps > 0``).
     """
 
     def __init__(
-        self, hyper: torch.Tensor, instance: InstanceOptimization | None = None, network_grid: NetworkGrid | None = None
+        self,
+        hyper: torch.Tensor,
+        instance: InstanceOptimization | None = None,
+        network_grid: NetworkGrid | None = None,
+        init: str = "network",
     ) -> None:
         hyper = torch.as_tensor(hyper, dtype=torch.float32)
         if hyper.ndim == 1:
@@ -60,6 +66,11 @@ class RegisterStep:
         self.hyper = hyper
         self.instance = instance if instance is not None and instance.enabled else None
         self.network_grid = network_grid
+        if init not in ("network", "identity"):
+            raise ValueError(f"init must be 'network' or 'identity', got {init!r}.")
+        if init == "identity" and (self.instance is None or self.instance.steps == 0):
+            raise ValueError("--init identity registers by instance optimisation alone: it needs --instance_steps > 0.")
+        self.use_network = init == "network"
         self._weights: dict | None = None
 
     def __call__(self, engine, batchdata: dict) -> dict:
@@ -97,7 +108,8 @@ class RegisterStep:
         else:
             # one spacing for the batch: inference and evaluation register one pair per batch
             ddf = self.instance.register(
-                predict, _plain(fixed), _plain(moving), hyper.expand(fixed.shape[0], -1), spacing,
+                predict if self.use_network else None, _plain(fixed), _plain(moving), hyper.expand(fixed.shape[0], -1),
+                spacing,
                 self.instance.mask(batch),
             )
         with torch.no_grad():
