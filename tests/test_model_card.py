@@ -146,3 +146,25 @@ def test_the_card_is_strict_json_when_a_metric_is_nan(tmp_path):
 
     record = json.loads(text, parse_constant=refuse)
     assert record["best_metric"] is None and record["best_metric_epoch"] == 3
+
+
+def test_every_id_of_the_readme_table_is_defined_by_the_configs_it_names():
+    """The README's table of config ids a user changes: each id is defined by train.json or inference.json, and the
+    ids of inference, evaluation and the sweep by inference.json (on which evaluate.json and sweep.json are
+    layered), so ``--<id> value`` overrides a default instead of adding an unused id."""
+    import re
+
+    from elastic_hypermorph_bundle.cli import config_ids
+
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("### Config ids a user changes"):text.index("Outputs are never overwritten")]
+    rows = [row for row in table.splitlines()[4:] if row.startswith("|")]
+    documented = {name for row in rows for name in re.findall(r"`([a-z_]+)`", row.split("|")[1])}
+    defined = {name: config_ids(ConfigParser.load_config_files(str(ROOT / "configs" / f"{name}.json")))
+               for name in ("train", "inference")}
+    training_only = {"epochs", "val_interval", "batch_size", "learning_rate", "resume", "hyper_sampling"}
+    assert len(documented) > 25
+    missing = {name for name in documented if name not in defined["train"] | defined["inference"]}
+    assert not missing, missing
+    inference_missing = {n for n in documented - training_only - {"ckpt_dir"} if n not in defined["inference"]}
+    assert not inference_missing, inference_missing
