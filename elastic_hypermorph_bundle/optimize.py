@@ -19,8 +19,9 @@ one grid, DDF channel ``j`` = displacement along spatial axis ``j`` in voxels, b
   With ``diffeomorphic=True`` the correction is a stationary velocity, integrated by scaling and squaring and
   composed with the initial field.
 
-Similarities: ``"mind"``, the squared difference of MIND-SSC descriptors (:mod:`.losses.mind`), insensitive to
-the lung's density change between phases; ``"lncc"``, MONAI's local NCC as in training (window 9 on the image
+Similarities: ``"mind"``, the squared difference of MIND-SSC descriptors (:mod:`.losses.mind`), averaged over the
+12 descriptors (in [0, 1], the range of training's LNCC term), insensitive to the lung's density change between
+phases; ``"lncc"``, MONAI's local NCC as in training (window 9 on the image
 grid, scaled with the level). Both can be restricted to a fixed-image mask (e.g. the lungs).
 """
 
@@ -203,7 +204,9 @@ class _Similarity:
     def __call__(self, ddf: torch.Tensor) -> torch.Tensor:
         warped = warp_image(self.moving, ddf)
         if self.kind == "mind":
-            value = (warped - self.fixed).square().sum(dim=1, keepdim=True)  # SSD over the 12 descriptors
+            # mean over the 12 descriptors: in [0, 1] like training's LNCC term in [-1, 0], so (lam, mu) weigh a
+            # similarity of the same range (the sum over descriptors made fields rough at the paper's (lam, mu))
+            value = (warped - self.fixed).square().mean(dim=1, keepdim=True)
         else:
             value = self.lncc(warped, self.fixed)
         if self.mask is None:
@@ -343,7 +346,7 @@ def instance_optimize(
     init_ddf: torch.Tensor | None = None,
     *,
     similarity: str = "mind",
-    steps: int = 50,
+    steps: int = 25,
     levels: int = 3,
     grid: float = 2.0,
     lr: float = 0.2,
@@ -502,7 +505,7 @@ class InstanceOptimization:
 
     def __init__(
         self,
-        steps: int = 50,
+        steps: int = 25,
         similarity: str = "mind",
         levels: int = 3,
         grid: float = 2.0,

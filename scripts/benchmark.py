@@ -70,7 +70,7 @@ def settings_for(quick: bool, cuda: bool) -> dict:
 
 
 def accuracy_settings(spatial_size, seeds=(1000, 1001), elastix_iterations=200, demons_iterations=(100, 50),
-                      convex_adam=None, optimize_steps=(50,), network_optimize_steps=(25, 50), **extra) -> dict:
+                      convex_adam=None, optimize_steps=(25,), network_optimize_steps=(25, 50), **extra) -> dict:
     """Section 5 settings: held-out pair seeds (disjoint from any training seed the bundle's scripts use),
     breath-hold amplitudes, the peers' iterations, the optimisation step counts; (lam, mu) default to the bundle's
     inference defaults."""

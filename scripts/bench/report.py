@@ -16,7 +16,8 @@ SECTIONS = (
 )
 
 
-_SECTION_OF = {"hyper_conditioning": 1, "regularizer": 2, "sweep": 3, "training_memory": 4, "accuracy": 5}
+_SECTION_OF = {"hyper_conditioning": 1, "regularizer": 2, "sweep": 3, "training_memory": 4, "accuracy": 5,
+               "accuracy_optimisation_rows": 5}
 
 
 def _size(size) -> str:
@@ -70,7 +71,8 @@ def render(results: dict) -> str:
     lines += _section2(results["regularizer"])
     lines += _section3(results["sweep"])
     lines += _section4(results["training_memory"], settings)
-    lines += _section5(results["accuracy"], results.get("runs", {}).get("accuracy"))
+    lines += _section5(results["accuracy"], results.get("runs", {}).get("accuracy"),
+                       results.get("runs", {}).get("accuracy_optimisation_rows"))
     return "\n".join(lines) + "\n"
 
 
@@ -276,15 +278,16 @@ def _fmt(value, digits=2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _section5(result: dict, run: dict | None = None) -> list[str]:
+def _section5(result: dict, run: dict | None = None, rerun: dict | None = None) -> list[str]:
     setup, methods = result["setup"], result["methods"]
     amplitudes = [s["max_displacement_mm"] for s in setup.get("simulated", [])]
     card = setup.get("model_card") or {}
     training = card.get("training") or {}
     lines = [f"## {SECTIONS[4]}", ""]
     if run:
-        lines += [f"_Measured in one run: `{run['command']}` on {run['date_utc']} ({run['run_seconds'] / 60:.0f} min)._",
-                  ""]
+        lines += [f"_Measured in one run: `{run['command']}` on {run['date_utc']} ({run['run_seconds'] / 60:.0f} min)"
+                  + (f"; the bundle's optimisation rows: {rerun['command']}, on {rerun['date_utc']} "
+                     f"({rerun['run_seconds'] / 60:.0f} min)" if rerun else "") + "._", ""]
     lines += [
         f"{len(setup['seeds'])} held-out simulated breathing-lung pairs (`simulate_pair`, seeds {setup['seeds']}, "
         f"{_size(setup['spatial_size'])} voxels of {' x '.join(f'{s:.2f}' for s in setup['spacing'])} mm, "
@@ -300,8 +303,9 @@ def _section5(result: dict, run: dict | None = None) -> list[str]:
         f"`{Path(setup['model']).name if setup.get('model') else '-'}`"
         + (f" ({card['network']['name']}, trained at {card.get('spatial_size')}"
            + (f", {training.get('steps')} steps" if training.get("steps") else "") + ")" if card else "")
-        + f" at the inference defaults lam = {setup['lam']}, mu = {setup['mu']}; instance optimisation "
-        "(`elastic_hypermorph_bundle.optimize.instance_optimize`, same (lam, mu)"
+        + f" at the inference defaults lam = {setup['lam']}, mu = {setup['mu']}; the test-time stages as inference "
+        "runs them (`elastic_hypermorph_bundle.optimize.InstanceOptimization`: pre-alignment "
+        f"`{setup.get('prealign', 'none')}`, the network on its trained grid, instance optimisation at the same (lam, mu)"
         + (f", options {json.dumps(setup['optimize_kwargs'])}" if setup.get("optimize_kwargs") else ", its defaults")
         + (", fixed lung mask" if setup.get("use_mask") else ", no mask (like the peers)")
         + ") from identity and from the network's prediction.",
@@ -324,13 +328,12 @@ def _section5(result: dict, run: dict | None = None) -> list[str]:
             lines.append(f"| {row['method']} | {'skipped: ' + row['skipped'] if 'skipped' in row else 'failed: ' + row['error'][:200].replace('|', '/').replace(chr(10), ' ')} | | | | | | |")
             continue
         seconds = f"{row['seconds_per_pair']:.2f}"
-        if "seconds_network" in row and row["options"].get("init") == "network":
-            seconds += f" ({np.median(row['seconds_network']):.1f} + {np.median(row['seconds_optimize']):.1f})"
         lines.append(
             f"| {row['method']} | {seconds} | {row['tre_mm']:.2f} | {row['tre_dense_mm']:.2f} | "
             f"{row['dice_mean']:.3f} | {row['folding_percent']:.3f} | {row['sd_log_jacobian']:.3f} | {_mib(row['peak_rss_mib'])} |"
         )
-    lines += ["", "In network + optimisation rows, the seconds in brackets are network + optimisation.", ""]
+    lines += ["", "Steps are Adam steps per level (3 levels); the network's own share of a network + optimisation row "
+              "is the network-alone row's time.", ""]
     if result.get("figure"):
         lines += [f"![keypoint TRE against seconds per pair]({result['figure']})", ""]
     goals = accuracy_goals(result)
@@ -384,6 +387,15 @@ def _closing_note(result: dict, goals: list[dict]) -> list[str]:
             f"{fastest['seconds_per_pair']:.1f} s on {result['setup']['spatial_size']} voxels with 2 shared CPU "
             "cores (most of it the Adam steps of the finest level, which warp 12 MIND descriptors at half "
             "resolution); a GPU, fewer finest-level steps or a coarser finest level would close it.")
+    if any("s / pair" in name for name in failed) and chain and not elastix:
+        fastest = min(chain, key=lambda r: r["seconds_per_pair"])
+        notes.append(
+            f"Time: elastix did not finish within the time limit, so its tenth is a lower bound; the fastest network + "
+            f"optimisation row takes {fastest['seconds_per_pair']:.1f} s on {result['setup']['spatial_size']} voxels "
+            "with 2 shared CPU cores (most of it the finest level's Adam steps, which warp 12 MIND descriptors at half "
+            "resolution), against ConvexAdam's "
+            + (f"{convex['seconds_per_pair']:.0f} s" if convex else "(not run)")
+            + "; a GPU, fewer finest-level steps or a coarser finest level would close it.")
     if any("J<=0" in name for name in failed):
         notes.append("Folding: some optimised fields fold (% J<=0 above 0.1); stiffer (lam, mu) or the diffeomorphic "
                      "option would remove it.")
