@@ -108,8 +108,9 @@ def _section1(rows: list[dict]) -> list[str]:
     misses = [row for row in rows if row["ratio"] > 1.10]
     lines += [
         "Where the goal is not met, the extra time is the price of conditioning: the hypernetwork and, per layer, "
-        "a linear map from the 128-d embedding to every kernel (HyperUNet: ~128x more trainable parameters than the "
-        "plain twin, so the backward pass and the Adam update over those parameters grow accordingly), and for "
+        "the rank-limited map from the 128-d embedding to the kernels (" + "; ".join(
+            f"{name}: {p['hyper'] / p['plain']:.1f}x the plain twin's trainable parameters" for name, p in params.items())
+        + "; the backward pass and the Adam update over them grow accordingly), and for "
         "per-sample rows (training, batch 2) one grouped convolution instead of a batched one. The convolutions "
         "themselves are identical, so the relative overhead shrinks as the image grows. Misses whose ratio lies "
         "within the spread column are not distinguishable from noise on this shared machine."
