@@ -182,17 +182,12 @@ class _Similarity:
     averaged over the (soft) fixed mask. Descriptors of both images are computed once per level."""
 
     def __init__(self, kind: str, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None, factor: float):
-        self.kind = kind
-        if kind == "mind":
-            # descriptors on the image grid, averaged onto the level (ConvexAdam's design)
-            self.fixed = fixed
-            self.moving = moving
-        else:
+        # ``fixed``/``moving``: what :meth:`prepare` gives (MIND descriptors computed on the image grid and averaged
+        # onto the level, ConvexAdam's design, or the images), resized to the level
+        self.kind, self.fixed, self.moving, self.mask = kind, fixed, moving, mask
+        if kind == "lncc":  # training's 9-voxel window, scaled with the level
             window = max(3, int(round(9 / factor)) | 1)
             self.lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=window, reduction="none")
-            self.fixed = fixed
-            self.moving = moving
-        self.mask = mask
 
     @staticmethod
     def prepare(kind: str, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
