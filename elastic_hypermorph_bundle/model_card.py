@@ -10,7 +10,8 @@ evaluation, the sweep and the figures read it back. It holds:
 * the preprocessing of the images the model was trained on: ``spatial_size`` (network grid, voxels), ``pixdim``
   (resampled voxel size in mm, or null for the file spacing) and ``hu_window`` (HU range mapped to [0, 1]);
 * what training did: ``epochs``, ``weights`` (``"best"`` or ``"final"``), ``key_metric``, ``best_metric``,
-  ``best_metric_epoch``, ``split_file``, ``training`` (loss weighting, learning rate, ...), ``package_version``.
+  ``best_metric_epoch``, ``split_file``, ``training`` (loss weighting, learning rate, ...), ``package_version``
+  (the package that wrote the card: a card read and written again keeps it).
 
 Cards written before ``hu_window`` was recorded load with the window those trainings used, ``[-1000, 500]``,
 and cards without ``hyper_rank`` as the full-map models they describe (``hyper_rank=None``). The card records
@@ -193,7 +194,6 @@ class ModelCard:
             kwargs.setdefault("hyper_rank", None)
         except (TypeError, KeyError, ValueError) as error:
             raise ValueError(f"{source} is malformed: {error}") from error
-        card.pop("package_version", None)
         known = {key: card.pop(key) for key in PREPROCESSING if key in card}
         known.setdefault("hu_window", LEGACY_HU_WINDOW)
         return cls(space, name, kwargs, **known, **card)

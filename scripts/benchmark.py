@@ -20,8 +20,9 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # bundle root, bench/
 
-from bench import accuracy, cost, report  # noqa: E402
+from bench import accuracy, capacity, cost, report  # noqa: E402
 from bench.timing import machine_description  # noqa: E402
+from elastic_hypermorph_bundle.networks.hyper import DEFAULT_HYPER_RANK  # noqa: E402
 
 FULL_SIZE = [192, 192, 208]  # Learn2Reg LungCT grid
 BREATH_HOLD = {"max_displacement_range": [20.0, 30.0]}  # simulate_pair settings: breath-hold inhale/exhale motion
@@ -47,6 +48,8 @@ def settings_for(quick: bool, cuda: bool) -> dict:
                                           convex_adam={"grid_sp": 4, "disp_hw": 3, "selected_niter": 20},
                                           optimize_steps=[10], network_optimize_steps=[10],
                                           tiny_model_seconds=5.0, tiny_model_seeds=[100, 101]),
+            "capacity": capacity_settings(s, train_seeds=[2000], test_seeds=[3000], steps=3, grid_points=2,
+                                          variants=["plain", "instance_norm", "rank1", "full"]),
         }
     m64, m96 = [64] * 3, [96] * 3
     conditioning = [
@@ -66,6 +69,7 @@ def settings_for(quick: bool, cuda: bool) -> dict:
         "sweep": {"network": "HyperUNet", "spatial_size": [48] * 3, "pairs": 2, "grid": 11, "warmup": 2,
                   "repeats": 3},
         "accuracy": accuracy_settings(FULL_SIZE),
+        "capacity": capacity_settings([32, 32, 32]),
     }
 
 
@@ -79,6 +83,32 @@ def accuracy_settings(spatial_size, seeds=(1000, 1001), elastix_iterations=200, 
             "convex_adam": dict(convex_adam or {}), "optimize_steps": list(optimize_steps),
             "network_optimize_steps": list(network_optimize_steps), "lam": None, "mu": None, "use_mask": False,
             "prealign": "auto", "optimize_kwargs": {}, "method_timeout_s": 450.0, **extra}
+
+
+def capacity_settings(spatial_size, train_seeds=tuple(range(2000, 2012)), test_seeds=tuple(range(3000, 3004)),
+                      steps=300, grid_points=3, variants=("plain", "instance_norm", "rank1", "rank4", "rank16", "full"),
+                      ) -> dict:
+    """Section 6 settings: realistic simulated pairs (training and held-out seeds disjoint from every other seed the
+    bundle's scripts use), the equal training budget in steps, the (lam, mu) grid, the variants; the TRE's (lam, mu)
+    defaults to the bundle's inference defaults."""
+    return {"spatial_size": list(spatial_size), "simulation": {"preset": "realistic"},
+            "train_seeds": list(train_seeds), "test_seeds": list(test_seeds), "steps": steps,
+            "grid_points": grid_points, "variants": list(variants), "default_hyper": None,
+            "learning_rate": 1e-3, "seed": 0}
+
+
+def run_capacity(options: dict, pair_cache: str, log) -> dict:
+    """Section 6: every conditioning variant trained on the same pairs for the same steps (:mod:`bench.capacity`)."""
+    load = lambda seeds: [accuracy.load_pair(p) for p in accuracy.cached_pairs(  # noqa: E731
+        options["spatial_size"], seeds, options["simulation"], pair_cache, log)]
+    if options.get("default_hyper") is None:
+        defaults = inference_defaults()
+        options = {**options, "default_hyper": [defaults["lam"], defaults["mu"]]}
+    train, test = load(options["train_seeds"]), load(options["test_seeds"])
+    result = capacity.run(options, train, test, log)
+    result["setup"].update(spacing=list(train[0].spacing), torch_threads=torch.get_num_threads(),
+                           default_rank=DEFAULT_HYPER_RANK)
+    return result
 
 
 def inference_defaults() -> dict:
@@ -143,7 +173,8 @@ def run_accuracy(options: dict, model_dir: str | None, pair_cache: str, log) -> 
     }
 
 
-SECTION_KEYS = {1: "hyper_conditioning", 2: "regularizer", 3: "sweep", 4: "training_memory", 5: "accuracy"}
+SECTION_KEYS = {1: "hyper_conditioning", 2: "regularizer", 3: "sweep", 4: "training_memory", 5: "accuracy",
+                6: "capacity"}
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -152,16 +183,16 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def main(quick: bool = False, output_dir: str = "docs", sections=(1, 2, 3, 4, 5), model_dir: str = "models", pair_cache: str | None = None) -> str:
+def main(quick: bool = False, output_dir: str = "docs", sections=(1, 2, 3, 4, 5, 6), model_dir: str = "models", pair_cache: str | None = None) -> str:
     """Run the benchmark; write ``benchmarks.md`` and ``benchmarks.json`` into ``output_dir``; return the md path.
 
     Args:
         quick: tiny sizes and few repeats (a few minutes), for checking that everything runs.
         output_dir: where the two result files go (default ``docs``, relative to the repository root).
-        sections: which sections to run (all five by default; the markdown needs all five).
+        sections: which sections to run (all six by default; the markdown needs all six).
         model_dir: folder of the bundle's model (``model.pt`` + ``model.json``) for section 5 (relative to the
             repository root); ``--quick`` trains a tiny one instead.
-        pair_cache: where section 5's simulated pairs are cached (default
+        pair_cache: where sections 5 and 6's simulated pairs are cached (default
             ``$XDG_CACHE_HOME/elastic_hypermorph_bundle/benchmark_pairs``).
     """
     start = time.perf_counter()
@@ -213,6 +244,9 @@ def main(quick: bool = False, output_dir: str = "docs", sections=(1, 2, 3, 4, 5)
     if 5 in sections:
         log("section 5: accuracy, time and memory of every method on the same held-out pairs")
         results["accuracy"] = run_accuracy(settings["accuracy"], model_dir, pair_cache, log)
+    if 6 in sections:
+        log("section 6: conditioning capacity at an equal training budget")
+        results["capacity"] = run_capacity(settings["capacity"], pair_cache, log)
     results["total_seconds"] = time.perf_counter() - start
     for section in sections:
         runs[SECTION_KEYS[section]] = {"date_utc": results["machine"]["date_utc"], "command": settings["command"]

@@ -204,6 +204,19 @@ def test_ground_truth_scores_zero_error_and_identity_does_not():
     assert truth["dice_mean"] > identity["dice_mean"]
 
 
+def test_capacity_variants_differ_only_in_conditioning():
+    from bench.capacity import build_variant
+    from bench.nets import count_parameters
+
+    sizes = {v: count_parameters(build_variant(v, seed=0)[1]) for v in ("plain", "instance_norm", "rank1", "rank4")}
+    assert sizes["plain"] < sizes["instance_norm"] < sizes["rank1"] < sizes["rank4"]
+    # the same seed builds the same network: equal budgets start from equal weights
+    a, b = build_variant("rank1", seed=3)[1], build_variant("rank1", seed=3)[1]
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    with pytest.raises(ValueError, match="variant must be one of"):
+        build_variant("dense", seed=0)
+
+
 @pytest.mark.slow
 def test_probe_reports_monotonic_peaks_in_a_fresh_process():
     result = run_probe({"network": "HyperUNet", "variant": "plain", "spatial_size": [16, 16, 16], "batch": 1,
@@ -214,7 +227,7 @@ def test_probe_reports_monotonic_peaks_in_a_fresh_process():
 
 
 @pytest.mark.slow
-def test_quick_benchmark_writes_five_sections_and_parsable_json(tmp_path):
+def test_quick_benchmark_writes_six_sections_and_parsable_json(tmp_path):
     import benchmark
     md_path = Path(benchmark.main(quick=True, output_dir=str(tmp_path), pair_cache=str(tmp_path / "pairs")))
     markdown = md_path.read_text()
@@ -223,7 +236,7 @@ def test_quick_benchmark_writes_five_sections_and_parsable_json(tmp_path):
     assert all(f"## {section}" in markdown for section in SECTIONS)
     results = json.loads((tmp_path / "benchmarks.json").read_text())
     assert {"machine", "settings", "hyper_conditioning", "regularizer", "sweep", "training_memory", "accuracy",
-            "total_seconds", "runs"} <= set(results)
+            "capacity", "total_seconds", "runs"} <= set(results)
     assert results["machine"]["cpu_count"] >= 1 and "torch" in results["machine"]
     assert all(row["ratio"] > 0 for row in results["hyper_conditioning"])
     rows = {row["kind"]: row for row in results["accuracy"]["methods"]}
@@ -238,3 +251,9 @@ def test_quick_benchmark_writes_five_sections_and_parsable_json(tmp_path):
     assert (tmp_path / results["accuracy"]["figure"]).is_file()
     assert "## 5." in markdown and "ConvexAdam" in markdown
     assert not (ROOT / "deformationField.nii").exists()  # transformix must not write into the working directory
+    capacity = {row["variant"]: row for row in results["capacity"]["rows"]}
+    assert set(capacity) == {"plain", "instance_norm", "rank1", "full"}
+    assert capacity["plain"]["field_change_mm"] == 0.0 and capacity["plain"]["step_ratio"] == 1.0
+    assert all(row["field_change_mm"] > 0 for key, row in capacity.items() if key != "plain")  # conditioning acts
+    assert all(np.isfinite(row["heldout_objective"]) and row["steps"] == 3 for row in capacity.values())
+    assert "## 6." in markdown and "kernel map, full (HyperMorph)" in markdown

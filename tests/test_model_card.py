@@ -11,6 +11,7 @@ import pytest
 import torch
 from monai.bundle import ConfigParser
 
+from elastic_hypermorph_bundle import __version__
 from elastic_hypermorph_bundle.hyperparams import HyperSpace
 from elastic_hypermorph_bundle.model_card import ModelCard, build_network, check_run
 from elastic_hypermorph_bundle.networks import HyperUNet
@@ -44,7 +45,7 @@ def test_round_trip_keeps_space_network_and_preprocessing(model):
     assert isinstance(network, HyperUNet) and network.default_hyper.flatten().tolist() == pytest.approx([0.2, 0.1])
     network.load_state_dict(torch.load(model, weights_only=True))
     again = ModelCard.from_dict(json.loads(json.dumps(card.to_dict())))
-    assert again.to_dict() == card.to_dict()
+    assert again.to_dict() == card.to_dict() and card.to_dict()["package_version"] == __version__
 
 
 def test_earlier_cards_load_with_the_window_they_were_trained_with(tmp_path):
