@@ -134,4 +134,5 @@ def run(options: dict, train_pairs: list, test_pairs: list, log=print) -> dict:
     for row in rows:
         row["step_ratio"] = row["step_median_s"] / plain["step_median_s"] if plain else None
         row["inference_ratio"] = row["inference_median_s"] / plain["inference_median_s"] if plain else None
-    return {"setup": {**options, "hyper_grid": grid}, "rows": rows}
+    before = [evaluate_ddf(np.zeros_like(pair.displacement), pair)["tre_mm"] for pair in test_pairs]
+    return {"setup": {**options, "hyper_grid": grid, "tre_before_mm": float(np.mean(before))}, "rows": rows}
