@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh test
-python -m pytest -q -ra "$@"
+python -m pytest -q -ra --durations=15 "$@"
