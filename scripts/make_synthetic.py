@@ -8,11 +8,13 @@ Example::
         --preset realistic --real_ct ../shared/data/real_ct/chest_ct_cropped.nii.gz --real_ct_fraction 0.33
 
 Every keyword of :func:`elastic_hypermorph_bundle.simulation.generator.make_synthetic_dataset` is an option
-(``--spacing "[5.25,3.75,5.6875]"``, ``--noise_std 20``, ``--poisson_range "[0.3,0.45]"``, ``--mu_range``,
-``--max_displacement_range``, ``--preview``, ``--overwrite``) and so are the realism options: ``--preset realistic``,
+(``--preview``, ``--overwrite``, ``--real_ct PATH`` with ``--real_ct_fraction F``) and so is every keyword option of
+:func:`~elastic_hypermorph_bundle.simulation.generator.simulate_pair` (``--spacing "[5.25,3.75,5.6875]"``,
+``--noise_std 20``, ``--poisson_range "[0.3,0.45]"``, ``--mu_range``, ``--max_displacement_range``,
+``--rib_weight_range``, ``--padding_fraction``) including the realism options: ``--preset realistic``,
 ``--mass_conservation``, ``--sliding 0.8``, ``--noise_std_range "[10,40]"``, ``--blur_range "[0,1.5]"``,
-``--intensity_shift_range "[-20,20]"``, ``--volume_change_range "[0.12,0.22]"``, ``--fixed_field_of_view``,
-``--rib_weight_range``, ``--real_ct PATH`` with ``--real_ct_fraction F``.
+``--intensity_shift_range "[-20,20]"``, ``--volume_change_range "[0.12,0.22]"``, ``--fixed_field_of_view``.
+An unknown option is refused with the list of valid ones.
 """
 
 import logging

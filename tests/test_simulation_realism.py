@@ -177,6 +177,10 @@ def test_preset_resolution_and_validation(tmp_path):
         make_synthetic_dataset(tmp_path / "x", num_pairs=1, spatial_size=(16, 16, 16), mass_conservation="yes")
     with pytest.raises(ValueError, match="real_ct"):
         make_synthetic_dataset(tmp_path / "x", num_pairs=1, spatial_size=(16, 16, 16), real_ct_fraction=0.5)
+    with pytest.raises(ValueError, match=r"\['spatial_sise'\]; valid: .*'spatial_size'"):
+        make_synthetic_dataset(tmp_path / "x", num_pairs=1, spatial_sise=(16, 16, 16))
+    with pytest.raises(ValueError, match="poisson_range"):  # checked before anything is written
+        make_synthetic_dataset(tmp_path / "x", num_pairs=1, spatial_size=(16, 16, 16), poisson_range=(0.3, 0.6))
     assert not (tmp_path / "x").exists()
     assert generator.PRESETS["realistic"]["mass_conservation"] is True
 

@@ -40,6 +40,7 @@ displacement, path of the displacement file).
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -292,6 +293,75 @@ def _check_options(options: dict) -> dict:
     return options
 
 
+def _resolve_settings(
+    spatial_size: Sequence[int],
+    spacing: Sequence[float] | None,
+    poisson_range: Sequence[float],
+    mu_range: Sequence[float],
+    padding_fraction: float,
+    preset: str | None,
+    **realism,
+) -> tuple[tuple[int, ...], tuple[float, ...], tuple[float, float], tuple[float, float], dict]:
+    """The checked settings of :func:`simulate_pair`: ``(spatial_size, spacing, poisson_range, mu_range, options)``,
+    ``options`` the realism options in effect (:func:`resolve_options`). Raises ValueError naming a bad option."""
+    spatial_size = tuple(int(n) for n in spatial_size)
+    if len(spatial_size) != 3 or min(spatial_size) < 8:
+        raise ValueError(f"spatial_size must be 3 sizes of at least 8 voxels, got {spatial_size}.")
+    spacing = _default_spacing(spatial_size) if spacing is None else tuple(float(s) for s in spacing)
+    if len(spacing) != 3 or min(spacing) <= 0:
+        raise ValueError(f"spacing must be 3 positive voxel sizes in mm, got {spacing}.")
+    if padding_fraction < 0:
+        raise ValueError(f"padding_fraction must be >= 0, got {padding_fraction}.")
+    options = _check_options(resolve_options(preset, **realism))
+    poisson_range = _check_range("poisson_range", poisson_range, 0.0, 0.499)
+    mu_range = _check_range("mu_range", mu_range, 1e-6, np.inf)
+    return spatial_size, spacing, poisson_range, mu_range, options
+
+
+@dataclass(frozen=True)
+class _CaseDraw:
+    """A case's material (Poisson ratio ``nu``, Lamé ``lam`` and ``mu``), force amplitude (``target``: maximum
+    displacement in mm, ``rib_weight``), the generator of its realism draws and its target lung volume change."""
+
+    seed: int
+    nu: float
+    mu: float
+    lam: float
+    target: float
+    rib_weight: float
+    realism_rng: np.random.Generator
+    volume_change: float | None
+
+    def record(self, anatomy: str, **extra) -> dict:
+        """The start of the case's ``simulation`` record; ``extra`` (e.g. the CT's name) follows ``anatomy``."""
+        youngs_modulus, _ = young_poisson_from_lame(self.lam, self.mu)
+        return {
+            "seed": self.seed,
+            "anatomy": anatomy,
+            **extra,
+            "lam": float(self.lam),
+            "mu": float(self.mu),
+            "poisson_ratio": float(self.nu),
+            "youngs_modulus": float(youngs_modulus),
+            "max_displacement_mm": float(self.target),
+            "rib_weight": float(self.rib_weight),
+        }
+
+
+def _draw_case(
+    rng: np.random.Generator, seed: int, options: dict, poisson_range: Sequence[float], mu_range: Sequence[float]
+) -> _CaseDraw:
+    """Draw the material and the amplitude from ``rng`` (in this order: nu, mu, target, rib weight) and the volume
+    change from the realism generator ``default_rng([seed, 1])``."""
+    nu, mu = rng.uniform(*poisson_range), rng.uniform(*mu_range)
+    target, rib_weight = rng.uniform(*options["max_displacement_range"]), rng.uniform(*options["rib_weight_range"])
+    realism_rng = np.random.default_rng([int(seed), 1])
+    volume_change = None
+    if options["volume_change_range"] is not None:
+        volume_change = float(realism_rng.uniform(*options["volume_change_range"]))
+    return _CaseDraw(int(seed), nu, mu, 2 * mu * nu / (1 - 2 * nu), target, rib_weight, realism_rng, volume_change)
+
+
 def simulate_pair(
     spatial_size: Sequence[int] = (64, 64, 64),
     spacing: Sequence[float] | None = None,
@@ -346,31 +416,24 @@ def simulate_pair(
     Raises:
         ValueError: invalid options (with the option's name).
     """
-    spatial_size = tuple(int(n) for n in spatial_size)
-    if len(spatial_size) != 3 or min(spatial_size) < 8:
-        raise ValueError(f"spatial_size must be 3 sizes of at least 8 voxels, got {spatial_size}.")
-    spacing = _default_spacing(spatial_size) if spacing is None else tuple(float(s) for s in spacing)
-    if len(spacing) != 3 or min(spacing) <= 0:
-        raise ValueError(f"spacing must be 3 positive voxel sizes in mm, got {spacing}.")
-    if padding_fraction < 0:
-        raise ValueError(f"padding_fraction must be >= 0, got {padding_fraction}.")
-    options = _check_options(
-        resolve_options(
-            preset,
-            noise_std=noise_std,
-            max_displacement_range=max_displacement_range,
-            rib_weight_range=rib_weight_range,
-            mass_conservation=mass_conservation,
-            sliding=sliding,
-            noise_std_range=noise_std_range,
-            blur_range=blur_range,
-            intensity_shift_range=intensity_shift_range,
-            volume_change_range=volume_change_range,
-            fixed_field_of_view=fixed_field_of_view,
-        )
+    spatial_size, spacing, poisson_range, mu_range, options = _resolve_settings(
+        spatial_size,
+        spacing,
+        poisson_range,
+        mu_range,
+        padding_fraction,
+        preset,
+        noise_std=noise_std,
+        max_displacement_range=max_displacement_range,
+        rib_weight_range=rib_weight_range,
+        mass_conservation=mass_conservation,
+        sliding=sliding,
+        noise_std_range=noise_std_range,
+        blur_range=blur_range,
+        intensity_shift_range=intensity_shift_range,
+        volume_change_range=volume_change_range,
+        fixed_field_of_view=fixed_field_of_view,
     )
-    poisson_range = _check_range("poisson_range", poisson_range, 0.0, 0.499)
-    mu_range = _check_range("mu_range", mu_range, 1e-6, np.inf)
     if real_ct is not None:
         from .real_ct import simulate_real_ct_pair
 
@@ -380,19 +443,13 @@ def simulate_pair(
 
     rng = np.random.default_rng(seed)
     anat = sample_anatomy(rng, np.multiply(spatial_size, spacing))
-    nu, mu = rng.uniform(*poisson_range), rng.uniform(*mu_range)
-    lam = 2 * mu * nu / (1 - 2 * nu)
-    target, rib_weight = rng.uniform(*options["max_displacement_range"]), rng.uniform(*options["rib_weight_range"])
-    realism_rng = np.random.default_rng([int(seed), 1])
-    volume_change = None
-    if options["volume_change_range"] is not None:
-        volume_change = float(realism_rng.uniform(*options["volume_change_range"]))
+    draw = _draw_case(rng, seed, options, poisson_range, mu_range)
 
     # the simulation grid: the image, or with a fixed field of view a taller grid holding the slab
     below = above = 0
     slab_depth = None
     if options["fixed_field_of_view"]:
-        slab_depth = float(realism_rng.uniform(5.0, 25.0))
+        slab_depth = float(draw.realism_rng.uniform(5.0, 25.0))
         q = np.moveaxis(_grid_points(spatial_size, spacing), 0, -1) - anat.center.astype(np.float32)
         in_lung = np.minimum(lung_sdf(anat, q, 1), lung_sdf(anat, q, -1)) < 0
         low = float(q[..., 2][in_lung].min()) if in_lung.any() else anat.lung_z_range[0]  # lowest lung point
@@ -404,9 +461,9 @@ def simulate_pair(
     grid = (spatial_size[0], spatial_size[1], spatial_size[2] + below + above)
 
     moving, moving_labels, moving_lung = render_phantom(anat, grid, spacing)
-    force = breathing_force(anat, moving_lung, spacing, rib_weight)
+    force = breathing_force(anat, moving_lung, spacing, draw.rib_weight)
     elastic_mm, force, pressure = _breathing_field(
-        moving_lung, force, lam, mu, spacing, padding_fraction, target, volume_change
+        moving_lung, force, draw.lam, draw.mu, spacing, padding_fraction, draw.target, draw.volume_change
     )
     spacing_column = np.asarray(spacing)[:, None, None, None]
     displacement_mm, sliding_record = elastic_mm, {"sliding": 0.0}
@@ -447,21 +504,11 @@ def simulate_pair(
         fixed, fixed_labels, fixed_lung = fixed[..., crop], fixed_labels[..., crop], fixed_lung[..., crop]
         displacement, force = displacement[..., crop], force[..., crop]
         elastic_mm = elastic_mm[..., crop]
-    acquisition = _draw_acquisition(realism_rng, options)
-    youngs_modulus, _ = young_poisson_from_lame(lam, mu)
-    record = {
-        "seed": int(seed),
-        "anatomy": "phantom",
-        "lam": float(lam),
-        "mu": float(mu),
-        "poisson_ratio": float(nu),
-        "youngs_modulus": float(youngs_modulus),
-        "max_displacement_mm": float(target),
-        "rib_weight": float(rib_weight),
-    }
+    acquisition = _draw_acquisition(draw.realism_rng, options)
+    record = draw.record("phantom")
     if preset is not None:
         record["preset"] = preset
-    realism = _realism_record(options, volume_change, pressure, sliding_record, acquisition, slab_depth)
+    realism = _realism_record(options, draw.volume_change, pressure, sliding_record, acquisition, slab_depth)
     return SimulatedPair(
         fixed_image=acquire(fixed, spacing, rng, **acquisition[0]),
         moving_image=acquire(moving, spacing, rng, **acquisition[1]),
@@ -476,6 +523,14 @@ def simulate_pair(
         spacing=spacing,
         simulation={**record, **realism},
     )
+
+
+_SIMULATION_OPTIONS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(simulate_pair).parameters.items()
+    if name not in ("seed", "real_ct")  # make_synthetic_dataset sets these per case
+}
+"""The keyword options of :func:`simulate_pair` that :func:`make_synthetic_dataset` takes, with their defaults."""
 
 
 def _realism_record(options, volume_change, pressure, sliding_record, acquisition, slab_depth) -> dict:
@@ -553,26 +608,12 @@ def _write_preview(path: Path, pair: SimulatedPair, title: str) -> None:
 def make_synthetic_dataset(
     output_dir: str | os.PathLike,
     num_pairs: int = 6,
-    spatial_size: Sequence[int] = (64, 64, 64),
-    spacing: Sequence[float] | None = None,
     seed: int = 0,
-    noise_std: float | None = None,
-    poisson_range: Sequence[float] = (0.3, 0.45),
-    mu_range: Sequence[float] = (1.5, 8.0),
-    max_displacement_range: Sequence[float] | None = None,
     preview: bool = False,
     overwrite: bool = False,
-    preset: str | None = None,
-    rib_weight_range: Sequence[float] | None = None,
-    mass_conservation: bool | None = None,
-    sliding: float | None = None,
-    noise_std_range: Sequence[float] | None = None,
-    blur_range: Sequence[float] | None = None,
-    intensity_shift_range: Sequence[float] | None = None,
-    volume_change_range: Sequence[float] | None = None,
-    fixed_field_of_view: bool | None = None,
     real_ct: str | os.PathLike | None = None,
     real_ct_fraction: float = 0.0,
+    **simulation,
 ) -> Path:
     """Write ``num_pairs`` simulated pairs as a Learn2Reg 2021+ dataset (see the module docstring); return its path.
 
@@ -582,17 +623,27 @@ def make_synthetic_dataset(
     then ``registration_val`` and ``registration_test`` with sizes from :func:`.learn2reg.split_sizes` (20/4/6
     proportions, at least one each from 3 pairs on). Same arguments, byte-identical files.
 
-    The realism options (``preset`` and the options after it) are those of :func:`simulate_pair`. With
-    ``real_ct`` (a chest CT, NIfTI in HU) a fraction ``real_ct_fraction`` of the cases, spread evenly over the
+    With ``real_ct`` (a chest CT, NIfTI in HU) a fraction ``real_ct_fraction`` of the cases, spread evenly over the
     list (case ``i``, 0-based, when ``floor((i + 1) f) > floor(i f)``), use it as the exhale anatomy; their
     ``simulation`` record says ``"anatomy": "real_ct"``. The CT is read, never copied into the dataset.
 
     The dataset is built in a hidden sibling folder and renamed into place at the end, so an interrupted run
     leaves no partial dataset.
 
+    Args:
+        output_dir: the dataset folder.
+        num_pairs: number of cases.
+        seed: the dataset's seed (the cases' seeds derive from it, see above).
+        preview: also write a PNG preview of each case under ``previews``.
+        overwrite: replace an existing ``output_dir``.
+        real_ct: path of a chest CT to use as the exhale anatomy of some cases (see above).
+        real_ct_fraction: the fraction of the cases that use ``real_ct``.
+        simulation: the keyword options of simulate_pair (all but ``seed`` and ``real_ct``), the same for every
+            case; ``spatial_size`` defaults to (64, 64, 64).
+
     Raises:
         FileExistsError: ``output_dir`` exists and is not an empty folder, and ``overwrite`` is false.
-        ValueError: invalid options (see :func:`simulate_pair`).
+        ValueError: an unknown or invalid option (see :func:`simulate_pair`).
     """
     output_dir = Path(output_dir).absolute()
     num_pairs = int(num_pairs)
@@ -600,21 +651,12 @@ def make_synthetic_dataset(
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}.")
     if output_dir.exists() and not overwrite and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise FileExistsError(f"output_dir {output_dir} exists and is not empty; pass overwrite=True to replace it.")
-    spatial_size = tuple(int(n) for n in spatial_size)
-    spacing = _default_spacing(spatial_size) if spacing is None else tuple(float(s) for s in spacing)
-    given = {
-        "noise_std": noise_std,
-        "max_displacement_range": max_displacement_range,
-        "rib_weight_range": rib_weight_range,
-        "mass_conservation": mass_conservation,
-        "sliding": sliding,
-        "noise_std_range": noise_std_range,
-        "blur_range": blur_range,
-        "intensity_shift_range": intensity_shift_range,
-        "volume_change_range": volume_change_range,
-        "fixed_field_of_view": fixed_field_of_view,
-    }
-    resolved = _check_options(resolve_options(preset, **given))  # refuse bad options before writing anything
+    unknown = set(simulation) - set(_SIMULATION_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown simulation options {sorted(unknown)}; valid: {sorted(_SIMULATION_OPTIONS)}.")
+    simulation = {**_SIMULATION_OPTIONS, **simulation}
+    # refuse bad options before writing anything
+    spatial_size, spacing, poisson_range, mu_range, resolved = _resolve_settings(**simulation)
     real_ct_fraction = float(real_ct_fraction)
     if not 0.0 <= real_ct_fraction <= 1.0:
         raise ValueError(f"real_ct_fraction must be in [0, 1], got {real_ct_fraction}.")
@@ -623,17 +665,18 @@ def make_synthetic_dataset(
     if real_ct is not None and not Path(real_ct).is_file():
         raise FileNotFoundError(f"real_ct {real_ct} is not a file (a chest CT in NIfTI format, HU).")
     uses_real_ct = [np.floor((i + 1) * real_ct_fraction) > np.floor(i * real_ct_fraction) for i in range(num_pairs)]
-    options = {
+    record = {
         "noise_std": float(resolved["noise_std"]),
-        "poisson_range": [float(v) for v in poisson_range],
-        "mu_range": [float(v) for v in mu_range],
-        "max_displacement_range": [float(v) for v in resolved["max_displacement_range"]],
+        "poisson_range": list(poisson_range),
+        "mu_range": list(mu_range),
+        "max_displacement_range": list(resolved["max_displacement_range"]),
     }
-    record = dict(options)
-    if preset is not None or any(v is not None for k, v in given.items() if k not in options):
-        options.update(preset=preset, **{k: v for k, v in given.items() if k not in options})
-        record.update(preset=preset, **{k: v for k, v in resolved.items() if k not in record})  # values in effect
+    if simulation["preset"] is not None or any(simulation[k] is not None for k in BASE_OPTIONS if k not in record):
+        # the values in effect, whichever of the caller, the preset or the base set them
+        record.update(preset=simulation["preset"], **{k: v for k, v in resolved.items() if k not in record})
     record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in record.items()}
+    if simulation["padding_fraction"] != _SIMULATION_OPTIONS["padding_fraction"]:
+        record["padding_fraction"] = float(simulation["padding_fraction"])
     if real_ct is not None:
         record.update(real_ct=str(Path(real_ct).absolute()), real_ct_fraction=real_ct_fraction)
     seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(num_pairs)]
@@ -649,7 +692,7 @@ def make_synthetic_dataset(
         images, pairs = [], []
         for case, case_seed, on_real_ct in zip(cases, seeds, uses_real_ct):
             start = time.perf_counter()
-            pair = simulate_pair(spatial_size, spacing, case_seed, **options, real_ct=real_ct if on_real_ct else None)
+            pair = simulate_pair(seed=case_seed, real_ct=real_ct if on_real_ct else None, **simulation)
             entries, pair_entry = _write_pair(staging, case, pair, preview)
             images += entries
             pairs.append(pair_entry)

@@ -30,7 +30,6 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from ..physics import young_poisson_from_lame
 from .realism import acquire, conserve_lung_mass, jacobian_determinant, sliding_displacement
 
 __all__ = ["load_real_ct", "segment_lungs", "vessel_keypoints", "mask_breathing_force", "simulate_real_ct_pair"]
@@ -175,22 +174,16 @@ def simulate_real_ct_pair(
 ):
     """One pair on a real CT (module docstring); ``options`` are the checked realism options of
     :func:`.generator.simulate_pair`. Returns a :class:`.generator.SimulatedPair`."""
-    from .generator import SimulatedPair, _breathing_field, _draw_acquisition, _realism_record
+    from .generator import SimulatedPair, _breathing_field, _draw_acquisition, _draw_case, _realism_record
 
     rng = np.random.default_rng(seed)
-    nu, mu = rng.uniform(*poisson_range), rng.uniform(*mu_range)
-    lam = 2 * mu * nu / (1 - 2 * nu)
-    target, rib_weight = rng.uniform(*options["max_displacement_range"]), rng.uniform(*options["rib_weight_range"])
-    realism_rng = np.random.default_rng([int(seed), 1])
-    volume_change = None
-    if options["volume_change_range"] is not None:
-        volume_change = float(realism_rng.uniform(*options["volume_change_range"]))
+    draw = _draw_case(rng, seed, options, poisson_range, mu_range)  # no anatomy to draw: the material comes first
 
     fixed, box = load_real_ct(path, spatial_size, spacing)
     lungs, body = segment_lungs(fixed, box)
-    force = mask_breathing_force(lungs, body, spacing, rib_weight)
+    force = mask_breathing_force(lungs, body, spacing, draw.rib_weight)
     elastic_mm, force, pressure = _breathing_field(
-        lungs, force, lam, mu, spacing, padding_fraction, target, volume_change
+        lungs, force, draw.lam, draw.mu, spacing, padding_fraction, draw.target, draw.volume_change
     )
     displacement_mm, sliding_record = elastic_mm, {"sliding": 0.0}
     if options["sliding"] > 0:
@@ -229,20 +222,9 @@ def simulate_real_ct_pair(
     seen &= box[tuple(np.clip(np.rint(moving_points), 0, top).astype(int).T)]
     fixed_points, moving_points = fixed_points[seen], moving_points[seen]
 
-    acquisition = _draw_acquisition(realism_rng, options)
-    youngs_modulus, _ = young_poisson_from_lame(lam, mu)
-    record = {
-        "seed": int(seed),
-        "anatomy": "real_ct",
-        "real_ct": os.path.basename(str(path)),
-        "lam": float(lam),
-        "mu": float(mu),
-        "poisson_ratio": float(nu),
-        "youngs_modulus": float(youngs_modulus),
-        "max_displacement_mm": float(target),
-        "rib_weight": float(rib_weight),
-    }
-    realism = _realism_record(options, volume_change, pressure, sliding_record, acquisition, None)
+    acquisition = _draw_acquisition(draw.realism_rng, options)
+    record = draw.record("real_ct", real_ct=os.path.basename(str(path)))
+    realism = _realism_record(options, draw.volume_change, pressure, sliding_record, acquisition, None)
     return SimulatedPair(
         fixed_image=acquire(fixed, spacing, rng, **acquisition[0]),
         moving_image=acquire(moving, spacing, rng, **acquisition[1]),
