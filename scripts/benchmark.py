@@ -2,7 +2,7 @@
 """Benchmark of the bundle: cost of hyper-conditioning, regularizer cost, sweep throughput, full-size training
 memory, and accuracy/time against classical registration. Writes docs/benchmarks.md and docs/benchmarks.json.
 
-    python scripts/benchmark.py            # default settings (~30-40 min on 2 CPU cores)
+    python scripts/benchmark.py            # default settings (~1.5 h on 2 CPU cores; section 6 alone ~45 min)
     python scripts/benchmark.py --quick    # a few minutes: tiny sizes, few repeats (checks the script only)
     python scripts/benchmark.py --sections "[1,2]" --output_dir /tmp/bench   # a subset, elsewhere
 """

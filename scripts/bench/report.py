@@ -63,7 +63,7 @@ def render(results: dict) -> str:
         "Method: every time is the **median** of `repeats` timed runs after `warmup` discarded runs. Every comparison "
         "is a ratio of medians measured in the same process, with the candidates interleaved round by round (order "
         "reversed every other round), so drift on a shared machine hits all candidates alike. "
-        "Reproduce with `python scripts/benchmark.py` (default, about 30-40 min on 2 cores) or "
+        "Reproduce with `python scripts/benchmark.py` (default, about 1.5 h on 2 cores, 45 min of it section 6) or "
         "`python scripts/benchmark.py --quick` (a few minutes; tiny sizes, few repeats: for checking the "
         "script, not for the figures); `pip install itk-elastix SimpleITK convexAdam` (extra `benchmark`) for section 5.",
         "",
@@ -428,17 +428,18 @@ def _section6(result: dict) -> list[str]:
         f"energy at that (lam, mu)) averaged over the pairs and a {setup['grid_points']} x {setup['grid_points']} "
         "grid of (lam, mu) spanning the trained range, lower is better: how well one network solves every "
         f"(lam, mu)'s problem. TRE (vessel keypoints) and lung Dice at the bundle's default (lam, mu) = ({lam:g}, "
-        f"{mu:g}). Field change: mean |u(1, 1) - u(0, 0)| over the image, mm (0 without conditioning). Step and "
-        "inference times are medians during this run, as ratios to the plain twin's.",
+        f"{mu:g}). Field change: mean |u(1, 1) - u(0, 0)| over the image, mm (0 without conditioning). One training "
+        "seed: differences in the third decimal of the objective are within what another seed could change. The "
+        "variants run one after another, so their step times (in the JSON) are not comparable on a shared machine; "
+        "section 1 times the default against its plain twin interleaved.",
         "",
-        "| variant | parameters | step ratio | inference ratio | held-out objective | TRE mm | Dice | field change mm |",
-        "|---|---|---|---|---|---|---|---|",
+        "| variant | parameters | held-out objective | TRE mm | Dice | field change mm | final training loss |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
-            f"| {row['name']} | {row['parameters']:,} | {_fmt(row['step_ratio'])} | {_fmt(row['inference_ratio'])} | "
-            f"{row['heldout_objective']:.4f} | {row['tre_mm']:.2f} | {row['dice_mean']:.3f} | "
-            f"{row['field_change_mm']:.2f} |"
+            f"| {row['name']} | {row['parameters']:,} | {row['heldout_objective']:.4f} | {row['tre_mm']:.2f} | "
+            f"{row['dice_mean']:.3f} | {row['field_change_mm']:.2f} | {row['final_train_loss']:.4f} |"
         )
     by_variant = {row["variant"]: row for row in rows}
     best = min(rows, key=lambda row: row["heldout_objective"])
@@ -450,7 +451,7 @@ def _section6(result: dict) -> list[str]:
             f" The default ({default['name']}) against the full map: held-out objective "
             f"{default['heldout_objective'] - full['heldout_objective']:+.4f} (negative: better), TRE "
             f"{default['tre_mm'] - full['tre_mm']:+.2f} mm, with {default['parameters'] / full['parameters']:.1%} of its "
-            f"parameters and {default['step_ratio'] / full['step_ratio']:.2f}x its step time."
+            "parameters."
         )
     lines.append("")
     return lines
