@@ -2,7 +2,7 @@
 # The release model in one command, on CPU: build the training set (realistic phantom pairs and pairs on a real
 # chest CT), train the compact HyperUNet on the coarse grid, and score it on the held-out test pairs.
 #
-#   bash scripts/train_release.sh                      # defaults: sized for about 90 minutes on 2 CPU cores
+#   bash scripts/train_release.sh                      # defaults: release 0.4.0, 79 min on 2 shared CPU cores
 #   PAIRS=40 EPOCHS=6 bash scripts/train_release.sh    # a short run
 #   INSTALL=1 bash scripts/train_release.sh            # also copy model.pt / model.json into models/
 #   INIT=models/model.pt EPOCHS=3 bash scripts/train_release.sh   # fine-tune a trained model instead of from scratch
