@@ -141,8 +141,9 @@ def section5_methods(options: dict, model_path: str) -> list[dict]:
     return methods
 
 
-def run_accuracy(options: dict, model_dir: str | None, pair_cache: str, log) -> dict:
-    """Section 5: every method of :func:`section5_methods` on the same held-out simulated pairs."""
+def run_accuracy(options: dict, model_dir: str | None, pair_cache: str, log, kinds=None) -> dict:
+    """Section 5: every method of :func:`section5_methods` (or those of ``kinds``) on the same held-out simulated
+    pairs."""
     options = {**options, **{k: v for k, v in inference_defaults().items() if options.get(k) is None}}
     pairs = accuracy.cached_pairs(options["spatial_size"], options["seeds"], options["simulation"], pair_cache, log)
     model_path = Path(model_dir) / "model.pt" if model_dir else None
@@ -154,6 +155,8 @@ def run_accuracy(options: dict, model_dir: str | None, pair_cache: str, log) -> 
         log(f"  trained a tiny model for {options['tiny_model_seconds']} s (quick run)")
     methods = []
     for spec in section5_methods(options, str(model_path)):
+        if kinds is not None and spec["kind"] not in kinds:
+            continue
         methods.append(accuracy.run_method(spec, pairs, timeout=options.get("method_timeout_s", 3600)))
         row = methods[-1]
         log(f"  {spec['name']}: " + (f"TRE {row['tre_mm']:.2f} mm, {row['seconds_per_pair']:.1f} s/pair, "
@@ -183,7 +186,8 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def main(quick: bool = False, output_dir: str = "docs", sections=(1, 2, 3, 4, 5, 6), model_dir: str = "models", pair_cache: str | None = None) -> str:
+def main(quick: bool = False, output_dir: str = "docs", sections=(1, 2, 3, 4, 5, 6), model_dir: str = "models",
+         pair_cache: str | None = None, rows=None) -> str:
     """Run the benchmark; write ``benchmarks.md`` and ``benchmarks.json`` into ``output_dir``; return the md path.
 
     Args:
@@ -192,6 +196,9 @@ def main(quick: bool = False, output_dir: str = "docs", sections=(1, 2, 3, 4, 5,
         sections: which sections to run (all six by default; the markdown needs all six).
         model_dir: folder of the bundle's model (``model.pt`` + ``model.json``) for section 5 (relative to the
             repository root); ``--quick`` trains a tiny one instead.
+        rows: method kinds (:data:`bench.accuracy.KINDS`) that section 5 re-measures, keeping the other rows of the
+            existing ``benchmarks.json``, whose pairs it must share (e.g. ``"[network,optimize]"`` after a new
+            release); default: every method.
         pair_cache: where sections 5 and 6's simulated pairs are cached (default
             ``$XDG_CACHE_HOME/elastic_hypermorph_bundle/benchmark_pairs``).
     """
@@ -241,16 +248,45 @@ def main(quick: bool = False, output_dir: str = "docs", sections=(1, 2, 3, 4, 5,
     if 4 in sections:
         log("section 4: full-size training memory")
         results["training_memory"] = cost.training_memory("HyperUNet", settings["full_size"], 1, device, 12.0)
-    if 5 in sections:
+    if isinstance(rows, str):
+        rows = [rows]
+    if rows is not None and (not set(rows) <= set(accuracy.KINDS) or 5 not in sections):
+        raise ValueError(f"--rows must name kinds of {accuracy.KINDS} and go with section 5, got {rows!r}.")
+    if 5 in sections and rows is not None:
+        log(f"section 5: the rows of {rows}, on the pairs of the existing results")
+        if "accuracy" not in results:
+            raise ValueError(f"--rows needs section 5 in {json_path}; run section 5 in full first.")
+        earlier = results["accuracy"]
+        same_pairs = {key: earlier["setup"][key] for key in ("spatial_size", "seeds", "simulation")}
+        paths = accuracy.cached_pairs(same_pairs["spatial_size"], same_pairs["seeds"], same_pairs["simulation"],
+                                      pair_cache, log)
+        if [p.parts[-2:] for p in paths] != [Path(p).parts[-2:] for p in earlier["setup"]["pair_files"]]:
+            raise ValueError("--rows: the pairs differ from those of the existing section 5.")
+        # the earlier run's pairs, today's settings for the rest
+        fresh = run_accuracy({**settings["accuracy"], **same_pairs}, model_dir, pair_cache, log, kinds=rows)
+        earlier["methods"] = [m for m in earlier["methods"] if m["kind"] not in rows] + fresh["methods"]
+        if {"network", "optimize"} & set(rows):
+            bundle_settings = ("optimize_steps", "network_optimize_steps", "lam", "mu", "use_mask", "prealign",
+                               "optimize_kwargs", "model", "model_card")
+            earlier["setup"].update({key: fresh["setup"][key] for key in bundle_settings})
+    elif 5 in sections:
         log("section 5: accuracy, time and memory of every method on the same held-out pairs")
         results["accuracy"] = run_accuracy(settings["accuracy"], model_dir, pair_cache, log)
     if 6 in sections:
         log("section 6: conditioning capacity at an equal training budget")
         results["capacity"] = run_capacity(settings["capacity"], pair_cache, log)
     results["total_seconds"] = time.perf_counter() - start
+    for old in ("accuracy_optimisation_rows", "accuracy_bundle_rows"):  # earlier names of re-measured rows' records
+        if old in runs:
+            runs["accuracy_rows[network,optimize]"] = runs.pop(old)
+    if 5 in sections and rows is None:  # a full section 5 supersedes every re-measured row
+        for key in [key for key in runs if key.startswith("accuracy_rows")]:
+            del runs[key]
     for section in sections:
-        runs[SECTION_KEYS[section]] = {"date_utc": results["machine"]["date_utc"], "command": settings["command"]
-                                       + ("" if sections == set(SECTION_KEYS) else f' --sections "{sorted(sections)}"'),
+        key = f"accuracy_rows[{','.join(rows)}]" if section == 5 and rows is not None else SECTION_KEYS[section]
+        runs[key] = {"date_utc": results["machine"]["date_utc"], "command": settings["command"]
+                                       + ("" if sections == set(SECTION_KEYS) else f' --sections "{sorted(sections)}"')
+                                       + (f' --rows "[{",".join(rows)}]"' if rows is not None else ""),
                                        "run_seconds": results["total_seconds"]}
     if "accuracy" in results and 5 in sections:
         figure = output / "figures" / "benchmark_tre_vs_time.png"

@@ -257,3 +257,13 @@ def test_quick_benchmark_writes_six_sections_and_parsable_json(tmp_path):
     assert all(row["field_change_mm"] > 0 for key, row in capacity.items() if key != "plain")  # conditioning acts
     assert all(np.isfinite(row["heldout_objective"]) and row["steps"] == 3 for row in capacity.values())
     assert "## 6." in markdown and "kernel map, full (HyperMorph)" in markdown
+
+    # after a new release: only the bundle's rows are measured again, the peers' rows are kept as they were
+    benchmark.main(quick=True, output_dir=str(tmp_path), sections=[5], rows=["network", "optimize"],
+                   pair_cache=str(tmp_path / "pairs"))
+    again = json.loads((tmp_path / "benchmarks.json").read_text())
+    peers = lambda r: [m for m in r["accuracy"]["methods"] if m["kind"] not in ("network", "optimize")]  # noqa: E731
+    assert peers(again) == peers(results) and again["capacity"] == results["capacity"]
+    assert {m["kind"] for m in again["accuracy"]["methods"]} == {m["kind"] for m in results["accuracy"]["methods"]}
+    assert '--rows "[network,optimize]"' in again["runs"]["accuracy_rows[network,optimize]"]["command"]
+    assert again["runs"]["accuracy"] == results["runs"]["accuracy"]
