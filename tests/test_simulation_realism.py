@@ -216,6 +216,31 @@ def test_real_ct_exhale_anatomy_gives_a_consistent_pair():
     assert 0.08 < pair.moving_mask.sum() / pair.fixed_mask.sum() - 1 < 0.3
 
 
+@pytest.mark.skipif(not (REAL_CT.parent / "lidc_idri_0001.nii.gz").is_file(), reason="no full real chest CT")
+def test_several_real_cts_share_the_real_ct_cases_in_turn(tmp_path):
+    folder = tmp_path / "cts"  # a folder means its NIfTI files in name order
+    folder.mkdir()
+    for name in ("lidc_idri_0001.nii.gz", "chest_ct_cropped.nii.gz"):
+        (folder / name).symlink_to(REAL_CT.parent / name)
+    (folder / "README.md").write_text("not a CT")
+    out = make_synthetic_dataset(tmp_path / "data", num_pairs=4, seed=5, spatial_size=(20, 20, 22),
+                                 preset="realistic", real_ct=folder, real_ct_fraction=0.75)
+    spec = json.loads((out / "LungCT_dataset.json").read_text())
+    pairs = spec["training_paired_images"] + spec["registration_val"] + spec["registration_test"]
+    # fraction 0.75 of 4: cases 1, 2, 3 (0-based) on a real CT, taking the two CTs in turn
+    assert [p["simulation"]["anatomy"] for p in pairs] == ["phantom", "real_ct", "real_ct", "real_ct"]
+    assert [p["simulation"].get("real_ct") for p in pairs[1:]] == [
+        "chest_ct_cropped.nii.gz", "lidc_idri_0001.nii.gz", "chest_ct_cropped.nii.gz"]
+    assert spec["generator"]["real_ct"] == [str(folder / "chest_ct_cropped.nii.gz"), str(folder / "lidc_idri_0001.nii.gz")]
+    with pytest.raises(FileNotFoundError, match="holds no chest CT"):
+        make_synthetic_dataset(tmp_path / "x", num_pairs=1, real_ct=tmp_path / "data" / "keypointsTr",
+                               real_ct_fraction=1.0)
+    with pytest.raises(FileNotFoundError, match="missing.nii.gz"):
+        make_synthetic_dataset(tmp_path / "x", num_pairs=1, real_ct=[REAL_CT, folder / "missing.nii.gz"],
+                               real_ct_fraction=1.0)
+    assert not (tmp_path / "x").exists()
+
+
 @needs_real_ct
 @pytest.mark.slow
 def test_cli_mixes_phantom_and_real_ct_pairs(tmp_path):

@@ -611,7 +611,7 @@ def make_synthetic_dataset(
     seed: int = 0,
     preview: bool = False,
     overwrite: bool = False,
-    real_ct: str | os.PathLike | None = None,
+    real_ct: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
     real_ct_fraction: float = 0.0,
     **simulation,
 ) -> Path:
@@ -623,9 +623,12 @@ def make_synthetic_dataset(
     then ``registration_val`` and ``registration_test`` with sizes from :func:`.learn2reg.split_sizes` (20/4/6
     proportions, at least one each from 3 pairs on). Same arguments, byte-identical files.
 
-    With ``real_ct`` (a chest CT, NIfTI in HU) a fraction ``real_ct_fraction`` of the cases, spread evenly over the
-    list (case ``i``, 0-based, when ``floor((i + 1) f) > floor(i f)``), use it as the exhale anatomy; their
-    ``simulation`` record says ``"anatomy": "real_ct"``. The CT is read, never copied into the dataset.
+    With ``real_ct`` (a chest CT, NIfTI in HU; or a list of them; or a folder, meaning its ``*.nii.gz`` / ``*.nii``
+    files in name order) a fraction ``real_ct_fraction`` of the cases, spread evenly over the list (case ``i``,
+    0-based, when ``floor((i + 1) f) > floor(i f)``), use a real CT as the exhale anatomy, the ``k``-th such case
+    the CT ``k mod n`` of the ``n`` given (so several anatomies share the real-CT cases in turn); their
+    ``simulation`` record says ``"anatomy": "real_ct"`` and names the CT. The CTs are read, never copied into the
+    dataset. To hold an anatomy out of training, leave it out of the list.
 
     The dataset is built in a hidden sibling folder and renamed into place at the end, so an interrupted run
     leaves no partial dataset.
@@ -636,8 +639,8 @@ def make_synthetic_dataset(
         seed: the dataset's seed (the cases' seeds derive from it, see above).
         preview: also write a PNG preview of each case under ``previews``.
         overwrite: replace an existing ``output_dir``.
-        real_ct: path of a chest CT to use as the exhale anatomy of some cases (see above).
-        real_ct_fraction: the fraction of the cases that use ``real_ct``.
+        real_ct: a chest CT, a list of them or a folder of them, the exhale anatomy of some cases (see above).
+        real_ct_fraction: the fraction of the cases on a real CT.
         simulation: the keyword options of simulate_pair (all but ``seed`` and ``real_ct``), the same for every
             case; ``spatial_size`` defaults to (64, 64, 64).
 
@@ -662,9 +665,11 @@ def make_synthetic_dataset(
         raise ValueError(f"real_ct_fraction must be in [0, 1], got {real_ct_fraction}.")
     if real_ct_fraction > 0 and real_ct is None:
         raise ValueError("real_ct_fraction > 0 needs real_ct, the path of a chest CT.")
-    if real_ct is not None and not Path(real_ct).is_file():
-        raise FileNotFoundError(f"real_ct {real_ct} is not a file (a chest CT in NIfTI format, HU).")
+    real_cts = _real_ct_paths(real_ct)
     uses_real_ct = [np.floor((i + 1) * real_ct_fraction) > np.floor(i * real_ct_fraction) for i in range(num_pairs)]
+    anatomies = [None] * num_pairs
+    for k, i in enumerate(i for i, on_real_ct in enumerate(uses_real_ct) if on_real_ct):
+        anatomies[i] = real_cts[k % len(real_cts)]
     record = {
         "noise_std": float(resolved["noise_std"]),
         "poisson_range": list(poisson_range),
@@ -677,8 +682,9 @@ def make_synthetic_dataset(
     record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in record.items()}
     if simulation["padding_fraction"] != _SIMULATION_OPTIONS["padding_fraction"]:
         record["padding_fraction"] = float(simulation["padding_fraction"])
-    if real_ct is not None:
-        record.update(real_ct=str(Path(real_ct).absolute()), real_ct_fraction=real_ct_fraction)
+    if real_cts:  # one CT keeps the record of a single path
+        names = [str(path.absolute()) for path in real_cts]
+        record.update(real_ct=names[0] if len(names) == 1 else names, real_ct_fraction=real_ct_fraction)
     seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence(seed).spawn(num_pairs)]
     cases = [f"{i:04d}" for i in range(1, num_pairs + 1)]
     num_train, num_val, _ = split_sizes(num_pairs)
@@ -690,9 +696,9 @@ def make_synthetic_dataset(
         for folder in ("imagesTr", "masksTr", "labelsTr", "keypointsTr", "displacementsTr"):
             (staging / folder).mkdir(parents=True)
         images, pairs = [], []
-        for case, case_seed, on_real_ct in zip(cases, seeds, uses_real_ct):
+        for case, case_seed, anatomy in zip(cases, seeds, anatomies):
             start = time.perf_counter()
-            pair = simulate_pair(seed=case_seed, real_ct=real_ct if on_real_ct else None, **simulation)
+            pair = simulate_pair(seed=case_seed, real_ct=anatomy, **simulation)
             entries, pair_entry = _write_pair(staging, case, pair, preview)
             images += entries
             pairs.append(pair_entry)
@@ -736,3 +742,28 @@ def make_synthetic_dataset(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+def _real_ct_paths(real_ct: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path]:
+    """The chest CTs named by ``real_ct`` of :func:`make_synthetic_dataset`: none, one file, a list of files, or a
+    folder (its ``*.nii.gz`` and ``*.nii`` files in name order).
+
+    Raises:
+        FileNotFoundError: a named CT is not a file, or a folder holds no NIfTI file.
+        ValueError: an empty list.
+    """
+    if real_ct is None:
+        return []
+    if isinstance(real_ct, (str, os.PathLike)) and Path(real_ct).is_dir():
+        folder = Path(real_ct)
+        paths = sorted({*folder.glob("*.nii.gz"), *folder.glob("*.nii")})
+        if not paths:
+            raise FileNotFoundError(f"real_ct folder {folder} holds no chest CT (*.nii.gz or *.nii).")
+        return paths
+    paths = [Path(real_ct)] if isinstance(real_ct, (str, os.PathLike)) else [Path(p) for p in real_ct]
+    if not paths:
+        raise ValueError("real_ct is an empty list; name at least one chest CT or pass None.")
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"real_ct {path} is not a file (a chest CT in NIfTI format, HU).")
+    return paths
