@@ -56,6 +56,13 @@ class OutputFiles:
       ``root`` holds nothing else, the swap is two renames of the whole folder; otherwise the files are moved one
       by one and other files in ``root`` (e.g. training logs) are left alone.
 
+    Before any work (:meth:`run` calls :meth:`prepare`) the folder is checked: an existing file is not an output
+    folder (refused with or without ``overwrite``), the folder (or the nearest existing folder above it) must be
+    writable, and every path of the earlier run's record must lie inside ``root``: a record naming a path outside
+    (``../x``, an absolute path, a path through a link to another folder) is refused, so an output folder received
+    from someone else cannot make an overwrite delete files elsewhere. Only files are removed, and folders only
+    when emptied by that removal and inside ``root``.
+
     Under distributed runs every process stages and commits its own files (the record of the earlier set is
     then per process's view, and stale files are removed only by the process that finds them in the record).
 
@@ -73,6 +80,46 @@ class OutputFiles:
         self.files: list[Path] = []  # staged files, in the order handed out
         self.staging: Path | None = None
         self._made_parents: list[Path] = []
+
+    def prepare(self) -> None:
+        """Check the output folder before any work: not a file, writable, and an earlier record (read when
+        ``overwrite``) naming only paths inside it.
+
+        Raises:
+            NotADirectoryError: ``root``, or a folder above it, is an existing file.
+            PermissionError: ``root`` (or, if it does not exist yet, the nearest existing folder above it) is not
+                writable.
+            ValueError: the record of the earlier run names a path outside ``root``.
+        """
+        root = Path(os.path.abspath(self.root))
+        existing = next(folder for folder in (root, *root.parents) if folder.exists())
+        if not existing.is_dir():
+            where = "" if existing == root else f" cannot be created: {existing}"
+            raise NotADirectoryError(
+                f"output_dir {root}{where} is a file, not a folder; choose another --output_dir (--overwrite "
+                "replaces the outputs of an earlier run in a folder, never a file)."
+            )
+        if not os.access(existing, os.W_OK | os.X_OK):
+            where = "" if existing == root else f" cannot be created: {existing}"
+            raise PermissionError(f"output_dir {root}{where} is not writable; choose another --output_dir.")
+        if self.overwrite:
+            self._recorded()
+
+    def _inside(self, relative: str, source: str) -> str:
+        """``relative`` if ``root/relative`` lies inside ``root`` (also once links are followed), else a
+        ``ValueError`` naming it and ``source`` (where the path came from)."""
+        root = Path(os.path.abspath(self.root))
+        path = Path(os.path.normpath(root / relative))
+        inside = not Path(relative).is_absolute() and root in path.parents
+        if inside and root.exists():
+            resolved = path.resolve()
+            inside = root.resolve() in resolved.parents
+        if not inside:
+            raise ValueError(
+                f"{source} names {relative}, a path outside the output folder {root}: refused (outputs and their "
+                "record stay inside --output_dir; remove that entry or the record, or choose another --output_dir)."
+            )
+        return relative
 
     def check(self, relative_paths: Sequence[str]) -> None:
         """Fail before any work if one of these outputs already exists (and ``overwrite`` is off)."""
@@ -104,6 +151,7 @@ class OutputFiles:
 
     def new(self, relative_path: str) -> Path:
         """Path (in the staging folder) for a new output ``root/relative_path``, its folder created."""
+        self._inside(relative_path, "an output of this run")
         self.check([relative_path])
         path = self._staging() / relative_path
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,11 +163,15 @@ class OutputFiles:
         return sorted({p.relative_to(staging).as_posix() for p in self.files if p.is_file()}) if staging else []
 
     def _recorded(self) -> set[str]:
-        """The files the earlier committed run recorded in ``root`` (none if it kept no record)."""
+        """The files the earlier committed run recorded in ``root`` (none if it kept no record, or an unreadable
+        one); a recorded path outside ``root`` is refused (:meth:`_inside`)."""
+        record = self.root / self.MANIFEST
         try:
-            return set(json.loads((self.root / self.MANIFEST).read_text())["files"])
+            files = json.loads(record.read_text())["files"]
+            files = {str(name) for name in files} if isinstance(files, list) else set()
         except (OSError, ValueError, KeyError, TypeError):
             return set()
+        return {self._inside(name, f"the record {record}") for name in files}
 
     def commit(self) -> None:
         """Move the staged files into ``root`` (see the class docstring); a no-op if the run wrote nothing."""
@@ -179,7 +231,9 @@ class OutputFiles:
         self.staging, self.files, self._made_parents = None, [], []
 
     def run(self, workflow: Callable[[], object]) -> None:
-        """Run ``workflow()`` (e.g. ``evaluator.run``), then :meth:`commit`; on any error discard and re-raise."""
+        """:meth:`prepare`, run ``workflow()`` (e.g. ``evaluator.run``), then :meth:`commit`; on any error discard and
+        re-raise."""
+        self.prepare()
         try:
             workflow()
             self.commit()
