@@ -9,7 +9,7 @@ Example::
 
 Every keyword of :func:`elastic_hypermorph_bundle.simulation.generator.make_synthetic_dataset` is an option
 (``--preview``, ``--overwrite``, ``--real_ct PATH`` with ``--real_ct_fraction F``; PATH a CT, a list
-``"[a.nii.gz,b.nii.gz]"`` or a folder of CTs, taken in turn) and so is every keyword option of
+``'["a.nii.gz","b.nii.gz"]'`` (quoted names) or a folder of CTs, taken in turn) and so is every keyword option of
 :func:`~elastic_hypermorph_bundle.simulation.generator.simulate_pair` (``--spacing "[5.25,3.75,5.6875]"``,
 ``--noise_std 20``, ``--poisson_range "[0.3,0.45]"``, ``--mu_range``, ``--max_displacement_range``,
 ``--rib_weight_range``, ``--padding_fraction``) including the realism options: ``--preset realistic``,
