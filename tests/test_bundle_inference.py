@@ -171,15 +171,16 @@ def test_parse_flag():
         parse_flag("overwrite", "yes")
 
 
-def test_single_pair_rejects_mismatched_grids(tmp_path):
+def test_single_pair_grids(tmp_path):
     affine = np.diag([1.5, 1.5, 1.5, 1.0])
     nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), affine), tmp_path / "fixed.nii.gz")
-    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), np.diag([2.0, 1.5, 1.5, 1.0])), tmp_path / "moving.nii.gz")
-    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.float32), affine), tmp_path / "short.nii.gz")
-    with pytest.raises(ValueError, match="affine"):
-        single_pair(str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"))
-    with pytest.raises(ValueError, match="shape"):
-        single_pair(str(tmp_path / "fixed.nii.gz"), str(tmp_path / "short.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.float32), np.diag([2.0, 1.5, 1.5, 1.0])), tmp_path / "moving.nii.gz")
+    far = affine.copy()
+    far[2, 3] = 100.0
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), far), tmp_path / "far.nii.gz")
+    single_pair(str(tmp_path / "fixed.nii.gz"), str(tmp_path / "moving.nii.gz"))  # another grid: resampled later
+    with pytest.raises(ValueError, match="do not overlap"):
+        single_pair(str(tmp_path / "fixed.nii.gz"), str(tmp_path / "far.nii.gz"))
     with pytest.raises(ValueError, match="--moving is missing"):
         single_pair(str(tmp_path / "fixed.nii.gz"), None)
     with pytest.raises(FileNotFoundError):
@@ -292,7 +293,7 @@ def test_stiffer_hyperparameters_give_a_smoother_field_of_a_trained_model(datase
     "args, message",
     [
         (["--lam", "1.5"], "outside the trained range"),
-        (["--fixed", "FIXED", "--moving", "MISMATCH"], "affine"),
+        (["--fixed", "FIXED", "--moving", "MISMATCH"], "do not overlap"),
         (["--regularizer", "diffusion"], "--regularizer elastic"),
         (["--hu_window", "[-900, 400]"], "--hu_window [-900.0, 400.0] (trained: [-1000.0, 500.0])"),
         (["--diffeomorphic", "maybe"], "--diffeomorphic must be true or false"),
@@ -302,7 +303,9 @@ def test_inference_failures_are_clear_and_leave_nothing(dataset, model, tmp_path
     mismatch = tmp_path / "moving.nii.gz"
     fixed = dataset / "imagesTr" / "LungCT_0001_0000.nii.gz"
     image = nib.load(fixed)
-    nib.save(nib.Nifti1Image(image.get_fdata(dtype=np.float32), image.affine * np.diag([2, 1, 1, 1])), mismatch)
+    far = image.affine.copy()
+    far[:3, 3] += 1000.0  # mm: nowhere near the fixed image
+    nib.save(nib.Nifti1Image(image.get_fdata(dtype=np.float32), far), mismatch)
     args = [{"FIXED": str(fixed), "MISMATCH": str(mismatch)}.get(a, a) for a in args]
     result = _bundle(*_common(dataset, model, tmp_path / "out"), *args)
     assert result.returncode != 0 and message in result.stderr

@@ -267,18 +267,12 @@ def test_error_missing_files(tmp_path):
 def test_error_grid_mismatch(tmp_path):
     make_case(tmp_path, "LungCT_0001")
     pairs = discover_pairs(tmp_path).pairs
-    for folder in ("imagesTr", "masksTr"):
-        write_nifti(tmp_path / folder / "LungCT_0001_0001.nii.gz", np.zeros((6, 5, 5)))
-    with pytest.raises(Learn2RegDataError, match="imagesTr/LungCT_0001_0001.nii.gz has shape"):
-        validate_pairs(pairs)
-    for folder in ("imagesTr", "masksTr"):  # moving image and its mask on another grid than the fixed image
+    for folder in ("imagesTr", "masksTr"):  # moving image and its mask on another grid than the fixed image: accepted
         write_nifti(tmp_path / folder / "LungCT_0001_0001.nii.gz", np.zeros((6, 5, 4)), np.diag([2.0, 1.25, 1.75, 1]))
-    with pytest.raises(Learn2RegDataError, match="imagesTr/LungCT_0001_0001.nii.gz has affine"):
-        validate_pairs(pairs)
-    validate_pairs(pairs, require_same_grid=False)
+    validate_pairs(pairs)
     write_nifti(tmp_path / "masksTr" / "LungCT_0001_0000.nii.gz", np.zeros((6, 5, 3)))
     with pytest.raises(Learn2RegDataError, match="masksTr/LungCT_0001_0000.nii.gz has shape"):
-        validate_pairs(pairs, require_same_grid=False)
+        validate_pairs(pairs)
 
 
 def test_error_unreadable_nifti_and_bad_points(tmp_path):

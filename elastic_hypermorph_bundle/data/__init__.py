@@ -1,4 +1,5 @@
-"""Learn2Reg data: dataset discovery and splits (learn2reg), MONAI transforms (transforms), file helpers (io).
+"""Learn2Reg data: dataset discovery and splits (learn2reg), MONAI transforms (transforms), grid geometry (grids),
+file helpers (io).
 
 The simulated breathing pairs are in :mod:`elastic_hypermorph_bundle.simulation`."""
 
@@ -28,6 +29,7 @@ from .transforms import (
     HounsfieldOffsetd,
     LoadPointsd,
     MapPointsToGridd,
+    ResampleToFixedd,
     ddf_to_original_grid,
     detect_hu_offset,
     map_points,

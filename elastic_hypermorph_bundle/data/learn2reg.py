@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from ..atomic import atomic_write_text
+from .grids import GRID_TOLERANCE_VOXELS, boxes_overlap, grid_offset_voxels, world_box
 from .io import Learn2RegDataError, Learn2RegFileNotFoundError, check_voxels, read_points, volume_grid
 
 __all__ = [
@@ -369,15 +370,15 @@ def read_split(path: str | Path, dataset: Learn2RegDataset) -> dict[str, list[di
 def validate_pairs(
     pairs: Sequence[dict],
     expected_shape: Sequence[int] | None = None,
-    require_same_grid: bool = True,
     voxels: bool = True,
 ) -> None:
     """Check the files of each pair before any work starts: first every header and point file, then (``voxels``)
     the voxel data of every image and mask.
 
     Checks: every listed file exists and is readable; images and masks are 3D volumes (not a 2D slice or a 4D
-    series); masks have the grid (shape and affine) of their image; with ``require_same_grid`` fixed and moving
-    share a grid (all Learn2Reg lung/NLST pairs do, and a network DDF assumes it); images have ``expected_shape``
+    series); masks lie on the grid of their image (same shape, within :data:`~.grids.GRID_TOLERANCE_VOXELS` of a
+    voxel); fixed and moving overlap in physical space (their grids may differ: the moving image is resampled into
+    the fixed grid by the transforms, :class:`~.transforms.ResampleToFixedd`); images have ``expected_shape``
     if given; fixed and moving point files of a kind have the same number of rows; with ``voxels``, the data of
     each image and mask reads in full (a truncated ``.nii.gz`` has a readable header) and is finite (no NaN/inf).
 
@@ -398,10 +399,8 @@ def validate_pairs(
                     f"image {pair[f'{role}_image']} has shape {shape}, the dataset declares {tuple(expected_shape)}."
                 )
             if f"{role}_mask" in pair:
-                mask_shape, mask_affine = volume_grid(pair[f"{role}_mask"])
-                _check_same_grid(pair[f"{role}_mask"], mask_shape, mask_affine, pair[f"{role}_image"], shape, affine)
-        if require_same_grid:
-            _check_same_grid(pair["moving_image"], *grids["moving"], pair["fixed_image"], *grids["fixed"])
+                _check_mask_grid(pair[f"{role}_mask"], *volume_grid(pair[f"{role}_mask"]), pair[f"{role}_image"], shape, affine)
+        _check_overlap(pair["moving_image"], *grids["moving"], pair["fixed_image"], *grids["fixed"])
         for kind in ("keypoints", "landmarks"):
             present = [f"{role}_{kind}" for role in ("fixed", "moving") if f"{role}_{kind}" in pair]
             if len(present) == 1:
@@ -421,12 +420,25 @@ def validate_pairs(
             check_voxels(path)
 
 
-def _check_same_grid(path, shape, affine, reference_path, reference_shape, reference_affine) -> None:
-    if tuple(shape) != tuple(reference_shape):
-        raise Learn2RegDataError(f"{path} has shape {shape}, but {reference_path} has {reference_shape}.")
-    if not np.allclose(affine, reference_affine, atol=1e-4):
+def _check_mask_grid(path, shape, affine, image_path, image_shape, image_affine) -> None:
+    remedy = "resample the mask onto its image's grid (nearest neighbour, e.g. MONAI ResampleToMatch)."
+    if tuple(shape) != tuple(image_shape):
+        raise Learn2RegDataError(f"mask {path} has shape {shape}, but its image {image_path} has {image_shape}: {remedy}")
+    offset = grid_offset_voxels(shape, affine, image_affine)
+    if offset > GRID_TOLERANCE_VOXELS:
         raise Learn2RegDataError(
-            f"{path} has affine\n{affine}\nbut {reference_path} has\n{reference_affine}\n(grids must match)."
+            f"mask {path} lies up to {offset:.3g} voxels off the grid of its image {image_path} "
+            f"(tolerance {GRID_TOLERANCE_VOXELS}): {remedy}"
+        )
+
+
+def _check_overlap(moving_path, moving_shape, moving_affine, fixed_path, fixed_shape, fixed_affine) -> None:
+    moving_box, fixed_box = world_box(moving_shape, moving_affine), world_box(fixed_shape, fixed_affine)
+    if not boxes_overlap(moving_box, fixed_box):
+        span = lambda box: " x ".join(f"[{lo:.0f}, {hi:.0f}]" for lo, hi in zip(*box))  # noqa: E731
+        raise Learn2RegDataError(
+            f"moving image {moving_path} (world {span(moving_box)} mm) and fixed image {fixed_path} "
+            f"({span(fixed_box)} mm) do not overlap: check their affines (origin, orientation) or the pairing."
         )
 
 

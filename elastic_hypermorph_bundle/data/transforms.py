@@ -25,11 +25,13 @@ from monai.transforms import (
     LoadImaged,
     MapTransform,
     Orientationd,
+    ResampleToMatch,
     ResizeWithPadOrCropd,
     ScaleIntensityRanged,
     Spacingd,
 )
 
+from .grids import same_grid
 from .io import Learn2RegDataError, read_points
 
 __all__ = [
@@ -45,6 +47,7 @@ __all__ = [
     "EnsureFinited",
     "HounsfieldOffsetd",
     "MapPointsToGridd",
+    "ResampleToFixedd",
     "registration_transforms",
     "map_points",
     "ddf_to_original_grid",
@@ -166,6 +169,45 @@ class MapPointsToGridd(MapTransform):
         return d
 
 
+class ResampleToFixedd(MapTransform):
+    """Resample the moving image and its mask into the fixed image's grid, through both affines (physical space).
+
+    Fixed and moving images of one patient are often on different grids (another session: another field of view,
+    spacing, shape, origin or orientation). Each moving volume ``m`` becomes ``m(A_m^-1 A_f x)`` on the fixed grid
+    ``x`` (MONAI ``ResampleToMatch``; ``modes`` per key, zero outside the moving image: air once intensities are
+    windowed to [0, 1]), so everything after this runs on one grid and the outputs are on the fixed grid
+    (Learn2Reg convention). The moving volume keeps its file affine as ``meta["original_affine"]``, so
+    :class:`MapPointsToGridd` maps moving points from the moving file's voxels into the fixed grid. A moving volume
+    already on the fixed grid (:func:`~.grids.same_grid`) is left as it is.
+
+    Args:
+        keys: moving volumes, e.g. ``("moving_image", "moving_mask")``.
+        fixed_key: the image whose grid they are resampled into.
+        modes: interpolation per key (``"bilinear"`` images, ``"nearest"`` masks).
+    """
+
+    def __init__(self, keys: KeysCollection, fixed_key: str = "fixed_image", modes: Sequence[str] | str = "bilinear",
+                 allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.fixed_key = fixed_key
+        self.modes = [modes] * len(self.keys) if isinstance(modes, str) else list(modes)
+        if len(self.modes) != len(self.keys):
+            raise ValueError(f"need one mode per key, got {self.modes} for {self.keys}.")
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        fixed = d[self.fixed_key]
+        for key, mode in self.key_iterator(d, self.modes):
+            moving = d[key]
+            if same_grid(moving.shape[1:], moving.affine, fixed.shape[1:], fixed.affine):
+                continue
+            file_affine, filename = moving.meta["original_affine"], moving.meta.get("filename_or_obj")
+            resampled = ResampleToMatch(mode=mode, padding_mode="zeros")(moving, img_dst=fixed)
+            resampled.meta["original_affine"], resampled.meta["filename_or_obj"] = file_affine, filename
+            d[key] = resampled
+        return d
+
+
 def registration_transforms(
     spatial_size: Sequence[int] | None = None,
     pixdim: Sequence[float] | None = None,
@@ -180,7 +222,7 @@ def registration_transforms(
 
     Steps: ``LoadImaged`` (nibabel, channel first; masks too) -> :class:`EnsureFinited` -> optional
     ``Orientationd(axcodes)`` -> :class:`HounsfieldOffsetd` -> ``ScaleIntensityRanged`` (clip ``hu_window``
-    HU to [0, 1]) -> optional ``Spacingd(pixdim)`` (bilinear images, nearest masks) -> optional
+    HU to [0, 1]) -> :class:`ResampleToFixedd` (a moving image and mask on another grid into the fixed grid) -> optional ``Spacingd(pixdim)`` (bilinear images, nearest masks) -> optional
     ``ResizeWithPadOrCropd(spatial_size)`` (centred, zero padding = air) -> :class:`LoadPointsd` and
     :class:`MapPointsToGridd` (points follow their image's grid) -> float32.
 
@@ -189,7 +231,7 @@ def registration_transforms(
 
     Output: images and masks ``(1, *spatial)`` MetaTensors (masks 0/1 float); points ``(N, 3)`` voxel xyz of
     the network grid; ``fixed_image.meta["original_affine"]``, ``.affine`` and ``["spatial_shape"]`` give what
-    :func:`ddf_to_original_grid` needs. Fixed and moving must share a grid (``validate_pairs``) to stay aligned.
+    :func:`ddf_to_original_grid` needs; the moving image, its mask and points follow the fixed grid.
 
     Args:
         spatial_size: network grid shape; None keeps the (resampled) shape.
@@ -219,6 +261,9 @@ def registration_transforms(
     transforms += [
         HounsfieldOffsetd(IMAGE_KEYS, offset=hu_offset),
         ScaleIntensityRanged(IMAGE_KEYS, a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0, clip=True),
+        # after windowing, so that what lies outside the moving image is 0 (air)
+        ResampleToFixedd(["moving_image"] + masks[1:], modes=["bilinear", "nearest"][: 1 + len(masks[1:])],
+                         allow_missing_keys=optional),
     ]
     if pixdim is not None:
         modes = ["bilinear"] * len(IMAGE_KEYS) + ["nearest"] * len(masks)
@@ -248,8 +293,8 @@ def ddf_to_original_grid(
     With ``M = original_affine^-1 @ network_affine`` (network voxel -> original voxel), the original-grid field
     is ``u_orig(x) = M_lin @ u_net(M^-1 x)``, so that ``x + u_orig(x) = M (y + u_net(y))`` with ``y = M^-1 x``:
     both fields send a fixed point to the same moving point. ``u_net`` is interpolated (``mode``) at ``M^-1 x``;
-    outside the network grid (cropped regions) the border value is repeated. Assumes the fixed and moving
-    images share their grids (as ``validate_pairs`` checks). For a Learn2Reg submission
+    outside the network grid (cropped regions) the border value is repeated. The moving image was resampled into
+    the fixed grid (:class:`ResampleToFixedd`), so the fixed grid is the only one. For a Learn2Reg submission
     ``disp_XXXX_YYYY.nii.gz`` store ``result[0].permute(1, 2, 3, 0)``, shape ``(X, Y, Z, 3)``.
 
     Args:

@@ -2,8 +2,8 @@
 hyperparameter row.
 
 A single pair comes from ``--fixed``/``--moving`` (and optional masks/points) and is checked before anything
-runs (files exist, 3D volumes that read in full and are finite, fixed and moving on one grid, masks on their
-image's grid); otherwise the pairs of ``--split`` of ``--dataset_dir``, checked the same way. What the model was
+runs (files exist, 3D volumes that read in full and are finite, fixed and moving overlapping in physical space,
+masks on their image's grid; a moving image on another grid is resampled into the fixed grid by the transforms); otherwise the pairs of ``--split`` of ``--dataset_dir``, checked the same way. What the model was
 trained for (hyperparameters and ranges, network, preprocessing) is in its card,
 :mod:`elastic_hypermorph_bundle.model_card`.
 """
@@ -41,7 +41,8 @@ def single_pair(
     run starts.
 
     Raises:
-        ValueError: only one of fixed/moving (or of a mask/point pair) is given, a grid mismatch, unreadable file.
+        ValueError: only one of fixed/moving (or of a mask/point pair) is given, images that do not overlap, a mask off
+            its image's grid, an unreadable file.
         FileNotFoundError: a file does not exist.
     """
     given = {
