@@ -108,3 +108,97 @@ def test_a_read_only_output_folder_is_refused_before_any_work(tmp_path, monkeypa
         assert not worked and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     finally:
         out.chmod(0o755)
+
+
+# ------------------------------------------------------------------------------- small files for the data checks
+
+
+def _nifti(path: Path, array, affine=None) -> Path:
+    import nibabel as nib
+    import numpy as np
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    array = np.asarray(array)
+    nib.save(nib.Nifti1Image(array, np.diag([1.5, 1.5, 2.0, 1.0]) if affine is None else affine), str(path))
+    return path
+
+
+def _ct(shape=(8, 8, 8), seed=0):
+    """A small volume in Hounsfield units: air (-1000) around soft tissue (~40), a little noise."""
+    import numpy as np
+
+    volume = np.full(shape, -1000.0, dtype=np.float32)
+    volume[2:-2, 2:-2, 2:-2] = 40.0
+    return volume + np.random.default_rng(seed).normal(0, 5, shape).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------- 3. points outside the image
+
+
+def test_points_outside_their_image_are_refused_naming_the_file_and_the_count(tmp_path):
+    import numpy as np
+
+    from elastic_hypermorph_bundle.data.io import Learn2RegDataError, write_points
+    from elastic_hypermorph_bundle.data.learn2reg import validate_pairs
+
+    pair = {"fixed_image": str(_nifti(tmp_path / "f.nii.gz", _ct())), "pair_id": "a",
+            "moving_image": str(_nifti(tmp_path / "m.nii.gz", _ct(seed=1)))}  # fmt: skip
+    points = np.array([[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [7.0, 7.0, 7.0], [3.5, 4.0, 6.4]])
+    pair["fixed_keypoints"] = str(write_points(tmp_path / "f.csv", points))
+    pair["moving_keypoints"] = str(write_points(tmp_path / "m.csv", points + 0.4))  # the last two at 7.4, 6.8: inside
+    validate_pairs([pair], voxels=False)
+    outside = points.copy()
+    outside[1] = [-3.0, 2.0, 2.0]
+    outside[2] = [2.0, 9.0, 2.0]
+    write_points(tmp_path / "f.csv", outside)
+    with pytest.raises(Learn2RegDataError, match=r"2 of 4 points in .*f\.csv lie outside .*\(8, 8, 8\).*f\.nii\.gz"):
+        validate_pairs([pair], voxels=False)
+
+
+# ------------------------------------------------------------------------------- 5. case ids must be unique
+
+
+def test_two_image_names_giving_one_case_id_are_refused_naming_both(tmp_path):
+    from elastic_hypermorph_bundle.data.io import Learn2RegDataError
+    from elastic_hypermorph_bundle.data.learn2reg import discover_pairs
+
+    for prefix in ("LungCT", "LungCTb"):
+        for phase in ("0000", "0001"):
+            _nifti(tmp_path / "imagesTr" / f"{prefix}_0006_{phase}.nii.gz", _ct())
+    with pytest.raises(Learn2RegDataError, match=r"case id 0006_0006: .*LungCT_0006_0000.*LungCTb_0006_0000"):
+        discover_pairs(tmp_path)  # plain layout
+    entries = [{"fixed": f"./imagesTr/{p}_0006_0000.nii.gz", "moving": f"./imagesTr/{p}_0006_0001.nii.gz"}
+               for p in ("LungCT", "LungCTb")]  # fmt: skip
+    (tmp_path / "LungCT_dataset.json").write_text(json.dumps({"training_paired_images": entries}))
+    with pytest.raises(Learn2RegDataError, match=r"case id 0006_0006: .*LungCT_0006_0000.*LungCTb_0006_0000"):
+        discover_pairs(tmp_path)  # JSON layout
+    # the same pair listed twice (train and val lists) is one pair
+    (tmp_path / "LungCT_dataset.json").write_text(
+        json.dumps({"training_paired_images": entries[:1], "registration_val": entries[:1]})
+    )
+    assert [p["pair_id"] for p in discover_pairs(tmp_path).pairs] == ["0006_0006"]
+
+
+# ------------------------------------------------------------------------------- 6. intensities not in HU
+
+
+@pytest.mark.parametrize(
+    "name, convert, hint",
+    [
+        ("uint8", lambda hu: ((hu + 1000) / 1500 * 255).clip(0, 255).astype("uint8"), "Hounsfield"),
+        ("hu_over_1000", lambda hu: (hu / 1000).astype("float32"), "Hounsfield"),
+    ],
+)
+def test_intensities_that_are_not_hounsfield_units_are_named_with_their_range(tmp_path, caplog, name, convert, hint):
+    from elastic_hypermorph_bundle.data.transforms import registration_transforms
+
+    hu = _ct()
+    paths = {"fixed_image": str(_nifti(tmp_path / "hu.nii.gz", hu)),
+             "moving_image": str(_nifti(tmp_path / f"{name}.nii.gz", convert(hu)))}  # fmt: skip
+    with caplog.at_level("WARNING", logger="elastic_hypermorph_bundle"):
+        registration_transforms(hu_window=(-1000.0, 500.0))(paths)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1, warnings  # the HU image is not named
+    assert f"{name}.nii.gz" in warnings[0] and hint in warnings[0] and "hu_window" in warnings[0]
+    low, high = float(convert(hu).min()), float(convert(hu).max())
+    assert f"{low:.4g}" in warnings[0] and f"{high:.4g}" in warnings[0]

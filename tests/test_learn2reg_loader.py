@@ -156,7 +156,7 @@ def test_zenodo2020_layout(tmp_path):
             write_nifti(tmp_path / "scans" / f"case_{case}_{phase}.nii.gz", rng.uniform(0, 1500, (5, 5, 4)))
             write_nifti(tmp_path / "lungMasks" / f"case_{case}_{phase}.nii.gz", np.ones((5, 5, 4), np.uint8))
         (tmp_path / "keypoints").mkdir(exist_ok=True)
-        np.savetxt(tmp_path / "keypoints" / f"case_{case}.csv", rng.uniform(0, 4, (7, 6)), delimiter=",")
+        np.savetxt(tmp_path / "keypoints" / f"case_{case}.csv", rng.uniform(0, 3, (7, 6)), delimiter=",")
     dataset = discover_pairs(tmp_path)
     assert dataset.layout == "zenodo2020"
     assert [p["pair_id"] for p in dataset.pairs] == ["0001_0001", "0002_0002", "0003_0003"]

@@ -151,6 +151,22 @@ def _make_pair(fixed: Path, moving: Path, fixed_files: dict, moving_files: dict,
     return pair
 
 
+def _add_pair(pairs: dict[str, dict], pair: dict) -> dict:
+    """Add ``pair`` to ``pairs`` (by ``pair_id``) and return the pair kept under its id: the first one, when the
+    same images (by name: a case in ``imagesTr`` and ``imagesTs``, a pair in two lists of a dataset JSON) come
+    again; two different image pairs with one id are refused, naming both (one would silently replace the
+    other)."""
+    kept = pairs.setdefault(pair["pair_id"], pair)
+    names = [(Path(p["fixed_image"]).name, Path(p["moving_image"]).name) for p in (kept, pair)]
+    if names[0] != names[1]:
+        raise Learn2RegDataError(
+            f"two pairs give the case id {pair['pair_id']}: ({kept['fixed_image']}, {kept['moving_image']}) and "
+            f"({pair['fixed_image']}, {pair['moving_image']}); the output files and metrics are named by these ids, "
+            "so each pair needs its own: rename one pair's files (<prefix>_<case>_000[01]) to another case number."
+        )
+    return kept
+
+
 def _phase_pairs(images: Sequence[Path], files: dict[Path, dict]) -> list[dict]:
     """Pair ``<prefix>_<case>_0000`` (fixed) with ``<prefix>_<case>_0001`` (moving)."""
     phases: dict[tuple[Path, str, str], dict[str, Path]] = {}
@@ -208,11 +224,11 @@ def _discover_json(root: Path, dataset_json: Path) -> Learn2RegDataset:
             fixed, moving = resolve(entry["fixed"]), resolve(entry["moving"])
             extra = {k: v for k, v in entry.items() if k not in ("fixed", "moving")}
             pair = _make_pair(fixed, moving, companions(fixed), companions(moving), extra)
-            pairs.setdefault(pair["pair_id"], pair)["case"].update(extra)
+            _add_pair(pairs, pair)["case"].update(extra)
             predefined[split].append(pair["pair_id"])
     if not predefined:
-        pair_list = _phase_pairs(list(files), files)
-        pairs = {pair["pair_id"]: pair for pair in pair_list}
+        for pair in _phase_pairs(list(files), files):
+            _add_pair(pairs, pair)
     if "train" in predefined:  # val/test pairs never train
         held_out = set(predefined.get("val", [])) | set(predefined.get("test", []))
         predefined["train"] = [pair_id for pair_id in predefined["train"] if pair_id not in held_out]
@@ -258,7 +274,10 @@ def _discover_plain(root: Path) -> Learn2RegDataset:
     folders = [root / name for name in ("imagesTr", "imagesTs") if (root / name).is_dir()] or [root]
     images = [image for folder in folders for image in _nifti_files(folder)]
     pairs = _phase_pairs(images, {image: _companion_files(image) for image in images})
-    pairs = {pair["pair_id"]: pair for pair in pairs}  # the same case in imagesTr and imagesTs: keep Tr
+    unique: dict[str, dict] = {}
+    for pair in pairs:  # the same case in imagesTr and imagesTs: keep Tr
+        _add_pair(unique, pair)
+    pairs = unique
     return Learn2RegDataset(root=root, layout="plain", pairs=[pairs[k] for k in sorted(pairs)])
 
 
@@ -413,11 +432,26 @@ def validate_pairs(
                         f"{kind} row counts differ: {pair[f'fixed_{kind}']} has {len(fixed)}, "
                         f"{pair[f'moving_{kind}']} has {len(moving)}."
                     )
+                for role, points in (("fixed", fixed), ("moving", moving)):
+                    _check_points_inside(pair[f"{role}_{kind}"], points, pair[f"{role}_image"], grids[role][0])
     if voxels:
         volumes = list(dict.fromkeys(pair[key] for pair in pairs for key in VOLUME_KEYS if key in pair))
         logger.info("checking the voxel data of %d image/mask file(s)", len(volumes))
         for path in volumes:
             check_voxels(path)
+
+
+def _check_points_inside(path, points: np.ndarray, image, shape) -> None:
+    """Refuse points (0-based voxel xyz) outside the voxels of their image, ``[-0.5, n - 0.5]`` per axis: a point
+    there has no image content, and its error would enter the TRE as a large outlier."""
+    outside = np.flatnonzero(((points < -0.5) | (points > np.asarray(shape[:3]) - 0.5)).any(axis=1))
+    if outside.size:
+        first = outside[0]
+        raise Learn2RegDataError(
+            f"{outside.size} of {len(points)} points in {path} lie outside the {tuple(shape[:3])} voxel grid of "
+            f"{image} (point {first + 1}: {points[first].tolist()}, 0-based voxel x, y, z): they would distort the "
+            "TRE; correct or remove those rows."
+        )
 
 
 def _check_mask_grid(path, shape, affine, image_path, image_shape, image_affine) -> None:

@@ -12,6 +12,7 @@ Point mapping: a point in 0-based voxel coordinates ``p`` of the original file g
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -46,12 +47,15 @@ __all__ = [
     "LoadPointsd",
     "EnsureFinited",
     "HounsfieldOffsetd",
+    "hu_window_coverage",
     "MapPointsToGridd",
     "ResampleToFixedd",
     "registration_transforms",
     "map_points",
     "ddf_to_original_grid",
 ]
+
+logger = logging.getLogger("elastic_hypermorph_bundle")
 
 IMAGE_KEYS = ("fixed_image", "moving_image")
 MASK_KEYS = ("fixed_mask", "moving_mask")
@@ -103,27 +107,62 @@ class EnsureFinited(MapTransform):
         return d
 
 
+#: an image whose 1st-99th percentile range (in HU, after the offset) covers less of ``hu_window`` than this is
+#: not CT in Hounsfield units: air (-1000) to soft tissue (0-100) alone spans over two thirds of [-1000, 500]
+MIN_WINDOW_COVERAGE = 1.0 / 3.0
+
+
+def hu_window_coverage(image: torch.Tensor | np.ndarray, hu_window: Sequence[float]) -> float:
+    """The fraction of ``hu_window`` (low, high) that the 1st-99th percentile range of ``image`` (in HU) covers."""
+    values = torch.as_tensor(image).detach().reshape(-1).float()
+    step = max(values.numel() // 1_000_000, 1)
+    low, high = torch.quantile(values[::step], torch.tensor([0.01, 0.99])).tolist()
+    window_low, window_high = float(hu_window[0]), float(hu_window[1])
+    return max(0.0, min(high, window_high) - max(low, window_low)) / (window_high - window_low)
+
+
 class HounsfieldOffsetd(MapTransform):
-    """Subtract the storage offset so images are in HU: ``x - offset``.
+    """Subtract the storage offset so images are in HU: ``x - offset``, and warn about an image that is not in HU.
 
     Args:
         offset: 0 (stored in HU), 1000 (stored as HU + 1000, Learn2Reg 2020), or None to detect it per image
             with :func:`detect_hu_offset`. The offset used is recorded in ``image.meta["hu_offset"]``.
+        hu_window: the HU range the next step maps to [0, 1]; when given, an image whose values (after the offset)
+            cover less than :data:`MIN_WINDOW_COVERAGE` of it is named in a warning with its value range (uint8
+            exports, HU / 1000, MR: the network would see it nearly blank or constant).
     """
 
-    def __init__(self, keys: KeysCollection, offset: int | None = None, allow_missing_keys: bool = False) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        offset: int | None = None,
+        allow_missing_keys: bool = False,
+        hu_window: Sequence[float] | None = None,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         if offset not in (None, 0, 1000):
             raise ValueError(f"offset must be None (detect), 0 or 1000, got {offset!r}.")
         self.offset = offset
+        self.hu_window = None if hu_window is None else [float(v) for v in hu_window]
 
     def __call__(self, data: Mapping[Hashable, object]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             offset = detect_hu_offset(d[key]) if self.offset is None else self.offset
-            d[key] = d[key] - offset
+            stored = d[key]
+            d[key] = stored - offset
             if isinstance(d[key], MetaTensor):
                 d[key].meta["hu_offset"] = offset
+            if self.hu_window is not None and hu_window_coverage(d[key], self.hu_window) < MIN_WINDOW_COVERAGE:
+                low, high = (float(v) for v in torch.aminmax(torch.as_tensor(stored).float()))
+                taken = "HU + 1000 (Learn2Reg 2020 storage)" if offset else "HU"
+                logger.warning(
+                    "%s %s holds values %.4g to %.4g, taken as %s, which cover little of hu_window %s: the bundle "
+                    "expects CT in Hounsfield units (air -1000, water 0), and this image reaches the network nearly "
+                    "blank. Convert it to HU (HU / 1000: multiply by 1000; uint8 exports: the scanner's rescale "
+                    "slope and intercept), or train a model with a --hu_window in its units.",
+                    key, _filename(stored), low, high, taken, self.hu_window,
+                )
         return d
 
 
@@ -259,7 +298,7 @@ def registration_transforms(
     if axcodes is not None:
         transforms.append(Orientationd(volumes, axcodes=axcodes, allow_missing_keys=optional))
     transforms += [
-        HounsfieldOffsetd(IMAGE_KEYS, offset=hu_offset),
+        HounsfieldOffsetd(IMAGE_KEYS, offset=hu_offset, hu_window=hu_window),
         ScaleIntensityRanged(IMAGE_KEYS, a_min=hu_window[0], a_max=hu_window[1], b_min=0.0, b_max=1.0, clip=True),
         # after windowing, so that what lies outside the moving image is 0 (air)
         ResampleToFixedd(["moving_image"] + masks[1:], modes=["bilinear", "nearest"][: 1 + len(masks[1:])],
