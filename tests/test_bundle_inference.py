@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -65,11 +66,18 @@ def model(tmp_path_factory, save_model) -> Path:
     return save_model(tmp_path_factory.mktemp("models"), network, HyperSpace(), NETWORK_KWARGS, spatial_size=SIZE)
 
 
-def _bundle(*args: str, configs: tuple[str, ...] = ("inference.json",)) -> subprocess.CompletedProcess:
-    """``python -m monai.bundle run`` from outside the bundle root with absolute config paths, as a user would."""
+def _bundle(*args: str, configs: tuple[str, ...] = ("inference.json",), processes: int = 0) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run`` from outside the bundle root with absolute config paths, as a user would;
+    ``processes > 0``: under ``torchrun --nproc_per_node processes``, each process (and a run with
+    ``processes=1``, as a reference) of one thread."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    launcher = [sys.executable, "-m", "monai.bundle"]
+    if processes:
+        env["OMP_NUM_THREADS"] = "1"
+    if processes > 1:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "monai.bundle"]
     config = str([str(ROOT / "configs" / name) for name in configs])
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", config, "--bundle_root", str(ROOT),
+    cmd = [*launcher, "run", "--config_file", config, "--bundle_root", str(ROOT),
            "--meta_file", str(ROOT / "configs" / "metadata.json"), *args]
     return subprocess.run(cmd, cwd=ROOT.parent, env=env, capture_output=True, text=True, timeout=600)
 
@@ -348,6 +356,36 @@ def test_evaluation_with_instance_optimisation_beats_the_network_alone(dataset, 
     assert means["optimised"]["tre_mm"] < 0.7 * means["optimised"]["tre_before_mm"]
     assert means["optimised"]["dice_mean"] > means["alone"]["dice_mean"]
     assert means["optimised"]["runtime_s"] > means["alone"]["runtime_s"]
+
+
+@pytest.mark.slow
+def test_two_processes_register_each_pair_once_and_match_one_process(dataset, model, tmp_path):
+    """``multi_gpu_evaluate.json`` under ``torchrun`` (2 Gloo processes of one thread): the 3 pairs split 2 + 1, each
+    registered once, every output file and metric identical to one process of one thread, written as one set."""
+    args = [*_common(dataset, model, tmp_path / "x", network_alone=False), "--split", "all", "--instance_steps", "3",
+            "--write_outputs", "true"]
+    runs = {}
+    for name, processes, extra in (("one", 1, ()), ("two", 2, ("multi_gpu_evaluate.json",))):
+        out = tmp_path / name
+        args[args.index("--output_dir") + 1] = str(out)
+        result = _bundle(*args, configs=("inference.json", "evaluate.json", *extra), processes=processes)
+        assert result.returncode == 0, result.stderr[-3000:]
+        # one optimisation per pair over all processes (the metric rows alone would hide a pair done twice)
+        assert len(re.findall(r"instance optimisation level 1/\d+ \(\S+\) step 1/", result.stdout + result.stderr)) == 3
+        runs[name] = out
+    one, two = runs["one"], runs["two"]
+    files = sorted(p.relative_to(one).as_posix() for p in one.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(two).as_posix() for p in two.rglob("*") if p.is_file())
+    assert len([f for f in files if f.startswith("submission/")]) == 3
+    assert not list(tmp_path.glob(".*staging*"))
+    for name in files:
+        if name.endswith(".nii.gz"):
+            assert np.array_equal(nib.load(one / name).get_fdata(), nib.load(two / name).get_fdata()), name
+    records = [json.loads((out / "metrics.json").read_text()) for out in (one, two)]
+    for record in records:
+        for row in (record["mean"], *record["pairs"]):
+            row.pop("runtime_s")
+    assert records[0] == records[1] and records[0]["num_pairs"] == 3
 
 
 @pytest.mark.slow

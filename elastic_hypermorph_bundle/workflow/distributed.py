@@ -1,14 +1,19 @@
-"""Multi-process training under ``torchrun`` (``configs/multi_gpu_train.json``): the process group, this process's
-device, the wrapped network, and which process logs and saves."""
+"""Multi-process runs under ``torchrun``: training (``configs/multi_gpu_train.json``) and inference or evaluation of a
+cohort (``configs/multi_gpu_evaluate.json``): the process group, this process's device, the wrapped network, which
+process logs and saves, and the output folder the processes of an inference or evaluation share."""
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from pathlib import Path
 
 import ignite.distributed as idist
 import torch
 import torch.distributed as dist
+
+from .writers import OutputFiles
 
 __all__ = [
     "init_distributed",
@@ -17,6 +22,7 @@ __all__ = [
     "distributed_network",
     "quiet_other_ranks",
     "finish_distributed",
+    "DistributedOutputFiles",
 ]
 
 
@@ -66,3 +72,41 @@ def finish_distributed() -> None:
     """Leave the process group (if joined) at the end of the run."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+class DistributedOutputFiles(OutputFiles):
+    """The :class:`~.writers.OutputFiles` of a ``torchrun`` inference or evaluation: all of the run's files, from every
+    process, or none.
+
+    Rank 0 makes the staging folder and sends its path to the others, so every process writes the files of its own
+    pairs into the same folder (a folder on one machine, or on a file system every machine sees); when every
+    process has finished (a barrier), rank 0 commits the whole set as one run would, so ``overwrite`` replaces the
+    earlier run's set and nothing else. A process that fails deletes the staging folder and never reaches the
+    barrier, so no process commits (``torchrun`` stops the others). Without a process group it is an
+    :class:`~.writers.OutputFiles`.
+    """
+
+    def _written(self) -> list[str]:
+        # the files of every process are in the shared folder; this process's list holds only its own
+        staging = self.staging
+        if staging is None or not staging.is_dir():
+            return []
+        return sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+
+    def run(self, workflow: Callable[[], object]) -> None:
+        """Share the staging folder, run ``workflow()`` in every process, wait for all, then commit on rank 0."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            super().run(workflow)
+            return
+        try:
+            shared = [str(self._staging()) if dist.get_rank() == 0 else None]
+            dist.broadcast_object_list(shared, src=0)
+            self.staging = Path(shared[0])
+            workflow()
+            dist.barrier()  # every process has written its pairs
+            if dist.get_rank() == 0:
+                self.commit()
+            dist.barrier()  # the set is in place when any process returns
+        except BaseException:
+            self.discard()  # every process: the shared folder goes whichever process failed
+            raise
