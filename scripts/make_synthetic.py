@@ -6,6 +6,9 @@ Example::
     # breath-hold realism, a third of the pairs on a real chest CT as the exhale anatomy
     python scripts/make_synthetic.py --output_dir data/realistic --num_pairs 6 --spatial_size "[48,48,52]" \
         --preset realistic --real_ct ../shared/data/real_ct/chest_ct_cropped.nii.gz --real_ct_fraction 0.33
+    # baseline / follow-up pairs on a real CT: the follow-up in another position, on another grid
+    python scripts/make_synthetic.py --output_dir data/followup --num_pairs 2 --preset followup \
+        --real_ct ../shared/data/real_ct/lidc_idri_0002.nii.gz --real_ct_fraction 1
 
 Every keyword of :func:`elastic_hypermorph_bundle.simulation.generator.make_synthetic_dataset` is an option
 (``--preview``, ``--overwrite``, ``--real_ct PATH`` with ``--real_ct_fraction F``; PATH a CT, a list

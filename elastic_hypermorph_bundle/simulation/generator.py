@@ -102,10 +102,15 @@ class SimulatedPair:
     moving_keypoints: np.ndarray
     spacing: tuple[float, float, float]
     simulation: dict  # seed, lam, mu, poisson_ratio, youngs_modulus, max_displacement_mm, rib_weight
+    moving_grid_affine: np.ndarray | None = None  # a follow-up's own grid (.followup); None: the fixed grid
 
     @property
     def affine(self) -> np.ndarray:
         return np.diag([*self.spacing, 1.0])
+
+    @property
+    def moving_affine(self) -> np.ndarray:
+        return self.affine if self.moving_grid_affine is None else self.moving_grid_affine
 
 
 def _default_spacing(spatial_size: Sequence[int]) -> tuple[float, float, float]:
@@ -203,6 +208,7 @@ PRESETS = {
         "fixed_field_of_view": True,
     },
 }
+PRESETS["followup"] = dict(PRESETS["realistic"])  # + a new position and scanner grid (.followup; real CTs only)
 """Named sets of realism options. ``realistic``: breath-hold exhale/inhale pairs (mass conservation, sliding at
 the pleura, per-phase scanner differences, lung volume +12-22 % with 20-30 mm diaphragm motion, fixed field of
 view; measured on generated pairs: TRE before registration 8-20 mm, lung volume +10-25 %)."""
@@ -397,6 +403,8 @@ def simulate_pair(
         rib_weight_range: uniform range of the rib-cage force relative to the diaphragm force (default (0.3, 0.6)).
         padding_fraction: padding of the periodic solve on each side, as a fraction of the image size.
         preset: ``"realistic"`` sets the realism options below (:data:`PRESETS`); explicit options win.
+            ``"followup"`` (needs ``real_ct``): the realistic options, and the moving image is a follow-up scan in
+            another position on another grid (:func:`.followup.simulate_followup_pair`).
         mass_conservation: the inhale lung parenchyma is darker, ``HU + 1000`` scaled by ``1 / det J``
             (:func:`.realism.conserve_lung_mass`).
         sliding: fraction (0-1) of the lungs' tangential motion the chest wall does not follow
@@ -434,6 +442,14 @@ def simulate_pair(
         volume_change_range=volume_change_range,
         fixed_field_of_view=fixed_field_of_view,
     )
+    if preset == "followup":
+        if real_ct is None:
+            raise ValueError("preset 'followup' needs real_ct: a follow-up is simulated on a real chest CT.")
+        from .followup import simulate_followup_pair
+
+        return simulate_followup_pair(
+            real_ct, spatial_size, spacing, seed, options, poisson_range, mu_range, padding_fraction
+        )
     if real_ct is not None:
         from .real_ct import simulate_real_ct_pair
 
@@ -559,14 +575,14 @@ def _save_nifti(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
 def _write_pair(root: Path, case: str, pair: SimulatedPair, preview: bool) -> tuple[list[dict], dict]:
     """Write one case's files under ``root``; return its per-image JSON entries and its pair entry."""
     entries = []
-    for phase, image, mask, labels, points in (
-        ("0000", pair.fixed_image, pair.fixed_mask, pair.fixed_labels, pair.fixed_keypoints),
-        ("0001", pair.moving_image, pair.moving_mask, pair.moving_labels, pair.moving_keypoints),
+    for phase, image, mask, labels, points, affine in (
+        ("0000", pair.fixed_image, pair.fixed_mask, pair.fixed_labels, pair.fixed_keypoints, pair.affine),
+        ("0001", pair.moving_image, pair.moving_mask, pair.moving_labels, pair.moving_keypoints, pair.moving_affine),
     ):
         name = f"{DATASET_NAME}_{case}_{phase}"
-        _save_nifti(image, pair.affine, root / "imagesTr" / f"{name}.nii.gz")
-        _save_nifti(mask, pair.affine, root / "masksTr" / f"{name}.nii.gz")
-        _save_nifti(labels, pair.affine, root / "labelsTr" / f"{name}.nii.gz")
+        _save_nifti(image, affine, root / "imagesTr" / f"{name}.nii.gz")
+        _save_nifti(mask, affine, root / "masksTr" / f"{name}.nii.gz")
+        _save_nifti(labels, affine, root / "labelsTr" / f"{name}.nii.gz")
         write_points(root / "keypointsTr" / f"{name}.csv", points, fmt="%.6f")
         entries.append(
             {
@@ -578,7 +594,7 @@ def _write_pair(root: Path, case: str, pair: SimulatedPair, preview: bool) -> tu
         )
     displacement = f"./displacementsTr/{DATASET_NAME}_{case}.nii.gz"
     _save_nifti(np.moveaxis(pair.displacement, 0, -1), pair.affine, root / displacement)
-    if preview:
+    if preview and pair.moving_grid_affine is None:  # a follow-up's grid differs: no preview
         _write_preview(root / "previews" / f"{DATASET_NAME}_{case}.png", pair, title=f"{DATASET_NAME}_{case}")
     simulation = {**pair.simulation, "num_keypoints": len(pair.fixed_keypoints), "displacement": displacement}
     return entries, {"fixed": entries[0]["image"], "moving": entries[1]["image"], "simulation": simulation}
@@ -663,6 +679,8 @@ def make_synthetic_dataset(
     real_ct_fraction = float(real_ct_fraction)
     if not 0.0 <= real_ct_fraction <= 1.0:
         raise ValueError(f"real_ct_fraction must be in [0, 1], got {real_ct_fraction}.")
+    if simulation["preset"] == "followup" and real_ct_fraction < 1:
+        raise ValueError(f"preset 'followup' needs real_ct and real_ct_fraction 1 (got {real_ct_fraction}).")
     if real_ct_fraction > 0 and real_ct is None:
         raise ValueError("real_ct_fraction > 0 needs real_ct, the path of a chest CT.")
     real_cts = _real_ct_paths(real_ct)
@@ -717,7 +735,8 @@ def make_synthetic_dataset(
             "labels": {"0": "background", "1": "lung"},
             "label_map": {str(k): v for k, v in LABELS.items()},
             "tensorImageSize": "3D",
-            "tensorImageShape": {"0": list(spatial_size)},
+            # a follow-up's images have their own shapes
+            **({} if simulation["preset"] == "followup" else {"tensorImageShape": {"0": list(spatial_size)}}),
             "spacing": list(spacing),
             "displacement_convention": DISPLACEMENT_CONVENTION.replace("<name>", DATASET_NAME),
             "generator": {"seed": int(seed), "num_pairs": num_pairs, **record},
