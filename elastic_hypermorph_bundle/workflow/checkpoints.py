@@ -2,7 +2,7 @@
 last training state every epoch and resuming from it.
 
 Files: ``checkpoint_epoch=<N>.pt`` (the last training state: model, optimizer, trainer), ``model_best.pt`` (the
-validator's best model with its saver's state), ``split.json`` (the data split); the trained model ``model.pt`` + ``model.json`` is written at the
+validator's best model with its saver's state and the record of its metric and epoch), ``split.json`` (the data split); the trained model ``model.pt`` + ``model.json`` is written at the
 end by :class:`~elastic_hypermorph_bundle.workflow.export.ExportTrainedModel`.
 """
 
@@ -36,6 +36,10 @@ __all__ = [
     "latest_checkpoint",
     "prepare_outputs",
     "LastCheckpoint",
+    "BEST_RECORD",
+    "BestMetricRecord",
+    "BestModelSaver",
+    "best_metric_record",
 ]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
@@ -146,6 +150,56 @@ def prepare_outputs(
     return split_path
 
 
+#: the entry of ``model_best.pt`` that records which validation made it the best (:class:`BestMetricRecord`)
+BEST_RECORD = "best_metric"
+
+
+class BestMetricRecord:
+    """The validator's best key metric as a checkpoint entry: saved with the weights it belongs to, in
+    ``model_best.pt``, so that the model card describes those weights (also after a resume, or a run whose last
+    epoch had no validation), and restored into the validator on resume.
+
+    ``state_dict()``: ``{"key_metric": name, "best_metric": value, "best_metric_epoch": epoch}`` of the engine's
+    state (MONAI workflows keep ``key_metric_name``, ``best_metric``, ``best_metric_epoch`` there).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def state_dict(self) -> dict:
+        state = self.engine.state
+        return {
+            "key_metric": str(getattr(state, "key_metric_name", None)),
+            "best_metric": float(getattr(state, "best_metric", float("nan"))),
+            "best_metric_epoch": int(getattr(state, "best_metric_epoch", -1)),
+        }
+
+    def load_state_dict(self, record: dict) -> None:
+        self.engine.state.best_metric = float(record["best_metric"])
+        self.engine.state.best_metric_epoch = int(record["best_metric_epoch"])
+
+
+class BestModelSaver(AtomicCheckpointSaver):
+    """The validator's key-metric saver (:class:`~elastic_hypermorph_bundle.atomic.AtomicCheckpointSaver`, same
+    arguments) that saves, beside the weights, the :class:`BestMetricRecord` of the validator it is attached to
+    (as ``model_best.pt``'s ``best_metric`` entry): the file says which epoch and metric its weights are."""
+
+    def attach(self, engine: Engine) -> None:
+        self.save_dict[BEST_RECORD] = BestMetricRecord(engine)  # the Checkpoint objects share this dict
+        super().attach(engine)
+
+
+def best_metric_record(path: str | Path) -> dict | None:
+    """The :class:`BestMetricRecord` saved in a ``model_best.pt`` (None for a file without one, e.g. written by
+    an earlier version, or an unreadable file)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    record = state.get(BEST_RECORD) if isinstance(state, dict) else None
+    return dict(record) if isinstance(record, dict) and int(record.get("best_metric_epoch", -1)) >= 1 else None
+
+
 class LastCheckpoint:
     """Trainer handler for interrupted runs: saves the last training state and, with ``resume``, goes on from it.
 
@@ -210,7 +264,11 @@ class LastCheckpoint:
             loaders = [CheckpointLoader(str(last), state, map_location=_map_location(engine))]
             best = self.ckpt_dir / BEST_CHECKPOINT
             if self.best_saver is not None and best.is_file() and readable_checkpoint([best]) is not None:
-                loaders.append(CheckpointLoader(str(best), {"checkpointer": self.best_saver}, map_location="cpu"))
+                restore = {"checkpointer": self.best_saver}
+                record = self.best_saver.save_dict.get(BEST_RECORD)
+                if record is not None and best_metric_record(best) is not None:
+                    restore[BEST_RECORD] = record  # the validator goes on from the saved best, as its saver does
+                loaders.append(CheckpointLoader(str(best), restore, map_location="cpu"))
             for loader in loaders:
                 loader.logger = engine.logger
                 loader(engine)

@@ -13,7 +13,7 @@ from ..atomic import atomic_torch_save
 from ..hyperparams import HyperSpace
 from ..losses import RegistrationLoss
 from ..model_card import ModelCard, network_kwargs_for
-from .checkpoints import BEST_CHECKPOINT, remove_replaced
+from .checkpoints import BEST_CHECKPOINT, best_metric_record, remove_replaced
 
 __all__ = ["ExportTrainedModel"]
 
@@ -76,6 +76,21 @@ class ExportTrainedModel:
         }
         self.evaluator = evaluator
 
+    def _best_metric(self, best: Path) -> dict:
+        """``key_metric``, ``best_metric``, ``best_metric_epoch`` of the weights in ``best``: as recorded in the file
+        (:class:`~.checkpoints.BestMetricRecord`), else the validator's state if it holds a best, else nothing (a
+        validator that did not run in this process, e.g. after a resume, knows no best: the card then says none
+        rather than a wrong one)."""
+        record = best_metric_record(best)
+        if record is None and self.evaluator is not None and int(getattr(self.evaluator.state, "best_metric_epoch", -1)) >= 1:
+            state = self.evaluator.state
+            record = {"key_metric": state.key_metric_name, "best_metric": float(state.best_metric),
+                      "best_metric_epoch": int(state.best_metric_epoch)}  # fmt: skip
+        if record is None:
+            logger.warning("%s records no metric (written by an earlier version): the model card gives none.", best)
+            return {}
+        return record
+
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
 
@@ -93,12 +108,8 @@ class ExportTrainedModel:
         self.ckpt_dir.mkdir(parents=True, exist_ok=True)
         atomic_torch_save(weights, self.ckpt_dir / "model.pt")
         card = {**self.card, "epochs": engine.state.epoch, "weights": source}
-        if self.evaluator is not None and source == "best":
-            card.update(
-                key_metric=self.evaluator.state.key_metric_name,
-                best_metric=float(self.evaluator.state.best_metric),
-                best_metric_epoch=int(self.evaluator.state.best_metric_epoch),
-            )
+        if source == "best":
+            card.update(self._best_metric(best))
         ModelCard(**card).save(self.ckpt_dir)
         logger.info("trained model (%s weights, %d epochs) written to %s", source, engine.state.epoch, self.ckpt_dir)
         remove_replaced(self.ckpt_dir)  # an earlier training this one overwrote is no longer needed
