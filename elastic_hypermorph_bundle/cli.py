@@ -28,6 +28,8 @@ from pathlib import Path
 __all__ = [
     "DEBUG_ENV",
     "UnknownOverrideError",
+    "InvalidOverrideError",
+    "invalid_override",
     "bundle_run_argv",
     "parse_run_arguments",
     "config_ids",
@@ -60,6 +62,19 @@ EXCEPTION_LOGGERS = ("monai.handlers.StatsHandler", "ignite.engine.")
 
 class UnknownOverrideError(ValueError):
     """A command-line override names an id that none of the loaded config files defines."""
+
+
+class InvalidOverrideError(ValueError):
+    """A command-line override gives a value its id cannot take (a null, a non-integer count, text for a number,
+    a boolean other than true/false), or an id the loaded model does not use."""
+
+
+#: ids that count something: an override must be a whole number (``--instance_steps 2.5`` is refused, not cut to 2)
+INTEGER_IDS = frozenset(
+    {"seed", "epochs", "val_interval", "batch_size", "num_workers", "instance_steps", "instance_levels", "hyper_rank"}
+)
+#: the hyperparameter ids; a model uses those of its regularizer only (``HyperSpace.names``)
+HYPER_IDS = ("lam", "mu", "alpha")
 
 
 def bundle_run_argv(argv: Sequence[str] | None = None) -> list[str] | None:
@@ -160,13 +175,46 @@ def _config_files(value) -> list[str]:
     return [str(v) for v in value]
 
 
-def check_overrides(argv: Sequence[str] | None = None) -> None:
+def _is_reference(value) -> bool:
+    """A config expression (``$...``), reference (``@...``) or macro (``%...``): its value is known only later."""
+    return isinstance(value, str) and value.startswith(("$", "@", "%"))
+
+
+def invalid_override(config_id: str, value, default) -> str | None:
+    """Why ``--<config_id> <value>`` cannot be used, judged by the id and the config's ``default`` for it; None
+    if it can. MONAI's ``run`` drops a null override without a word (the default would run); integer ids
+    (:data:`INTEGER_IDS`) take whole numbers; an id whose default is a number takes a number, one whose default
+    is a boolean ``true``/``false``."""
+    name = f"--{config_id}"
+    if value is None:
+        return (
+            f"{name} None: monai.bundle run ignores a null override, so the config's value ({default!r}) would run; "
+            "give a value (a null itself is written '$None')"
+        )
+    if _is_reference(value):
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if config_id in INTEGER_IDS:
+        if not (number and float(value).is_integer()):
+            return f"{name} must be a whole number, got {value!r}"
+    elif isinstance(default, bool):
+        if not (isinstance(value, bool) or (isinstance(value, str) and value.strip().lower() in ("true", "false"))):
+            return f"{name} must be true or false, got {value!r}"
+    elif isinstance(default, (int, float)) and not number:
+        return f"{name} must be a number, got {value!r}"
+    return None
+
+
+def check_overrides(argv: Sequence[str] | None = None, hyper_space=None) -> None:
     """Refuse ``--<id>`` overrides of a ``python -m monai.bundle run`` command line that no loaded config file
-    defines (MONAI would silently add them), naming the closest valid ids. The ids come from ``argv``
-    (default ``sys.argv``) and from ``--args_file``; outside ``monai.bundle run`` this does nothing.
+    defines (MONAI would silently add them), naming the closest valid ids; then values an id cannot take
+    (:func:`invalid_override`), and, given the run's ``hyper_space`` (the model's), a hyperparameter id it does not
+    use (``--alpha`` for an elastic model would change nothing). The ids come from ``argv`` (default
+    ``sys.argv``) and from ``--args_file``; outside ``monai.bundle run`` this does nothing.
 
     Raises:
         UnknownOverrideError: an override id is not defined by the config files (or the ``--tracking`` settings).
+        InvalidOverrideError: an override's value, or a hyperparameter id the model does not use.
     """
     args = bundle_run_argv(argv)
     if args is None:
@@ -197,6 +245,18 @@ def check_overrides(argv: Sequence[str] | None = None) -> None:
             f"({', '.join(_config_files(given['config_file']))}) defines them, so they would be ignored; the ids "
             "a user changes are listed in README.md."
         )
+    for key in overrides:
+        reason = invalid_override(_normal_id(key), given[key], defined.get(_normal_id(key)))
+        if reason:
+            raise InvalidOverrideError(f"{reason}.")
+    if hyper_space is not None:
+        unused = [key for key in overrides if key in HYPER_IDS and key not in hyper_space.names]
+        if unused:
+            used = ", ".join(f"--{name}" for name in hyper_space.names)
+            raise InvalidOverrideError(
+                f"--{unused[0]} is not used by this model: its regularizer {hyper_space.regularizer!r} takes {used} "
+                "(the value would change nothing); leave it out."
+            )
 
 
 #: how MONAI wraps an error raised while it evaluates a ``$`` expression or instantiates a ``_target_``

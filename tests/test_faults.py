@@ -202,3 +202,121 @@ def test_intensities_that_are_not_hounsfield_units_are_named_with_their_range(tm
     assert f"{name}.nii.gz" in warnings[0] and hint in warnings[0] and "hu_window" in warnings[0]
     low, high = float(convert(hu).min()), float(convert(hu).max())
     assert f"{low:.4g}" in warnings[0] and f"{high:.4g}" in warnings[0]
+
+
+# ------------------------------------------------------------- 7. the card's best metric is that of its weights
+
+
+def _validator(network, scores: dict[int, float], ckpt_dir: Path):
+    """A MONAI SupervisedEvaluator whose key metric at global epoch ``e`` is ``scores[e]``, with the validator's
+    best-model saver of ``configs/train.json``."""
+    from ignite.metrics import Average
+    from monai.engines import SupervisedEvaluator
+
+    from elastic_hypermorph_bundle.workflow.checkpoints import BestModelSaver
+
+    def step(engine, batch):
+        return {"score": torch.tensor(scores[engine.state.epoch])}
+
+    saver = BestModelSaver(str(ckpt_dir), {"model": network}, save_key_metric=True,
+                           key_metric_filename="model_best.pt", key_metric_save_state=True)  # fmt: skip
+    validator = SupervisedEvaluator(
+        device=torch.device("cpu"), val_data_loader=[0], network=network, iteration_update=step,
+        key_val_metric={"val_mean_dice": Average(output_transform=lambda output: output["score"])},
+        val_handlers=[saver],
+    )  # fmt: skip
+    return validator, saver
+
+
+def test_the_model_card_describes_the_best_weights_after_a_resume(tmp_path):
+    from ignite.engine import Engine
+
+    from elastic_hypermorph_bundle.hyperparams import HyperSpace
+    from elastic_hypermorph_bundle.workflow.checkpoints import LastCheckpoint
+    from elastic_hypermorph_bundle.workflow.export import ExportTrainedModel
+
+    scores = {1: 0.5, 2: 0.9511, 3: 0.7}
+    network = torch.nn.Linear(2, 2)
+    validator, _ = _validator(network, scores, tmp_path)
+    for epoch in (1, 2):
+        with torch.no_grad():
+            network.weight.fill_(epoch)
+        validator.run(global_epoch=epoch)
+    # the run is killed; the resumed one's validator starts with no best of its own
+    trainer = Engine(lambda engine, batch: None)
+    trainer.network, trainer.optimizer = network, torch.optim.SGD(network.parameters(), lr=0.1)
+    trainer.state.device = "cpu"
+    torch.save({"model": network.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                "trainer": {"iteration": 2, "epoch_length": 1, "max_epochs": 3}},
+               tmp_path / "checkpoint_epoch=2.pt")  # fmt: skip
+    resumed, saver = _validator(network, scores, tmp_path)
+    LastCheckpoint(tmp_path, resume=True, save=False, best_saver=saver)._start(trainer)
+    assert resumed.state.best_metric == pytest.approx(0.9511) and resumed.state.best_metric_epoch == 2
+    with torch.no_grad():
+        network.weight.fill_(3)
+    resumed.run(global_epoch=3)  # worse: model_best.pt keeps the epoch-2 weights
+    assert resumed.state.best_metric_epoch == 2
+    export = ExportTrainedModel(tmp_path, HyperSpace(), "HyperUNet", {}, spatial_size=None, evaluator=resumed)
+    # a resume with nothing left to train, or whose last epoch has no validation: a validator that never ran
+    idle, _ = _validator(network, scores, tmp_path / "other")
+    for validator_seen in (resumed, idle):
+        export.evaluator = validator_seen
+        trainer.state.epoch = 3
+        export(trainer)
+        card = json.loads((tmp_path / "model.json").read_text())
+        assert (card["best_metric"], card["best_metric_epoch"], card["key_metric"]) == (
+            pytest.approx(0.9511), 2, "val_mean_dice"
+        )
+        assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].eq(2).all()
+
+
+# ------------------------------------------------ 8, 13, 15. override values an id cannot take, ids a model ignores
+
+
+def _cli(*args: str) -> list[str]:
+    """``sys.argv`` of ``python -m monai.bundle run ...``."""
+    import monai
+
+    return [str(Path(monai.__file__).parent / "bundle" / "__main__.py"), "run", *args]
+
+
+INFERENCE = str(ROOT / "configs" / "inference.json")
+EVALUATE = f"['{INFERENCE}','{ROOT / 'configs' / 'evaluate.json'}']"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lam", "None"], r"--lam None: monai.bundle run ignores a null override.*0\.083"),
+        (["--seed", "abc"], r"--seed must be a whole number, got 'abc'"),
+        (["--instance_steps", "true"], r"--instance_steps must be a whole number, got 'true'"),
+        (["--instance_steps", "2.5"], r"--instance_steps must be a whole number, got 2\.5"),
+        (["--mu", "soft"], r"--mu must be a number, got 'soft'"),
+        (["--write_outputs", "maybe"], r"^--write_outputs must be true or false, got 'maybe'"),
+    ],
+)
+def test_override_values_an_id_cannot_take_are_refused_naming_the_id(args, message):
+    from elastic_hypermorph_bundle.cli import InvalidOverrideError, check_overrides
+
+    with pytest.raises(InvalidOverrideError, match=message):
+        check_overrides(_cli("--config_file", EVALUATE, *args))
+
+
+def test_override_values_that_an_id_can_take_pass():
+    from elastic_hypermorph_bundle.cli import check_overrides
+
+    check_overrides(_cli("--config_file", EVALUATE, "--seed", "3", "--instance_steps", "0", "--lam", "1",
+                         "--instance_grid", "1.5", "--write_outputs", "TRUE", "--amp", "false", "--split_file",
+                         "split.json", "--lam_range", "[0, 2]", "--hyper_rank", "$None", "--ckpt_path", "m.pt"))  # fmt: skip
+
+
+def test_a_hyperparameter_the_model_does_not_use_is_refused():
+    from elastic_hypermorph_bundle.cli import InvalidOverrideError, check_overrides
+    from elastic_hypermorph_bundle.hyperparams import HyperSpace
+
+    with pytest.raises(InvalidOverrideError, match=r"--alpha is not used by this model: .*'elastic' takes --lam, --mu"):
+        check_overrides(_cli("--config_file", INFERENCE, "--alpha", "0.5"), hyper_space=HyperSpace("elastic"))
+    with pytest.raises(InvalidOverrideError, match=r"--lam is not used .*'diffusion' takes --alpha"):
+        check_overrides(_cli("--config_file", INFERENCE, "--lam", "0.5"), hyper_space=HyperSpace("diffusion"))
+    check_overrides(_cli("--config_file", INFERENCE, "--alpha", "0.5"), hyper_space=HyperSpace("diffusion"))
+    check_overrides(_cli("--config_file", INFERENCE, "--lam", "0.5", "--mu", "0.1"), hyper_space=HyperSpace("elastic"))
