@@ -1,0 +1,261 @@
+"""A registration as a standard transform: the bundle's voxel DDF as an ITK displacement field, and its use.
+
+The bundle's field (package conventions) is ``u``, ``(D, *spatial)``: channel ``j`` is the displacement along voxel
+axis ``j`` of the fixed image, in voxels, and registration is backward, ``warped(x) = moving(x + u(x))``. The file
+written for other tools is ITK's displacement field: a 3-component vector image on the fixed image's grid whose
+vector at a voxel is the displacement in millimetres in ITK's physical space (LPS: x to the patient's left,
+y to the posterior, z to the head), so that ITK's :class:`DisplacementFieldTransform` maps a fixed-image point
+``p`` (mm, LPS) to ``p + d(p)``, the corresponding moving-image point, exactly the backward warp of the bundle.
+
+With the fixed image's voxel -> world affine ``A`` (nibabel's, RAS mm) and ``F = diag(-1, -1, 1)`` (RAS <-> LPS),
+
+* displacement: ``d(x) = F A[:3, :3] u(x)`` (mm, LPS), linear in ``u`` (translation terms cancel);
+* grid: origin ``F A[:3, 3]``, spacing the column norms of ``A[:3, :3]``, direction ``F A[:3, :3]`` with its
+  columns normalised (an affine with shear has no ITK grid and is refused).
+
+The same file is read by SimpleITK/ITK (``sitk.DisplacementFieldTransform(sitk.Cast(image,
+sitk.sitkVectorFloat64))``), ANTs (a ``*Warp.nii.gz``), and 3D Slicer (load it as a transform); it is a NIfTI
+vector image (intent ``vector``, ITK's layout). Points and images are moved here with ITK itself
+(:func:`map_points`, :func:`resample`), so what the bundle applies is what those tools apply.
+
+Moving-space points need the inverse map, which a backward field does not store: :func:`map_points` with
+``inverse=True`` solves ``q = p + d(p)`` for ``p`` per point by fixed-point iteration ``p <- q - d(p)``
+(converges where the map is a contraction, i.e. the field's gradient is below 1; a point whose residual stays
+above ``tolerance`` is refused, naming it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+__all__ = [
+    "RAS_TO_LPS",
+    "itk_grid",
+    "physical_displacement",
+    "displacement_image",
+    "write_displacement_field",
+    "read_displacement_field",
+    "image_from_nifti",
+    "resample",
+    "voxel_to_physical",
+    "physical_to_voxel",
+    "map_points",
+    "physical_points",
+    "points_in_space",
+    "INTERPOLATORS",
+    "POINT_SPACES",
+]
+
+#: ``diag(-1, -1, 1)``: nibabel's world (RAS) <-> ITK's physical space (LPS); it is its own inverse
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+#: coordinates of a point CSV: 0-based voxel xyz (Learn2Reg), or millimetres in ITK's (LPS) or nibabel's (RAS) world
+POINT_SPACES = ("voxel", "lps", "ras")
+
+
+def _sitk():
+    import SimpleITK as sitk  # imported where used: the package's tensor core does not need it
+
+    return sitk
+
+
+def itk_grid(affine) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
+    """``(origin, spacing, direction)`` of ITK's LPS grid for a ``(4, 4)`` voxel -> RAS affine (nibabel).
+
+    Raises:
+        ValueError: the affine is not 4x4, singular, or has shear (its axes are not orthogonal).
+    """
+    affine = np.asarray(torch.as_tensor(affine, dtype=torch.float64).cpu(), dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise ValueError(f"affine must be a 4x4 voxel -> world matrix, got shape {affine.shape}.")
+    linear = RAS_TO_LPS @ affine[:3, :3]
+    spacing = np.linalg.norm(linear, axis=0)
+    if np.any(spacing <= 0):
+        raise ValueError(f"affine {affine.tolist()} is singular: a voxel axis has zero length.")
+    direction = linear / spacing
+    if not np.allclose(direction.T @ direction, np.eye(3), atol=1e-4):
+        raise ValueError(f"affine {affine.tolist()} has shear; ITK grids need orthogonal voxel axes.")
+    origin = RAS_TO_LPS @ affine[:3, 3]
+    return tuple(origin.tolist()), tuple(spacing.tolist()), tuple(direction.reshape(-1).tolist())
+
+
+def physical_displacement(ddf: torch.Tensor, affine) -> np.ndarray:
+    """``(3, X, Y, Z)`` voxel DDF -> ``(X, Y, Z, 3)`` float32 displacement in mm, LPS: ``d = F A[:3, :3] u``."""
+    if ddf.ndim != 4 or ddf.shape[0] != 3:
+        raise ValueError(f"ddf must have shape (3, X, Y, Z) in voxels, got {tuple(ddf.shape)}.")
+    linear = torch.as_tensor(RAS_TO_LPS @ np.asarray(torch.as_tensor(affine, dtype=torch.float64).cpu())[:3, :3])
+    field = ddf.detach().to("cpu", torch.float32)
+    return torch.einsum("ij,j...->...i", linear.float(), field).numpy()
+
+
+def _set_grid(image, affine) -> None:
+    origin, spacing, direction = itk_grid(affine)
+    image.SetOrigin(origin)
+    image.SetSpacing(spacing)
+    image.SetDirection(direction)
+
+
+def displacement_image(ddf: torch.Tensor, affine):
+    """The ITK displacement field (``sitk.Image``, 3-vector float32, LPS mm) of a ``(3, X, Y, Z)`` voxel DDF on the
+    grid of ``affine`` (module docstring)."""
+    sitk = _sitk()
+    vectors = physical_displacement(ddf, affine)  # (X, Y, Z, 3); ITK's array view is (Z, Y, X, 3)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(vectors.transpose(2, 1, 0, 3)), isVector=True)
+    _set_grid(image, affine)
+    return image
+
+
+def write_displacement_field(path: str | os.PathLike, ddf: torch.Tensor, affine, compression_level: int = 1) -> Path:
+    """Write :func:`displacement_image` with SimpleITK (format from the suffix: ``.nii.gz``, ``.nrrd``, ``.mha``);
+    ``compression_level`` 0 (fastest) to 9 (smallest)."""
+    sitk = _sitk()
+    sitk.WriteImage(displacement_image(ddf, affine), str(path), True, int(compression_level))
+    return Path(path)
+
+
+def read_displacement_field(path: str | os.PathLike):
+    """``(transform, grid)``: the ``sitk.DisplacementFieldTransform`` of a written field, and a scalar image on the
+    field's grid (the fixed image's) to resample onto.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file is not a 3D field of 3-vectors.
+    """
+    sitk = _sitk()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"transform {path} does not exist (a registration's transform.nii.gz).")
+    image = sitk.ReadImage(str(path))
+    if image.GetDimension() != 3 or image.GetNumberOfComponentsPerPixel() != 3:
+        raise ValueError(
+            f"transform {path} is not a displacement field: expected a 3D image of 3-vectors, got "
+            f"{image.GetDimension()}D with {image.GetNumberOfComponentsPerPixel()} component(s)."
+        )
+    grid = sitk.Image(image.GetSize(), sitk.sitkUInt8)
+    grid.CopyInformation(image)
+    return sitk.DisplacementFieldTransform(sitk.Cast(image, sitk.sitkVectorFloat64)), grid
+
+
+def image_from_nifti(path: str | os.PathLike):
+    """A NIfTI file as a ``sitk.Image`` whose grid is nibabel's reading of it (the bundle's), values as stored
+    (e.g. HU): reading through nibabel keeps the bundle and ITK on the same affine where a file's qform and sform
+    disagree."""
+    sitk = _sitk()
+    nifti = nib.load(str(path))
+    data = np.asanyarray(nifti.dataobj)
+    if data.ndim == 4 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise ValueError(f"{path} must be a 3D volume, got shape {data.shape}.")
+    if data.dtype == np.float16 or data.dtype.kind == "b":
+        data = data.astype(np.float32)
+    image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
+    _set_grid(image, nifti.affine)
+    return image
+
+
+INTERPOLATORS = ("linear", "nearest")
+
+
+def resample(image, transform, grid, interpolation: str = "linear", default: float | None = None):
+    """``image`` (``sitk.Image``) warped onto ``grid`` by ``transform``: ``out(p) = image(T(p))`` (ITK's
+    ``Resample``), ``"linear"`` for intensities, ``"nearest"`` for label maps; points mapped outside ``image`` get
+    ``default`` (None: the image's minimum, e.g. air; 0 for ``"nearest"``). Keeps the pixel type."""
+    sitk = _sitk()
+    if interpolation not in INTERPOLATORS:
+        raise ValueError(f"interpolation must be one of {INTERPOLATORS}, got {interpolation!r}.")
+    if default is None:
+        default = 0.0 if interpolation == "nearest" else float(sitk.GetArrayViewFromImage(image).min())
+    interpolator = sitk.sitkLinear if interpolation == "linear" else sitk.sitkNearestNeighbor
+    return sitk.Resample(image, grid, transform, interpolator, float(default), image.GetPixelID())
+
+
+def _grid_affine(grid) -> np.ndarray:
+    """Voxel -> physical (LPS) ``(4, 4)`` matrix of a ``sitk.Image``."""
+    matrix = np.eye(4)
+    matrix[:3, :3] = np.asarray(grid.GetDirection()).reshape(3, 3) * np.asarray(grid.GetSpacing())
+    matrix[:3, 3] = grid.GetOrigin()
+    return matrix
+
+
+def voxel_to_physical(points, grid) -> np.ndarray:
+    """``(N, 3)`` 0-based voxel xyz of ``grid`` (``sitk.Image``; array order of the NIfTI file, the Learn2Reg CSV
+    convention) -> ``(N, 3)`` mm, LPS."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    matrix = _grid_affine(grid)
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def physical_to_voxel(points, grid) -> np.ndarray:
+    """Inverse of :func:`voxel_to_physical`."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    matrix = np.linalg.inv(_grid_affine(grid))
+    return points @ matrix[:3, :3].T + matrix[:3, 3]
+
+
+def map_points(
+    points,
+    transform,
+    inverse: bool = False,
+    tolerance: float = 1e-3,
+    max_iterations: int = 200,
+) -> np.ndarray:
+    """Move ``(N, 3)`` physical points (mm, LPS) with a backward displacement field transform.
+
+    ``inverse=False``: fixed-space points to moving space, ``q = p + d(p)`` (ITK's ``TransformPoint``).
+    ``inverse=True``: moving-space points to fixed space, ``p`` with ``p + d(p) = q``, by the fixed-point iteration
+    ``p <- q - d(p)`` from ``p = q`` until ``|p + d(p) - q| < tolerance`` mm (module docstring).
+
+    Raises:
+        ValueError: ``inverse=True`` and a point did not converge (the field is not invertible there).
+    """
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    forward = transform.TransformPoint
+    if not inverse:
+        return np.array([forward(tuple(p)) for p in points]).reshape(-1, 3)
+    mapped = np.empty_like(points)
+    for index, target in enumerate(points):
+        estimate = target.copy()
+        for _ in range(max_iterations):
+            residual = np.asarray(forward(tuple(estimate))) - target
+            if np.linalg.norm(residual) < tolerance:
+                break
+            estimate = estimate - residual
+        else:
+            raise ValueError(
+                f"point {index} {target.round(3).tolist()} (mm, LPS) has no inverse image under the field within "
+                f"{tolerance} mm after {max_iterations} iterations (residual {np.linalg.norm(residual):.3g} mm): "
+                "the field folds or is too steep there."
+            )
+        mapped[index] = estimate
+    return mapped
+
+
+def physical_points(points, grid, space: str) -> np.ndarray:
+    """Points given in ``space`` (``"voxel"``: 0-based voxel xyz of ``grid``; ``"lps"`` or ``"ras"``: mm) as mm, LPS."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    if space == "voxel":
+        return voxel_to_physical(points, grid)
+    if space == "lps":
+        return points
+    if space == "ras":
+        return points @ RAS_TO_LPS
+    raise ValueError(f"point space must be one of {POINT_SPACES}, got {space!r}.")
+
+
+def points_in_space(points, grid, space: str) -> np.ndarray:
+    """Inverse of :func:`physical_points`: mm LPS points expressed in ``space``."""
+    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+    if space == "voxel":
+        return physical_to_voxel(points, grid)
+    if space == "lps":
+        return points
+    if space == "ras":
+        return points @ RAS_TO_LPS
+    raise ValueError(f"point space must be one of {POINT_SPACES}, got {space!r}.")
+
