@@ -51,7 +51,7 @@ echo
 echo "=== demo: done in $((SECONDS - start)) s. Outputs:"
 echo "  simulated data + previews : $out/data (previews/*.png)"
 echo "  trained model             : $out/models/model.pt, $out/models/model.json (TensorBoard logs: $out/train)"
-echo "  registrations             : $out/inference (per pair: ddf, warped image/mask, preview.png; submission/disp_*.nii.gz)"
+echo "  registrations             : $out/inference (per pair: transform.nii.gz (ITK field, mm), warped image (HU)/mask, preview.png)"
 echo "  evaluation                : $out/evaluation/metrics.csv, metrics.json"
 echo "  sweep                     : $out/sweep/sweep.csv, summary.json, heatmap PNGs"
 python - "$out" <<'EOF'

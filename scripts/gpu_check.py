@@ -314,7 +314,7 @@ def _ddfs_finite(folder: Path) -> bool:
     import nibabel as nib
     import numpy as np
 
-    files = sorted(folder.rglob("*ddf*.nii.gz")) or sorted(folder.rglob("disp_*.nii.gz"))
+    files = sorted(folder.rglob("*ddf*.nii.gz")) or sorted(folder.rglob("disp_*.nii.gz")) or sorted(folder.rglob("transform.nii.gz"))
     if not files:
         raise FileNotFoundError(f"inference wrote no displacement field under {folder}")
     return all(bool(np.isfinite(np.asarray(nib.load(str(f)).dataobj)).all()) for f in files)

@@ -41,7 +41,7 @@ def test_shipped_model_registers_a_pair_out_of_the_box(tmp_path):
     out = tmp_path / "one_pair"
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/inference.json",
                "--fixed", str(fixed), "--moving", str(moving), "--lam", "0.2", "--mu", "0.1",
-               "--output_dir", str(out), "--device", "cpu"]
+               "--output_dir", str(out), "--device", "cpu", "--write_submission", "true"]
     completed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
     submission = nib.load(next((out / "submission").glob("disp_*.nii.gz")))

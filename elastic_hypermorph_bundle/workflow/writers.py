@@ -4,17 +4,17 @@ Every file goes through one :class:`OutputFiles` per run, which stages the run's
 moves them in only when the run succeeds: a failed run leaves ``output_dir`` as it was, existing files are
 refused unless ``overwrite``, and an overwrite replaces the earlier run's whole set. Layout under ``output_dir``:
 
-* ``submission/disp_<pair_id>.nii.gz``: Learn2Reg submission, the displacement on the ORIGINAL fixed-image grid
-  in its voxels, channel-last ``(X, Y, Z, 3)``, float32, with the original fixed affine;
-* ``<pair_id>/ddf.nii.gz``: the network-grid DDF, same layout, with the network grid's affine;
-* ``<pair_id>/warped_image.nii.gz``, ``<pair_id>/warped_mask.nii.gz``: moving image (scaled intensities) and mask
-  warped onto the network grid; ``<pair_id>/preview.png``: fixed, moving, warped and the deformation;
+* per pair, on the fixed image's file grid (:class:`InferenceWriter`, which lists them and which are written by
+  default: the registration ONCE, as ``<pair_id>/transform.nii.gz``, an ITK displacement field in mm, LPS; on
+  request also ``<pair_id>/ddf.nii.gz`` and the Learn2Reg ``submission/disp_<pair_id>.nii.gz`` in voxels), the
+  warped moving image (in its file's units, e.g. HU) and mask, an optional Jacobian map, and ``preview.png``;
 * ``metrics.csv`` (one row per pair, then the mean) and ``metrics.json`` (mean, per-pair rows, hyperparameters).
 """
 
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import logging
 import math
@@ -32,6 +32,9 @@ from ignite.engine import Engine, Events
 
 from ..atomic import atomic_write_text, json_ready
 from ..data.transforms import ddf_to_original_grid
+from ..displacement import write_displacement_field
+from ..metrics import JACOBIAN_BORDER, jacobian_determinant
+from ..networks import warp_image, warp_label
 from ..hyperparams import HyperSpace
 from . import parse_flag
 from .ignite_metrics import as_pairs, registered_pair_metrics
@@ -242,61 +245,105 @@ class OutputFiles:
             raise
 
 
-def _save_nifti(path: Path, array: np.ndarray, affine) -> None:
-    nib.save(nib.Nifti1Image(np.asarray(array), np.asarray(torch.as_tensor(affine, dtype=torch.float64))), str(path))
+def _save_nifti(path: Path, array: np.ndarray, affine, compression_level: int = 1, dtype=None) -> None:
+    """``array`` as a gzipped NIfTI with ``affine`` at ``compression_level`` (0 fastest .. 9 smallest); ``dtype``
+    e.g. ``np.int16`` stores a float array scaled (NIfTI ``scl_slope``, read back as floats by any reader)."""
+    image = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    if dtype is not None:
+        image.set_data_dtype(dtype)
+    with gzip.GzipFile(path, "wb", compresslevel=int(compression_level), mtime=0) as stream:
+        image.to_stream(stream)
 
 
-def _channel_last(ddf: torch.Tensor) -> np.ndarray:
-    """``(D, *spatial)`` -> ``(*spatial, D)`` float32 array (Learn2Reg layout)."""
-    return ddf.detach().float().cpu().movedim(0, -1).numpy()
-
-
-def _affine(image) -> torch.Tensor:
-    affine = getattr(image, "affine", None)
-    if affine is None:
-        raise ValueError("the fixed image must be a MetaTensor with an affine (load it with the bundle's transforms).")
-    return torch.as_tensor(affine, dtype=torch.float64)
+#: how the Learn2Reg submission stores the displacement: float32, or int16 scaled by NIfTI's ``scl_slope`` (half
+#: the size; resolution (max |u|) / 32767 voxels; NIfTI has no float16 type)
+SUBMISSION_DTYPES = {"float32": np.float32, "int16": np.int16}
 
 
 class InferenceWriter:
-    """Write each registered pair (files in the module docstring) as the evaluator completes an iteration.
+    """Write each registered pair as the evaluator completes an iteration, and one summary line at the end.
+
+    The field is brought to the fixed image's original (file) grid once (only when the pair was registered on
+    another grid, ``registration_grid="network"``) and every output is derived from that one tensor. Files under
+    ``output_dir`` (each on the fixed image's file grid, with its affine):
+
+    * ``<pair_id>/transform.nii.gz`` (``transform``, default): the registration as an ITK displacement field, mm,
+      LPS (:mod:`elastic_hypermorph_bundle.displacement`): ITK/SimpleITK, ANTs and 3D Slicer apply it, and so does
+      ``configs/apply.json``;
+    * ``<pair_id>/ddf.nii.gz`` (``ddf``): the bundle's own field, channel ``j`` = displacement along voxel axis
+      ``j`` in voxels, channel-last ``(X, Y, Z, 3)`` float32;
+    * ``submission/disp_<pair_id>.nii.gz`` (``submission``): the Learn2Reg submission, the same layout as
+      ``ddf.nii.gz``, in ``submission_dtype``;
+    * ``<pair_id>/warped_image.nii.gz`` (``warped``, default): the moving image file warped (linear, edge values
+      repeated outside), in the file's own intensity units (e.g. HU) and integer type rounded;
+      ``<pair_id>/warped_mask.nii.gz``: the moving mask warped (nearest), when the pair has one;
+    * ``<pair_id>/jacobian.nii.gz`` (``jacobian``): ``det(I + grad u)`` (central differences, the two border voxels
+      repeated), float32;
+    * ``<pair_id>/preview.png`` (``preview``, default): :func:`elastic_hypermorph_bundle.visualize.plot_pair`.
 
     Args:
         output_files: the run's :class:`OutputFiles`.
         pair_ids: the pairs of the run (their ids, or the datalist's pair dicts with ``"pair_id"``), whose outputs
             are checked for existence when the run starts.
-        submission: write the Learn2Reg ``submission/disp_<pair_id>.nii.gz``.
-        network_grid: write ``ddf``, ``warped_image``, ``warped_mask`` on the network grid.
-        preview: write ``preview.png`` (:mod:`elastic_hypermorph_bundle.visualize`).
+        transform, ddf, submission, warped, jacobian, preview: which files to write (``true``/``false``).
+        submission_dtype: ``"float32"`` or ``"int16"`` (:data:`SUBMISSION_DTYPES`).
+        compression_level: gzip level of the NIfTI files, 0 (fastest, largest) to 9.
+        hyper_space: the model's hyperparameter space, whose names label the preview (``lam``, ``mu``).
     """
 
     def __init__(
         self,
         output_files: OutputFiles,
         pair_ids: Sequence[str] = (),
-        submission: bool = True,
-        network_grid: bool = True,
+        transform: bool = True,
+        ddf: bool = False,
+        submission: bool = False,
+        warped: bool = True,
+        jacobian: bool = False,
         preview: bool = True,
+        submission_dtype: str = "float32",
+        compression_level: int = 1,
+        hyper_space: HyperSpace | None = None,
     ) -> None:
         self.files = output_files
         self.pair_ids = [pair["pair_id"] if isinstance(pair, Mapping) else str(pair) for pair in pair_ids]
-        self.submission = parse_flag("write_submission", submission)
-        self.network_grid = parse_flag("write_network_grid", network_grid)
-        self.preview = parse_flag("write_preview", preview)
+        self.write = {
+            name: parse_flag(f"write_{name}", value)
+            for name, value in (("transform", transform), ("ddf", ddf), ("submission", submission),
+                                ("warped", warped), ("jacobian", jacobian), ("preview", preview))
+        }  # fmt: skip
+        if submission_dtype not in SUBMISSION_DTYPES:
+            raise ValueError(f"submission_dtype must be one of {list(SUBMISSION_DTYPES)}, got {submission_dtype!r}.")
+        self.submission_dtype = SUBMISSION_DTYPES[submission_dtype]
+        if isinstance(compression_level, bool) or compression_level not in range(10):
+            raise ValueError(f"compression_level must be an integer from 0 to 9, got {compression_level!r}.")
+        self.compression_level = int(compression_level)
+        self.hyper_names = list(hyper_space.names) if hyper_space is not None else None
+        self.written: list[str] = []  # the pairs written by this run
+        self.runtimes: list[float] = []
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda _: self.files.check(self._planned(self.pair_ids)))
+        engine.add_event_handler(Events.STARTED, self._started)
         engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+        engine.add_event_handler(Events.COMPLETED, self._summary)
 
-    def _planned(self, pair_ids: Sequence[str]) -> list[str]:
+    def _started(self, engine: Engine) -> None:
+        self.files.check(self._planned(self.pair_ids))
+        self.written, self.runtimes = [], []
+
+    def _planned(self, pair_ids: Sequence[str], with_mask: bool = True) -> list[str]:
+        per_pair = {
+            "transform": ["transform.nii.gz"],
+            "ddf": ["ddf.nii.gz"],
+            "warped": ["warped_image.nii.gz", "warped_mask.nii.gz"] if with_mask else ["warped_image.nii.gz"],
+            "jacobian": ["jacobian.nii.gz"],
+            "preview": ["preview.png"],
+        }
         paths = []
         for pair_id in pair_ids:
-            if self.submission:
+            if self.write["submission"]:
                 paths.append(f"submission/disp_{pair_id}.nii.gz")
-            if self.network_grid:
-                paths += [f"{pair_id}/ddf.nii.gz", f"{pair_id}/warped_image.nii.gz", f"{pair_id}/warped_mask.nii.gz"]
-            if self.preview:
-                paths.append(f"{pair_id}/preview.png")
+            paths += [f"{pair_id}/{name}" for kind, names in per_pair.items() if self.write[kind] for name in names]
         return paths
 
     def __call__(self, engine: Engine) -> None:
@@ -307,41 +354,100 @@ class InferenceWriter:
         pair_id = pair.get("pair_id")
         if not pair_id:
             raise ValueError("each pair needs a 'pair_id' (e.g. '0001_0001') to name its output files.")
-        fixed, ddf = pair["fixed_image"], torch.as_tensor(pair["pred"]).float()
-        network_affine = _affine(fixed)
-        if self.submission:
-            original = ddf_to_original_grid(
-                ddf[None], network_affine, fixed.meta["original_affine"], fixed.meta["spatial_shape"]
-            )[0]
-            path = self.files.new(f"submission/disp_{pair_id}.nii.gz")
-            _save_nifti(path, _channel_last(original), fixed.meta["original_affine"])
-        if self.network_grid:
-            _save_nifti(self.files.new(f"{pair_id}/ddf.nii.gz"), _channel_last(ddf), network_affine)
-            warped = pair["warped_image"].detach().float().cpu()[0].numpy()
-            _save_nifti(self.files.new(f"{pair_id}/warped_image.nii.gz"), warped, network_affine)
-            if "warped_mask" in pair:
-                mask = pair["warped_mask"].detach().cpu()[0].round().numpy().astype(np.uint8)
-                _save_nifti(self.files.new(f"{pair_id}/warped_mask.nii.gz"), mask, network_affine)
-        if self.preview:
+        fixed = pair["fixed_image"]
+        ddf = _plain(pair["pred"]).detach().to("cpu", torch.float32)
+        affine, original_affine = _affine(fixed), fixed.meta["original_affine"]
+        shape = [int(s) for s in fixed.meta["spatial_shape"]]
+        same_grid = list(ddf.shape[1:]) == shape and torch.allclose(affine, torch.as_tensor(original_affine, dtype=torch.float64))
+        if not same_grid:  # registered on the network's grid: the field on the file grid, once
+            ddf = ddf_to_original_grid(ddf[None], affine, original_affine, shape)[0]
+        affine = np.asarray(torch.as_tensor(original_affine, dtype=torch.float64))
+        level = self.compression_level
+        if self.write["transform"]:
+            write_displacement_field(self.files.new(f"{pair_id}/transform.nii.gz"), ddf, affine, level)
+        if self.write["ddf"] or self.write["submission"]:
+            channel_last = ddf.movedim(0, -1).numpy()
+            if self.write["ddf"]:
+                _save_nifti(self.files.new(f"{pair_id}/ddf.nii.gz"), channel_last, affine, level)
+            if self.write["submission"]:
+                path = self.files.new(f"submission/disp_{pair_id}.nii.gz")
+                _save_nifti(path, channel_last, affine, level, dtype=self.submission_dtype)
+        if self.write["warped"]:
+            warped = self._warped_in_file_units(pair["moving_image"], ddf)
+            _save_nifti(self.files.new(f"{pair_id}/warped_image.nii.gz"), warped, affine, level)
+            if "moving_mask" in pair:
+                if same_grid and "warped_mask" in pair:
+                    mask = _plain(pair["warped_mask"])[0]
+                else:
+                    mask = warp_label(torch.as_tensor(_read_volume(pair["moving_mask"]))[None, None].float(), ddf[None])[0, 0]
+                mask = mask.round().to(torch.uint8).numpy()
+                _save_nifti(self.files.new(f"{pair_id}/warped_mask.nii.gz"), mask, affine, level)
+        if self.write["jacobian"]:
+            det = np.pad(jacobian_determinant(ddf[None])[0].numpy(), JACOBIAN_BORDER, mode="edge")
+            _save_nifti(self.files.new(f"{pair_id}/jacobian.nii.gz"), det.astype(np.float32), affine, level)
+        if self.write["preview"]:
             self._write_preview(self.files.new(f"{pair_id}/preview.png"), pair)
+        self.written.append(str(pair_id))
+        if "runtime" in pair:
+            self.runtimes.append(float(pair["runtime"]))
 
     @staticmethod
-    def _write_preview(path: Path, pair: dict) -> None:
+    def _warped_in_file_units(moving, ddf: torch.Tensor) -> np.ndarray:
+        """The moving image file's own voxels (not the network's [0, 1] window) warped by ``ddf`` on the file grid;
+        an integer file type is kept (rounded)."""
+        data = _read_volume(moving)
+        warped = warp_image(torch.as_tensor(data, dtype=torch.float32)[None, None], ddf[None])[0, 0].numpy()
+        if np.issubdtype(data.dtype, np.integer):
+            info = np.iinfo(data.dtype)
+            return np.clip(np.rint(warped), info.min, info.max).astype(data.dtype)
+        return warped
+
+    def _write_preview(self, path: Path, pair: dict) -> None:
         from ..visualize import save_pair_png  # matplotlib only when previews are asked for
 
+        hyper = torch.as_tensor(pair["hyper"]).reshape(-1).tolist()
+        names = self.hyper_names or [f"h{index}" for index in range(len(hyper))]
+        symbols = {"lam": "λ", "mu": "μ", "alpha": "α"}
+        described = ", ".join(f"{symbols.get(name, name)} = {value:.3g}" for name, value in zip(names, hyper))
         masks = {key: pair[key][0] for key in ("fixed_mask", "moving_mask") if key in pair}
-        hyper = ", ".join(f"{v:.4g}" for v in torch.as_tensor(pair["hyper"]).tolist())
-        save_pair_png(
-            path,
-            pair["fixed_image"][0],
-            pair["moving_image"][0],
-            warped=pair["warped_image"][0],
-            ddf=pair["pred"],
-            spacing=torch.as_tensor(pair["spacing"]).tolist(),
-            window=(0.0, 1.0),
-            title=f"pair {pair['pair_id']}, hyperparameters [{hyper}]",
-            **masks,
+        # the images as registered (the network's [0, 1] window of the HU range), already in memory
+        save_pair_png(path, pair["fixed_image"][0], pair["moving_image"][0], warped=pair["warped_image"][0],
+                      ddf=pair["pred"], spacing=torch.as_tensor(pair["spacing"]).reshape(-1).tolist(),
+                      window=(0.0, 1.0), title=f"pair {pair['pair_id']}, {described}", **masks)
+
+    def _summary(self, engine: Engine) -> None:
+        if not self.written:
+            return
+        files = sorted({path.split("/", 1)[1] for path in self._planned(self.written[:1])
+                        if not path.startswith("submission/")})
+        if self.write["submission"]:
+            files.append("submission/disp_<pair>.nii.gz")
+        timing = f", {np.mean(self.runtimes):.1f} s per pair" if self.runtimes else ""
+        logger.info(
+            "registered %d pair(s)%s; outputs in %s: %s", len(self.written), timing, self.files.root,
+            ", ".join(f"<pair>/{name}" if not name.startswith("submission/") else name for name in files) or "none",
         )
+
+
+def _affine(image) -> torch.Tensor:
+    affine = getattr(image, "affine", None)
+    if affine is None:
+        raise ValueError("the fixed image must be a MetaTensor with an affine (load it with the bundle's transforms).")
+    return torch.as_tensor(affine, dtype=torch.float64)
+
+
+def _plain(tensor) -> torch.Tensor:
+    tensor = torch.as_tensor(tensor)
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
+
+
+def _read_volume(image) -> np.ndarray:
+    """The file behind a loaded MetaTensor, as stored (nibabel, scaling applied, integer types kept)."""
+    path = image.meta.get("filename_or_obj") if hasattr(image, "meta") else None
+    if not path:
+        raise ValueError("the pair's images must be loaded from files by the bundle's transforms (no file name found).")
+    data = np.asanyarray(nib.load(str(path)).dataobj)
+    return data[..., 0] if data.ndim == 4 and data.shape[-1] == 1 else data
 
 
 def _mean(values) -> float:

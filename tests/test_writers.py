@@ -1,0 +1,115 @@
+"""The inference writer: the registration written once by default, as an ITK transform that SimpleITK applies to the
+moving file as the bundle does; the other layouts on request; warped images in the file's units (HU)."""
+
+from __future__ import annotations
+
+import math
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+sitk = pytest.importorskip("SimpleITK")
+
+from elastic_hypermorph_bundle.data.transforms import registration_transforms  # noqa: E402
+from elastic_hypermorph_bundle.displacement import image_from_nifti, read_displacement_field, resample  # noqa: E402
+from elastic_hypermorph_bundle.hyperparams import HyperSpace  # noqa: E402
+from elastic_hypermorph_bundle.metrics import jacobian_determinant  # noqa: E402
+from elastic_hypermorph_bundle.networks import warp_image, warp_label  # noqa: E402
+from elastic_hypermorph_bundle.workflow.writers import InferenceWriter, OutputFiles  # noqa: E402
+
+SHAPE = (24, 20, 16)
+
+
+def _affine() -> np.ndarray:
+    angle = math.radians(10.0)
+    affine = np.eye(4)
+    affine[:3, :3] = np.array([[math.cos(angle), 0, math.sin(angle)], [0, 1, 0], [-math.sin(angle), 0, math.cos(angle)]])
+    affine[:3, :3] = affine[:3, :3] @ np.diag([-1.2, 1.0, 2.5])
+    affine[:3, 3] = [40.0, -20.0, -100.0]
+    return affine
+
+
+@pytest.fixture
+def pair(tmp_path) -> dict:
+    """A registered pair as RegisterStep hands it over: files in int16 HU loaded by the bundle's transforms, a
+    smooth field of a few voxels, the step's warped scaled image and mask."""
+    generator = torch.Generator().manual_seed(0)
+    smooth = lambda c, s: s * F.interpolate(torch.randn(1, c, 4, 4, 4, generator=generator), size=SHAPE,  # noqa: E731
+                                            mode="trilinear", align_corners=True)[0]
+    hu = (600.0 * smooth(2, 1.0) - 400.0).clamp(-1024, 1500).round().to(torch.int16).numpy()
+    paths = {}
+    for index, role in enumerate(("fixed", "moving")):
+        paths[f"{role}_image"] = tmp_path / f"{role}.nii.gz"
+        nib.save(nib.Nifti1Image(hu[index], _affine()), paths[f"{role}_image"])
+        paths[f"{role}_mask"] = tmp_path / f"{role}_mask.nii.gz"
+        nib.save(nib.Nifti1Image((hu[index] > -400).astype(np.uint8), _affine()), paths[f"{role}_mask"])
+    data = registration_transforms(with_keypoints=False, with_landmarks=False)({k: str(v) for k, v in paths.items()})
+    ddf = smooth(3, 0.8)
+    return {
+        **data,
+        "pred": ddf,
+        "warped_image": warp_image(data["moving_image"][None].as_tensor(), ddf[None])[0],
+        "warped_mask": warp_label(data["moving_mask"][None].as_tensor(), ddf[None])[0],
+        "pair_id": "0001_0001",
+        "spacing": torch.tensor([1.2, 1.0, 2.5]),
+        "hyper": torch.tensor([0.2, 0.05]),
+        "runtime": torch.tensor(1.0),
+    }
+
+
+def _write(tmp_path, pair, **options) -> OutputFiles:
+    files = OutputFiles(tmp_path / "out")
+    writer = InferenceWriter(files, [pair["pair_id"]], hyper_space=HyperSpace(), **options)
+    files.run(lambda: writer.write_pair(pair))
+    return files
+
+
+def _array(path) -> np.ndarray:
+    return np.asarray(nib.load(path).dataobj)
+
+
+def test_default_writes_the_registration_once_as_a_transform_itk_applies_as_the_bundle(tmp_path, pair):
+    files = _write(tmp_path, pair, preview=False)
+    out = files.root / "0001_0001"
+    assert sorted(p.name for p in out.iterdir()) == ["transform.nii.gz", "warped_image.nii.gz", "warped_mask.nii.gz"]
+    assert not (files.root / "submission").exists()
+    # the warped image is in the file's units and type (HU, int16), and ITK warps the moving file to the same image
+    warped = _array(out / "warped_image.nii.gz")
+    assert warped.dtype == np.int16 and warped.min() < -300
+    transform, grid = read_displacement_field(out / "transform.nii.gz")
+    moving = image_from_nifti(tmp_path / "moving.nii.gz")
+    by_itk = sitk.GetArrayFromImage(resample(moving, transform, grid)).transpose(2, 1, 0)
+    target = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij")) + pair["pred"].numpy()
+    inside = np.all([(target[a] >= 0) & (target[a] <= SHAPE[a] - 1) for a in range(3)], axis=0)
+    assert inside.mean() > 0.5 and np.abs(by_itk[inside].astype(float) - warped[inside]).max() <= 1  # HU, rounding
+    assert np.allclose(nib.load(out / "warped_image.nii.gz").affine, _affine())
+    # the mask: nearest, the step's own warp, as uint8 labels
+    assert np.array_equal(_array(out / "warped_mask.nii.gz"), pair["warped_mask"][0].numpy().astype(np.uint8))
+
+
+def test_the_other_layouts_on_request(tmp_path, pair):
+    files = _write(tmp_path, pair, transform=False, warped=False, preview=False, ddf=True, submission=True,
+                   jacobian=True, submission_dtype="int16", compression_level=0)
+    out = files.root / "0001_0001"
+    assert sorted(p.name for p in out.iterdir()) == ["ddf.nii.gz", "jacobian.nii.gz"]
+    ddf = pair["pred"].movedim(0, -1).numpy()
+    np.testing.assert_allclose(nib.load(out / "ddf.nii.gz").get_fdata(), ddf, atol=1e-6)
+    submission = nib.load(files.root / "submission" / "disp_0001_0001.nii.gz")
+    assert submission.get_data_dtype() == np.int16 and np.allclose(submission.affine, _affine())
+    assert np.abs(submission.get_fdata() - ddf).max() <= np.abs(ddf).max() / 32000  # scaled int16: half the size
+    det = nib.load(out / "jacobian.nii.gz").get_fdata()
+    np.testing.assert_allclose(det[2:-2, 2:-2, 2:-2], jacobian_determinant(pair["pred"][None].double())[0], atol=1e-5)
+    assert det.shape == SHAPE
+
+
+def test_bad_options_are_refused(tmp_path):
+    files = OutputFiles(tmp_path / "out")
+    with pytest.raises(ValueError, match="submission_dtype must be one of"):
+        InferenceWriter(files, submission_dtype="float16")
+    with pytest.raises(ValueError, match="compression_level must be an integer from 0 to 9, got 11"):
+        InferenceWriter(files, compression_level=11)
+    with pytest.raises(ValueError, match="write_jacobian must be true or false"):
+        InferenceWriter(files, jacobian="maybe")
