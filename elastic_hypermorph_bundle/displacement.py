@@ -26,6 +26,7 @@ above ``tolerance`` is refused, naming it).
 
 from __future__ import annotations
 
+import gzip
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,11 +39,14 @@ __all__ = [
     "RAS_TO_LPS",
     "itk_grid",
     "physical_displacement",
+    "reference_grid",
     "displacement_image",
+    "displacement_transform",
     "write_displacement_field",
     "read_displacement_field",
     "image_from_nifti",
     "resample",
+    "array_from_image",
     "voxel_to_physical",
     "physical_to_voxel",
     "map_points",
@@ -85,13 +89,14 @@ def itk_grid(affine) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float,
     return tuple(origin.tolist()), tuple(spacing.tolist()), tuple(direction.reshape(-1).tolist())
 
 
-def physical_displacement(ddf: torch.Tensor, affine) -> np.ndarray:
-    """``(3, X, Y, Z)`` voxel DDF -> ``(X, Y, Z, 3)`` float32 displacement in mm, LPS: ``d = F A[:3, :3] u``."""
+def physical_displacement(ddf: torch.Tensor, affine, dtype=torch.float32) -> np.ndarray:
+    """``(3, X, Y, Z)`` voxel DDF -> ``(Z, Y, X, 3)`` displacement in mm, LPS, ``d = F A[:3, :3] u``, in ITK's
+    (and SimpleITK's numpy) index order, computed in one matrix product into a contiguous array."""
     if ddf.ndim != 4 or ddf.shape[0] != 3:
         raise ValueError(f"ddf must have shape (3, X, Y, Z) in voxels, got {tuple(ddf.shape)}.")
-    linear = torch.as_tensor(RAS_TO_LPS @ np.asarray(torch.as_tensor(affine, dtype=torch.float64).cpu())[:3, :3])
-    field = ddf.detach().to("cpu", torch.float32)
-    return torch.einsum("ij,j...->...i", linear.float(), field).numpy()
+    affine = np.asarray(torch.as_tensor(affine, dtype=torch.float64).cpu())
+    linear = torch.as_tensor(RAS_TO_LPS @ affine[:3, :3], dtype=dtype)
+    return (ddf.detach().to("cpu", dtype).permute(3, 2, 1, 0) @ linear.T).numpy()
 
 
 def _set_grid(image, affine) -> None:
@@ -101,22 +106,47 @@ def _set_grid(image, affine) -> None:
     image.SetDirection(direction)
 
 
-def displacement_image(ddf: torch.Tensor, affine):
-    """The ITK displacement field (``sitk.Image``, 3-vector float32, LPS mm) of a ``(3, X, Y, Z)`` voxel DDF on the
-    grid of ``affine`` (module docstring)."""
+def reference_grid(shape: Sequence[int], affine):
+    """A ``sitk.Image`` (uint8, empty) with the grid of ``affine`` and ``shape``: what :func:`resample` fills."""
     sitk = _sitk()
-    vectors = physical_displacement(ddf, affine)  # (X, Y, Z, 3); ITK's array view is (Z, Y, X, 3)
-    image = sitk.GetImageFromArray(np.ascontiguousarray(vectors.transpose(2, 1, 0, 3)), isVector=True)
+    grid = sitk.Image([int(size) for size in shape], sitk.sitkUInt8)
+    _set_grid(grid, affine)
+    return grid
+
+
+def displacement_image(ddf: torch.Tensor, affine, dtype=torch.float32):
+    """The ITK displacement field (``sitk.Image`` of 3-vectors, LPS mm; float32 to write, float64 for
+    ``sitk.DisplacementFieldTransform``) of a ``(3, X, Y, Z)`` voxel DDF on the grid of ``affine``."""
+    sitk = _sitk()
+    image = sitk.GetImageFromArray(physical_displacement(ddf, affine, dtype), isVector=True)
     _set_grid(image, affine)
     return image
 
 
+def displacement_transform(ddf: torch.Tensor, affine):
+    """``sitk.DisplacementFieldTransform`` of a ``(3, X, Y, Z)`` voxel DDF on the grid of ``affine``."""
+    return _sitk().DisplacementFieldTransform(displacement_image(ddf, affine, torch.float64))
+
+
 def write_displacement_field(path: str | os.PathLike, ddf: torch.Tensor, affine, compression_level: int = 1) -> Path:
-    """Write :func:`displacement_image` with SimpleITK (format from the suffix: ``.nii.gz``, ``.nrrd``, ``.mha``);
-    ``compression_level`` 0 (fastest) to 9 (smallest)."""
-    sitk = _sitk()
-    sitk.WriteImage(displacement_image(ddf, affine), str(path), True, int(compression_level))
-    return Path(path)
+    """Write the ITK displacement field of a ``(3, X, Y, Z)`` voxel DDF on the grid of ``affine``.
+
+    ``.nii.gz``/``.nii``: written by nibabel in ITK's NIfTI layout for vector images (shape ``(X, Y, Z, 1, 3)``,
+    intent ``vector``, the vectors in mm LPS, the grid as the fixed image's affine), gzip ``compression_level``
+    0 (fastest) to 9 (smallest); other suffixes (``.nrrd``, ``.mha``) by SimpleITK."""
+    path = Path(path)
+    if not path.name.endswith((".nii", ".nii.gz")):
+        _sitk().WriteImage(displacement_image(ddf, affine), str(path), True)
+        return path
+    vectors = physical_displacement(ddf, affine)  # (Z, Y, X, 3)
+    image = nib.Nifti1Image(vectors.transpose(2, 1, 0, 3)[:, :, :, None, :], np.asarray(affine, dtype=np.float64))
+    image.header.set_intent("vector")
+    if path.name.endswith(".nii"):
+        nib.save(image, str(path))
+    else:
+        with gzip.GzipFile(path, "wb", compresslevel=int(compression_level), mtime=0) as stream:
+            image.to_stream(stream)
+    return path
 
 
 def read_displacement_field(path: str | os.PathLike):
@@ -157,6 +187,11 @@ def image_from_nifti(path: str | os.PathLike):
     image = sitk.GetImageFromArray(np.ascontiguousarray(data.transpose(2, 1, 0)))
     _set_grid(image, nifti.affine)
     return image
+
+
+def array_from_image(image) -> np.ndarray:
+    """A scalar ``sitk.Image`` as a numpy array in the package's (NIfTI) axis order ``(X, Y, Z)``."""
+    return _sitk().GetArrayFromImage(image).transpose(2, 1, 0)
 
 
 INTERPOLATORS = ("linear", "nearest")

@@ -113,3 +113,20 @@ def test_bad_options_are_refused(tmp_path):
         InferenceWriter(files, compression_level=11)
     with pytest.raises(ValueError, match="write_jacobian must be true or false"):
         InferenceWriter(files, jacobian="maybe")
+
+
+def test_a_moving_file_on_another_grid_is_warped_through_both_grids(tmp_path, pair):
+    """The same moving volume stored flipped along x (its affine says so): a different file grid for the same
+    anatomy, so the warped image must equal the one of the unflipped file (warped by ITK through both grids)."""
+    expected = _array(_write(tmp_path / "same", pair, preview=False).root / "0001_0001" / "warped_image.nii.gz")
+    moving = nib.load(tmp_path / "moving.nii.gz")
+    flip = np.eye(4)
+    flip[0, 0], flip[0, 3] = -1, SHAPE[0] - 1
+    flipped = tmp_path / "moving_flipped.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(moving.dataobj)[::-1].copy(), moving.affine @ flip), flipped)
+    pair["moving_image"].meta["filename_or_obj"] = str(flipped)
+    pair.pop("moving_mask")
+    warped = _array(_write(tmp_path / "flipped", pair, preview=False).root / "0001_0001" / "warped_image.nii.gz")
+    target = np.stack(np.meshgrid(*[np.arange(s) for s in SHAPE], indexing="ij")) + pair["pred"].numpy()
+    inside = np.all([(target[a] >= 0) & (target[a] <= SHAPE[a] - 1) for a in range(3)], axis=0)
+    assert np.abs(warped[inside].astype(float) - expected[inside]).max() <= 1

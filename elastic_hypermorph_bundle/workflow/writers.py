@@ -32,7 +32,14 @@ from ignite.engine import Engine, Events
 
 from ..atomic import atomic_write_text, json_ready
 from ..data.transforms import ddf_to_original_grid
-from ..displacement import write_displacement_field
+from ..displacement import (
+    array_from_image,
+    displacement_transform,
+    image_from_nifti,
+    reference_grid,
+    resample,
+    write_displacement_field,
+)
 from ..metrics import JACOBIAN_BORDER, jacobian_determinant
 from ..networks import warp_image, warp_label
 from ..hyperparams import HyperSpace
@@ -373,15 +380,11 @@ class InferenceWriter:
                 path = self.files.new(f"submission/disp_{pair_id}.nii.gz")
                 _save_nifti(path, channel_last, affine, level, dtype=self.submission_dtype)
         if self.write["warped"]:
-            warped = self._warped_in_file_units(pair["moving_image"], ddf)
-            _save_nifti(self.files.new(f"{pair_id}/warped_image.nii.gz"), warped, affine, level)
-            if "moving_mask" in pair:
-                if same_grid and "warped_mask" in pair:
-                    mask = _plain(pair["warped_mask"])[0]
-                else:
-                    mask = warp_label(torch.as_tensor(_read_volume(pair["moving_mask"]))[None, None].float(), ddf[None])[0, 0]
-                mask = mask.round().to(torch.uint8).numpy()
-                _save_nifti(self.files.new(f"{pair_id}/warped_mask.nii.gz"), mask, affine, level)
+            for key, name, interpolation in (("moving_image", "warped_image", "linear"),
+                                             ("moving_mask", "warped_mask", "nearest")):
+                if key in pair:
+                    warped = _warp_file(pair[key], ddf, affine, interpolation)
+                    _save_nifti(self.files.new(f"{pair_id}/{name}.nii.gz"), warped, affine, level)
         if self.write["jacobian"]:
             det = np.pad(jacobian_determinant(ddf[None])[0].numpy(), JACOBIAN_BORDER, mode="edge")
             _save_nifti(self.files.new(f"{pair_id}/jacobian.nii.gz"), det.astype(np.float32), affine, level)
@@ -390,17 +393,6 @@ class InferenceWriter:
         self.written.append(str(pair_id))
         if "runtime" in pair:
             self.runtimes.append(float(pair["runtime"]))
-
-    @staticmethod
-    def _warped_in_file_units(moving, ddf: torch.Tensor) -> np.ndarray:
-        """The moving image file's own voxels (not the network's [0, 1] window) warped by ``ddf`` on the file grid;
-        an integer file type is kept (rounded)."""
-        data = _read_volume(moving)
-        warped = warp_image(torch.as_tensor(data, dtype=torch.float32)[None, None], ddf[None])[0, 0].numpy()
-        if np.issubdtype(data.dtype, np.integer):
-            info = np.iinfo(data.dtype)
-            return np.clip(np.rint(warped), info.min, info.max).astype(data.dtype)
-        return warped
 
     def _write_preview(self, path: Path, pair: dict) -> None:
         from ..visualize import save_pair_png  # matplotlib only when previews are asked for
@@ -441,13 +433,29 @@ def _plain(tensor) -> torch.Tensor:
     return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
 
 
-def _read_volume(image) -> np.ndarray:
-    """The file behind a loaded MetaTensor, as stored (nibabel, scaling applied, integer types kept)."""
+def _warp_file(image, ddf: torch.Tensor, affine: np.ndarray, interpolation: str) -> np.ndarray:
+    """The file behind a loaded MetaTensor (its own voxels and units, e.g. HU, not the network's [0, 1] window)
+    warped onto the fixed grid (``affine``, ``ddf``'s shape): by the bundle's warp (edge values repeated outside;
+    labels nearest, 0 outside) when the file is on that grid, else by ITK through both grids (outside: the image's
+    minimum, label 0). An integer file type is kept (rounded)."""
     path = image.meta.get("filename_or_obj") if hasattr(image, "meta") else None
     if not path:
         raise ValueError("the pair's images must be loaded from files by the bundle's transforms (no file name found).")
-    data = np.asanyarray(nib.load(str(path)).dataobj)
-    return data[..., 0] if data.ndim == 4 and data.shape[-1] == 1 else data
+    nifti = nib.load(str(path))
+    data = np.asanyarray(nifti.dataobj)
+    data = data[..., 0] if data.ndim == 4 and data.shape[-1] == 1 else data
+    if data.shape == tuple(ddf.shape[1:]) and np.allclose(nifti.affine, affine, atol=1e-4):
+        volume = torch.as_tensor(data.astype(np.float32))[None, None]
+        warp = warp_image if interpolation == "linear" else warp_label
+        warped = warp(volume, ddf[None])[0, 0].numpy()
+    else:
+        transform = displacement_transform(ddf, affine)
+        moved = resample(image_from_nifti(path), transform, reference_grid(ddf.shape[1:], affine), interpolation)
+        warped = array_from_image(moved)
+    if np.issubdtype(data.dtype, np.integer):
+        info = np.iinfo(data.dtype)
+        return np.clip(np.rint(warped), info.min, info.max).astype(data.dtype)
+    return warped.astype(np.float32)
 
 
 def _mean(values) -> float:
