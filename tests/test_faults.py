@@ -320,3 +320,24 @@ def test_a_hyperparameter_the_model_does_not_use_is_refused():
         check_overrides(_cli("--config_file", INFERENCE, "--lam", "0.5"), hyper_space=HyperSpace("diffusion"))
     check_overrides(_cli("--config_file", INFERENCE, "--alpha", "0.5"), hyper_space=HyperSpace("diffusion"))
     check_overrides(_cli("--config_file", INFERENCE, "--lam", "0.5", "--mu", "0.1"), hyper_space=HyperSpace("elastic"))
+
+
+# ------------------------------------------------------------- 4. what the network does not see is said
+
+
+def test_the_network_grid_names_a_crop_once(caplog):
+    from elastic_hypermorph_bundle.networks.grid import NetworkGrid
+
+    grid = NetworkGrid((32, 32, 32))  # a card with pixdim null: no resampling
+    with caplog.at_level("WARNING", logger="elastic_hypermorph_bundle"):
+        assert grid.to_network(torch.zeros(1, 1, 32, 32, 32), (1.0, 1.0, 1.0)).shape == (1, 1, 32, 32, 32)
+        assert not caplog.records
+        for _ in range(2):  # the same pair's images twice, e.g. at two (lam, mu)
+            assert grid.to_network(torch.zeros(1, 1, 64, 64, 40), (0.5, 0.5, 0.5)).shape == (1, 1, 32, 32, 32)
+    (record,) = caplog.records
+    assert "central 32x32x32 voxels of this 64x64x40 image (32, 32, 8 voxels cropped" in record.getMessage()
+    assert "pixdim is null" in record.getMessage()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="elastic_hypermorph_bundle"):  # resampled to 2 mm, it fits
+        NetworkGrid((32, 32, 32), (2.0, 2.0, 2.0)).to_network(torch.zeros(1, 1, 63, 63, 39), (1.0, 1.0, 1.0))
+    assert not caplog.records

@@ -10,12 +10,15 @@ or crop with zero = air) and the network's DDF back (the inverse crop/pad, trili
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 __all__ = ["NetworkGrid"]
+
+logger = logging.getLogger("elastic_hypermorph_bundle")
 
 
 class NetworkGrid:
@@ -36,6 +39,7 @@ class NetworkGrid:
             raise ValueError(f"pixdim must hold 3 positive voxel sizes (mm) or be None, got {pixdim}.")
         self.spatial_size = tuple(int(n) for n in spatial_size)
         self.pixdim = None if pixdim is None else tuple(float(p) for p in pixdim)
+        self._warned: set = set()
 
     def resampled_shape(self, shape: Sequence[int], spacing: Sequence[float]) -> tuple[int, ...]:
         """The registration grid's shape after resampling to ``pixdim`` (before the pad/crop)."""
@@ -62,8 +66,38 @@ class NetworkGrid:
                 tensor = tensor.narrow(dim, start, m)
         return tensor
 
+    def cropped(self, shape: Sequence[int], spacing: Sequence[float]) -> tuple[int, ...]:
+        """Voxels per axis of the (resampled) registration grid that the centred crop to ``spatial_size`` removes:
+        image content the network never sees (0 on every axis when the image fits)."""
+        return tuple(max(0, r - m) for r, m in zip(self.resampled_shape(shape, spacing), self.spatial_size))
+
+    def _warn_crop(self, shape: Sequence[int], spacing: Sequence[float]) -> None:
+        """Say, once per image shape, what the network does not see: a model whose card has no ``pixdim`` reads
+        images at their own voxel size, so an image larger than ``spatial_size`` (e.g. a finer scan of the same
+        anatomy) reaches it as its central crop, and the field outside that crop is the crop's border value."""
+        cropped = self.cropped(shape, spacing)
+        key = (tuple(shape), tuple(float(s) for s in spacing))
+        if not any(cropped) or key in self._warned:
+            return
+        self._warned.add(key)
+        seen = "x".join(str(min(r, m)) for r, m in zip(self.resampled_shape(shape, spacing), self.spatial_size))
+        if self.pixdim is None:
+            why = (
+                "the model card's pixdim is null, so images are not resampled; register images with the voxel "
+                "size of the training data, or train with --pixdim so that any voxel size is resampled to it"
+            )
+        else:
+            why = f"at the trained {list(self.pixdim)} mm voxels the image is larger than the trained spatial_size"
+        logger.warning(
+            "the network sees only the central %s voxels of this %s image (%s voxels cropped along x, y, z; its "
+            "field there repeats the border values, the instance optimisation refines it): %s.",
+            seen, "x".join(str(n) for n in shape), ", ".join(str(c) for c in cropped), why,
+        )
+
     def to_network(self, images: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
-        """Images ``(B, C, *shape)`` on the registration grid (voxel size ``spacing``) on the network's grid."""
+        """Images ``(B, C, *shape)`` on the registration grid (voxel size ``spacing``) on the network's grid; a
+        crop is named in a warning (:meth:`cropped`)."""
+        self._warn_crop(images.shape[2:], spacing)
         resampled = self.resampled_shape(images.shape[2:], spacing)
         if resampled != tuple(images.shape[2:]):
             images = F.interpolate(images, size=resampled, mode="trilinear", align_corners=True)
