@@ -199,15 +199,16 @@ INTERPOLATORS = ("linear", "nearest")
 
 def resample(image, transform, grid, interpolation: str = "linear", default: float | None = None):
     """``image`` (``sitk.Image``) warped onto ``grid`` by ``transform``: ``out(p) = image(T(p))`` (ITK's
-    ``Resample``), ``"linear"`` for intensities, ``"nearest"`` for label maps; points mapped outside ``image`` get
-    ``default`` (None: the image's minimum, e.g. air; 0 for ``"nearest"``). Keeps the pixel type."""
+    ``Resample``), ``"linear"`` for intensities, ``"nearest"`` for label maps. Points mapped outside ``image`` take
+    ``default``; None: the nearest edge voxel's value for images (as the bundle's warp, ``padding_mode="border"``)
+    and 0 for label maps (as :func:`~elastic_hypermorph_bundle.networks.warp_label`). Keeps the pixel type."""
     sitk = _sitk()
     if interpolation not in INTERPOLATORS:
         raise ValueError(f"interpolation must be one of {INTERPOLATORS}, got {interpolation!r}.")
-    if default is None:
-        default = 0.0 if interpolation == "nearest" else float(sitk.GetArrayViewFromImage(image).min())
     interpolator = sitk.sitkLinear if interpolation == "linear" else sitk.sitkNearestNeighbor
-    return sitk.Resample(image, grid, transform, interpolator, float(default), image.GetPixelID())
+    extrapolate = default is None and interpolation == "linear"
+    default = 0.0 if default is None else float(default)
+    return sitk.Resample(image, grid, transform, interpolator, default, image.GetPixelID(), extrapolate)
 
 
 def _grid_affine(grid) -> np.ndarray:

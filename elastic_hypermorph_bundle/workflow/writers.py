@@ -436,8 +436,8 @@ def _plain(tensor) -> torch.Tensor:
 def _warp_file(image, ddf: torch.Tensor, affine: np.ndarray, interpolation: str) -> np.ndarray:
     """The file behind a loaded MetaTensor (its own voxels and units, e.g. HU, not the network's [0, 1] window)
     warped onto the fixed grid (``affine``, ``ddf``'s shape): by the bundle's warp (edge values repeated outside;
-    labels nearest, 0 outside) when the file is on that grid, else by ITK through both grids (outside: the image's
-    minimum, label 0). An integer file type is kept (rounded)."""
+    labels nearest, 0 outside) when the file is on that grid, else by ITK through both grids (the same rules).
+    An integer file type is kept (rounded)."""
     path = image.meta.get("filename_or_obj") if hasattr(image, "meta") else None
     if not path:
         raise ValueError("the pair's images must be loaded from files by the bundle's transforms (no file name found).")
