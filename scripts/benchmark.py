@@ -48,6 +48,10 @@ def settings_for(quick: bool, cuda: bool) -> dict:
                                           convex_adam={"grid_sp": 4, "disp_hw": 3, "selected_niter": 20},
                                           optimize_steps=[10], network_optimize_steps=[10],
                                           tiny_model_seconds=5.0, tiny_model_seeds=[100, 101]),
+            "accuracy_real": real_anatomy_settings(s, cts=REAL_CTS[:1], followups=FOLLOWUPS[:1],
+                                                   elastix_iterations=30, demons_iterations=[20, 10],
+                                                   convex_adam={"grid_sp": 4, "disp_hw": 3, "selected_niter": 20},
+                                                   optimize_steps=[10], network_optimize_steps=[10]),
             "capacity": capacity_settings(s, train_seeds=[2000], test_seeds=[3000], steps=3, grid_points=2,
                                           variants=["plain", "instance_norm", "rank1", "full"]),
         }
@@ -69,8 +73,33 @@ def settings_for(quick: bool, cuda: bool) -> dict:
         "sweep": {"network": "HyperUNet", "spatial_size": [48] * 3, "pairs": 2, "grid": 11, "warmup": 2,
                   "repeats": 3},
         "accuracy": accuracy_settings(FULL_SIZE),
+        "accuracy_real": real_anatomy_settings(FULL_SIZE),
         "capacity": capacity_settings([32, 32, 32]),
     }
+
+
+#: the real chest CTs of ../shared/data/real_ct that no released model has been trained on (0.4.0 saw only
+#: chest_ct_cropped.nii.gz), one breath-hold pair each, and the follow-up cases (CT, seed)
+REAL_CTS = ("lidc_idri_0001.nii.gz", "lidc_idri_0002.nii.gz", "nsclc_r01_001.nii.gz", "fourdlung_113_phase40.nii.gz")
+FOLLOWUPS = (("lidc_idri_0002.nii.gz", 1201), ("nsclc_r01_001.nii.gz", 1202))
+
+
+def real_anatomy_settings(spatial_size, breath_hold_seed=1101, cts=REAL_CTS, followups=FOLLOWUPS,
+                          real_ct_dir=None, **overrides) -> dict:
+    """Section 5, real anatomy (issue 18): a realistic breath-hold pair on each real CT and baseline / follow-up
+    pairs (``preset="followup"``), the peers retuned to finish (elastix: 500 iterations per level, an affine stage
+    first for the follow-ups), the bundle's defaults, the optimisation from identity, the network alone."""
+    root = Path(__file__).resolve().parents[1]  # ../shared next to the bundle root (or a worktree's ancestor's)
+    folder = Path(real_ct_dir) if real_ct_dir else next(
+        (p / "shared" / "data" / "real_ct" for p in root.parents if (p / "shared" / "data" / "real_ct").is_dir()),
+        root.parent / "shared" / "data" / "real_ct")
+    base = accuracy_settings(spatial_size, **{"elastix_iterations": 500, "optimize_steps": (25,),
+                                              "network_optimize_steps": (25,), "method_timeout_s": 1800.0,
+                                              **overrides})
+    for unused in ("seeds", "simulation"):  # the pairs are the cases below
+        base.pop(unused)
+    return {**base, "real_ct_dir": str(folder), "breath_hold_seed": breath_hold_seed, "cts": list(cts),
+            "followups": [list(f) for f in followups]}
 
 
 def accuracy_settings(spatial_size, seeds=(1000, 1001), elastix_iterations=200, demons_iterations=(100, 50),
@@ -141,6 +170,49 @@ def section5_methods(options: dict, model_path: str) -> list[dict]:
     return methods
 
 
+def run_real_anatomy(options: dict, model_dir: str, pair_cache: str, log, kinds=None, earlier=None) -> dict:
+    """Section 5 on real anatomy: the rows of :func:`section5_methods` (without the second network + optimisation
+    step count) on the breath-hold pairs and on the follow-up pairs of :func:`real_anatomy_settings`, each group
+    its own table. With ``kinds``, only those rows are measured again and ``earlier``'s other rows are kept."""
+    options = {**options, **{k: v for k, v in inference_defaults().items() if options.get(k) is None}}
+    folder = Path(options["real_ct_dir"])
+    missing = [name for name in {*options["cts"], *(ct for ct, _ in options["followups"])}
+               if not (folder / name).is_file()]
+    if missing:
+        return {"skipped": f"real CTs not found in {folder}: {sorted(missing)}"}
+    groups = {
+        "breath_hold": [(name, options["breath_hold_seed"], "realistic") for name in options["cts"]],
+        "followup": [(name, int(seed), "followup") for name, seed in options["followups"]],
+    }
+    result = {}
+    for group, cases in groups.items():
+        log(f"  real anatomy, {group}: {len(cases)} pair(s)")
+        pairs = [path for name, seed, preset in cases for path in accuracy.cached_pairs(
+            options["spatial_size"], [seed], {"preset": preset, "real_ct": str(folder / name)}, pair_cache, log)]
+        model_path = Path(model_dir) / "model.pt"
+        methods = []
+        for spec in section5_methods(options, str(model_path)):
+            if kinds is not None and spec["kind"] not in kinds:
+                continue
+            if spec["kind"] == "elastix" and group == "followup":
+                spec["options"]["affine_stage"] = True
+            methods.append(accuracy.run_method(spec, pairs, timeout=options["method_timeout_s"]))
+            row = methods[-1]
+            log(f"    {spec['name']}: " + (f"TRE {row['tre_mm']:.2f} mm, {row['seconds_per_pair']:.1f} s/pair"
+                                          if "tre_mm" in row else str(row.get("skipped") or row.get("error")
+                                                                      or "did not finish")))
+        if earlier and group in earlier and kinds is not None:
+            methods = [m for m in earlier[group]["methods"] if m["kind"] not in kinds] + methods
+        card = json.loads(model_path.with_name("model.json").read_text()) if model_path.with_name(
+            "model.json").is_file() else None
+        result[group] = {"setup": {**options, "cases": [list(c) for c in cases], "pair_files": [str(p) for p in pairs],
+                                   "spacing": list(accuracy.load_pair(pairs[0]).spacing), "model": str(model_path),
+                                   "model_card": card,
+                                   "simulated": [accuracy.load_pair(p).simulation for p in pairs]},
+                         "methods": methods}
+    return result
+
+
 def run_accuracy(options: dict, model_dir: str | None, pair_cache: str, log, kinds=None) -> dict:
     """Section 5: every method of :func:`section5_methods` (or those of ``kinds``) on the same held-out simulated
     pairs."""
@@ -177,7 +249,7 @@ def run_accuracy(options: dict, model_dir: str | None, pair_cache: str, log, kin
 
 
 SECTION_KEYS = {1: "hyper_conditioning", 2: "regularizer", 3: "sweep", 4: "training_memory", 5: "accuracy",
-                6: "capacity"}
+                6: "capacity", 7: "accuracy_real"}  # 7: section 5 on real anatomy (rendered in section 5)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -186,14 +258,15 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
-def main(quick: bool = False, output_dir: str = "docs", sections=(1, 2, 3, 4, 5, 6), model_dir: str = "models",
+def main(quick: bool = False, output_dir: str = "docs", sections=(1, 2, 3, 4, 5, 6, 7), model_dir: str = "models",
          pair_cache: str | None = None, rows=None) -> str:
     """Run the benchmark; write ``benchmarks.md`` and ``benchmarks.json`` into ``output_dir``; return the md path.
 
     Args:
         quick: tiny sizes and few repeats (a few minutes), for checking that everything runs.
         output_dir: where the two result files go (default ``docs``, relative to the repository root).
-        sections: which sections to run (all six by default; the markdown needs all six).
+        sections: which sections to run (all by default; the markdown needs all); 7 is section 5 on real
+            anatomy (the real CTs of ``../shared/data/real_ct``: a breath-hold pair on each, two follow-ups).
         model_dir: folder of the bundle's model (``model.pt`` + ``model.json``) for section 5 (relative to the
             repository root); ``--quick`` trains a tiny one instead.
         rows: method kinds (:data:`bench.accuracy.KINDS`) that section 5 re-measures, keeping the other rows of the
@@ -250,8 +323,8 @@ def main(quick: bool = False, output_dir: str = "docs", sections=(1, 2, 3, 4, 5,
         results["training_memory"] = cost.training_memory("HyperUNet", settings["full_size"], 1, device, 12.0)
     if isinstance(rows, str):
         rows = [rows]
-    if rows is not None and (not set(rows) <= set(accuracy.KINDS) or 5 not in sections):
-        raise ValueError(f"--rows must name kinds of {accuracy.KINDS} and go with section 5, got {rows!r}.")
+    if rows is not None and (not set(rows) <= set(accuracy.KINDS) or not {5, 7} & sections):
+        raise ValueError(f"--rows must name kinds of {accuracy.KINDS} and go with section 5 or 7, got {rows!r}.")
     if 5 in sections and rows is not None:
         log(f"section 5: the rows of {rows}, on the pairs of the existing results")
         if "accuracy" not in results:
@@ -272,6 +345,14 @@ def main(quick: bool = False, output_dir: str = "docs", sections=(1, 2, 3, 4, 5,
     elif 5 in sections:
         log("section 5: accuracy, time and memory of every method on the same held-out pairs")
         results["accuracy"] = run_accuracy(settings["accuracy"], model_dir, pair_cache, log)
+    if 7 in sections:
+        log("section 5 on real anatomy: breath-hold pairs on the real CTs and follow-up pairs"
+            + (f", the rows of {rows}" if rows is not None else ""))
+        quick_model = Path(pair_cache) / "quick_model"  # the tiny model of a --quick section 5, if it ran
+        results["accuracy_real"] = run_real_anatomy(settings["accuracy_real"],
+                                                    str(quick_model) if quick and quick_model.is_dir() else model_dir,
+                                                    pair_cache, log,
+                                                    kinds=rows, earlier=results.get("accuracy_real"))
     if 6 in sections:
         log("section 6: conditioning capacity at an equal training budget")
         results["capacity"] = run_capacity(settings["capacity"], pair_cache, log)
@@ -283,7 +364,8 @@ def main(quick: bool = False, output_dir: str = "docs", sections=(1, 2, 3, 4, 5,
         for key in [key for key in runs if key.startswith("accuracy_rows")]:
             del runs[key]
     for section in sections:
-        key = f"accuracy_rows[{','.join(rows)}]" if section == 5 and rows is not None else SECTION_KEYS[section]
+        key = (f"{SECTION_KEYS[section].replace('accuracy', 'accuracy_rows') if section == 7 else 'accuracy_rows'}"
+               f"[{','.join(rows)}]" if section in (5, 7) and rows is not None else SECTION_KEYS[section])
         runs[key] = {"date_utc": results["machine"]["date_utc"], "command": settings["command"]
                                        + ("" if sections == set(SECTION_KEYS) else f' --sections "{sorted(sections)}"')
                                        + (f' --rows "[{",".join(rows)}]"' if rows is not None else ""),

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from elastic_hypermorph_bundle.simulation.followup import on_fixed_grid
 from elastic_hypermorph_bundle.simulation.generator import SimulatedPair, simulate_pair
 from elastic_hypermorph_bundle.hyperparams import HyperSpace
 from elastic_hypermorph_bundle.forward import training_terms
@@ -68,8 +69,10 @@ def cached_pairs(spatial_size, seeds, simulation: dict, cache_dir: str | Path, l
         path = folder / f"pair_{int(seed)}.npz"
         if not path.is_file():
             start = time.perf_counter()
-            pair = simulate_pair(spatial_size, seed=int(seed), **simulation)
-            arrays = {k: np.asarray(v) for k, v in dataclasses.asdict(pair).items() if k != "simulation"}
+            # a follow-up's moving image on the fixed grid, as the bundle's transforms resample it for every method
+            pair = on_fixed_grid(simulate_pair(spatial_size, seed=int(seed), **simulation))
+            arrays = {k: np.asarray(v) for k, v in dataclasses.asdict(pair).items()
+                      if k != "simulation" and v is not None}
             arrays["simulation"] = np.asarray(json.dumps(pair.simulation))
             with tempfile.NamedTemporaryFile(dir=folder, suffix=".npz", delete=False) as handle:
                 np.savez(handle, **arrays)

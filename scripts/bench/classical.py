@@ -63,17 +63,29 @@ def _itk_image(volume_xyz: np.ndarray, spacing: Sequence[float]):
 
 
 def elastix_lung_parameters(iterations: int = 250, bending_weight: float = 0.05, samples: int = 4000,
-                            final_grid_voxels: float = 3.0):
+                            final_grid_voxels: float = 3.0, affine_stage: bool = False):
     """B-spline parameter map for intra-patient lung CT in the style of the elastix model zoo (Par0011/Par0015):
     normalized correlation + bending energy penalty, 2 resolutions with B-spline grid spacing twice then once
     ``final_grid_voxels``, adaptive stochastic gradient descent on random samples.
 
     The zoo's 10 mm then 5 mm grid is about 6 then 3 voxels at the Learn2Reg lung resolution (1.75 x 1.25 x
     1.75 mm); the grid is set in voxels so that a benchmark on a down-sampled grid keeps the same number of voxels
-    per control point (5 mm control points on 10 mm voxels would be a grid finer than the image)."""
+    per control point (5 mm control points on 10 mm voxels would be a grid finer than the image).
+
+    ``affine_stage``: an affine stage first (elastix's default affine map, 3 resolutions, normalized correlation,
+    ``iterations`` on random samples), as for a follow-up scan in another position."""
     import itk
 
     parameters = itk.ParameterObject.New()
+    if affine_stage:
+        affine = parameters.GetDefaultParameterMap("affine", 3)
+        for key, value in {"Metric": ["AdvancedNormalizedCorrelation"], "ImageSampler": ["RandomCoordinate"],
+                           "NumberOfSpatialSamples": [str(samples)], "NewSamplesEveryIteration": ["true"],
+                           "MaximumNumberOfIterations": [str(iterations)], "WriteResultImage": ["false"],
+                           "AutomaticTransformInitialization": ["true"],
+                           "AutomaticTransformInitializationMethod": ["CenterOfGravity"]}.items():
+            affine[key] = value
+        parameters.AddParameterMap(affine)
     parameter_map = parameters.GetDefaultParameterMap("bspline", 2)
     del parameter_map["FinalGridSpacingInPhysicalUnits"]
     settings = {

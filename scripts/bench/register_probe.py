@@ -107,7 +107,9 @@ def register_pairs(spec: dict, pair_paths: list[str], scratch: str) -> dict:
             ddf = np.zeros((3, *fixed.shape), np.float32)
         elif kind == "elastix":
             ddf = classical.elastix_register(fixed, moving, pair.spacing,
-                                             classical.elastix_lung_parameters(iterations=options["iterations"]))
+                                             classical.elastix_lung_parameters(
+                                                 iterations=options["iterations"],
+                                                 affine_stage=bool(options.get("affine_stage"))))
         elif kind == "demons":
             ddf = classical.demons_register(fixed, moving, pair.spacing, iterations=options["iterations"])
         elif kind == "convex_adam":

@@ -18,12 +18,12 @@ SECTIONS = (
 
 
 _SECTION_OF = {"hyper_conditioning": 1, "regularizer": 2, "sweep": 3, "training_memory": 4, "accuracy": 5,
-               "capacity": 6}
+               "capacity": 6, "accuracy_real": 5}
 
 
 def _section_of(run_key: str) -> int:
     """The section of a ``runs`` record: its key, or ``accuracy_rows[<kinds>]`` for section 5's re-measured rows."""
-    return 5 if run_key.startswith("accuracy_rows") else _SECTION_OF[run_key]
+    return 5 if run_key.startswith(("accuracy_rows", "accuracy_real_rows")) else _SECTION_OF[run_key]
 
 
 def _size(size) -> str:
@@ -79,6 +79,8 @@ def render(results: dict) -> str:
     lines += _section4(results["training_memory"], settings)
     lines += _section5(results["accuracy"], results.get("runs", {}).get("accuracy"),
                        [run for key, run in sorted(runs.items()) if key.startswith("accuracy_rows")])
+    lines += _section5_real(results.get("accuracy_real"), runs.get("accuracy_real"),
+                            [run for key, run in sorted(runs.items()) if key.startswith("accuracy_real_rows")])
     lines += _section6(results["capacity"])
     return "\n".join(lines) + "\n"
 
@@ -359,6 +361,98 @@ def _section5(result: dict, run: dict | None = None, reruns: list[dict] = ()) ->
     else:
         lines += ["Goals: no network + optimisation row ran (no model or no `optimize.py`), so the goals of the "
                   "instance optimisation are not assessed here.", ""]
+    return lines
+
+
+def _row_line(row: dict) -> str:
+    if "timed_out_s" in row:
+        return f"| {row['method']} | did not finish {row['pairs']} pairs within {row['timed_out_s']:.0f} s | | | | | | |"
+    if "tre_mm" not in row:
+        why = "skipped: " + row["skipped"] if "skipped" in row else "failed: " + row["error"][:200]
+        return f"| {row['method']} | {why.replace('|', '/').replace(chr(10), ' ')} | | | | | | |"
+    return (f"| {row['method']} | {row['seconds_per_pair']:.1f} | {row['tre_mm']:.2f} | {row['tre_dense_mm']:.2f} | "
+            f"{row['dice_mean']:.3f} | {row['folding_percent']:.3f} | {row['sd_log_jacobian']:.3f} | "
+            f"{_mib(row['peak_rss_mib'])} |")
+
+
+def real_anatomy_goals(result: dict) -> list[tuple[str, float | None, float | None, bool | None]]:
+    """The goals of issue 18 on the real-anatomy groups: ``(goal, value, limit, met)``, ``met`` None when a row
+    is missing. Follow-ups: the defaults within 1.1x the best peer's keypoint TRE; every group: network +
+    optimisation at most 5 % worse than optimisation from identity; breath-hold pairs: the defaults' TRE <=
+    ConvexAdam's, with less folding and a lower SDlogJ."""
+    goals = []
+    for group in ("breath_hold", "followup"):
+        if group not in result:
+            continue
+        methods = result[group]["methods"]
+        defaults = next((r for r in _scored(methods) if r["kind"] == "optimize"
+                         and r["options"].get("init") == "network"), None)
+        identity = next((r for r in _scored(methods) if r["kind"] == "optimize"
+                         and r["options"].get("init") == "identity"), None)
+        peers = [r for r in _scored(methods) if r["kind"] in ("elastix", "demons", "convex_adam")]
+        convex = _peer(methods, "convex_adam")
+        value = defaults["tre_mm"] if defaults else None
+
+        def check(name, value, limit, below=False):
+            met = None if value is None or limit is None else (value < limit if below else value <= limit)
+            goals.append((f"{group}: {name}", value, limit, met))
+
+        check("network + optimisation TRE <= 1.05 x from identity", value,
+              1.05 * identity["tre_mm"] if identity else None)
+        if group == "followup":
+            check("defaults TRE <= 1.1 x best peer", value, 1.1 * min(r["tre_mm"] for r in peers) if peers else None)
+        else:
+            check("defaults TRE <= ConvexAdam", value, convex["tre_mm"] if convex else None)
+            check("defaults % J<=0 < ConvexAdam", defaults["folding_percent"] if defaults else None,
+                  convex["folding_percent"] if convex else None, below=True)
+            check("defaults SDlogJ < ConvexAdam", defaults["sd_log_jacobian"] if defaults else None,
+                  convex["sd_log_jacobian"] if convex else None, below=True)
+    return goals
+
+
+def _section5_real(result: dict | None, run: dict | None = None, reruns: list[dict] = ()) -> list[str]:
+    """Section 5 on real anatomy (issue 18): the breath-hold and follow-up groups, each its own table, and the goals."""
+    lines = ["### 5b. Real anatomy: breath-hold pairs on four real CTs and baseline / follow-up pairs", ""]
+    if not result:
+        return lines + ["Not measured in this run.", ""]
+    if "skipped" in result:
+        return lines + [f"Skipped: {result['skipped']}.", ""]
+    if run:
+        lines += [f"_Measured in one run: `{run['command']}` on {run['date_utc']} ({run['run_seconds'] / 60:.0f} min)"
+                  + "".join(f"; rows measured again: `{rerun['command']}` on {rerun['date_utc']} "
+                            f"({rerun['run_seconds'] / 60:.0f} min)" for rerun in reruns) + "._", ""]
+    titles = {"breath_hold": "Realistic breath-hold pairs (`--preset realistic`) on each real CT",
+              "followup": "Baseline / follow-up pairs (`--preset followup`: breath-hold motion, a rigid offset of "
+                          "20-50 mm and up to 10 degrees, another scanner grid), the follow-up resampled into the "
+                          "baseline's grid through both affines before every method (as the bundle's transforms do)"}
+    for group, title in titles.items():
+        if group not in result:
+            continue
+        setup = result[group]["setup"]
+        cases = ", ".join(f"{name} (seed {seed})" for name, seed, _ in setup["cases"])
+        before = [s.get("max_displacement_mm") for s in setup.get("simulated", [])]
+        offsets = [float(np.linalg.norm(s["followup_offset_mm"])) for s in setup.get("simulated", [])
+                   if "followup_offset_mm" in s]
+        rotations = [s["followup_rotation_deg"] for s in setup.get("simulated", []) if "followup_rotation_deg" in s]
+        lines += [f"**{title}**: {cases}; {_size(setup['spatial_size'])} voxels of "
+                  f"{' x '.join(f'{s:.2f}' for s in setup['spacing'])} mm; maximum breathing displacement "
+                  f"{', '.join(f'{a:.1f}' for a in before if a is not None)} mm"
+                  + (f"; rigid offsets {', '.join(f'{o:.1f}' for o in offsets)} mm, rotations "
+                     f"{', '.join(f'{r:.1f}' for r in rotations)} degrees" if offsets else "")
+                  + f". Peers as above, elastix with {setup['elastix_iterations']} iterations per level"
+                  + (" and an affine stage first" if group == "followup" else "") + "; the bundle at lam = "
+                  f"{setup['lam']}, mu = {setup['mu']}, pre-alignment `{setup.get('prealign')}`, 25 steps per level.",
+                  "",
+                  "| method | s / pair | TRE keypoints mm | TRE dense mm | lung Dice | % J<=0 | SDlogJ | peak RSS MiB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [_row_line(row) for row in result[group]["methods"]] + [""]
+    goals = real_anatomy_goals(result)
+    if goals:
+        lines += ["Goals of issue 18 (value vs limit):", "", "| goal | result |", "|---|---|"]
+        lines += [f"| {name} | " + ("n/a (row missing)" if met is None else
+                                    f"{'met' if met else 'NOT met'}: {_fmt(value, 3)} vs {_fmt(limit, 3)}") + " |"
+                  for name, value, limit, met in goals]
+        lines.append("")
     return lines
 
 
