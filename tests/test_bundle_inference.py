@@ -33,7 +33,7 @@ from elastic_hypermorph_bundle.workflow.ignite_metrics import PairMean
 from elastic_hypermorph_bundle.metrics import metric_columns
 from elastic_hypermorph_bundle.model_card import ModelCard, trained_hyper_space
 from elastic_hypermorph_bundle.workflow import parse_flag
-from elastic_hypermorph_bundle.workflow.inference import single_pair
+from elastic_hypermorph_bundle.workflow.inference import inference_datalist, single_pair
 from elastic_hypermorph_bundle.workflow.steps import RegisterStep
 from elastic_hypermorph_bundle.workflow.export import ExportTrainedModel
 from elastic_hypermorph_bundle.workflow.train_step import TrainStep
@@ -194,6 +194,18 @@ def test_single_pair_grids(tmp_path):
     with pytest.raises(FileNotFoundError):
         single_pair(str(tmp_path / "fixed.nii.gz"), str(tmp_path / "absent.nii.gz"))
     assert single_pair(str(tmp_path / "fixed.nii.gz"), str(tmp_path / "fixed.nii.gz"))[0]["pair_id"] == "fixed_fixed"
+
+
+def test_a_single_pair_takes_its_own_points(dataset):
+    images, points = dataset / "imagesTr", dataset / "keypointsTr"
+    pair = {"fixed": str(images / "LungCT_0001_0000.nii.gz"), "moving": str(images / "LungCT_0001_0001.nii.gz")}
+    (entry,) = inference_datalist(**pair, fixed_points=str(points / "LungCT_0001_0000.csv"),
+                                  moving_points=str(points / "LungCT_0001_0001.csv"))
+    assert entry["fixed_keypoints"].endswith("LungCT_0001_0000.csv") and entry["moving_keypoints"].endswith("0001.csv")
+    with pytest.raises(ValueError, match="--moving_points is missing"):
+        inference_datalist(**pair, fixed_points=str(points / "LungCT_0001_0000.csv"))
+    with pytest.raises(ValueError, match="--fixed_points/--moving_points need --fixed and --moving"):
+        inference_datalist(dataset, fixed_points="a.csv", moving_points="b.csv")
 
 
 def test_model_card_checks(model):

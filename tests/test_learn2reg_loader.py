@@ -233,7 +233,7 @@ def test_error_empty_dataset_and_empty_split(tmp_path):
     make_case(tmp_path / "two", "LungCT_0001")
     make_case(tmp_path / "two", "LungCT_0002")
     assert len(load_pairs(tmp_path / "two", "train")) == 2
-    with pytest.raises(Learn2RegDataError, match="split 'val' .* is empty"):
+    with pytest.raises(Learn2RegDataError, match="split 'val' .* is empty: its 2 pair\\(s\\) are in split\\(s\\) train .* pass --split train"):
         load_pairs(tmp_path / "two", "val")
     with pytest.raises(ValueError, match="split must be one of"):
         load_pairs(tmp_path / "two", "validation")

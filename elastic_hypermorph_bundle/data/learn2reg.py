@@ -509,10 +509,11 @@ def load_pairs(
         splits = split_pairs(dataset, weights=weights, seed=seed)
     pairs = dataset.pairs if split == "all" else splits[split]
     if not pairs:
-        raise Learn2RegDataError(
-            f"split {split!r} of {dataset.root} is empty ({len(dataset.pairs)} pairs; sizes "
-            f"{ {s: len(splits[s]) for s in SPLITS} }); a dataset needs >= 3 pairs for val and test."
-        )
+        holding = [s for s in SPLITS if splits[s]]
+        where = (f"its {len(dataset.pairs)} pair(s) are in split(s) {', '.join(holding)} (sizes "
+                 f"{ {s: len(splits[s]) for s in SPLITS} }: val and test need >= 3 pairs); pass --split "
+                 f"{holding[0] if len(holding) == 1 else 'all'}" if holding else "it has no pairs")
+        raise Learn2RegDataError(f"split {split!r} of {dataset.root} is empty: {where}.")
     if validate:
         validate_pairs(pairs, expected_shape=dataset.image_shape)
     # written only once the pairs are known to be usable: a refused dataset leaves no output behind

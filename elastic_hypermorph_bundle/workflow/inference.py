@@ -57,7 +57,7 @@ def single_pair(
         pair_given = [given[f"{role}_{kind}"] is not None for role in ("fixed", "moving")]
         if any(pair_given) and not all(pair_given):
             role = "moving" if pair_given[0] else "fixed"
-            flag = {"image": role, "mask": f"{role}_mask", "keypoints": f"{role}_keypoints"}[kind]
+            flag = {"image": role, "mask": f"{role}_mask", "keypoints": f"{role}_points"}[kind]
             raise ValueError(f"--{flag} is missing: give both the fixed and the moving {kind}.")
     pair = {key: str(Path(value).resolve()) for key, value in given.items() if value is not None}
     pair["pair_id"] = pair_id or f"{case_id(fixed, strict=False)}_{case_id(moving, strict=False)}"
@@ -74,16 +74,23 @@ def inference_datalist(
     moving_mask: str | None = None,
     seed: int = 0,
     split_file: str | None = None,
+    fixed_points: str | None = None,
+    moving_points: str | None = None,
 ) -> list[dict]:
-    """The pairs to register: the ``--fixed``/``--moving`` pair if given, else ``split`` of ``dataset_dir``.
+    """The pairs to register: the ``--fixed``/``--moving`` pair if given (with its optional masks and
+    ``--fixed_points``/``--moving_points``, corresponding point CSVs in the Learn2Reg voxel convention, which give
+    the pair its TRE), else ``split`` of ``dataset_dir``.
 
     Only the keys that every pair has are kept (images always; masks and points if all pairs have them).
     """
     if fixed is not None or moving is not None:
-        pairs = single_pair(fixed, moving, fixed_mask, moving_mask)
+        pairs = single_pair(fixed, moving, fixed_mask, moving_mask, fixed_points, moving_points)
     else:
-        if fixed_mask is not None or moving_mask is not None:
-            raise ValueError("--fixed_mask/--moving_mask need --fixed and --moving (single-pair inference).")
+        given = [name for name, value in (("fixed_mask", fixed_mask), ("moving_mask", moving_mask),
+                                          ("fixed_points", fixed_points), ("moving_points", moving_points)) if value]
+        if given:
+            raise ValueError(f"--{'/--'.join(given)} need --fixed and --moving (single-pair inference); a dataset's "
+                             "masks and points come from its folder.")
         pairs = pair_datalist(dataset_dir, split, seed=seed, split_file=split_file, keys=PAIR_KEYS)
     common = [key for key in PAIR_KEYS if all(key in pair for pair in pairs)]
     dropped = sorted({key for pair in pairs for key in pair if key in PAIR_KEYS} - set(common))

@@ -40,11 +40,11 @@ from ..displacement import (
     resample,
     write_displacement_field,
 )
-from ..metrics import JACOBIAN_BORDER, jacobian_determinant
+from ..metrics import JACOBIAN_BORDER, jacobian_determinant, target_registration_error
 from ..networks import warp_image, warp_label
 from ..hyperparams import HyperSpace
 from . import parse_flag
-from .ignite_metrics import as_pairs, registered_pair_metrics
+from .ignite_metrics import as_pairs, points_kind, registered_pair_metrics
 
 __all__ = ["OutputFiles", "InferenceWriter", "EvaluationWriter"]
 
@@ -328,6 +328,8 @@ class InferenceWriter:
         self.hyper_names = list(hyper_space.names) if hyper_space is not None else None
         self.written: list[str] = []  # the pairs written by this run
         self.runtimes: list[float] = []
+        self.tre: list[list[float]] = []  # [after, before] mean TRE (mm) of the pairs with points
+        self.names: set[str] = set()  # the kinds of file written
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self._started)
@@ -336,13 +338,13 @@ class InferenceWriter:
 
     def _started(self, engine: Engine) -> None:
         self.files.check(self._planned(self.pair_ids))
-        self.written, self.runtimes = [], []
+        self.written, self.runtimes, self.tre, self.names = [], [], [], set()
 
-    def _planned(self, pair_ids: Sequence[str], with_mask: bool = True) -> list[str]:
+    def _planned(self, pair_ids: Sequence[str]) -> list[str]:
         per_pair = {
             "transform": ["transform.nii.gz"],
             "ddf": ["ddf.nii.gz"],
-            "warped": ["warped_image.nii.gz", "warped_mask.nii.gz"] if with_mask else ["warped_image.nii.gz"],
+            "warped": ["warped_image.nii.gz", "warped_mask.nii.gz"],
             "jacobian": ["jacobian.nii.gz"],
             "preview": ["preview.png"],
         }
@@ -371,28 +373,40 @@ class InferenceWriter:
         affine = np.asarray(torch.as_tensor(original_affine, dtype=torch.float64))
         level = self.compression_level
         if self.write["transform"]:
-            write_displacement_field(self.files.new(f"{pair_id}/transform.nii.gz"), ddf, affine, level)
+            write_displacement_field(self._new(pair_id, "transform.nii.gz"), ddf, affine, level)
         if self.write["ddf"] or self.write["submission"]:
             channel_last = ddf.movedim(0, -1).numpy()
             if self.write["ddf"]:
-                _save_nifti(self.files.new(f"{pair_id}/ddf.nii.gz"), channel_last, affine, level)
+                _save_nifti(self._new(pair_id, "ddf.nii.gz"), channel_last, affine, level)
             if self.write["submission"]:
-                path = self.files.new(f"submission/disp_{pair_id}.nii.gz")
+                path = self._new(pair_id, f"submission/disp_{pair_id}.nii.gz")
                 _save_nifti(path, channel_last, affine, level, dtype=self.submission_dtype)
         if self.write["warped"]:
             for key, name, interpolation in (("moving_image", "warped_image", "linear"),
                                              ("moving_mask", "warped_mask", "nearest")):
                 if key in pair:
                     warped = _warp_file(pair[key], ddf, affine, interpolation)
-                    _save_nifti(self.files.new(f"{pair_id}/{name}.nii.gz"), warped, affine, level)
+                    _save_nifti(self._new(pair_id, f"{name}.nii.gz"), warped, affine, level)
         if self.write["jacobian"]:
             det = np.pad(jacobian_determinant(ddf[None])[0].numpy(), JACOBIAN_BORDER, mode="edge")
-            _save_nifti(self.files.new(f"{pair_id}/jacobian.nii.gz"), det.astype(np.float32), affine, level)
+            _save_nifti(self._new(pair_id, "jacobian.nii.gz"), det.astype(np.float32), affine, level)
         if self.write["preview"]:
-            self._write_preview(self.files.new(f"{pair_id}/preview.png"), pair)
+            self._write_preview(self._new(pair_id, "preview.png"), pair)
         self.written.append(str(pair_id))
         if "runtime" in pair:
             self.runtimes.append(float(pair["runtime"]))
+        kind = points_kind(pair)
+        if kind is not None:  # a pair with corresponding points: its TRE in the summary (voxels of the registration grid)
+            points = [_plain(pair[f"{role}_{kind}"]).double().cpu() for role in ("fixed", "moving")]
+            spacing = _plain(pair["spacing"]).reshape(-1).tolist()
+            field = _plain(pair["pred"]).detach().double().cpu()
+            self.tre.append([target_registration_error(f, *points, spacing).mean().item()
+                             for f in (field, torch.zeros_like(field))])
+
+    def _new(self, pair_id: str, name: str) -> Path:
+        """The staged path of one output of ``pair_id`` (``name`` relative to its folder, or ``submission/...``)."""
+        self.names.add("submission/disp_<pair>.nii.gz" if name.startswith("submission/") else f"<pair>/{name}")
+        return self.files.new(name if name.startswith("submission/") else f"{pair_id}/{name}")
 
     def _write_preview(self, path: Path, pair: dict) -> None:
         from ..visualize import save_pair_png  # matplotlib only when previews are asked for
@@ -410,14 +424,13 @@ class InferenceWriter:
     def _summary(self, engine: Engine) -> None:
         if not self.written:
             return
-        files = sorted({path.split("/", 1)[1] for path in self._planned(self.written[:1])
-                        if not path.startswith("submission/")})
-        if self.write["submission"]:
-            files.append("submission/disp_<pair>.nii.gz")
         timing = f", {np.mean(self.runtimes):.1f} s per pair" if self.runtimes else ""
+        if self.tre:
+            after, before = np.mean(self.tre, axis=0)
+            timing += f", TRE {after:.2f} mm (before {before:.2f} mm, {len(self.tre)} pair(s) with points)"
         logger.info(
             "registered %d pair(s)%s; outputs in %s: %s", len(self.written), timing, self.files.root,
-            ", ".join(f"<pair>/{name}" if not name.startswith("submission/") else name for name in files) or "none",
+            ", ".join(sorted(self.names)) or "no files",
         )
 
 
@@ -456,6 +469,11 @@ def _warp_file(image, ddf: torch.Tensor, affine: np.ndarray, interpolation: str)
         info = np.iinfo(data.dtype)
         return np.clip(np.rint(warped), info.min, info.max).astype(data.dtype)
     return warped.astype(np.float32)
+
+
+def rounded(values: Mapping[str, float], digits: int = 3) -> str:
+    """``name value`` pairs for a log line, each value to ``digits`` significant digits (``nan`` where missing)."""
+    return ", ".join(f"{name} {float(value):.{digits}g}" for name, value in values.items())
 
 
 def _mean(values) -> float:
@@ -537,4 +555,5 @@ class EvaluationWriter:
             writer.writerow({"pair_id": "mean", **mean})
         record = {"info": self.info, "num_pairs": len(self.rows), "mean": mean, "pairs": self.rows}
         self.files.new("metrics.json").write_text(json.dumps(json_ready(record), indent=4, allow_nan=False))
-        logger.info("evaluation of %d pairs written to %s: %s", len(self.rows), self.files.root, mean)
+        logger.info("evaluated %d pair(s): metrics.csv, metrics.json in %s; mean %s", len(self.rows), self.files.root,
+                    rounded(mean))
