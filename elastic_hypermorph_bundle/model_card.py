@@ -31,7 +31,8 @@ import torch
 from . import __version__, networks
 from .atomic import atomic_write_json, json_ready
 from .hyperparams import HyperSpace
-from .workflow import parse_flag
+from .networks.grid import NetworkGrid
+from .flags import parse_flag
 
 __all__ = [
     "ModelCard",
@@ -390,6 +391,4 @@ def network_grid(spatial_size, pixdim=None):
     """The network's input grid (:class:`~elastic_hypermorph_bundle.networks.grid.NetworkGrid`) of a run whose
     network preprocessing is ``spatial_size``/``pixdim`` (by default the card's, see :func:`trained_preprocessing`,
     and checked against it by :func:`check_run`)."""
-    from .networks.grid import NetworkGrid
-
     return NetworkGrid(spatial_size, pixdim)

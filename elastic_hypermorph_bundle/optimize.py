@@ -2,12 +2,14 @@
 pre-alignment (the accuracy stage of the strongest lung-CT methods, e.g. ConvexAdam, Siebert et al., MICCAI 2021;
 VoxelMorph++, Heinrich & Hansen, WBIR 2022).
 
-Three pure functions, in the order a registration uses them, all in the package's conventions (fixed and moving on
-one grid, DDF channel ``j`` = displacement along spatial axis ``j`` in voxels, backward warp):
+Pure functions, in the order a registration uses them, all in the package's conventions (fixed and moving on
+one grid, DDF channel ``j`` = displacement along spatial axis ``j`` in voxels, backward warp); the affine maps and
+resampling they use are :mod:`.networks.spatial`, the similarities the table :mod:`.losses.similarity`, and the
+pipeline that runs them around the network is :class:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`:
 
 * :func:`prealign`: an affine (or rigid, or translation) map ``q = A (p - c) + c + t`` in physical coordinates
   ``p = x * spacing`` (mm) about the image centre ``c``, started from the images' centres of mass and fitted by Adam
-  on downsampled images. :func:`affine_ddf` turns it into a DDF.
+  on downsampled images. :func:`~.networks.spatial.affine_ddf` turns it into a DDF.
 * :func:`instance_optimize`: the non-rigid field ``u_N`` that minimises, per sample,
   ``similarity(fixed, moving ∘ (x + u)) + R(u_N; lam, mu)``, with ``u = u_A + A_vox u_N`` the pre-alignment
   composed with ``u_N`` (``A_vox`` the affine's linear part in voxels) and ``R`` the package's
@@ -19,10 +21,9 @@ one grid, DDF channel ``j`` = displacement along spatial axis ``j`` in voxels, b
   With ``diffeomorphic=True`` the correction is a stationary velocity, integrated by scaling and squaring and
   composed with the initial field.
 
-Similarities: ``"mind"``, the squared difference of MIND-SSC descriptors (:mod:`.losses.mind`), averaged over the
-12 descriptors (in [0, 1], the range of training's LNCC term), insensitive to the lung's density change between
-phases; ``"lncc"``, MONAI's local NCC as in training (window 9 on the image
-grid, scaled with the level). Both can be restricted to a fixed-image mask (e.g. the lungs).
+Similarities: any row of :data:`~.losses.similarity.SIMILARITIES` (``"mind"``, MIND-SSC descriptors of the
+image-grid images averaged onto each level; ``"lncc"``, MONAI's local NCC with training's window scaled with the
+level), optionally restricted to a fixed-image mask (e.g. the lungs).
 """
 
 from __future__ import annotations
@@ -30,56 +31,25 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from monai.losses import LocalNormalizedCrossCorrelationLoss
 from monai.networks.blocks import DVF2DDF
 
 from .losses.elastic import elastic_energy
-from .losses.mind import mind_ssc
+from .losses.similarity import LNCC_WINDOW, Similarity, get_similarity
+from .networks.spatial import Affine, affine_ddf, compose_affine, field_scale, level_shape, resize_field, resize_image
 from .networks.warp import warp_image
 
-__all__ = [
-    "SIMILARITIES",
-    "PREALIGNMENTS",
-    "Affine",
-    "affine_ddf",
-    "compose_affine",
-    "centre_of_mass_offset",
-    "prealign",
-    "instance_optimize",
-    "InstanceOptimization",
-]
+__all__ = ["PREALIGNMENTS", "AUTO_PREALIGN_MM", "centre_of_mass_offset", "prealign", "instance_optimize"]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
 
-SIMILARITIES = ("mind", "lncc")
 #: global transforms of the pre-alignment, by increasing degrees of freedom ("none" = identity)
 PREALIGNMENTS = ("none", "translation", "rigid", "affine")
 #: ``prealign="auto"`` fits an affine map when the images' centres of mass are further apart than this (mm): more
 #: than breathing moves them (a few mm), as when a follow-up scan was taken in another position
 AUTO_PREALIGN_MM = 15.0
-
-
-class Affine(NamedTuple):
-    """A batch of affine maps ``q = matrix (p - c) + c + translation`` of physical points ``p`` (mm) about the image
-    centre ``c``: ``matrix`` ``(B, 3, 3)``, ``translation`` ``(B, 3)`` in mm, ``spacing`` the voxel size (mm)."""
-
-    matrix: torch.Tensor
-    translation: torch.Tensor
-    spacing: tuple[float, ...]
-
-    @staticmethod
-    def identity(batch: int, spacing: Sequence[float], device=None) -> Affine:
-        eye = torch.eye(3, device=device).expand(batch, 3, 3).clone()
-        return Affine(eye, torch.zeros(batch, 3, device=device), tuple(float(s) for s in spacing))
-
-    def voxel_matrix(self) -> torch.Tensor:
-        """The linear part in voxel units, ``diag(1/s) A diag(s)``, ``(B, 3, 3)``."""
-        s = torch.as_tensor(self.spacing, dtype=self.matrix.dtype, device=self.matrix.device)
-        return self.matrix * s[None, None, :] / s[None, :, None]
 
 
 def _check_images(fixed: torch.Tensor, moving: torch.Tensor, name: str = "instance_optimize") -> None:
@@ -119,91 +89,18 @@ def _check_mask(mask: torch.Tensor | None, fixed: torch.Tensor) -> torch.Tensor 
     return mask
 
 
-def _level_shape(shape: Sequence[int], factor: float) -> tuple[int, ...]:
-    return tuple(max(4, int(round(n / factor))) for n in shape)
-
-
-def _resize(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """Area-averaged downsampling (anti-aliased), or trilinear resampling when a size grows or stays."""
-    if tuple(image.shape[2:]) == tuple(shape):
-        return image
-    if all(m <= n for m, n in zip(shape, image.shape[2:])):
-        return F.interpolate(image, size=tuple(shape), mode="area")
-    return F.interpolate(image, size=tuple(shape), mode="trilinear", align_corners=True)
-
-
-def _field_scale(from_shape: Sequence[int], to_shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
-    """Per-axis factor converting a displacement in voxels of ``from_shape`` into voxels of ``to_shape`` (grids
-    aligned at their corner voxels), as a ``(1, 3, 1, 1, 1)`` tensor."""
-    scale = [(t - 1) / (f - 1) for f, t in zip(from_shape, to_shape)]
-    return torch.tensor(scale, dtype=like.dtype, device=like.device).reshape(1, 3, 1, 1, 1)
-
-
-def _resize_field(ddf: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
-    """A DDF resampled (trilinear, corner-aligned) onto another grid, with its values converted to that grid's voxels."""
-    if tuple(ddf.shape[2:]) == tuple(shape):
-        return ddf
-    resized = F.interpolate(ddf, size=tuple(shape), mode="trilinear", align_corners=True)
-    return resized * _field_scale(ddf.shape[2:], shape, ddf)
-
-
-def affine_ddf(affine: Affine, shape: Sequence[int], full_shape: Sequence[int] | None = None) -> torch.Tensor:
-    """The DDF ``(B, 3, *shape)`` in voxels of ``shape`` of an :class:`Affine` defined on a grid of ``full_shape``
-    voxels of size ``affine.spacing`` (``shape`` may be a coarser level of that grid, corner-aligned)."""
-    full_shape = tuple(shape) if full_shape is None else tuple(full_shape)
-    matrix, translation = affine.matrix, affine.translation
-    s = torch.as_tensor(affine.spacing, dtype=matrix.dtype, device=matrix.device)
-    # physical coordinates (mm) of the level's voxels, on the full grid's frame
-    axes = [
-        torch.linspace(0, (n_full - 1) * s_k, n, dtype=matrix.dtype, device=matrix.device)
-        for n, n_full, s_k in zip(shape, full_shape, s)
-    ]
-    points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).flatten(1)  # (3, N)
-    centre = (torch.as_tensor(full_shape, dtype=matrix.dtype, device=matrix.device) - 1) / 2 * s
-    moved = matrix @ (points - centre[:, None]) + (centre + translation)[:, :, None]  # (B, 3, N)
-    ddf_full_voxels = (moved - points) / s[None, :, None]
-    ddf = ddf_full_voxels.reshape(matrix.shape[0], 3, *shape)
-    return ddf * _field_scale(full_shape, shape, ddf)
-
-
-def compose_affine(affine: Affine | None, ddf: torch.Tensor, affine_field: torch.Tensor | None = None) -> torch.Tensor:
-    """The DDF of ``x -> affine(x + ddf(x))`` in voxels: ``u_A(x) + A_vox ddf(x)``, exact for an affine map.
-    ``affine_field`` is ``affine_ddf(affine, ...)`` on ``ddf``'s grid when already computed."""
-    if affine is None:
-        return ddf
-    if affine_field is None:
-        affine_field = affine_ddf(affine, ddf.shape[2:])
-    linear = torch.einsum("bij,bj...->bi...", affine.voxel_matrix().to(ddf), ddf)
-    return affine_field + linear
-
-
-class _Similarity:
+class _LevelSimilarity:
     """Per-sample similarity ``(B,)`` of the moving image warped by a DDF to the fixed image on one level's grid,
-    averaged over the (soft) fixed mask. Descriptors of both images are computed once per level."""
+    averaged over the (soft) fixed mask: a row of the similarity table (:mod:`.losses.similarity`) comparing what
+    its ``prepare`` gave on the image grid, resized to the level (``fixed``, ``moving``), with training's LNCC window
+    scaled with the level."""
 
-    def __init__(self, kind: str, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None, factor: float):
-        # ``fixed``/``moving``: what :meth:`prepare` gives (MIND descriptors computed on the image grid and averaged
-        # onto the level, ConvexAdam's design, or the images), resized to the level
-        self.kind, self.fixed, self.moving, self.mask = kind, fixed, moving, mask
-        if kind == "lncc":  # training's 9-voxel window, scaled with the level
-            window = max(3, int(round(9 / factor)) | 1)
-            self.lncc = LocalNormalizedCrossCorrelationLoss(spatial_dims=3, kernel_size=window, reduction="none")
-
-    @staticmethod
-    def prepare(kind: str, fixed: torch.Tensor, moving: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """What the similarity compares, on the image grid: MIND descriptors or the images themselves."""
-        if kind == "mind":
-            return mind_ssc(fixed), mind_ssc(moving)
-        return fixed, moving
+    def __init__(self, row: Similarity, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None, factor: float):
+        self.row, self.fixed, self.moving, self.mask = row, fixed, moving, mask
+        self.window = max(3, int(round(LNCC_WINDOW / factor)) | 1)
 
     def __call__(self, ddf: torch.Tensor) -> torch.Tensor:
-        warped = warp_image(self.moving, ddf)
-        if self.kind == "mind":
-            # mean over the 12 descriptors: in [0, 1] like training's LNCC term in [-1, 0], so (lam, mu) weigh a
-            # similarity of the same range (the sum over descriptors made fields rough at the paper's (lam, mu))
-            value = (warped - self.fixed).square().mean(dim=1, keepdim=True)
-        else:
-            value = self.lncc(warped, self.fixed)
+        value = self.row.compare(warp_image(self.moving, ddf), self.fixed, self.window)
         if self.mask is None:
             return value.flatten(1).mean(1)
         return (value * self.mask).flatten(1).sum(1) / self.mask.flatten(1).sum(1)
@@ -218,11 +115,6 @@ def _per_sample(value: float | torch.Tensor, name: str, batch: int, like: torch.
     if not torch.isfinite(value).all() or (value < 0).any():
         raise ValueError(f"{name} must be finite and non-negative, got {value.tolist()}.")
     return value
-
-
-def _check_similarity(similarity: str) -> None:
-    if similarity not in SIMILARITIES:
-        raise ValueError(f"similarity must be one of {SIMILARITIES}, got {similarity!r}.")
 
 
 def _voxel_points(shape: Sequence[int], spacing: Sequence[float], like: torch.Tensor) -> torch.Tensor:
@@ -286,7 +178,7 @@ def prealign(
     spacing = _check_spacing(spacing, "spacing") or (1.0, 1.0, 1.0)
     if transform not in PREALIGNMENTS:
         raise ValueError(f"transform must be one of {PREALIGNMENTS}, got {transform!r}.")
-    _check_similarity(similarity)
+    row = get_similarity(similarity)
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}.")
     mask = _check_mask(mask, fixed)
@@ -314,10 +206,10 @@ def prealign(
         return Affine(matrix, translation * 10.0, spacing)
 
     if steps:
-        level = _level_shape(shape, factor)
-        fixed_l, moving_l = (_resize(t, level) for t in _Similarity.prepare(similarity, fixed, moving))
-        mask_l = None if mask is None else _resize(mask, level)
-        measure = _Similarity(similarity, fixed_l, moving_l, mask_l, factor)
+        level = level_shape(shape, factor)
+        fixed_l, moving_l = (resize_image(row.prepare(t), level) for t in (fixed, moving))
+        mask_l = None if mask is None else resize_image(mask, level)
+        measure = _LevelSimilarity(row, fixed_l, moving_l, mask_l, factor)
         optimizer = torch.optim.Adam(params, lr=lr)
         with torch.enable_grad():
             for step in range(steps):
@@ -385,7 +277,7 @@ def instance_optimize(
             negative or non-finite ``lam``/``mu``.
     """
     _check_images(fixed, moving)
-    _check_similarity(similarity)
+    row = get_similarity(similarity)
     spacing = _check_spacing(spacing, "spacing")
     if steps < 0 or levels < 1 or not grid >= 1 or not lr > 0:
         raise ValueError(f"need steps >= 0, levels >= 1, grid >= 1 and lr > 0, got {steps}, {levels}, {grid}, {lr}.")
@@ -403,7 +295,7 @@ def instance_optimize(
     if steps == 0:
         return compose_affine(affine, init_ddf)
 
-    compared = _Similarity.prepare(similarity, fixed, moving)
+    compared = (row.prepare(fixed), row.prepare(moving))
     base_spacing = torch.as_tensor(spacing or (1.0, 1.0, 1.0), dtype=fixed.dtype)
     correction: torch.Tensor | None = None
     integrate = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="border") if diffeomorphic else None
@@ -422,25 +314,25 @@ def instance_optimize(
         flow = integrate(correction)
         return flow + warp_image(init, flow)  # x -> init(x + flow(x)) + flow(x): init composed after the flow
 
-    for level in range(levels):
-        factor = grid * 2 ** (levels - 1 - level)
-        level_shape = _level_shape(shape, factor)
-        fixed_l, moving_l = (_resize(t, level_shape) for t in compared)
-        measure = _Similarity(similarity, fixed_l, moving_l, None if mask is None else _resize(mask, level_shape), factor)
-        init_l = _resize_field(init_ddf, level_shape)
-        scale = _field_scale(shape, level_shape, base_spacing).flatten()
+    for level_index in range(levels):
+        factor = grid * 2 ** (levels - 1 - level_index)
+        level = level_shape(shape, factor)
+        fixed_l, moving_l = (resize_image(t, level) for t in compared)
+        measure = _LevelSimilarity(row, fixed_l, moving_l, None if mask is None else resize_image(mask, level), factor)
+        init_l = resize_field(init_ddf, level)
+        scale = field_scale(shape, level, base_spacing).flatten()
         # the pre-alignment on the level's grid: its field, and its linear part in the level's voxels
         affine_l = None if affine is None else affine._replace(spacing=tuple((torch.tensor(affine.spacing) / scale).tolist()))
-        affine_field_l = None if affine is None else affine_ddf(affine, level_shape, shape)
+        affine_field_l = None if affine is None else affine_ddf(affine, level, shape)
         # the level's voxel, in voxels of the image grid per axis (times the training spacing)
         level_spacing = (base_spacing / scale).tolist()
-        start = torch.zeros(batch, 3, *level_shape, dtype=fixed.dtype, device=fixed.device)
+        start = torch.zeros(batch, 3, *level, dtype=fixed.dtype, device=fixed.device)
         # the next level starts from this level's (smoothed) field
-        previous = None if correction is None else _resize_field(smoothed(correction.detach()), level_shape)
+        previous = None if correction is None else resize_field(smoothed(correction.detach()), level)
         correction = torch.nn.Parameter(start if previous is None else previous)
         # the loss is summed over the level's voxels, and Adam's eps set on that scale, so that the rounding noise of
         # warping with a zero field (gradients of about 1e-6 per voxel) is not magnified into full steps by Adam's normalisation
-        voxels = math.prod(level_shape)
+        voxels = math.prod(level)
         optimizer = torch.optim.Adam([correction], lr=lr, eps=1e-4)
         with torch.enable_grad():
             for step in range(steps):
@@ -457,150 +349,14 @@ def instance_optimize(
                 if step in (0, steps - 1) or (log_every and (step + 1) % log_every == 0):
                     logger.info(
                         "instance optimisation level %d/%d (%s) step %d/%d: loss %.5f, %s %.5f, elastic %.5f",
-                        level + 1, levels, "x".join(map(str, level_shape)), step + 1, steps,
+                        level_index + 1, levels, "x".join(map(str, level)), step + 1, steps,
                         loss.item() / batch, similarity, similarity_value.mean().item(), energy.mean().item(),
                     )
     with torch.no_grad():
         correction = smoothed(correction.detach())
         if integrate is None:
-            field = init_ddf + _resize_field(correction, shape)
+            field = init_ddf + resize_field(correction, shape)
         else:
-            flow = _resize_field(integrate(correction), shape)
+            flow = resize_field(integrate(correction), shape)
             field = flow + warp_image(init_ddf, flow)
         return compose_affine(affine, field)
-
-
-class InstanceOptimization:
-    """The test-time stages of a registration around the network, with their settings: pre-alignment before the
-    network, instance optimisation after it (used by :class:`~elastic_hypermorph_bundle.workflow.steps.RegisterStep`
-    in inference, evaluation and the sweep's selected point).
-
-    ``(lam, mu)`` of the optimisation are the network's hyperparameter row: ``[lam, mu]`` for the elastic
-    regularizer, ``alpha * (fixed_lam, fixed_mu)`` for ``"elastic_fixed"`` (the same energy, since it is linear in
-    ``(lam, mu)``). The diffusion baseline has no elastic parameters: for it the optimisation is off (with a
-    warning), the pre-alignment stays.
-
-    Args:
-        steps: Adam steps per level (0: no instance optimisation).
-        similarity, levels, grid, lr, smooth: see :func:`instance_optimize`.
-        prealign: ``"auto"`` (an affine pre-alignment when the centres of mass are more than
-            :data:`AUTO_PREALIGN_MM` apart, else none: it costs little and leaves pre-aligned pairs as they are),
-            ``"none"``, ``"translation"``, ``"rigid"`` or ``"affine"`` (see :func:`prealign`).
-        prealign_steps: Adam steps of the pre-alignment.
-        use_mask: restrict both stages' similarity to the fixed mask (the batch must have ``fixed_mask``).
-        diffeomorphic: optimise a velocity (see :func:`instance_optimize`).
-        hyper_space: the model's trained :class:`~elastic_hypermorph_bundle.hyperparams.HyperSpace` (its
-            regularizer decides how a row maps to ``(lam, mu)``); ``None`` means the elastic regularizer.
-        fixed_lam, fixed_mu: the ``"elastic_fixed"`` regularizer's constants (default: the training loss's,
-            :data:`~elastic_hypermorph_bundle.losses.registration.FIXED_LAME`).
-
-    Raises:
-        ValueError: for an unknown similarity or pre-alignment, negative steps, levels < 1, grid < 1, lr <= 0.
-    """
-
-    def __init__(
-        self,
-        steps: int = 25,
-        similarity: str = "mind",
-        levels: int = 3,
-        grid: float = 2.0,
-        lr: float = 0.2,
-        smooth: int = 3,
-        prealign: str = "auto",
-        prealign_steps: int = 100,
-        use_mask: bool | str = False,
-        diffeomorphic: bool | str = False,
-        hyper_space=None,
-        fixed_lam: float | None = None,
-        fixed_mu: float | None = None,
-    ) -> None:
-        from .workflow import parse_flag  # booleans from the command line are parsed once, here
-
-        steps, levels, prealign_steps = int(steps), int(levels), int(prealign_steps)
-        regularizer = "elastic" if hyper_space is None else hyper_space.regularizer
-        _check_similarity(similarity)
-        if prealign not in ("auto", *PREALIGNMENTS):
-            raise ValueError(f"prealign must be one of {('auto', *PREALIGNMENTS)}, got {prealign!r}.")
-        if steps < 0 or prealign_steps < 0:
-            raise ValueError(f"instance_steps and prealign_steps must be >= 0, got {steps} and {prealign_steps}.")
-        if levels < 1 or not float(grid) >= 1 or not float(lr) > 0 or int(smooth) < 0:
-            raise ValueError(f"need instance_levels >= 1, instance_grid >= 1, instance_lr > 0 and smooth >= 0, got "
-                             f"{levels}, {grid}, {lr}, {smooth}.")
-        if steps > 0 and regularizer == "diffusion":
-            logger.warning(
-                "instance optimisation optimises the elastic energy at the network's (lam, mu), which the diffusion "
-                "baseline does not have: it registers with its network alone (--instance_steps 0 says so)."
-            )
-            steps = 0
-        if regularizer == "elastic_fixed":  # the training loss's defaults (the model card does not record them)
-            from .losses.registration import FIXED_LAME
-
-            fixed_lam = FIXED_LAME.lam if fixed_lam is None else float(fixed_lam)
-            fixed_mu = FIXED_LAME.mu if fixed_mu is None else float(fixed_mu)
-        self.steps, self.similarity, self.levels, self.grid = steps, similarity, levels, float(grid)
-        self.lr, self.smooth = float(lr), int(smooth)
-        self.prealign, self.prealign_steps = prealign, prealign_steps
-        self.use_mask = parse_flag("use_mask", use_mask)
-        self.diffeomorphic = parse_flag("diffeomorphic", diffeomorphic)
-        self.regularizer, self.fixed_lam, self.fixed_mu = regularizer, fixed_lam, fixed_mu
-
-    @property
-    def enabled(self) -> bool:
-        return self.steps > 0 or self.prealign != "none"
-
-    def elastic_parameters(self, hyper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(lam, mu)``, each ``(B,)``, of the network's ``(B, H)`` hyperparameter rows."""
-        if self.regularizer == "elastic":
-            return hyper[:, 0], hyper[:, 1]
-        return hyper[:, 0] * self.fixed_lam, hyper[:, 0] * self.fixed_mu
-
-    def mask(self, batch: dict) -> torch.Tensor | None:
-        if not self.use_mask:
-            return None
-        if "fixed_mask" not in batch:
-            raise ValueError("--use_mask true needs a fixed mask for every pair (--fixed_mask, or masksTr in the dataset).")
-        return batch["fixed_mask"].float()
-
-    def align(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None) -> Affine | None:
-        """The pre-alignment of the pair, ``None`` when off (or, with ``"auto"``, not needed)."""
-        transform = self.prealign
-        if transform == "auto":
-            offset = centre_of_mass_offset(fixed, moving, spacing).norm(dim=1).max().item()
-            transform = "affine" if offset > AUTO_PREALIGN_MM else "none"
-            if transform == "affine":
-                logger.info("pre-alignment: centres of mass %.1f mm apart, fitting an affine map", offset)
-        if transform == "none":
-            return None
-        return prealign(fixed, moving, spacing, transform, self.similarity, mask, self.prealign_steps)
-
-    def refine(self, fixed, moving, hyper, init_ddf, affine: Affine | None = None, mask=None) -> torch.Tensor:
-        """The total DDF: ``init_ddf`` optimised at the rows' ``(lam, mu)`` and composed with ``affine``."""
-        lam, mu = self.elastic_parameters(hyper)
-        return instance_optimize(
-            fixed, moving, lam, mu, init_ddf, similarity=self.similarity, steps=self.steps, levels=self.levels,
-            grid=self.grid, lr=self.lr, mask=mask, diffeomorphic=self.diffeomorphic, affine=affine,
-            smooth=self.smooth,
-        )
-
-    def register(self, predict, fixed, moving, hyper, spacing: Sequence[float], mask=None) -> torch.Tensor:
-        """One registration with every stage: pre-alignment, ``predict(network_moving) -> ddf`` (the network on
-        the pre-aligned moving image; ``None``: the identity), instance optimisation; returns the total DDF.
-
-        Args:
-            predict: callable mapping the (pre-aligned) moving image ``(B, 1, *spatial)`` to the network's DDF.
-            fixed, moving: ``(B, 1, *spatial)`` plain tensors on one grid.
-            hyper: ``(B, H)`` the network's hyperparameter rows (they give ``(lam, mu)``, see
-                :meth:`elastic_parameters`).
-            spacing: voxel size (mm) of the grid, for the pre-alignment's rotations and scalings.
-            mask: the fixed mask ``(B, 1, *spatial)`` when ``use_mask`` (see :meth:`mask`).
-        """
-        affine = self.align(fixed, moving, spacing, mask)
-        network_moving = moving if affine is None else warp_image(moving, affine_ddf(affine, moving.shape[2:]))
-        if predict is None:
-            ddf = torch.zeros(fixed.shape[0], 3, *fixed.shape[2:], dtype=fixed.dtype, device=fixed.device)
-        else:
-            ddf = predict(network_moving)
-            ddf = (ddf.as_tensor() if hasattr(ddf, "as_tensor") else ddf).float()
-        if self.steps > 0:
-            return self.refine(fixed, moving, hyper, ddf, affine, mask)
-        return compose_affine(affine, ddf)

@@ -18,6 +18,8 @@ import torch
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
 
+from .metrics import JACOBIAN_BORDER, jacobian_determinant
+
 __all__ = ["plot_pair", "save_pair_png"]
 
 FIELDS = ("magnitude", "jacobian")
@@ -36,8 +38,6 @@ def _field_map(ddf: np.ndarray, spacing: Sequence[float] | None, field: str) -> 
         scale = np.ones(3) if spacing is None else np.asarray(spacing, dtype=float)
         unit = "voxels" if spacing is None else "mm"
         return np.linalg.norm(ddf * scale[:, None, None, None], axis=0), f"|u| ({unit})"
-    from .metrics import JACOBIAN_BORDER, jacobian_determinant
-
     det = jacobian_determinant(torch.as_tensor(ddf, dtype=torch.float64)[None])[0].numpy()
     return np.pad(det, JACOBIAN_BORDER, mode="edge"), "det(I + grad u)"
 

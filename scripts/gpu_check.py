@@ -233,7 +233,7 @@ class Check:
         at the bundle's defaults, timed twice (the first run includes CUDA start-up)."""
         import torch
 
-        from elastic_hypermorph_bundle.optimize import InstanceOptimization
+        from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
 
         size = self.size if not self.tiny else [16, 16, 16]
         generator = torch.Generator().manual_seed(0)

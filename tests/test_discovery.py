@@ -341,7 +341,7 @@ def test_sweep_runs_from_the_bundle_config(setup, tmp_path):
 
 
 def test_sweep_reports_the_instance_optimisation_gain_at_the_selected_point(setup, tmp_path):
-    from elastic_hypermorph_bundle.optimize import InstanceOptimization
+    from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
 
     summary = ParameterSweep(setup["network"], setup["space"], setup["dataset"], tmp_path / "sweep", split="all",
                              ckpt_path=setup["ckpt"], criterion="tre", refine_steps=0, progress=False,

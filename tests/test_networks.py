@@ -303,7 +303,7 @@ def test_adam_training_is_stable_and_learns_the_hyper_conditioning(cls):
     with torch.no_grad():
         soft, stiff = net(x_held_out, torch.tensor([[0.0, 0.0]])), net(x_held_out, torch.tensor([[high, high]]))
         assert elastic_energy(stiff, 1.0, 1.0).mean() < 0.5 * elastic_energy(soft, 1.0, 1.0).mean()
-        similarity = [loss_fn.similarity(warp_image(held_out[0], ddf), held_out[1]).mean() for ddf in (soft, stiff)]
+        similarity = [loss_fn.similarity_map(warp_image(held_out[0], ddf), held_out[1]).mean() for ddf in (soft, stiff)]
     assert similarity[0] < similarity[1]  # LNCC loss: lower is better
 
 

@@ -12,7 +12,8 @@ from elastic_hypermorph_bundle.losses.elastic import elastic_energy
 from elastic_hypermorph_bundle.losses.mind import MINDSSCLoss, mind_ssc
 from elastic_hypermorph_bundle.metrics import folding_percent, target_registration_error
 from elastic_hypermorph_bundle.networks import warp_image
-from elastic_hypermorph_bundle.optimize import Affine, affine_ddf, compose_affine, instance_optimize, prealign
+from elastic_hypermorph_bundle.networks.spatial import Affine, affine_ddf, compose_affine
+from elastic_hypermorph_bundle.optimize import instance_optimize, prealign
 
 torch.set_num_threads(1)
 
@@ -316,7 +317,7 @@ def _register(pair, instance):
 
 
 def test_register_step_optimises_the_network_field(simulated_pair):
-    from elastic_hypermorph_bundle.optimize import InstanceOptimization
+    from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
 
     network_only = _register(simulated_pair, None)
     assert network_only.abs().max() == 0
@@ -326,7 +327,7 @@ def test_register_step_optimises_the_network_field(simulated_pair):
 
 def test_instance_settings_refuse_bad_values():
     from elastic_hypermorph_bundle.hyperparams import HyperSpace
-    from elastic_hypermorph_bundle.optimize import InstanceOptimization
+    from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
 
     with pytest.raises(ValueError, match="similarity must be one of"):
         InstanceOptimization(steps=10, similarity="ssd")
@@ -343,7 +344,8 @@ def test_instance_settings_refuse_bad_values():
 
 
 def test_auto_prealignment_runs_only_when_the_images_are_far_apart():
-    from elastic_hypermorph_bundle.optimize import AUTO_PREALIGN_MM, InstanceOptimization, centre_of_mass_offset
+    from elastic_hypermorph_bundle.optimize import AUTO_PREALIGN_MM, centre_of_mass_offset
+    from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
 
     fixed = blobs((32, 32, 32), seed=2, count=20)
     spacing = (4.0, 4.0, 4.0)

@@ -1,5 +1,5 @@
 """The instance optimisation's gain at the sweep's selected point: the sweep itself stays amortised (network
-passes only), and the test-time stages (:class:`~elastic_hypermorph_bundle.optimize.InstanceOptimization`) run once
+passes only), and the test-time stages (:class:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`) run once
 per pair at the chosen ``(lam, mu)``, as inference would run them."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..forward import network_input
-from ..optimize import InstanceOptimization
+from ..workflow.instance import InstanceOptimization
 from .sweep import PreparedPair, field_metrics
 
 __all__ = ["instance_gain"]

@@ -26,8 +26,8 @@ from ..data.transforms import registration_transforms
 from ..hyperparams import HyperSpace
 from ..metrics import POINT_KINDS
 from ..model_card import ModelCard, preprocessing
-from ..optimize import InstanceOptimization
-from ..workflow import parse_flag
+from ..workflow.instance import InstanceOptimization
+from ..flags import parse_flag
 from ..workflow.datalists import pair_datalist
 from .instance import instance_gain
 from .plots import plot_grid_metric
@@ -87,7 +87,7 @@ class ParameterSweep:
         max_folding_percent: folding bound of the ``"similarity"`` criterion.
         refine_steps, refine_lr: gradient refinement from the best grid point (0 steps: none); refinement needs the
             ``"dice"`` or ``"tre"`` criterion.
-        instance: the test-time stages (:class:`~elastic_hypermorph_bundle.optimize.InstanceOptimization`) run
+        instance: the test-time stages (:class:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`) run
             once per pair at the selected point (the refined one, else the best grid point), their gain over the
             network alone reported in the summary's ``instance_optimization``; ``None`` or all stages off: none.
         device: where pairs are cached and the network runs (default: the network's device).

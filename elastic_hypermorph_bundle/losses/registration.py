@@ -1,4 +1,5 @@
-"""Unsupervised registration loss: local NCC similarity plus a hyperparameter-weighted regularizer, per sample."""
+"""Unsupervised registration loss: a similarity (local NCC by default) plus a hyperparameter-weighted regularizer,
+per sample."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import math
 from collections.abc import Sequence
 
 import torch
-from monai.losses import DiffusionLoss, LocalNormalizedCrossCorrelationLoss
+from monai.losses import DiffusionLoss
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
 from ..physics import LAI_FOOK, LameParameters
 from .elastic import elastic_energy
+from .similarity import LNCC_WINDOW, get_similarity
 
 __all__ = ["RegistrationLoss", "REGULARIZERS", "training_loss", "FIXED_LAME"]
 
@@ -29,8 +31,10 @@ class RegistrationLoss(_Loss):
 
     Per sample ``b`` with hyperparameter row ``h_b``::
 
-        sim_b = LNCC(warped_b, fixed_b)      MONAI LocalNormalizedCrossCorrelationLoss, window kernel_size^D,
-                                             averaged over channels and voxels (in [-1, 0], lower is better)
+        sim_b = S(warped_b, fixed_b)         similarity="lncc": MONAI LocalNormalizedCrossCorrelationLoss, window
+                                             kernel_size^D, averaged over channels and voxels (in [-1, 0], lower is
+                                             better); another row of the similarity table (:mod:`.similarity`)
+                                             compares its prepared images the same way
         reg_b = R(u_b; lam_b, mu_b)          regularizer="elastic",       h_b = [lam, mu]
               = alpha_b * mean |∇u_b|² / D   regularizer="diffusion",     h_b = [alpha] (MONAI DiffusionLoss:
                                              central differences, averaged over channels and voxels)
@@ -54,6 +58,8 @@ class RegistrationLoss(_Loss):
         fixed_mu: shear modulus ``mu`` of the ``"elastic_fixed"`` regularizer.
         spacing: voxel size per axis for the elastic regularizers (see ``elastic_energy``); ``None`` is unit spacing.
         reduction: ``"none"`` returns ``(B,)`` per-sample values; ``"mean"`` / ``"sum"`` reduce over the batch.
+        similarity: a name of the similarity table :data:`~.similarity.SIMILARITIES` (``"lncc"``, the paper's, or
+            ``"mind"``).
     """
 
     def __init__(
@@ -61,12 +67,13 @@ class RegistrationLoss(_Loss):
         regularizer: str = "elastic",
         weighting: str = "paper",
         spatial_dims: int = 3,
-        kernel_size: int = 9,
+        kernel_size: int = LNCC_WINDOW,
         regularize: str = "displacement",
         fixed_lam: float | None = None,
         fixed_mu: float | None = None,
         spacing: Sequence[float] | None = None,
         reduction: LossReduction | str = LossReduction.MEAN,
+        similarity: str = "lncc",
     ) -> None:
         if reduction not in list(LossReduction):
             raise ValueError(f'Unsupported reduction: {reduction}, available options are ["mean", "sum", "none"].')
@@ -79,6 +86,9 @@ class RegistrationLoss(_Loss):
             raise ValueError(f"regularize must be one of {REGULARIZED_FIELDS}, got {regularize!r}.")
         if spatial_dims not in (1, 2, 3):
             raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
+        self._similarity = get_similarity(similarity, spatial_dims)
+        if int(kernel_size) != kernel_size or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size (the local window) must be a positive odd integer, got {kernel_size}.")
         if regularizer == "elastic_fixed":
             for name, value in (("fixed_lam", fixed_lam), ("fixed_mu", fixed_mu)):
                 if value is None or not math.isfinite(value) or value < 0:
@@ -96,7 +106,8 @@ class RegistrationLoss(_Loss):
         self.fixed_lam = fixed_lam
         self.fixed_mu = fixed_mu
         self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
-        self.similarity = LocalNormalizedCrossCorrelationLoss(spatial_dims, kernel_size=kernel_size, reduction="none")
+        self.similarity = similarity
+        self.kernel_size = int(kernel_size)
         self.diffusion = DiffusionLoss(reduction="none") if regularizer == "diffusion" else None
 
     @property
@@ -130,6 +141,12 @@ class RegistrationLoss(_Loss):
             return hyper[:, 0] * elastic_energy(field, self.fixed_lam, self.fixed_mu, self.spacing)
         return hyper[:, 0] * self.diffusion(field).flatten(1).mean(1)
 
+    def similarity_map(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
+        """The per-voxel similarity ``(B, 1, *spatial)`` of the warped moving image to the fixed one (lower is
+        better), as the loss's ``sim_b`` averages it."""
+        row = self._similarity
+        return row.compare(row.prepare(warped), row.prepare(fixed), self.kernel_size)
+
     def _reduce(self, values: torch.Tensor) -> torch.Tensor:
         if self.reduction == LossReduction.MEAN.value:
             return values.mean()
@@ -155,7 +172,7 @@ class RegistrationLoss(_Loss):
                 the whole batch.
             velocity: stationary velocity field ``(B, D, *spatial')``, required when ``regularize="velocity"``.
             return_components: also return the parts, as ``dict(loss=, similarity=, regularization=)``, each reduced
-                like the loss; ``similarity`` is the unweighted LNCC, ``regularization`` the weighted ``reg_b``.
+                like the loss; ``similarity`` is the unweighted ``sim_b``, ``regularization`` the weighted ``reg_b``.
 
         Raises:
             ValueError: when ``hyper`` does not match the regularizer or the batch, a velocity is needed but missing,
@@ -179,7 +196,7 @@ class RegistrationLoss(_Loss):
                 f"got shape {tuple(field.shape)}."
             )
 
-        similarity = self.similarity(warped, fixed).flatten(1).mean(1)
+        similarity = self.similarity_map(warped, fixed).flatten(1).mean(1)
         regularization = self._regularization(field, hyper.to(field))
         similarity_weight = 1 - hyper.sum(1).to(similarity) if self.weighting == "hypermorph" else 1.0
         loss = similarity_weight * similarity + regularization

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .spatial import resize_field
+
 __all__ = ["NetworkGrid"]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
@@ -108,11 +110,7 @@ class NetworkGrid:
         resampled = self.resampled_shape(shape, spacing)
         # the inverse of the pad/crop: crop what was padded, pad (border values) what was cropped
         ddf = self._unpad_uncrop(ddf, resampled)
-        if resampled != tuple(shape):
-            ddf = F.interpolate(ddf, size=tuple(shape), mode="trilinear", align_corners=True)
-            scale = [(n - 1) / (r - 1) for n, r in zip(shape, resampled)]
-            ddf = ddf * torch.tensor(scale, dtype=ddf.dtype, device=ddf.device).reshape(1, 3, 1, 1, 1)
-        return ddf
+        return resize_field(ddf, shape)
 
     def _unpad_uncrop(self, ddf: torch.Tensor, target: Sequence[int]) -> torch.Tensor:
         for axis, (m, n) in enumerate(zip(self.spatial_size, target)):

@@ -1,25 +1,12 @@
-"""Bundle workflows wired by the JSON configs in ``configs/``: datalists, the training iteration and handlers
-(:mod:`.training`), the registration iteration (:mod:`.steps`), ignite metrics and output writers."""
+"""Bundle workflows wired by the JSON configs in ``configs/``: datalists, inference inputs, the registration
+iteration (:mod:`.steps`) and its test-time stages (:mod:`.instance`), the training iteration (:mod:`.train_step`),
+checkpoints, export, ignite metrics and output writers. Workflows import the layers below them, never the reverse.
+
+``parse_flag`` and ``amp_enabled`` live in :mod:`elastic_hypermorph_bundle.flags`; they are re-exported here for the
+configs (``elastic_hypermorph_bundle.workflow.amp_enabled``) and the workflow modules."""
 
 from __future__ import annotations
 
-import torch
+from ..flags import amp_enabled, parse_flag
 
 __all__ = ["parse_flag", "amp_enabled"]
-
-
-def parse_flag(name: str, value) -> bool:
-    """A boolean config value as given in a config or on the command line: ``True``/``False`` or
-    ``"true"``/``"false"`` (``python -m monai.bundle run ... --resume false`` hands over the string ``"false"``,
-    which Python would take as true)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        return value.strip().lower() == "true"
-    raise ValueError(f"--{name} must be true or false, got {value!r}.")
-
-
-def amp_enabled(amp, device) -> bool:
-    """Whether a run uses automatic mixed precision: ``--amp`` (parsed by :func:`parse_flag`) and a CUDA device
-    (autocast on the CPU would run bfloat16 and gains nothing for these networks)."""
-    return parse_flag("amp", amp) and torch.device(device).type == "cuda"

@@ -41,8 +41,8 @@ class ExportTrainedModel:
         spatial_size, pixdim, hu_window: the preprocessing of training.
         split_file: the ``split.json`` of the run.
         training: settings of the run to record (learning rate, seed, ...).
-        loss: the training loss; its ``weighting``, ``regularize``, ``fixed_lam`` and ``fixed_mu`` are recorded in
-            ``training``.
+        loss: the training loss; its ``similarity``, ``weighting``, ``regularize``, ``fixed_lam`` and ``fixed_mu``
+            are recorded in ``training``.
         evaluator: the validator, whose best metric is recorded.
     """
 
@@ -63,7 +63,8 @@ class ExportTrainedModel:
         self.ckpt_dir = Path(ckpt_dir)
         training = dict(training or {})
         if loss is not None:
-            training.update({key: getattr(loss, key) for key in ("weighting", "regularize", "fixed_lam", "fixed_mu")})
+            recorded = ("similarity", "weighting", "regularize", "fixed_lam", "fixed_mu")
+            training.update({key: getattr(loss, key) for key in recorded})
         self.card = {
             "hyper_space": hyper_space,
             "network_name": network_name,

@@ -13,7 +13,7 @@ from ..data.transforms import PAIR_KEYS
 from ..forward import network_input
 from ..networks import warp_image, warp_label
 from ..networks.grid import NetworkGrid
-from ..optimize import InstanceOptimization
+from .instance import InstanceOptimization
 
 __all__ = ["RegisterStep"]
 
@@ -35,7 +35,7 @@ class RegisterStep:
     * ``"spacing"``: ``(B, D)`` voxel size of the network grid in mm (from the fixed image's affine);
     * ``"hyper"``: ``(B, H)`` the row used; ``"runtime"``: ``(B,)`` seconds of network and warping per pair.
 
-    With ``instance`` (:class:`~elastic_hypermorph_bundle.optimize.InstanceOptimization`), the pair is first
+    With ``instance`` (:class:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`), the pair is first
     pre-aligned (the network sees the pre-aligned moving image), and the network's field is then optimised for the
     pair at the same row's ``(lam, mu)``; ``"pred"`` is the total field (pre-alignment composed with the optimised
     one) and ``"runtime"`` counts all stages.

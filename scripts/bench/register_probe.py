@@ -17,7 +17,7 @@ Kinds (``spec["kind"]``; options in ``spec["options"]``):
   ``convex_adam_pt``).
 * ``network``: the bundle's model (``model``: path of ``model.pt`` with ``model.json`` next to it) at ``lam``,
   ``mu``; run on the model's training grid (the pair resampled to it when it differs, the field resampled back).
-* ``optimize``: the bundle's test-time stages (:class:`elastic_hypermorph_bundle.optimize.InstanceOptimization`
+* ``optimize``: the bundle's test-time stages (:class:`elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`
   with ``steps``, ``prealign``, ``use_mask`` and any further ``optimize_kwargs``) at ``lam``, ``mu``, as
   ``RegisterStep`` runs them: pre-alignment, then the network on the pre-aligned pair (``init: "network"``, with
   ``model``) or the identity (``init: "identity"``), then the instance optimisation.
@@ -90,7 +90,7 @@ def register_pairs(spec: dict, pair_paths: list[str], scratch: str) -> dict:
         grid = card.get("spatial_size")
         report["details"] = {"model_spatial_size": grid, "model_training": card.get("training", {}).get("steps")}
     if kind == "optimize":
-        from elastic_hypermorph_bundle.optimize import InstanceOptimization
+        from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
 
         stages = InstanceOptimization(steps=int(options["steps"]), prealign=options.get("prealign", "none"),
                                       use_mask=bool(options.get("use_mask")), **options.get("optimize_kwargs", {}))

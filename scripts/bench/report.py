@@ -314,7 +314,7 @@ def _section5(result: dict, run: dict | None = None, reruns: list[dict] = ()) ->
         + (f" ({card['network']['name']}, trained at {card.get('spatial_size')}"
            + (f", {training.get('steps')} steps" if training.get("steps") else "") + ")" if card else "")
         + f" at the inference defaults lam = {setup['lam']}, mu = {setup['mu']}; the test-time stages as inference "
-        "runs them (`elastic_hypermorph_bundle.optimize.InstanceOptimization`: pre-alignment "
+        "runs them (`elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`: pre-alignment "
         f"`{setup.get('prealign', 'none')}`, the network on its trained grid, instance optimisation at the same (lam, mu)"
         + (f", options {json.dumps(setup['optimize_kwargs'])}" if setup.get("optimize_kwargs") else ", its defaults")
         + (", fixed lung mask" if setup.get("use_mask") else ", no mask (like the peers)")

@@ -1,0 +1,100 @@
+"""Spatial transforms of the test-time stages, in the package's conventions (DDF channel ``j`` = displacement along
+spatial axis ``j`` in voxels, backward warp): global affine maps and their dense fields, their composition with a
+DDF, and the resampling of images and fields between a grid and a coarser level of it (grids aligned at their corner
+voxels).
+
+An :class:`Affine` maps physical points ``p = x * spacing`` (mm) as ``q = A (p - c) + c + t`` about the image
+centre ``c``; :func:`affine_ddf` turns it into a DDF on any level of its grid, :func:`compose_affine` puts it in
+front of a non-rigid field (``x -> affine(x + u(x))``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Affine", "affine_ddf", "compose_affine", "level_shape", "resize_image", "resize_field", "field_scale"]
+
+
+class Affine(NamedTuple):
+    """A batch of affine maps ``q = matrix (p - c) + c + translation`` of physical points ``p`` (mm) about the image
+    centre ``c``: ``matrix`` ``(B, 3, 3)``, ``translation`` ``(B, 3)`` in mm, ``spacing`` the voxel size (mm)."""
+
+    matrix: torch.Tensor
+    translation: torch.Tensor
+    spacing: tuple[float, ...]
+
+    @staticmethod
+    def identity(batch: int, spacing: Sequence[float], device=None) -> Affine:
+        eye = torch.eye(3, device=device).expand(batch, 3, 3).clone()
+        return Affine(eye, torch.zeros(batch, 3, device=device), tuple(float(s) for s in spacing))
+
+    def voxel_matrix(self) -> torch.Tensor:
+        """The linear part in voxel units, ``diag(1/s) A diag(s)``, ``(B, 3, 3)``."""
+        s = torch.as_tensor(self.spacing, dtype=self.matrix.dtype, device=self.matrix.device)
+        return self.matrix * s[None, None, :] / s[None, :, None]
+
+
+def level_shape(shape: Sequence[int], factor: float) -> tuple[int, ...]:
+    """The grid ``factor`` times coarser than ``shape`` (rounded, at least 4 voxels per axis)."""
+    return tuple(max(4, int(round(n / factor))) for n in shape)
+
+
+def resize_image(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``(B, C, *spatial)`` on a grid of ``shape``: area-averaged downsampling (anti-aliased), or trilinear
+    resampling (corner-aligned) when a size grows or stays."""
+    if tuple(image.shape[2:]) == tuple(shape):
+        return image
+    if all(m <= n for m, n in zip(shape, image.shape[2:])):
+        return F.interpolate(image, size=tuple(shape), mode="area")
+    return F.interpolate(image, size=tuple(shape), mode="trilinear", align_corners=True)
+
+
+def field_scale(from_shape: Sequence[int], to_shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:
+    """Per-axis factor ``(to - 1) / (from - 1)`` converting a displacement in voxels of ``from_shape`` into voxels of
+    ``to_shape`` (grids aligned at their corner voxels), as a ``(1, 3, 1, 1, 1)`` tensor of ``like``'s dtype."""
+    scale = [(t - 1) / (f - 1) for f, t in zip(from_shape, to_shape)]
+    return torch.tensor(scale, dtype=like.dtype, device=like.device).reshape(1, 3, 1, 1, 1)
+
+
+def resize_field(ddf: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """A DDF ``(B, 3, *spatial)`` resampled (trilinear, corner-aligned) onto a grid of ``shape``, with its values
+    converted to that grid's voxels."""
+    if tuple(ddf.shape[2:]) == tuple(shape):
+        return ddf
+    resized = F.interpolate(ddf, size=tuple(shape), mode="trilinear", align_corners=True)
+    return resized * field_scale(ddf.shape[2:], shape, ddf)
+
+
+def affine_ddf(affine: Affine, shape: Sequence[int], full_shape: Sequence[int] | None = None) -> torch.Tensor:
+    """The DDF ``(B, 3, *shape)`` in voxels of ``shape`` of an :class:`Affine` defined on a grid of ``full_shape``
+    voxels of size ``affine.spacing`` (``shape`` may be a coarser level of that grid, corner-aligned)."""
+    full_shape = tuple(shape) if full_shape is None else tuple(full_shape)
+    matrix, translation = affine.matrix, affine.translation
+    s = torch.as_tensor(affine.spacing, dtype=matrix.dtype, device=matrix.device)
+    # physical coordinates (mm) of the level's voxels, on the full grid's frame
+    axes = [
+        torch.linspace(0, (n_full - 1) * s_k, n, dtype=matrix.dtype, device=matrix.device)
+        for n, n_full, s_k in zip(shape, full_shape, s)
+    ]
+    points = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=0).flatten(1)  # (3, N)
+    centre = (torch.as_tensor(full_shape, dtype=matrix.dtype, device=matrix.device) - 1) / 2 * s
+    moved = matrix @ (points - centre[:, None]) + (centre + translation)[:, :, None]  # (B, 3, N)
+    ddf_full_voxels = (moved - points) / s[None, :, None]
+    ddf = ddf_full_voxels.reshape(matrix.shape[0], 3, *shape)
+    return ddf * field_scale(full_shape, shape, ddf)
+
+
+def compose_affine(affine: Affine | None, ddf: torch.Tensor, affine_field: torch.Tensor | None = None) -> torch.Tensor:
+    """The DDF of ``x -> affine(x + ddf(x))`` in voxels: ``u_A(x) + A_vox ddf(x)``, exact for an affine map
+    (``None``: ``ddf`` itself). ``affine_field`` is ``affine_ddf(affine, ...)`` on ``ddf``'s grid when already
+    computed."""
+    if affine is None:
+        return ddf
+    if affine_field is None:
+        affine_field = affine_ddf(affine, ddf.shape[2:])
+    linear = torch.einsum("bij,bj...->bi...", affine.voxel_matrix().to(ddf), ddf)
+    return affine_field + linear

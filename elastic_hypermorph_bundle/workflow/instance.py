@@ -1,0 +1,155 @@
+"""The test-time stages of a registration around the network, as the configs wire them (``instance`` in
+``configs/inference.json``): global pre-alignment before the network, instance optimisation of its field after it,
+at the network's own (lam, mu)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from ..flags import parse_flag
+from ..losses.registration import FIXED_LAME
+from ..losses.similarity import get_similarity
+from ..networks.spatial import Affine, affine_ddf, compose_affine
+from ..networks.warp import warp_image
+from ..optimize import AUTO_PREALIGN_MM, PREALIGNMENTS, centre_of_mass_offset, instance_optimize, prealign
+
+__all__ = ["InstanceOptimization"]
+
+logger = logging.getLogger("elastic_hypermorph_bundle")
+
+
+class InstanceOptimization:
+    """The test-time stages of a registration around the network, with their settings: pre-alignment before the
+    network, instance optimisation after it (used by :class:`~elastic_hypermorph_bundle.workflow.steps.RegisterStep`
+    in inference, evaluation and the sweep's selected point). The stages themselves are the pure functions of
+    :mod:`elastic_hypermorph_bundle.optimize`.
+
+    ``(lam, mu)`` of the optimisation are the network's hyperparameter row: ``[lam, mu]`` for the elastic
+    regularizer, ``alpha * (fixed_lam, fixed_mu)`` for ``"elastic_fixed"`` (the same energy, since it is linear in
+    ``(lam, mu)``). The diffusion baseline has no elastic parameters: for it the optimisation is off (with a
+    warning), the pre-alignment stays.
+
+    Args:
+        steps: Adam steps per level (0: no instance optimisation).
+        similarity, levels, grid, lr, smooth: see :func:`~elastic_hypermorph_bundle.optimize.instance_optimize`.
+        prealign: ``"auto"`` (an affine pre-alignment when the centres of mass are more than
+            :data:`AUTO_PREALIGN_MM` apart, else none: it costs little and leaves pre-aligned pairs as they are),
+            ``"none"``, ``"translation"``, ``"rigid"`` or ``"affine"`` (see :func:`~elastic_hypermorph_bundle.optimize.prealign`).
+        prealign_steps: Adam steps of the pre-alignment.
+        use_mask: restrict both stages' similarity to the fixed mask (the batch must have ``fixed_mask``).
+        diffeomorphic: optimise a velocity (see :func:`~elastic_hypermorph_bundle.optimize.instance_optimize`).
+        hyper_space: the model's trained :class:`~elastic_hypermorph_bundle.hyperparams.HyperSpace` (its
+            regularizer decides how a row maps to ``(lam, mu)``); ``None`` means the elastic regularizer.
+        fixed_lam, fixed_mu: the ``"elastic_fixed"`` regularizer's constants (default: the training loss's,
+            :data:`~elastic_hypermorph_bundle.losses.registration.FIXED_LAME`).
+
+    Raises:
+        ValueError: for an unknown similarity or pre-alignment, negative steps, levels < 1, grid < 1, lr <= 0.
+    """
+
+    def __init__(
+        self,
+        steps: int = 25,
+        similarity: str = "mind",
+        levels: int = 3,
+        grid: float = 2.0,
+        lr: float = 0.2,
+        smooth: int = 3,
+        prealign: str = "auto",
+        prealign_steps: int = 100,
+        use_mask: bool | str = False,
+        diffeomorphic: bool | str = False,
+        hyper_space=None,
+        fixed_lam: float | None = None,
+        fixed_mu: float | None = None,
+    ) -> None:
+        steps, levels, prealign_steps = int(steps), int(levels), int(prealign_steps)
+        regularizer = "elastic" if hyper_space is None else hyper_space.regularizer
+        get_similarity(similarity)
+        if prealign not in ("auto", *PREALIGNMENTS):
+            raise ValueError(f"prealign must be one of {('auto', *PREALIGNMENTS)}, got {prealign!r}.")
+        if steps < 0 or prealign_steps < 0:
+            raise ValueError(f"instance_steps and prealign_steps must be >= 0, got {steps} and {prealign_steps}.")
+        if levels < 1 or not float(grid) >= 1 or not float(lr) > 0 or int(smooth) < 0:
+            raise ValueError(f"need instance_levels >= 1, instance_grid >= 1, instance_lr > 0 and smooth >= 0, got "
+                             f"{levels}, {grid}, {lr}, {smooth}.")
+        if steps > 0 and regularizer == "diffusion":
+            logger.warning(
+                "instance optimisation optimises the elastic energy at the network's (lam, mu), which the diffusion "
+                "baseline does not have: it registers with its network alone (--instance_steps 0 says so)."
+            )
+            steps = 0
+        if regularizer == "elastic_fixed":  # the training loss's defaults (the model card does not record them)
+            fixed_lam = FIXED_LAME.lam if fixed_lam is None else float(fixed_lam)
+            fixed_mu = FIXED_LAME.mu if fixed_mu is None else float(fixed_mu)
+        self.steps, self.similarity, self.levels, self.grid = steps, similarity, levels, float(grid)
+        self.lr, self.smooth = float(lr), int(smooth)
+        self.prealign, self.prealign_steps = prealign, prealign_steps
+        # booleans from the command line are parsed once, here
+        self.use_mask = parse_flag("use_mask", use_mask)
+        self.diffeomorphic = parse_flag("diffeomorphic", diffeomorphic)
+        self.regularizer, self.fixed_lam, self.fixed_mu = regularizer, fixed_lam, fixed_mu
+
+    @property
+    def enabled(self) -> bool:
+        return self.steps > 0 or self.prealign != "none"
+
+    def elastic_parameters(self, hyper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(lam, mu)``, each ``(B,)``, of the network's ``(B, H)`` hyperparameter rows."""
+        if self.regularizer == "elastic":
+            return hyper[:, 0], hyper[:, 1]
+        return hyper[:, 0] * self.fixed_lam, hyper[:, 0] * self.fixed_mu
+
+    def mask(self, batch: dict) -> torch.Tensor | None:
+        if not self.use_mask:
+            return None
+        if "fixed_mask" not in batch:
+            raise ValueError("--use_mask true needs a fixed mask for every pair (--fixed_mask, or masksTr in the dataset).")
+        return batch["fixed_mask"].float()
+
+    def align(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None) -> Affine | None:
+        """The pre-alignment of the pair, ``None`` when off (or, with ``"auto"``, not needed)."""
+        transform = self.prealign
+        if transform == "auto":
+            offset = centre_of_mass_offset(fixed, moving, spacing).norm(dim=1).max().item()
+            transform = "affine" if offset > AUTO_PREALIGN_MM else "none"
+            if transform == "affine":
+                logger.info("pre-alignment: centres of mass %.1f mm apart, fitting an affine map", offset)
+        if transform == "none":
+            return None
+        return prealign(fixed, moving, spacing, transform, self.similarity, mask, self.prealign_steps)
+
+    def refine(self, fixed, moving, hyper, init_ddf, affine: Affine | None = None, mask=None) -> torch.Tensor:
+        """The total DDF: ``init_ddf`` optimised at the rows' ``(lam, mu)`` and composed with ``affine``."""
+        lam, mu = self.elastic_parameters(hyper)
+        return instance_optimize(
+            fixed, moving, lam, mu, init_ddf, similarity=self.similarity, steps=self.steps, levels=self.levels,
+            grid=self.grid, lr=self.lr, mask=mask, diffeomorphic=self.diffeomorphic, affine=affine,
+            smooth=self.smooth,
+        )
+
+    def register(self, predict, fixed, moving, hyper, spacing: Sequence[float], mask=None) -> torch.Tensor:
+        """One registration with every stage: pre-alignment, ``predict(network_moving) -> ddf`` (the network on
+        the pre-aligned moving image; ``None``: the identity), instance optimisation; returns the total DDF.
+
+        Args:
+            predict: callable mapping the (pre-aligned) moving image ``(B, 1, *spatial)`` to the network's DDF.
+            fixed, moving: ``(B, 1, *spatial)`` plain tensors on one grid.
+            hyper: ``(B, H)`` the network's hyperparameter rows (they give ``(lam, mu)``, see
+                :meth:`elastic_parameters`).
+            spacing: voxel size (mm) of the grid, for the pre-alignment's rotations and scalings.
+            mask: the fixed mask ``(B, 1, *spatial)`` when ``use_mask`` (see :meth:`mask`).
+        """
+        affine = self.align(fixed, moving, spacing, mask)
+        network_moving = moving if affine is None else warp_image(moving, affine_ddf(affine, moving.shape[2:]))
+        if predict is None:
+            ddf = torch.zeros(fixed.shape[0], 3, *fixed.shape[2:], dtype=fixed.dtype, device=fixed.device)
+        else:
+            ddf = predict(network_moving)
+            ddf = (ddf.as_tensor() if hasattr(ddf, "as_tensor") else ddf).float()
+        if self.steps > 0:
+            return self.refine(fixed, moving, hyper, ddf, affine, mask)
+        return compose_affine(affine, ddf)
