@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The release model in one command, on CPU: build the training set (realistic phantom pairs and pairs on a real
-# chest CT), train the compact HyperUNet on the coarse grid, and score it on the held-out test pairs.
+# The release model in one command, on CPU: build the training set (realistic phantom pairs and pairs on four real
+# chest CTs), fine-tune release 0.4.0's compact HyperUNet on the coarse grid, and score it on the held-out test pairs.
 #
-#   bash scripts/train_release.sh                      # defaults: release 0.4.0, 79 min on 2 shared CPU cores
-#   PAIRS=40 EPOCHS=6 bash scripts/train_release.sh    # a short run
+#   bash scripts/train_release.sh                      # defaults: release 0.5.0 (fine-tunes 0.4.0, see INIT)
+#   PAIRS=40 EPOCHS=2 bash scripts/train_release.sh    # a short run
 #   INSTALL=1 bash scripts/train_release.sh            # also copy model.pt / model.json into models/
-#   INIT=models/model.pt EPOCHS=3 bash scripts/train_release.sh   # fine-tune a trained model instead of from scratch
+#   INIT=none EPOCHS=40 bash scripts/train_release.sh  # from random initialisation (release 0.4.0's recipe, with
+#                                                      # HYPER_SAMPLING=uniform REAL_CTS=chest_ct_cropped PAIRS=60 REAL_CT_FRACTION=0.25)
 #   DATA=release_work/data ...                         # reuse a dataset written by an earlier run
 #
 # Everything goes under $WORK (default release_work/, ignored by git; refused when it exists, unless OVERWRITE=1):
@@ -16,9 +17,15 @@
 # sha256 in large_files.yml (the test tests/test_release_model.py checks it).
 #
 # Settings (environment variables):
-#   PAIRS (60)  EPOCHS (40)  SEED (0)  REAL_CT (shared/data/real_ct/chest_ct_cropped.nii.gz in the nearest
-#   ancestor folder of the bundle root, i.e. ../shared in CI; the pairs are all phantom-based when it is absent)  REAL_CT_FRACTION (0.25)  LR (1e-3)  VAL_INTERVAL (2)  THREADS (2, torch/OpenMP threads)
-#   INIT (none: random initialisation; else a model.pt with its model.json, whose network must be the config's)
+#   PAIRS (80)  EPOCHS (6)  SEED (0)  LR (1e-3)  VAL_INTERVAL (2)  THREADS (2, torch/OpenMP threads)
+#   HYPER_SAMPLING (log_uniform: (lam, mu) drawn uniformly in log space between 1e-4 and 1, which spends more samples
+#     where the elastic parameters change the field most; uniform: release 0.4.0's)
+#   REAL_CT_DIR (shared/data/real_ct in the nearest ancestor folder of the bundle root, i.e. ../shared in CI; the pairs
+#     are all phantom-based when it is absent)  REAL_CTS (the CTs of REAL_CT_DIR used, without .nii.gz, taken in turn
+#     by the real-CT pairs; default "lidc_idri_0001 lidc_idri_0002 fourdlung_113_phase40 chest_ct_cropped": the fifth,
+#     nsclc_r01_001, is HELD OUT of training entirely, for score_release.sh)  REAL_CT_FRACTION (0.5)
+#   INIT (0.4.0: release 0.4.0's model.pt and model.json, read from this repository's history (commit f7cc9a0);
+#     none: random initialisation; else a model.pt with its model.json, whose network must be the config's)
 #   DATA (none: build the dataset into $WORK/data; else train on this existing dataset)
 # The grid: images of 48 x 48 x 52 voxels of 7 x 5 x 7 mm (the Learn2Reg lung field of view), padded to 48 x 48 x 64
 # for the network (multiples of 16); inference resamples any input to that grid (the card's pixdim).
@@ -26,21 +33,23 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 WORK=${WORK:-release_work}
-PAIRS=${PAIRS:-60}
-EPOCHS=${EPOCHS:-40}
+PAIRS=${PAIRS:-80}
+EPOCHS=${EPOCHS:-6}
 SEED=${SEED:-0}
-if [ -z "${REAL_CT:-}" ]; then  # ../shared next to the bundle root; a git worktree may sit deeper: nearest ancestor
-    REAL_CT=../shared/data/real_ct/chest_ct_cropped.nii.gz
+if [ -z "${REAL_CT_DIR:-}" ]; then  # ../shared next to the bundle root; a git worktree may sit deeper: nearest ancestor
+    REAL_CT_DIR=../shared/data/real_ct
     dir=$PWD
     while [ "$dir" != / ]; do
         dir=$(dirname "$dir")
-        if [ -f "$dir/shared/data/real_ct/chest_ct_cropped.nii.gz" ]; then
-            REAL_CT=$dir/shared/data/real_ct/chest_ct_cropped.nii.gz
+        if [ -d "$dir/shared/data/real_ct" ]; then
+            REAL_CT_DIR=$dir/shared/data/real_ct
             break
         fi
     done
 fi
-REAL_CT_FRACTION=${REAL_CT_FRACTION:-0.25}
+REAL_CTS=${REAL_CTS:-lidc_idri_0001 lidc_idri_0002 fourdlung_113_phase40 chest_ct_cropped}
+REAL_CT_FRACTION=${REAL_CT_FRACTION:-0.5}
+HYPER_SAMPLING=${HYPER_SAMPLING:-log_uniform}
 LR=${LR:-1e-3}
 VAL_INTERVAL=${VAL_INTERVAL:-2}
 THREADS=${THREADS:-2}
@@ -48,7 +57,9 @@ export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 DATA=${DATA:-}
-INIT=${INIT:-}
+INIT=${INIT:-0.4.0}
+if [ "$INIT" = none ]; then INIT=""; fi
+INIT_COMMIT=f7cc9a0  # the commit of release 0.4.0
 if [ -e "$WORK" ] && [ "${OVERWRITE:-0}" != 1 ]; then
     echo "train_release.sh: $WORK exists; remove it or set OVERWRITE=1 to replace it." >&2
     exit 1
@@ -57,20 +68,37 @@ if [ -n "$DATA" ] && [ ! -f "$DATA/LungCT_dataset.json" ]; then
     echo "train_release.sh: DATA=$DATA holds no LungCT_dataset.json." >&2
     exit 1
 fi
-if [ -n "$INIT" ] && [ ! -f "$INIT" ]; then
+if [ "$INIT" = 0.4.0 ] && ! git cat-file -e "$INIT_COMMIT:models/model.pt" 2>/dev/null; then
+    echo "train_release.sh: INIT=0.4.0 needs this repository's git history (commit $INIT_COMMIT); pass INIT=PATH/model.pt or INIT=none." >&2
+    exit 1
+fi
+if [ -n "$INIT" ] && [ "$INIT" != 0.4.0 ] && [ ! -f "$INIT" ]; then
     echo "train_release.sh: INIT=$INIT is not a file." >&2
     exit 1
 fi
+real_ct=()
+if [ -d "$REAL_CT_DIR" ]; then
+    names=()
+    for name in $REAL_CTS; do
+        if [ ! -f "$REAL_CT_DIR/$name.nii.gz" ]; then
+            echo "train_release.sh: REAL_CTS names $name, but $REAL_CT_DIR/$name.nii.gz is not a file." >&2
+            exit 1
+        fi
+        names+=("\"$(cd "$REAL_CT_DIR" && pwd)/$name.nii.gz\"")
+    done
+    real_ct=(--real_ct "[$(IFS=,; echo "${names[*]}")]" --real_ct_fraction "$REAL_CT_FRACTION")
+else
+    echo "train_release.sh: no real CT folder at $REAL_CT_DIR; all pairs use the phantom." >&2
+fi
 if [ -n "$DATA" ]; then DATA=$(cd "$DATA" && pwd); fi
-if [ -n "$INIT" ]; then INIT=$(cd "$(dirname "$INIT")" && pwd)/$(basename "$INIT"); fi
+if [ -n "$INIT" ] && [ "$INIT" != 0.4.0 ]; then INIT=$(cd "$(dirname "$INIT")" && pwd)/$(basename "$INIT"); fi
 rm -rf "$WORK"
 mkdir -p "$WORK"
-
-real_ct=()
-if [ -f "$REAL_CT" ]; then
-    real_ct=(--real_ct "$REAL_CT" --real_ct_fraction "$REAL_CT_FRACTION")
-else
-    echo "train_release.sh: no real CT at $REAL_CT; all pairs use the phantom." >&2
+if [ "$INIT" = 0.4.0 ]; then  # the weights and card of release 0.4.0, as committed
+    mkdir -p "$WORK/init"
+    git show "$INIT_COMMIT:models/model.pt" > "$WORK/init/model.pt"
+    git show "$INIT_COMMIT:models/model.json" > "$WORK/init/model.json"
+    INIT=$(cd "$WORK/init" && pwd)/model.pt
 fi
 
 start=$(date +%s)
@@ -82,19 +110,21 @@ if [ -z "$DATA" ]; then
 fi
 init=()
 if [ -n "$INIT" ]; then  # the network of INIT's card with its weights, in training mode
-    init=(--network "\$elastic_hypermorph_bundle.model_card.load_trained_network('$INIT', device=@device).train()")
+    init=(--network "\$__import__('elastic_hypermorph_bundle.model_card').model_card.load_trained_network('$INIT', device='cpu').train()")
 fi
 
 python -m monai.bundle run training --meta_file configs/metadata.json --config_file configs/train.json \
     --dataset_dir "$DATA" --ckpt_dir "$WORK/models" --output_dir "$WORK/eval" \
     --spatial_size "[48,48,64]" --pixdim "[7.0,5.0,7.0]" --learning_rate "$LR" --epochs "$EPOCHS" \
-    --val_interval "$VAL_INTERVAL" --num_workers 0 --seed "$SEED" --device cpu "${init[@]}"
+    --val_interval "$VAL_INTERVAL" --hyper_sampling "$HYPER_SAMPLING" --num_workers 0 --seed "$SEED" --device cpu \
+    "${init[@]}"
 echo "train_release.sh: trained in $(( $(date +%s) - start )) s (data included)"
 
-# held-out accuracy: the test split (never trained on, not used for model selection), at the validation (lam, mu)
+# held-out accuracy: the test split (never trained on, not used for model selection), at the validation (lam, mu),
+# the network alone (+ instance optimisation, and the held-out anatomy: scripts/score_release.sh)
 python -m monai.bundle run --config_file "['configs/inference.json','configs/evaluate.json']" \
     --dataset_dir "$DATA" --ckpt_dir "$WORK/models" --split test --output_dir "$WORK/test" \
-    --lam 0.083 --mu 0.03 --num_workers 0 --device cpu
+    --lam 0.083 --mu 0.03 --instance_steps 0 --num_workers 0 --device cpu
 echo "train_release.sh: done in $(( $(date +%s) - start )) s; metrics in $WORK/test"
 
 if [ "${INSTALL:-0}" = 1 ]; then

@@ -31,7 +31,10 @@ def test_train_release_builds_data_trains_and_scores_without_touching_models(tmp
     assert completed.returncode == 0, completed.stderr[-3000:]
     spec = json.loads((work / "data" / "LungCT_dataset.json").read_text())
     assert spec["generator"]["preset"] == "realistic" and spec["tensorImageShape"] == {"0": [48, 48, 52]}
+    if "real_ct" in spec["generator"]:  # the held-out anatomy is never a training anatomy
+        assert len(spec["generator"]["real_ct"]) == 4 and not any("nsclc" in p for p in spec["generator"]["real_ct"])
     card = ModelCard.load(work / "models" / "model.json")
+    assert card.hyper_space.sampling == "log_uniform"  # the 0.5.0 recipe
     assert card.preprocessing["pixdim"] == [7.0, 5.0, 7.0] and list(card.preprocessing["spatial_size"]) == [48, 48, 64]
     assert (work / "models" / "model.pt").is_file()
     metrics = json.loads((work / "test" / "metrics.json").read_text())
