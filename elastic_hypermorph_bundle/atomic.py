@@ -10,10 +10,13 @@ skip a checkpoint that cannot be read.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
 import os
+import pickle
+import shutil
 import stat
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -36,6 +39,9 @@ __all__ = [
     "is_readable_checkpoint",
     "readable_checkpoint",
     "PARTIAL_MARKER",
+    "NoSpaceError",
+    "UnsafeCheckpointError",
+    "load_checkpoint",
 ]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
@@ -44,9 +50,38 @@ logger = logging.getLogger("elastic_hypermorph_bundle")
 PARTIAL_MARKER = ".partial-"
 
 
+class NoSpaceError(OSError):
+    """A file could not be written because its file system is full; the message names the folder."""
+
+
+class UnsafeCheckpointError(pickle.UnpicklingError, ValueError):
+    """A checkpoint holds pickled objects beyond tensors and plain values, which the bundle does not load."""
+
+
+#: below this many free bytes after a failed write, the failure is taken as a full file system (torch reports a
+#: full disk as ``RuntimeError: [enforce fail at inline_container.cc] . unexpected pos``, without the OSError)
+NO_SPACE_BYTES = 1 << 20
+
+
+def _out_of_space(error: BaseException, folder: Path) -> bool:
+    """Whether a failed write into ``folder`` failed for lack of space: an ``ENOSPC`` in the error's chain, or a
+    file system left with less than :data:`NO_SPACE_BYTES` free."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        error = error.__cause__ or error.__context__
+    try:
+        return shutil.disk_usage(folder).free < NO_SPACE_BYTES
+    except OSError:
+        return False
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode: str = "wb") -> Path:
     """Write ``path`` atomically: ``write(stream)`` fills a temporary sibling, which is fsync-ed and renamed over
-    ``path`` only once complete. On any error (or a kill) ``path`` keeps its previous content."""
+    ``path`` only once complete. On any error (or a kill) ``path`` keeps its previous content; a full file system
+    is reported as :class:`NoSpaceError` naming the folder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}{PARTIAL_MARKER}", dir=path.parent)
@@ -60,6 +95,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode:
         os.umask(umask)
         os.chmod(temporary, (stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH) & ~umask)
         os.replace(temporary, path)
+    except Exception as error:
+        full = _out_of_space(error, path.parent)  # measured before the partial file frees its space
+        Path(temporary).unlink(missing_ok=True)
+        if full:
+            raise NoSpaceError(
+                f"no space left on {path.parent} (writing {path.name}); the previous {path.name}, if any, is intact: "
+                "free space there (or choose another folder) and run again (training: --resume true)."
+            ) from error
+        raise
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
@@ -166,6 +210,23 @@ class AtomicCheckpointSaver(CheckpointSaver):
             checkpoint = getattr(self, attribute, None)
             if checkpoint is not None:
                 checkpoint.save_handler = AtomicDiskSaver(save_dir, getattr(checkpoint.save_handler, "filename", None))
+
+
+def load_checkpoint(path: str | os.PathLike):
+    """``torch.load(path, weights_only=True)`` on the CPU: tensors and plain values only.
+
+    Raises:
+        UnsafeCheckpointError: the file holds other pickled objects (which could run code when loaded); the
+            message names the file and what to do instead of torch's advice to load it unsafely.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UnsafeCheckpointError(
+            f"{path} holds pickled Python objects besides tensors and plain values (objects that can run code when "
+            "loaded): the bundle loads weights only and will not load it. Use weights saved as a state dict "
+            "(torch.save(model.state_dict(), path)) from a source you trust."
+        ) from None
 
 
 def is_readable_checkpoint(path: str | os.PathLike) -> bool:

@@ -286,7 +286,9 @@ def _clean_excepthook(kind, error, trace) -> None:
     cause = real_cause(error)
     stream = sys.stderr
     stream.write(f"(the run failed; set {DEBUG_ENV}=1 for the full traceback)\n")
-    if isinstance(cause, CLEAN_ERRORS):
+    from .atomic import NoSpaceError  # imported here: the package's import stays light
+
+    if isinstance(cause, (*CLEAN_ERRORS, NoSpaceError)):
         message = str(cause.args[0]) if isinstance(cause, OSError) and len(cause.args) == 1 else str(cause)
         stream.write(f"{type(cause).__name__}: {message}\n")
     else:

@@ -116,8 +116,9 @@ class HyperSpace:
                 rows = torch.where(at_end, ends, rows)
         return rows.to(device=device, dtype=torch.float32)
 
-    def check(self, rows: torch.Tensor, allow_extrapolation: bool = False) -> torch.Tensor:
-        """Validate ``(N, dims)`` rows against the trained ranges; raise (or warn, if allowed) outside them."""
+    def check(self, rows: torch.Tensor, allow_extrapolation: bool = False, trained: bool = True) -> torch.Tensor:
+        """Validate ``(N, dims)`` rows: finite, non-negative and (``trained``: rows a trained network will read)
+        inside the trained ranges, else raise (or warn, if ``allow_extrapolation``)."""
         rows = torch.as_tensor(rows, dtype=torch.float32)
         if rows.ndim != 2 or rows.shape[1] != self.dims:
             raise ValueError(f"hyperparameter rows must have shape (N, {self.dims}) for {self.names}, got {tuple(rows.shape)}.")
@@ -126,7 +127,7 @@ class HyperSpace:
         if (rows < 0).any():
             raise ValueError(f"hyperparameters {self.names} must be >= 0, got {rows.tolist()}.")
         outside = (rows < self.low) | (rows > self.high)
-        if outside.any():
+        if trained and outside.any():
             bad = sorted({self.names[j] for j in outside.nonzero()[:, 1].tolist()})
             ranges = ", ".join(f"{n} in [{lo:g}, {hi:g}]" for n, (lo, hi) in zip(self.names, self.ranges))
             message = (
@@ -144,8 +145,10 @@ class HyperSpace:
         mu: float | None = None,
         alpha: float | None = None,
         allow_extrapolation: bool = False,
+        trained: bool = True,
     ) -> torch.Tensor:
-        """One ``(1, dims)`` row from named values, checked against the trained ranges."""
+        """One ``(1, dims)`` row from named values, checked (:meth:`check`; ``trained=False``: no network reads it,
+        so no trained range applies)."""
         given = {"lam": lam, "mu": mu, "alpha": alpha}
         missing = [n for n in self.names if given[n] is None]
         if missing:
@@ -154,7 +157,7 @@ class HyperSpace:
             row = [[float(given[n]) for n in self.names]]
         except (TypeError, ValueError):
             raise ValueError(f"hyperparameters {self.names} must be numbers, got {[given[n] for n in self.names]}.") from None
-        return self.check(torch.tensor(row), allow_extrapolation=allow_extrapolation)
+        return self.check(torch.tensor(row), allow_extrapolation=allow_extrapolation, trained=trained)
 
     def grid(
         self, num: int | Sequence[int] = 11, low: Sequence[float] | None = None, high: Sequence[float] | None = None

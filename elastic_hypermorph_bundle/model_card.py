@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from . import __version__, networks
-from .atomic import atomic_write_json, json_ready
+from .atomic import atomic_write_json, json_ready, load_checkpoint
 from .hyperparams import HyperSpace
 from .networks.grid import NetworkGrid
 from .flags import parse_flag
@@ -309,34 +309,45 @@ def load_trained_network(
         network = network_def
     else:
         raise FileNotFoundError(f"{ckpt_path.with_name(CARD_NAME)} not found: cannot tell which network {ckpt_path} holds.")
-    state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    state = load_checkpoint(ckpt_path)
     if isinstance(state.get("model"), dict):
         state = state["model"]
     network.load_state_dict(state)
     return network.to(device).eval()
 
 
-def trained_hyper_space(ckpt_path: str | Path, config_space: HyperSpace) -> HyperSpace:
-    """The hyperparameter space of the model at ``ckpt_path`` (its card), else the config's.
+def trained_hyper_space(ckpt_path: str | Path, config_space: HyperSpace, init: str = "network") -> HyperSpace:
+    """The hyperparameter space of the model at ``ckpt_path`` (its card), else the config's; with
+    ``init="identity"`` (no model is used) the config's, and no card is looked for.
 
     Raises:
         ValueError: the card is unreadable or its regularizer differs from the config's.
     """
+    if init == "identity":
+        return config_space
     card = ModelCard.next_to(ckpt_path)
     return config_space if card is None else card.check_hyper_space(config_space)
 
 
 def check_checkpoint(ckpt_path: str | Path) -> Path:
-    """Fail clearly if the weights to load do not exist.
+    """Fail clearly, before any work, if the weights to load do not exist or are not loadable as weights.
 
     Raises:
         FileNotFoundError: no file at ``ckpt_path``.
+        UnsafeCheckpointError: the file holds pickled objects besides weights (:func:`~.atomic.load_checkpoint`).
+        ValueError: a ``model_best.pt`` of an earlier version (weights and saver state in one flat dict).
     """
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(
             f"checkpoint {str(ckpt_path)!r} not found: train the bundle first (configs/train.json writes "
             "<ckpt_dir>/model.pt), download the released weights listed in large_files.yml, or pass --ckpt_path."
+        )
+    state = load_checkpoint(path)  # weights only: a file holding other pickled objects is refused, by name
+    if isinstance(state, Mapping) and "checkpointer" in state and "model" not in state:
+        raise ValueError(
+            f"{path} is a best-model checkpoint in an earlier version's layout (the weights mixed with its saver's "
+            f"state); pass --ckpt_path {path.with_name('model.pt')}, the model training exported from it."
         )
     return path
 

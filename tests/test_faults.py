@@ -341,3 +341,120 @@ def test_the_network_grid_names_a_crop_once(caplog):
     with caplog.at_level("WARNING", logger="elastic_hypermorph_bundle"):  # resampled to 2 mm, it fits
         NetworkGrid((32, 32, 32), (2.0, 2.0, 2.0)).to_network(torch.zeros(1, 1, 63, 63, 39), (1.0, 1.0, 1.0))
     assert not caplog.records
+
+
+# ------------------------------------------- 9, 11. a checkpoint the bundle will not load is named in one line
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("a pickle payload ran",))
+
+
+def test_a_pickle_checkpoint_is_refused_in_one_line_naming_the_file(tmp_path):
+    import pickle
+
+    from elastic_hypermorph_bundle.atomic import UnsafeCheckpointError
+    from elastic_hypermorph_bundle.model_card import check_checkpoint, load_trained_network
+
+    model = tmp_path / "model.pt"
+    torch.save({"weight": torch.zeros(1), "payload": _Payload()}, model)
+    for load in (check_checkpoint, lambda path: load_trained_network(path, torch.nn.Linear(1, 1))):
+        with pytest.raises(UnsafeCheckpointError) as info:
+            load(model)
+        message = str(info.value)
+        assert isinstance(info.value, pickle.UnpicklingError) and isinstance(info.value, ValueError)
+        assert str(model) in message and "will not load it" in message and "\n" not in message
+        assert "weights_only set to False" not in message
+
+
+def test_model_best_pt_loads_as_the_network_or_is_refused_naming_model_pt(tmp_path):
+    from ignite.engine import Engine
+    from monai.handlers import CheckpointLoader
+
+    from elastic_hypermorph_bundle.model_card import check_checkpoint
+
+    network = torch.nn.Linear(2, 2)
+    validator, _ = _validator(network, {1: 0.8}, tmp_path)
+    with torch.no_grad():
+        network.weight.fill_(5.0)
+    validator.run(global_epoch=1)
+    best = tmp_path / "model_best.pt"
+    assert check_checkpoint(best) == best  # this version's layout: the weights under "model"
+    loaded = torch.nn.Linear(2, 2)
+    CheckpointLoader(str(best), {"model": loaded}, map_location="cpu")(Engine(lambda e, b: None))  # as inference.json
+    assert loaded.weight.eq(5.0).all()
+    earlier = tmp_path / "earlier" / "model_best.pt"  # an earlier version's flat layout
+    earlier.parent.mkdir()
+    torch.save({**network.state_dict(), "checkpointer": {"saved": [(0.8, "model_best.pt")]}}, earlier)
+    with pytest.raises(ValueError, match=rf"--ckpt_path {re.escape(str(earlier.with_name('model.pt')))}"):
+        check_checkpoint(earlier)
+
+
+# ------------------------------------------------------------------ 10. a full disk is named, once, by folder
+
+
+@pytest.mark.parametrize("failure", ["enospc", "torch"])
+def test_a_full_disk_is_named_with_its_folder_and_the_previous_file_kept(tmp_path, monkeypatch, failure):
+    import errno
+    from collections import namedtuple
+
+    from elastic_hypermorph_bundle import atomic
+
+    path = atomic.atomic_torch_save({"w": torch.ones(3)}, tmp_path / "checkpoint_epoch=1.pt")
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(atomic.shutil, "disk_usage", lambda folder: usage(10**9, 10**9, 0 if failure == "torch" else 10**8))
+
+    def full(stream):
+        stream.write(b"half a checkpoint")
+        if failure == "enospc":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    with pytest.raises(atomic.NoSpaceError, match=rf"^no space left on {re.escape(str(tmp_path))} \(writing model\.pt\)"):
+        atomic.atomic_write(tmp_path / "model.pt", full)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint_epoch=1.pt"]
+    assert torch.load(path, weights_only=True)["w"].eq(1).all()
+    monkeypatch.undo()  # the real free space
+    with pytest.raises(RuntimeError, match="unrelated"):  # other failures pass through unchanged
+        atomic.atomic_write(tmp_path / "model.pt", lambda stream: (_ for _ in ()).throw(RuntimeError("unrelated")))
+
+
+def test_a_full_disk_is_the_one_clean_last_line(capsys):
+    from elastic_hypermorph_bundle import cli
+    from elastic_hypermorph_bundle.atomic import NoSpaceError
+
+    try:
+        try:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")
+        except RuntimeError as inner:
+            raise NoSpaceError("no space left on /data/models (writing model.pt)") from inner
+    except NoSpaceError as error:
+        cli._clean_excepthook(type(error), error, error.__traceback__)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 2 and lines[-1] == "NoSpaceError: no space left on /data/models (writing model.pt)"
+
+
+# ---------------------------------------------------- 14. --init identity: messages that match what runs
+
+
+def test_init_identity_needs_no_card_takes_any_lame_parameters_and_names_the_diffusion_regularizer(tmp_path, caplog):
+    from elastic_hypermorph_bundle.hyperparams import HyperSpace
+    from elastic_hypermorph_bundle.model_card import trained_hyper_space
+    from elastic_hypermorph_bundle.optimize import InstanceOptimization
+    from elastic_hypermorph_bundle.workflow.inference import hyper_row
+    from elastic_hypermorph_bundle.workflow.steps import RegisterStep
+
+    space = HyperSpace("elastic")
+    with caplog.at_level("WARNING", logger="elastic_hypermorph_bundle"):
+        assert trained_hyper_space(tmp_path / "none" / "model.pt", space, init="identity") is space
+        row = hyper_row(space, lam=3.0, mu=2.0, init="identity")  # no network: no trained range
+    assert row.tolist() == [[3.0, 2.0]] and not caplog.records
+    with pytest.raises(ValueError, match="never saw such values"):
+        hyper_row(space, lam=3.0, mu=2.0)
+    with pytest.raises(ValueError, match=">= 0"):
+        hyper_row(space, lam=-1.0, mu=2.0, init="identity")
+    diffusion = InstanceOptimization(steps=5, hyper_space=HyperSpace("diffusion"))
+    with pytest.raises(ValueError, match="diffusion regularizer does not have: pass --regularizer elastic") as info:
+        RegisterStep(torch.tensor([[0.1]]), instance=diffusion, init="identity")
+    assert "instance_steps" not in str(info.value)

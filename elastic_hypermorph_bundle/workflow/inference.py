@@ -99,8 +99,10 @@ def inference_datalist(
     return [{key: pair[key] for key in (*common, "pair_id")} for pair in pairs]
 
 
-def hyper_row(space: HyperSpace, lam=None, mu=None, alpha=None, allow_extrapolation=False):
+def hyper_row(space: HyperSpace, lam=None, mu=None, alpha=None, allow_extrapolation=False, init="network"):
     """The ``(1, H)`` row of ``space`` for the named values (``--lam``, ``--mu``, ``--alpha``), refused outside the
     trained ranges unless ``allow_extrapolation`` (``true``/``false``, see :func:`~.parse_flag` and
-    :meth:`HyperSpace.point`)."""
-    return space.point(lam, mu, alpha, allow_extrapolation=parse_flag("allow_extrapolation", allow_extrapolation))
+    :meth:`HyperSpace.point`). With ``init="identity"`` no network reads the row (the instance optimisation
+    alone uses its (lam, mu)): any finite, non-negative values are taken."""
+    allow = parse_flag("allow_extrapolation", allow_extrapolation)
+    return space.point(lam, mu, alpha, allow_extrapolation=allow, trained=init != "identity")
