@@ -54,9 +54,13 @@ def test_an_overwrite_removes_only_the_earlier_files_never_a_folder_it_did_not_m
     first = OutputFiles(out)
     first.run(lambda: _write(first, "a/ddf.nii.gz", "metrics.csv"))
     (out / "user").mkdir()  # an empty folder of the user's, e.g. made for notes
+    (out / "kept").mkdir()  # a folder of the user's that a (crafted) record names
+    (out / "kept" / "notes.txt").write_text("user file")
+    record = json.loads((out / OutputFiles.MANIFEST).read_text())
+    (out / OutputFiles.MANIFEST).write_text(json.dumps({"files": [*record["files"], "kept"]}))
     second = OutputFiles(out, overwrite=True)
     second.run(lambda: _write(second, "metrics.csv"))
-    assert set(_tree(out)) == {"metrics.csv", OutputFiles.MANIFEST}
+    assert set(_tree(out)) == {"metrics.csv", "kept/notes.txt", OutputFiles.MANIFEST}
     assert (out / "user").is_dir() and not (out / "a").exists()
 
 

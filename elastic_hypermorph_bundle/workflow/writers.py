@@ -207,6 +207,8 @@ class OutputFiles:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(self.staging / relative, target)
             for relative in stale:
+                if (self.root / relative).is_dir():  # a record names files; a folder it names is left alone
+                    continue
                 (self.root / relative).unlink(missing_ok=True)
                 for folder in (self.root / relative).parents:
                     if folder == self.root or not folder.is_dir() or any(folder.iterdir()):
