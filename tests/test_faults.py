@@ -445,7 +445,7 @@ def test_a_full_disk_is_the_one_clean_last_line(capsys):
 def test_init_identity_needs_no_card_takes_any_lame_parameters_and_names_the_diffusion_regularizer(tmp_path, caplog):
     from elastic_hypermorph_bundle.hyperparams import HyperSpace
     from elastic_hypermorph_bundle.model_card import trained_hyper_space
-    from elastic_hypermorph_bundle.optimize import InstanceOptimization
+    from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
     from elastic_hypermorph_bundle.workflow.inference import hyper_row
     from elastic_hypermorph_bundle.workflow.steps import RegisterStep
 
