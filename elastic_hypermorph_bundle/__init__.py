@@ -19,6 +19,9 @@ Tensor conventions, used by every module of the package (and nowhere restated di
 __version__ = "0.4.0"
 
 from .cli import install_clean_errors as _install_clean_errors
+from .console import quiet_third_party as _quiet_third_party
 
 # under `python -m monai.bundle run` an error ends with its real cause, once (ELASTIC_HYPERMORPH_DEBUG=1: full traceback)
 _install_clean_errors()
+# warnings of other packages that say nothing to a bundle user (ELASTIC_HYPERMORPH_DEBUG=1 keeps them)
+_quiet_third_party()

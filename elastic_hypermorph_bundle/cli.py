@@ -228,6 +228,11 @@ def check_overrides(argv: Sequence[str] | None = None, hyper_space=None) -> None
     if not given.get("config_file"):
         return
     defined = config_ids(ConfigParser.load_config_files(_config_files(given["config_file"])))
+    if "help" in given:  # --help: the ids a user changes in these configs, then stop (console.USER_IDS)
+        from .console import help_text
+
+        print(help_text({k: v for k, v in defined.items() if "#" not in k}, ", ".join(_config_files(given["config_file"]))))
+        raise SystemExit(0)
     tracking = given.get("tracking")
     if isinstance(tracking, str) and tracking in DEFAULT_EXP_MGMT_SETTINGS:
         defined.update(config_ids(DEFAULT_EXP_MGMT_SETTINGS[tracking].get("configs", {})))

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Sequence
 
 import torch
@@ -44,6 +45,9 @@ from .networks.warp import warp_image
 __all__ = ["PREALIGNMENTS", "AUTO_PREALIGN_MM", "centre_of_mass_offset", "prealign", "instance_optimize"]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
+
+#: the longest a level of the optimisation runs without a log line (seconds)
+PROGRESS_SECONDS = 5.0
 
 #: global transforms of the pre-alignment, by increasing degrees of freedom ("none" = identity)
 PREALIGNMENTS = ("none", "translation", "rigid", "affine")
@@ -334,6 +338,7 @@ def instance_optimize(
         # warping with a zero field (gradients of about 1e-6 per voxel) is not magnified into full steps by Adam's normalisation
         voxels = math.prod(level)
         optimizer = torch.optim.Adam([correction], lr=lr, eps=1e-4)
+        logged = time.perf_counter()
         with torch.enable_grad():
             for step in range(steps):
                 # cosine decay: Adam's steps are about lr in size whatever the gradient, so without it the field
@@ -346,7 +351,11 @@ def instance_optimize(
                 loss = (similarity_value + energy).sum()
                 (loss * voxels).backward()
                 optimizer.step()
-                if step in (0, steps - 1) or (log_every and (step + 1) % log_every == 0):
+                # a line at least every PROGRESS_SECONDS, so that a long level (the finest, at full size) shows progress
+                if step in (0, steps - 1) or (log_every and (step + 1) % log_every == 0) or (
+                    time.perf_counter() - logged >= PROGRESS_SECONDS
+                ):
+                    logged = time.perf_counter()
                     logger.info(
                         "instance optimisation level %d/%d (%s) step %d/%d: loss %.5f, %s %.5f, elastic %.5f",
                         level_index + 1, levels, "x".join(map(str, level)), step + 1, steps,
