@@ -25,6 +25,10 @@ import traceback
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+# DEBUG_ENV (``1``: Python's full traceback and the handlers' exception logs) and the --help text live with what the
+# command line shows
+from .console import DEBUG_ENV, help_text
+
 __all__ = [
     "DEBUG_ENV",
     "UnknownOverrideError",
@@ -39,8 +43,6 @@ __all__ = [
     "install_clean_errors",
 ]
 
-#: set to ``1`` for Python's full traceback (and the handlers' exception logs) instead of the one-line error
-DEBUG_ENV = "ELASTIC_HYPERMORPH_DEBUG"
 
 #: the arguments of ``monai.bundle run`` / ``create_workflow`` / ``ConfigWorkflow`` themselves (not config ids)
 RUN_ARGUMENTS = frozenset(
@@ -229,8 +231,6 @@ def check_overrides(argv: Sequence[str] | None = None, hyper_space=None) -> None
         return
     defined = config_ids(ConfigParser.load_config_files(_config_files(given["config_file"])))
     if "help" in given:  # --help: the ids a user changes in these configs, then stop (console.USER_IDS)
-        from .console import help_text
-
         print(help_text({k: v for k, v in defined.items() if "#" not in k}, ", ".join(_config_files(given["config_file"]))))
         raise SystemExit(0)
     tracking = given.get("tracking")

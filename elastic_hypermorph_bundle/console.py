@@ -20,7 +20,10 @@ import os
 import warnings
 from collections.abc import Mapping
 
-__all__ = ["USER_IDS", "NOISE", "debug", "quiet_third_party", "QuietEngineLog", "ids_table", "help_text"]
+__all__ = ["DEBUG_ENV", "USER_IDS", "NOISE", "debug", "quiet_third_party", "QuietEngineLog", "ids_table", "help_text"]
+
+#: set to ``1`` for everything: every log line and warning, and Python's full traceback (:mod:`.cli`)
+DEBUG_ENV = "ELASTIC_HYPERMORPH_DEBUG"
 
 #: ``(ids, meaning, default)`` of every id a user changes: the README's table, row by row
 USER_IDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
@@ -105,8 +108,6 @@ NOISE = (
 
 def debug() -> bool:
     """Whether ``ELASTIC_HYPERMORPH_DEBUG`` asks for everything (set and not ``0``)."""
-    from .cli import DEBUG_ENV
-
     return os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
 
 
@@ -145,9 +146,7 @@ def _shown(value) -> str:
 def help_text(defined: Mapping[str, object], config_files: str = "") -> str:
     """The rows of :data:`USER_IDS` whose ids ``defined`` (the loaded configs' top-level ids) has, each id with the
     value the configs hold (an expression shown as the table's default)."""
-    from . import __version__
-
-    lines = [f"elastic_hypermorph_bundle {__version__}: the ids a user changes in {config_files or 'these configs'}, "
+    lines = [f"elastic_hypermorph_bundle: the ids a user changes in {config_files or 'these configs'}, "
              "each overridden as --<id> <value> (README.md, 'Config ids a user changes'):"]
     for ids, meaning, default in USER_IDS:
         present = [i for i in ids if i in defined]

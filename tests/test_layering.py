@@ -18,7 +18,7 @@ NAME = package.__name__
 
 #: the layer of each top-level module or subpackage, lowest first; a module may import its own layer and below
 LAYERS = {
-    "": 0, "flags": 0, "physics": 0, "atomic": 0, "cli": 0,
+    "": 0, "flags": 0, "physics": 0, "atomic": 0, "cli": 0, "console": 0,
     "networks": 1, "losses": 1, "data": 1, "displacement": 1,
     "metrics": 2, "hyperparams": 2, "forward": 2,
     "optimize": 3, "model_card": 3, "visualize": 3, "simulation": 3,
