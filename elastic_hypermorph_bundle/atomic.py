@@ -42,6 +42,7 @@ __all__ = [
     "NoSpaceError",
     "UnsafeCheckpointError",
     "load_checkpoint",
+    "check_output_folder",
 ]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
@@ -76,6 +77,28 @@ def _out_of_space(error: BaseException, folder: Path) -> bool:
         return shutil.disk_usage(folder).free < NO_SPACE_BYTES
     except OSError:
         return False
+
+
+def check_output_folder(folder: str | os.PathLike, name: str = "output_dir") -> Path:
+    """Check, before any work, that a run can write into ``folder`` (the config id ``name``): an existing file is
+    not a folder (refused with or without ``--overwrite``), and ``folder``, or the nearest existing folder above it
+    when it is still to be made, must be writable. Returns the absolute path.
+
+    Raises:
+        NotADirectoryError: ``folder``, or a folder above it, is an existing file.
+        PermissionError: not writable.
+    """
+    root = Path(os.path.abspath(folder))
+    existing = next(path for path in (root, *root.parents) if path.exists())
+    where = "" if existing == root else f" cannot be created: {existing}"
+    if not existing.is_dir():
+        raise NotADirectoryError(
+            f"{name} {root}{where} is a file, not a folder; choose another --{name} (--overwrite replaces the "
+            "outputs of an earlier run in a folder, never a file)."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise PermissionError(f"{name} {root}{where} is not writable; choose another --{name}.")
+    return root
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[object], None], mode: str = "wb") -> Path:

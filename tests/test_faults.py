@@ -462,3 +462,16 @@ def test_init_identity_needs_no_card_takes_any_lame_parameters_and_names_the_dif
     with pytest.raises(ValueError, match="diffusion regularizer does not have: pass --regularizer elastic") as info:
         RegisterStep(torch.tensor([[0.1]]), instance=diffusion, init="identity")
     assert "instance_steps" not in str(info.value)
+
+
+def test_training_refuses_a_file_as_its_folders_before_any_work(tmp_path):
+    from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
+    from elastic_hypermorph_bundle.workflow.checkpoints import prepare_outputs
+
+    data = make_synthetic_dataset(tmp_path / "data", num_pairs=3, spatial_size=(8, 8, 8))
+    afile = tmp_path / "afile"
+    afile.write_text("user file")
+    for ckpt_dir, output_dir, name in ((afile, tmp_path / "eval", "ckpt_dir"), (tmp_path / "m", afile / "x", "output_dir")):
+        with pytest.raises(NotADirectoryError, match=rf"^{name} .* is a file, not a folder"):
+            prepare_outputs(ckpt_dir, output_dir, data, overwrite=True)
+    assert afile.read_text() == "user file" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "data"]

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from ..atomic import AtomicCheckpointSaver, readable_checkpoint, remove_partial_files
+from ..atomic import AtomicCheckpointSaver, check_output_folder, readable_checkpoint, remove_partial_files
 from ..losses.elastic import NonFiniteFieldError
 from . import parse_flag
 from .datalists import check_split, write_split
@@ -109,12 +109,16 @@ def prepare_outputs(
     of ``split.json``.
 
     Raises:
+        NotADirectoryError, PermissionError: ``ckpt_dir`` or ``output_dir`` is a file or not writable
+            (:func:`~elastic_hypermorph_bundle.atomic.check_output_folder`).
         FileNotFoundError: ``resume`` without a checkpoint.
         FileExistsError: existing trained files without ``overwrite``.
         ValueError: ``resume`` with another data split than the recorded one.
     """
     ckpt_dir, output_dir = Path(ckpt_dir), Path(output_dir)
     resume, overwrite = parse_flag("resume", resume), parse_flag("overwrite", overwrite)
+    check_output_folder(ckpt_dir, "ckpt_dir")
+    check_output_folder(output_dir, "output_dir")
     existing = _trained_files(ckpt_dir) if ckpt_dir.is_dir() else []
     if resume:
         if latest_checkpoint(ckpt_dir) is None:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from ..atomic import atomic_write_text, json_ready
+from ..atomic import atomic_write_text, check_output_folder, json_ready
 from ..data.transforms import ddf_to_original_grid
 from ..displacement import (
     array_from_image,
@@ -101,17 +101,7 @@ class OutputFiles:
                 writable.
             ValueError: the record of the earlier run names a path outside ``root``.
         """
-        root = Path(os.path.abspath(self.root))
-        existing = next(folder for folder in (root, *root.parents) if folder.exists())
-        if not existing.is_dir():
-            where = "" if existing == root else f" cannot be created: {existing}"
-            raise NotADirectoryError(
-                f"output_dir {root}{where} is a file, not a folder; choose another --output_dir (--overwrite "
-                "replaces the outputs of an earlier run in a folder, never a file)."
-            )
-        if not os.access(existing, os.W_OK | os.X_OK):
-            where = "" if existing == root else f" cannot be created: {existing}"
-            raise PermissionError(f"output_dir {root}{where} is not writable; choose another --output_dir.")
+        check_output_folder(self.root, "output_dir")
         if self.overwrite:
             self._recorded()
 
