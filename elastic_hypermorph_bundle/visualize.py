@@ -1,4 +1,6 @@
-"""Figures of a registration pair: orthogonal slices of fixed, moving and warped images with mask outlines.
+"""Figures of a registration pair: orthogonal slices through the lungs of fixed, moving and warped images with
+mask outlines and a legend, a checkerboard of fixed and warped, and the field's magnitude and Jacobian
+determinant inside the body.
 
 Built on :class:`matplotlib.figure.Figure` without ``pyplot`` (no global backend state, no display needed; PNG is
 written by the Agg renderer). Images are spatial arrays ``(X, Y, Z)`` (numpy arrays or tensors) in the package's
@@ -17,13 +19,16 @@ import numpy as np
 import torch
 from matplotlib.colors import TwoSlopeNorm
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from .metrics import JACOBIAN_BORDER, jacobian_determinant
 
-__all__ = ["plot_pair", "save_pair_png"]
+__all__ = ["plot_pair", "save_pair_png", "body_mask", "organ_slices", "checkerboard"]
 
 FIELDS = ("magnitude", "jacobian")
 _AXIS_NAMES = ("x", "y", "z")
+_MASK_COLOURS = {"fixed": "red", "moving": "cyan"}
 
 
 def _as_array(name: str, value, ndim: int) -> np.ndarray:
@@ -38,8 +43,46 @@ def _field_map(ddf: np.ndarray, spacing: Sequence[float] | None, field: str) -> 
         scale = np.ones(3) if spacing is None else np.asarray(spacing, dtype=float)
         unit = "voxels" if spacing is None else "mm"
         return np.linalg.norm(ddf * scale[:, None, None, None], axis=0), f"|u| ({unit})"
+    from .metrics import JACOBIAN_BORDER, jacobian_determinant
+
     det = jacobian_determinant(torch.as_tensor(ddf, dtype=torch.float64)[None])[0].numpy()
-    return np.pad(det, JACOBIAN_BORDER, mode="edge"), "det(I + grad u)"
+    return np.pad(det, JACOBIAN_BORDER, mode="edge"), "det J = det(I + grad u)"
+
+
+def body_mask(image: np.ndarray, threshold: float, mask: np.ndarray | None = None) -> np.ndarray:
+    """The body: voxels of ``image`` above ``threshold`` (soft tissue, not air) joined with ``mask`` (e.g. the lung
+    mask) when given, holes filled in every axial (last-axis) slice so that the lungs and airways inside count."""
+    from scipy.ndimage import binary_fill_holes
+
+    inside = image > threshold
+    if mask is not None:  # before filling: lungs that reach a cropped field of view would open the body's outline
+        inside |= mask > 0.5
+    for z in range(inside.shape[2]):
+        inside[:, :, z] = binary_fill_holes(inside[:, :, z])
+    return inside
+
+
+def organ_slices(mask: np.ndarray | None, shape: Sequence[int]) -> list[int]:
+    """Slices that cut the organ of ``mask`` (e.g. both lungs): its centre of mass along axes 1 and 2, and along
+    axis 0 (sagittal cut) the centre of the larger half of the mask on either side of its middle, so the cut goes
+    through one lung instead of the mediastinum between them. The volume's centre without a mask."""
+    if mask is None or not (mask > 0.5).any():
+        return [n // 2 for n in shape]
+    voxels = np.argwhere(mask > 0.5)
+    slices = [int(round(c)) for c in voxels.mean(axis=0)]
+    middle = (voxels[:, 0].min() + voxels[:, 0].max()) / 2
+    halves = [voxels[voxels[:, 0] < middle, 0], voxels[voxels[:, 0] >= middle, 0]]
+    larger = max(halves, key=len)
+    slices[0] = int(round(larger.mean())) if len(larger) else slices[0]
+    return slices
+
+
+def checkerboard(first: np.ndarray, second: np.ndarray, tiles: int = 8) -> np.ndarray:
+    """``first`` and ``second`` in alternating cubes, ``tiles`` per axis (a misalignment shows as broken edges)."""
+    index = np.indices(first.shape)
+    sizes = np.maximum(np.asarray(first.shape) // tiles, 1)
+    odd = sum(index[a] // sizes[a] for a in range(first.ndim)) % 2 == 1
+    return np.where(odd, second, first)
 
 
 def plot_pair(
@@ -50,28 +93,36 @@ def plot_pair(
     moving_mask=None,
     ddf=None,
     spacing: Sequence[float] | None = None,
-    field: str = "magnitude",
+    fields: Sequence[str] = FIELDS,
     slices: Sequence[int] | None = None,
     window: Sequence[float] | None = None,
     title: str | None = None,
+    body: bool | np.ndarray = True,
 ) -> Figure:
-    """Figure with one row per image (fixed, moving, optional warped, optional field) and one column per axis.
+    """Figure with one column per axis and rows: fixed, moving, [warped, checkerboard of fixed and warped], [one row
+    per field of ``ddf``].
 
     Args:
         fixed, moving: images ``(X, Y, Z)``.
-        warped: optional moving image warped to the fixed grid ``(X, Y, Z)``.
+        warped: optional moving image warped to the fixed grid ``(X, Y, Z)``; adds it and a checkerboard of
+            fixed and warped (:func:`checkerboard`).
         fixed_mask, moving_mask: optional label maps ``(X, Y, Z)``; their outline (level 0.5) is drawn in red
-            (fixed: on every image row, the reference) and cyan (moving: on the moving row).
-        ddf: optional displacement ``(3, X, Y, Z)`` in voxels; adds a row with ``field``.
+            (fixed: on every image row, the reference) and cyan (moving: on the moving row), named in a legend.
+        ddf: optional displacement ``(3, X, Y, Z)`` in voxels; adds a row per entry of ``fields``.
         spacing: voxel size per axis (mm); sets the pixel aspect ratio and the unit of the magnitude.
-        field: ``"magnitude"`` (``|u|``, mm when ``spacing`` is given) or ``"jacobian"`` (``det(I + grad u)``
-            of :func:`elastic_hypermorph_bundle.metrics.jacobian_determinant`, border values repeated).
-        slices: voxel index of the cut along each axis; default the centre.
+        fields: of :data:`FIELDS`: ``"magnitude"`` (``|u|``, mm when ``spacing`` is given) and ``"jacobian"``
+            (``det(I + grad u)`` of :func:`elastic_hypermorph_bundle.metrics.jacobian_determinant`, border values
+            repeated; diverging around 1, folding (<= 0) saturates blue).
+        slices: voxel index of the cut along each axis; default :func:`organ_slices` of ``fixed_mask`` (the lungs).
         window: display range ``(low, high)`` of the images; default the 1st-99th percentile of ``fixed``.
         title: figure title.
+        body: where the field rows are drawn: True (default) the body of the fixed image (:func:`body_mask` at a
+            third of the display window, e.g. -500 HU for [-1000, 500]; the air around it, where a field means
+            nothing, is left blank), False everywhere, or a boolean array ``(X, Y, Z)``.
     """
-    if field not in FIELDS:
-        raise ValueError(f"field must be one of {FIELDS}, got {field!r}.")
+    unknown = [f for f in fields if f not in FIELDS]
+    if unknown:
+        raise ValueError(f"field must be one of {FIELDS}, got {unknown[0]!r}.")
     rows = [("fixed", _as_array("fixed", fixed, 3))]
     shape = rows[0][1].shape
     rows.append(("moving", _as_array("moving", moving, 3)))
@@ -79,23 +130,28 @@ def plot_pair(
         rows.append(("warped", _as_array("warped", warped, 3)))
     masks = {"fixed": fixed_mask, "moving": moving_mask}
     masks = {name: None if mask is None else _as_array(f"{name}_mask", mask, 3) for name, mask in masks.items()}
-    field_map = None
+    field_maps = []
     if ddf is not None:
         ddf = _as_array("ddf", ddf, 4)
         if ddf.shape != (3, *shape):
             raise ValueError(f"ddf must have shape (3, *{shape}) to match the images, got {ddf.shape}.")
-        field_map, field_label = _field_map(ddf, spacing, field)
+        field_maps = [(field, *_field_map(ddf, spacing, field)) for field in fields]
     for name, array in [*rows, *((k, v) for k, v in masks.items() if v is not None)]:
         if array.shape != shape:
             raise ValueError(f"{name} has shape {array.shape}, but fixed has {shape}; all inputs share one grid.")
-    slices = [n // 2 for n in shape] if slices is None else [int(s) for s in slices]
+    slices = organ_slices(masks["fixed"], shape) if slices is None else [int(s) for s in slices]
     if len(slices) != 3 or any(not 0 <= s < n for s, n in zip(slices, shape)):
         raise ValueError(f"slices must be 3 voxel indices inside {shape}, got {slices}.")
     spacing = (1.0, 1.0, 1.0) if spacing is None else tuple(float(s) for s in spacing)
     low, high = np.percentile(rows[0][1], (1, 99)) if window is None else window
+    if warped is not None:
+        rows.append(("checkerboard fixed | warped", checkerboard(rows[0][1], rows[2][1])))
+    if field_maps and body is not False:
+        inside = body_mask(rows[0][1], low + (high - low) / 3, masks["fixed"]) if body is True else np.asarray(body, bool)
+        field_maps = [(field, np.where(inside, values, np.nan), label) for field, values, label in field_maps]
 
-    num_rows = len(rows) + (field_map is not None)
-    figure = Figure(figsize=(9, 3 * num_rows + (0.4 if title else 0)), layout="constrained")
+    num_rows = len(rows) + len(field_maps)
+    figure = Figure(figsize=(9, 2.6 * num_rows + (0.5 if title else 0.2)), layout="constrained")
     axes = figure.subplots(num_rows, 3, squeeze=False)
 
     def cut(array: np.ndarray, axis: int) -> np.ndarray:
@@ -107,25 +163,32 @@ def plot_pair(
         for row, (name, array) in enumerate(rows):
             ax = axes[row, col]
             ax.imshow(cut(array, col), cmap="gray", vmin=low, vmax=high, origin="lower", aspect=aspect)
-            for mask_name, color in (("fixed", "red"), ("moving", "cyan")):
+            for mask_name, color in _MASK_COLOURS.items():
                 if masks[mask_name] is not None and (mask_name == "fixed" or name == "moving"):
                     mask_cut = cut(masks[mask_name], col).astype(float)
                     if mask_cut.min() < 0.5 < mask_cut.max():
                         ax.contour(mask_cut, levels=[0.5], colors=color, linewidths=0.8, origin="lower")
             ax.set_title(f"{name}, {_AXIS_NAMES[col]} = {slices[col]}", fontsize=9)
-        if field_map is not None:
-            ax = axes[-1, col]
+        for offset, (field, values, label) in enumerate(field_maps):
+            ax = axes[len(rows) + offset, col]
             if field == "magnitude":
-                kwargs = {"cmap": "magma"}
+                kwargs = {"cmap": "magma", "vmin": 0.0, "vmax": max(float(np.nanpercentile(values, 99.5)), 1e-6)}
             else:  # diverging around 1 (volume preserving); J <= 0 (folding) saturates blue
                 kwargs = {"cmap": "RdBu_r", "norm": TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=2.0)}
-            shown = ax.imshow(cut(field_map, col), origin="lower", aspect=aspect, **kwargs)
-            ax.set_title(f"{field_label}, {_AXIS_NAMES[col]} = {slices[col]}", fontsize=9)
+            ax.set_facecolor("white")
+            shown = ax.imshow(cut(values, col), origin="lower", aspect=aspect, **kwargs)
+            ax.set_title(f"{label}, {_AXIS_NAMES[col]} = {slices[col]}", fontsize=9)
             if col == 2:
-                figure.colorbar(shown, ax=axes[-1, :], shrink=0.8)
+                figure.colorbar(shown, ax=axes[len(rows) + offset, :], shrink=0.8)
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
+    handles = [Line2D([], [], color=color, linewidth=1.5, label=f"{name} mask")
+               for name, color in _MASK_COLOURS.items() if masks[name] is not None]
+    if field_maps and body is not False:
+        handles.append(Patch(facecolor="white", edgecolor="grey", label="field rows: outside the body left blank"))
+    if handles:
+        figure.legend(handles=handles, loc="outside lower center", ncols=len(handles), fontsize=8, frameon=False)
     if title:
         figure.suptitle(title)
     return figure
