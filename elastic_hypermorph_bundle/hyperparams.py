@@ -3,7 +3,9 @@
 One :class:`HyperSpace` describes the conditioning of one trained model:
 
 * ``regularizer="elastic"``: rows ``[lam, mu]`` (Lamé parameters of the linear elastic regularizer),
-* ``regularizer="diffusion"`` or ``"elastic_fixed"``: rows ``[alpha]`` (weight of the regularizer).
+* ``regularizer="diffusion"`` or ``"elastic_fixed"``: rows ``[alpha]`` (weight of the regularizer),
+
+the columns of the regularizer's row in the table :data:`~elastic_hypermorph_bundle.losses.regularizers.REGULARIZERS`.
 
 Training draws one row per sample (:meth:`HyperSpace.sample`); inference, evaluation and sweeps ask for a row
 (:meth:`HyperSpace.point`) or a grid of rows (:meth:`HyperSpace.grid`), which refuse values outside the trained
@@ -18,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .losses.registration import REGULARIZERS
+from .losses.regularizers import REGULARIZERS, get_regularizer
 
 __all__ = ["HyperSpace", "REGULARIZERS", "SAMPLINGS"]
 
@@ -41,9 +43,12 @@ class HyperSpace:
     """Names, trained ranges and sampling of the hyperparameters one model is conditioned on.
 
     Args:
-        regularizer: ``"elastic"`` (rows ``[lam, mu]``), ``"diffusion"`` or ``"elastic_fixed"`` (rows ``[alpha]``).
+        regularizer: a name of the regularizer table: ``"elastic"`` (rows ``[lam, mu]``), ``"diffusion"`` or
+            ``"elastic_fixed"`` (rows ``[alpha]``).
         lam_range, mu_range: trained ranges of the Lamé parameters (elastic).
         alpha_range: trained range of the regularization weight (diffusion, elastic_fixed).
+        ranges: trained ranges of other hyperparameter names a regularizer of the table may have, by name
+            (``lam``, ``mu`` and ``alpha`` take theirs from the arguments above); a name not given is ``[0, 1]``.
         sampling: how training draws each sample's row, independently per dimension:
             ``"uniform"``; ``"log_uniform"`` (uniform in log space between ``max(low, log_floor)`` and ``high``,
             which favours weak regularization); ``"endpoints"`` (HyperMorph's oversampling: with probability
@@ -61,9 +66,9 @@ class HyperSpace:
         sampling: str = "uniform",
         endpoint_prob: float = 0.2,
         log_floor: float = 1e-4,
+        ranges: dict[str, Sequence[float]] | None = None,
     ) -> None:
-        if regularizer not in REGULARIZERS:
-            raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {regularizer!r}.")
+        row = get_regularizer(regularizer)
         if sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}.")
         if not 0.0 <= endpoint_prob <= 1.0:
@@ -71,12 +76,9 @@ class HyperSpace:
         if log_floor <= 0:
             raise ValueError(f"log_floor must be > 0, got {log_floor}.")
         self.regularizer = regularizer
-        if regularizer == "elastic":
-            self.names: tuple[str, ...] = ("lam", "mu")
-            self.ranges = (_as_range("lam_range", lam_range), _as_range("mu_range", mu_range))
-        else:
-            self.names = ("alpha",)
-            self.ranges = (_as_range("alpha_range", alpha_range),)
+        given = {**(ranges or {}), "lam": lam_range, "mu": mu_range, "alpha": alpha_range}
+        self.names: tuple[str, ...] = row.names
+        self.ranges = tuple(_as_range(f"{name}_range", given.get(name, (0.0, 1.0))) for name in row.names)
         self.sampling = sampling
         self.endpoint_prob = float(endpoint_prob)
         self.log_floor = float(log_floor)
@@ -146,11 +148,12 @@ class HyperSpace:
         alpha: float | None = None,
         allow_extrapolation: bool = False,
         trained: bool = True,
+        **others: float | None,
     ) -> torch.Tensor:
-        """One ``(1, dims)`` row from named values, checked (:meth:`check`; ``trained=False``: no network reads it,
-        so no trained range applies)."""
-        given = {"lam": lam, "mu": mu, "alpha": alpha}
-        missing = [n for n in self.names if given[n] is None]
+        """One ``(1, dims)`` row from named values (``others``: the values of other names a regularizer may have),
+        checked (:meth:`check`; ``trained=False``: no network reads it, so no trained range applies)."""
+        given = {**others, "lam": lam, "mu": mu, "alpha": alpha}
+        missing = [n for n in self.names if given.get(n) is None]
         if missing:
             raise ValueError(f"the {self.regularizer!r} model needs {', '.join(missing)} (set it with --{missing[0]} VALUE).")
         try:

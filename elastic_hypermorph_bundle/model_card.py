@@ -38,6 +38,7 @@ __all__ = [
     "ModelCard",
     "PREPROCESSING",
     "trained_hyper_space",
+    "trained_setting",
     "trained_preprocessing",
     "check_checkpoint",
     "check_run",
@@ -187,6 +188,7 @@ class ModelCard:
                 lam_range=ranges.get("lam", (0.0, 1.0)),
                 mu_range=ranges.get("mu", (0.0, 1.0)),
                 alpha_range=ranges.get("alpha", (0.0, 1.0)),
+                ranges=ranges,
                 sampling=card.pop("hyper_sampling", "uniform"),
             )
             network = card.pop("network")
@@ -396,6 +398,17 @@ def trained_preprocessing(ckpt_path: str | Path, name: str, default=None):
     if not path.is_file():
         return default
     return ModelCard.load(path).preprocessing[name]
+
+
+def trained_setting(ckpt_path: str | Path, name: str, default=None):
+    """The training setting ``name`` (e.g. ``fixed_lam``, ``similarity``) that the card beside ``ckpt_path``
+    records in ``training``, or ``default`` when there is no card or the card does not record it (or records
+    ``None``): so that test-time stages use what the model was trained with."""
+    path = Path(ckpt_path).with_name(CARD_NAME)
+    if not path.is_file():
+        return default
+    value = ModelCard.load(path).info.get("training", {}).get(name)
+    return default if value is None else value
 
 
 def network_grid(spatial_size, pixdim=None):

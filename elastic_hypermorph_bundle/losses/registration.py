@@ -7,19 +7,15 @@ import math
 from collections.abc import Sequence
 
 import torch
-from monai.losses import DiffusionLoss
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
 
-from ..physics import LAI_FOOK, LameParameters
-from .elastic import elastic_energy
+from ..physics import LameParameters
+from .regularizers import FIXED_LAME, REGULARIZERS, get_regularizer
 from .similarity import LNCC_WINDOW, get_similarity
 
 __all__ = ["RegistrationLoss", "REGULARIZERS", "training_loss", "FIXED_LAME"]
 
-#: the regularizers of the bundle: the learnable linear elastic one over (lam, mu), and the two baselines over
-#: alpha (HyperMorph's diffusion, and the elastic one at fixed literature (lam, mu)); the model's HyperSpace uses it
-REGULARIZERS = ("elastic", "diffusion", "elastic_fixed")
 WEIGHTINGS = ("paper", "hypermorph")
 REGULARIZED_FIELDS = ("displacement", "velocity")
 
@@ -36,9 +32,9 @@ class RegistrationLoss(_Loss):
                                              better); another row of the similarity table (:mod:`.similarity`)
                                              compares its prepared images the same way
         reg_b = R(u_b; lam_b, mu_b)          regularizer="elastic",       h_b = [lam, mu]
-              = alpha_b * mean |∇u_b|² / D   regularizer="diffusion",     h_b = [alpha] (MONAI DiffusionLoss:
-                                             central differences, averaged over channels and voxels)
+              = alpha_b * mean |∇u_b|² / D   regularizer="diffusion",     h_b = [alpha]
               = alpha_b * R(u_b; lam0, mu0)  regularizer="elastic_fixed", h_b = [alpha], (lam0, mu0) = fixed_lam/mu
+                                             (any row of the regularizer table, :mod:`.regularizers`)
         loss_b = sim_b + reg_b               weighting="paper" (eq. 3 of the paper; the weight is absorbed in h)
                = (1 - Σ h_b) sim_b + reg_b   weighting="hypermorph" (as in the HyperMorph code)
 
@@ -46,7 +42,8 @@ class RegistrationLoss(_Loss):
     of the ``loss_b``, so a batch with different hyperparameters per sample equals the mean of single-sample losses.
 
     Args:
-        regularizer: ``"elastic"``, ``"diffusion"`` or ``"elastic_fixed"``.
+        regularizer: a name of the regularizer table :data:`~.regularizers.REGULARIZERS` (``"elastic"``,
+            ``"diffusion"`` or ``"elastic_fixed"``).
         weighting: ``"paper"`` or ``"hypermorph"``. The latter needs ``Σ h_b <= 1``, otherwise the similarity weight
             would be negative.
         spatial_dims: number of spatial dimensions ``D``.
@@ -54,8 +51,9 @@ class RegistrationLoss(_Loss):
         regularize: ``"displacement"`` regularizes the final displacement ``u`` (the elastic model describes the
             displacement of tissue, so this is the physically meaningful choice); ``"velocity"`` regularizes the
             stationary velocity field of a diffeomorphic network instead (as VoxelMorph/HyperMorph do).
-        fixed_lam: Lamé ``lam`` of the ``"elastic_fixed"`` regularizer (e.g. ``physics.BROCK.lam * 0.01``).
-        fixed_mu: shear modulus ``mu`` of the ``"elastic_fixed"`` regularizer.
+        fixed_lam: Lamé ``lam`` of a regularizer with constants (``"elastic_fixed"``; e.g.
+            ``physics.BROCK.lam * 0.01``).
+        fixed_mu: shear modulus ``mu`` of that regularizer.
         spacing: voxel size per axis for the elastic regularizers (see ``elastic_energy``); ``None`` is unit spacing.
         reduction: ``"none"`` returns ``(B,)`` per-sample values; ``"mean"`` / ``"sum"`` reduce over the batch.
         similarity: a name of the similarity table :data:`~.similarity.SIMILARITIES` (``"lncc"``, the paper's, or
@@ -78,8 +76,7 @@ class RegistrationLoss(_Loss):
         if reduction not in list(LossReduction):
             raise ValueError(f'Unsupported reduction: {reduction}, available options are ["mean", "sum", "none"].')
         super().__init__(reduction=LossReduction(reduction).value)
-        if regularizer not in REGULARIZERS:
-            raise ValueError(f"regularizer must be one of {REGULARIZERS}, got {regularizer!r}.")
+        row = get_regularizer(regularizer)
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
         if regularize not in REGULARIZED_FIELDS:
@@ -89,17 +86,19 @@ class RegistrationLoss(_Loss):
         self._similarity = get_similarity(similarity, spatial_dims)
         if int(kernel_size) != kernel_size or kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size (the local window) must be a positive odd integer, got {kernel_size}.")
-        if regularizer == "elastic_fixed":
+        if row.needs_constants:
             for name, value in (("fixed_lam", fixed_lam), ("fixed_mu", fixed_mu)):
                 if value is None or not math.isfinite(value) or value < 0:
-                    raise ValueError(f'regularizer="elastic_fixed" needs a finite {name} >= 0, got {value}.')
+                    raise ValueError(f"regularizer={regularizer!r} needs a finite {name} >= 0, got {value}.")
         elif fixed_lam is not None or fixed_mu is not None:
-            raise ValueError(f'fixed_lam and fixed_mu apply to regularizer="elastic_fixed" only, not {regularizer!r}.')
-        if regularizer == "diffusion" and spacing is not None:
-            raise ValueError('spacing applies to the elastic regularizers only, not to regularizer="diffusion".')
+            needing = [name for name, other in REGULARIZERS.items() if other.needs_constants]
+            raise ValueError(f"fixed_lam and fixed_mu apply to regularizer={needing} only, not {regularizer!r}.")
+        if not row.uses_spacing and spacing is not None:
+            raise ValueError(f"spacing applies to the elastic regularizers only, not to regularizer={regularizer!r}.")
         if spacing is not None and (len(spacing) != spatial_dims or min(spacing) <= 0):
             raise ValueError(f"spacing must hold {spatial_dims} positive voxel sizes, got {spacing}.")
         self.regularizer = regularizer
+        self._regularizer = row
         self.weighting = weighting
         self.spatial_dims = spatial_dims
         self.regularize = regularize
@@ -108,15 +107,16 @@ class RegistrationLoss(_Loss):
         self.spacing = None if spacing is None else tuple(float(s) for s in spacing)
         self.similarity = similarity
         self.kernel_size = int(kernel_size)
-        self.diffusion = DiffusionLoss(reduction="none") if regularizer == "diffusion" else None
+        self._constants = LameParameters(fixed_lam, fixed_mu) if row.needs_constants else None
 
     @property
     def hyper_dims(self) -> int:
-        """Number of hyperparameter columns: 2 (``[lam, mu]``) for ``"elastic"``, else 1 (``[alpha]``)."""
-        return 2 if self.regularizer == "elastic" else 1
+        """Number of hyperparameter columns: 2 (``[lam, mu]``) for ``"elastic"``, 1 (``[alpha]``) for the
+        baselines (the row's ``names``)."""
+        return len(self._regularizer.names)
 
     def _check_hyper(self, hyper: torch.Tensor, batch: int) -> torch.Tensor:
-        columns = "[lam, mu]" if self.regularizer == "elastic" else "[alpha]"
+        columns = "[" + ", ".join(self._regularizer.names) + "]"
         if hyper.ndim != 2 or hyper.shape[1] != self.hyper_dims or hyper.shape[0] not in (1, batch):
             raise ValueError(
                 f"hyper must have shape (B, {self.hyper_dims}) with columns {columns} for regularizer="
@@ -135,11 +135,7 @@ class RegistrationLoss(_Loss):
 
     def _regularization(self, field: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
         """Per-sample weighted regularizer, shape ``(B,)``."""
-        if self.regularizer == "elastic":
-            return elastic_energy(field, hyper[:, 0], hyper[:, 1], self.spacing)
-        if self.regularizer == "elastic_fixed":
-            return hyper[:, 0] * elastic_energy(field, self.fixed_lam, self.fixed_mu, self.spacing)
-        return hyper[:, 0] * self.diffusion(field).flatten(1).mean(1)
+        return self._regularizer.energy(field, hyper, self.spacing, self._constants)
 
     def similarity_map(self, warped: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
         """The per-voxel similarity ``(B, 1, *spatial)`` of the warped moving image to the fixed one (lower is
@@ -209,21 +205,17 @@ class RegistrationLoss(_Loss):
         }
 
 
-#: the fixed (lam, mu) of the ``"elastic_fixed"`` baseline when none are given: a tenth of Lai-Fook's lung tissue
-#: values (:data:`~elastic_hypermorph_bundle.physics.LAI_FOOK`), the scale of the images' [0, 1] intensities
-FIXED_LAME = LameParameters(lam=LAI_FOOK.lam * 0.1, mu=LAI_FOOK.mu * 0.1)
-
-
 def training_loss(
     regularizer: str = "elastic",
     fixed_lam: float | None = None,
     fixed_mu: float | None = None,
     **kwargs,
 ) -> RegistrationLoss:
-    """The :class:`RegistrationLoss` of ``configs/train.json``: for ``regularizer="elastic_fixed"`` the fixed Lamé
-    parameters default to :data:`FIXED_LAME`; for the other regularizers they must stay unset (as the loss
-    requires). ``kwargs`` go to :class:`RegistrationLoss` (``weighting``, ``kernel_size``, ...)."""
-    if regularizer == "elastic_fixed":
+    """The :class:`RegistrationLoss` of ``configs/train.json``: for a regularizer with constants
+    (``"elastic_fixed"``) the fixed Lamé parameters default to :data:`FIXED_LAME`; for the other regularizers they
+    must stay unset (as the loss requires). ``kwargs`` go to :class:`RegistrationLoss` (``weighting``,
+    ``kernel_size``, ``similarity``, ...)."""
+    if get_regularizer(regularizer).needs_constants:
         fixed_lam = FIXED_LAME.lam if fixed_lam is None else float(fixed_lam)
         fixed_mu = FIXED_LAME.mu if fixed_mu is None else float(fixed_mu)
     return RegistrationLoss(regularizer, fixed_lam=fixed_lam, fixed_mu=fixed_mu, **kwargs)

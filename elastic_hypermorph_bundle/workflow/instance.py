@@ -10,7 +10,8 @@ from collections.abc import Sequence
 import torch
 
 from ..flags import parse_flag
-from ..losses.registration import FIXED_LAME
+from ..losses.regularizers import FIXED_LAME, get_regularizer
+from ..physics import LameParameters
 from ..losses.similarity import get_similarity
 from ..networks.spatial import Affine, affine_ddf, compose_affine
 from ..networks.warp import warp_image
@@ -27,10 +28,11 @@ class InstanceOptimization:
     in inference, evaluation and the sweep's selected point). The stages themselves are the pure functions of
     :mod:`elastic_hypermorph_bundle.optimize`.
 
-    ``(lam, mu)`` of the optimisation are the network's hyperparameter row: ``[lam, mu]`` for the elastic
+    ``(lam, mu)`` of the optimisation are the network's hyperparameter row, mapped by the model's regularizer (its
+    row in :data:`~elastic_hypermorph_bundle.losses.regularizers.REGULARIZERS`): ``[lam, mu]`` for the elastic
     regularizer, ``alpha * (fixed_lam, fixed_mu)`` for ``"elastic_fixed"`` (the same energy, since it is linear in
-    ``(lam, mu)``). The diffusion baseline has no elastic parameters: for it the optimisation is off (with a
-    warning), the pre-alignment stays.
+    ``(lam, mu)``). A regularizer without elastic parameters (the diffusion baseline) has the optimisation off
+    (with a warning); the pre-alignment stays.
 
     Args:
         steps: Adam steps per level (0: no instance optimisation).
@@ -43,8 +45,10 @@ class InstanceOptimization:
         diffeomorphic: optimise a velocity (see :func:`~elastic_hypermorph_bundle.optimize.instance_optimize`).
         hyper_space: the model's trained :class:`~elastic_hypermorph_bundle.hyperparams.HyperSpace` (its
             regularizer decides how a row maps to ``(lam, mu)``); ``None`` means the elastic regularizer.
-        fixed_lam, fixed_mu: the ``"elastic_fixed"`` regularizer's constants (default: the training loss's,
-            :data:`~elastic_hypermorph_bundle.losses.registration.FIXED_LAME`).
+        fixed_lam, fixed_mu: the constants of a regularizer that has them (``"elastic_fixed"``): those the model
+            was trained with, which its card records (``configs/inference.json`` reads them there,
+            :func:`~elastic_hypermorph_bundle.model_card.trained_setting`); ``None``: the training loss's default,
+            :data:`~elastic_hypermorph_bundle.losses.regularizers.FIXED_LAME`.
 
     Raises:
         ValueError: for an unknown similarity or pre-alignment, negative steps, levels < 1, grid < 1, lr <= 0.
@@ -76,15 +80,19 @@ class InstanceOptimization:
         if levels < 1 or not float(grid) >= 1 or not float(lr) > 0 or int(smooth) < 0:
             raise ValueError(f"need instance_levels >= 1, instance_grid >= 1, instance_lr > 0 and smooth >= 0, got "
                              f"{levels}, {grid}, {lr}, {smooth}.")
-        if steps > 0 and regularizer == "diffusion":
+        row = get_regularizer(regularizer)
+        if steps > 0 and row.lame is None:
             logger.warning(
-                "instance optimisation optimises the elastic energy at the network's (lam, mu), which the diffusion "
-                "baseline does not have: it registers with its network alone (--instance_steps 0 says so)."
+                "instance optimisation optimises the elastic energy at the network's (lam, mu), which the %s "
+                "regularizer does not have: it registers with its network alone (--instance_steps 0 says so).",
+                regularizer,
             )
             steps = 0
-        if regularizer == "elastic_fixed":  # the training loss's defaults (the model card does not record them)
+        constants = None
+        if row.needs_constants:  # the model's own (its card's), else the training loss's defaults
             fixed_lam = FIXED_LAME.lam if fixed_lam is None else float(fixed_lam)
             fixed_mu = FIXED_LAME.mu if fixed_mu is None else float(fixed_mu)
+            constants = LameParameters(fixed_lam, fixed_mu)
         self.steps, self.similarity, self.levels, self.grid = steps, similarity, levels, float(grid)
         self.lr, self.smooth = float(lr), int(smooth)
         self.prealign, self.prealign_steps = prealign, prealign_steps
@@ -92,16 +100,21 @@ class InstanceOptimization:
         self.use_mask = parse_flag("use_mask", use_mask)
         self.diffeomorphic = parse_flag("diffeomorphic", diffeomorphic)
         self.regularizer, self.fixed_lam, self.fixed_mu = regularizer, fixed_lam, fixed_mu
+        self._lame, self._constants = row.lame, constants
 
     @property
     def enabled(self) -> bool:
         return self.steps > 0 or self.prealign != "none"
 
     def elastic_parameters(self, hyper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(lam, mu)``, each ``(B,)``, of the network's ``(B, H)`` hyperparameter rows."""
-        if self.regularizer == "elastic":
-            return hyper[:, 0], hyper[:, 1]
-        return hyper[:, 0] * self.fixed_lam, hyper[:, 0] * self.fixed_mu
+        """``(lam, mu)``, each ``(B,)``, of the network's ``(B, H)`` hyperparameter rows.
+
+        Raises:
+            ValueError: for a regularizer without elastic parameters (its optimisation is off).
+        """
+        if self._lame is None:
+            raise ValueError(f"the {self.regularizer!r} regularizer has no elastic parameters (lam, mu) to optimise at.")
+        return self._lame(hyper, self._constants)
 
     def mask(self, batch: dict) -> torch.Tensor | None:
         if not self.use_mask:
