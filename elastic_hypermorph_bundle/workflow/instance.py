@@ -106,6 +106,11 @@ class InstanceOptimization:
     def enabled(self) -> bool:
         return self.steps > 0 or self.prealign != "none"
 
+    @property
+    def has_elastic_parameters(self) -> bool:
+        """Whether the model's regularizer gives its rows elastic parameters ``(lam, mu)`` to optimise at."""
+        return self._lame is not None
+
     def elastic_parameters(self, hyper: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(lam, mu)``, each ``(B,)``, of the network's ``(B, H)`` hyperparameter rows.
 

@@ -68,10 +68,10 @@ class RegisterStep:
         self.network_grid = network_grid
         if init not in ("network", "identity"):
             raise ValueError(f"init must be 'network' or 'identity', got {init!r}.")
-        if init == "identity" and instance is not None and instance.regularizer == "diffusion":
+        if init == "identity" and instance is not None and not instance.has_elastic_parameters:
             raise ValueError(
-                "--init identity registers by the elastic instance optimisation alone, which the diffusion "
-                "regularizer does not have: pass --regularizer elastic (or elastic_fixed)."
+                f"--init identity registers by the elastic instance optimisation alone, which the "
+                f"{instance.regularizer} regularizer does not have: pass --regularizer elastic (or elastic_fixed)."
             )
         if init == "identity" and (self.instance is None or self.instance.steps == 0):
             raise ValueError("--init identity registers by instance optimisation alone: it needs --instance_steps > 0.")
