@@ -411,8 +411,13 @@ def trained_setting(ckpt_path: str | Path, name: str, default=None):
     return default if value is None else value
 
 
-def network_grid(spatial_size, pixdim=None):
+def network_grid(spatial_size, pixdim=None, ckpt_path: str | Path | None = None):
     """The network's input grid (:class:`~elastic_hypermorph_bundle.networks.grid.NetworkGrid`) of a run whose
     network preprocessing is ``spatial_size``/``pixdim`` (by default the card's, see :func:`trained_preprocessing`,
-    and checked against it by :func:`check_run`)."""
-    return NetworkGrid(spatial_size, pixdim)
+    and checked against it by :func:`check_run`); without ``pixdim``, the training images' own voxel size
+    ``data_pixdim`` from the card beside ``ckpt_path``, if it records one."""
+    data_pixdim = None
+    path = None if ckpt_path is None else Path(ckpt_path).with_name(CARD_NAME)
+    if pixdim is None and path is not None and path.is_file():
+        data_pixdim = ModelCard.load(path).info.get("data_pixdim")
+    return NetworkGrid(spatial_size, pixdim, data_pixdim=data_pixdim)

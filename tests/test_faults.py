@@ -475,3 +475,28 @@ def test_training_refuses_a_file_as_its_folders_before_any_work(tmp_path):
         with pytest.raises(NotADirectoryError, match=rf"^{name} .* is a file, not a folder"):
             prepare_outputs(ckpt_dir, output_dir, data, overwrite=True)
     assert afile.read_text() == "user file" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "data"]
+
+
+def test_a_model_trained_without_pixdim_reads_other_grids_at_its_training_voxel_size(tmp_path, caplog):
+    from ignite.engine import Engine
+
+    from elastic_hypermorph_bundle.hyperparams import HyperSpace
+    from elastic_hypermorph_bundle.model_card import network_grid
+    from elastic_hypermorph_bundle.workflow.export import ExportTrainedModel
+
+    pairs = [{"fixed_image": str(_nifti(tmp_path / f"f{i}.nii.gz", _ct((32, 32, 32)))),
+              "moving_image": str(_nifti(tmp_path / f"m{i}.nii.gz", _ct((32, 32, 32))))} for i in range(2)]  # fmt: skip
+    engine = Engine(lambda e, b: None)
+    engine.network, engine.state.epoch = torch.nn.Linear(1, 1), 1
+    ExportTrainedModel(tmp_path / "models", HyperSpace(), "HyperUNet", {}, spatial_size=(32, 32, 32), datalist=pairs)(engine)
+    card = json.loads((tmp_path / "models" / "model.json").read_text())
+    assert card["pixdim"] is None and card["data_pixdim"] == [1.5, 1.5, 2.0]
+    grid = network_grid((32, 32, 32), None, ckpt_path=tmp_path / "models" / "model.pt")
+    assert grid.target_pixdim == (1.5, 1.5, 2.0)
+    # the same anatomy on a grid twice as fine: seen whole at the trained voxel size, not as its central crop
+    fine = torch.nn.functional.interpolate(torch.rand(1, 1, 32, 32, 32), size=(63, 63, 63), mode="trilinear",
+                                           align_corners=True)  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="elastic_hypermorph_bundle"):
+        assert grid.to_network(fine, (0.75, 0.75, 1.0)).shape == (1, 1, 32, 32, 32)
+    assert grid.resampled_shape((63, 63, 63), (0.75, 0.75, 1.0)) == (32, 32, 32) and not caplog.records

@@ -29,25 +29,38 @@ class NetworkGrid:
     Args:
         spatial_size: the network's input size per axis (the card's ``spatial_size``).
         pixdim: the voxel size (mm) images were resampled to in training, or ``None``.
+        data_pixdim: without ``pixdim``, the voxel size (mm) of the training images themselves (the card's
+            ``data_pixdim``), which images are resampled to instead: the network sees every image at the resolution
+            it was trained at (a finer scan of the same anatomy is not reduced to its central crop). ``None``:
+            images are read at their own voxel size.
 
     Raises:
-        ValueError: when ``spatial_size`` or ``pixdim`` do not hold 3 positive values.
+        ValueError: when ``spatial_size``, ``pixdim`` or ``data_pixdim`` do not hold 3 positive values.
     """
 
-    def __init__(self, spatial_size: Sequence[int], pixdim: Sequence[float] | None = None) -> None:
+    def __init__(
+        self,
+        spatial_size: Sequence[int],
+        pixdim: Sequence[float] | None = None,
+        data_pixdim: Sequence[float] | None = None,
+    ) -> None:
         if spatial_size is None or len(spatial_size) != 3 or min(spatial_size) < 1:
             raise ValueError(f"spatial_size must hold 3 positive sizes, got {spatial_size}.")
-        if pixdim is not None and (len(pixdim) != 3 or min(pixdim) <= 0):
-            raise ValueError(f"pixdim must hold 3 positive voxel sizes (mm) or be None, got {pixdim}.")
+        for name, value in (("pixdim", pixdim), ("data_pixdim", data_pixdim)):
+            if value is not None and (len(value) != 3 or min(value) <= 0):
+                raise ValueError(f"{name} must hold 3 positive voxel sizes (mm) or be None, got {value}.")
         self.spatial_size = tuple(int(n) for n in spatial_size)
         self.pixdim = None if pixdim is None else tuple(float(p) for p in pixdim)
+        self.data_pixdim = None if data_pixdim is None else tuple(float(p) for p in data_pixdim)
+        #: the voxel size images are resampled to for the network (None: their own)
+        self.target_pixdim = self.pixdim or self.data_pixdim
         self._warned: set = set()
 
     def resampled_shape(self, shape: Sequence[int], spacing: Sequence[float]) -> tuple[int, ...]:
         """The registration grid's shape after resampling to ``pixdim`` (before the pad/crop)."""
-        if self.pixdim is None:
+        if self.target_pixdim is None:
             return tuple(int(n) for n in shape)
-        return tuple(max(2, int(round((n - 1) * s / p)) + 1) for n, s, p in zip(shape, spacing, self.pixdim))
+        return tuple(max(2, int(round((n - 1) * s / p)) + 1) for n, s, p in zip(shape, spacing, self.target_pixdim))
 
     def matches(self, shape: Sequence[int], spacing: Sequence[float]) -> bool:
         """Whether a pair on this grid is already on the network's grid (nothing to convert)."""
@@ -79,17 +92,18 @@ class NetworkGrid:
         anatomy) reaches it as its central crop, and the field outside that crop is the crop's border value."""
         cropped = self.cropped(shape, spacing)
         key = (tuple(shape), tuple(float(s) for s in spacing))
-        if not any(cropped) or key in self._warned:
+        if max(cropped) <= 1 or key in self._warned:  # one voxel: the rounding of a resampled edge
             return
         self._warned.add(key)
         seen = "x".join(str(min(r, m)) for r, m in zip(self.resampled_shape(shape, spacing), self.spatial_size))
-        if self.pixdim is None:
+        if self.target_pixdim is None:
             why = (
-                "the model card's pixdim is null, so images are not resampled; register images with the voxel "
-                "size of the training data, or train with --pixdim so that any voxel size is resampled to it"
+                "the model card's pixdim is null and it records no data_pixdim, so images are not resampled; "
+                "register images with the voxel size of the training data, or train with --pixdim so that any "
+                "voxel size is resampled to it"
             )
         else:
-            why = f"at the trained {list(self.pixdim)} mm voxels the image is larger than the trained spatial_size"
+            why = f"at the trained {list(self.target_pixdim)} mm voxels the image is larger than the trained spatial_size"
         logger.warning(
             "the network sees only the central %s voxels of this %s image (%s voxels cropped along x, y, z; its "
             "field there repeats the border values, the instance optimisation refines it): %s.",

@@ -6,18 +6,32 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
 from ..atomic import atomic_torch_save
+from ..data.io import volume_grid
 from ..hyperparams import HyperSpace
 from ..losses import RegistrationLoss
 from ..model_card import ModelCard, network_kwargs_for
 from .checkpoints import BEST_CHECKPOINT, best_metric_record, remove_replaced
 
-__all__ = ["ExportTrainedModel"]
+__all__ = ["ExportTrainedModel", "data_voxel_size"]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
+
+
+def data_voxel_size(datalist: Sequence[dict]) -> list[float]:
+    """The median voxel size (mm, per axis) of the images of ``datalist`` (pair dicts with ``fixed_image`` and
+    ``moving_image`` paths), read from their headers."""
+    sizes = [
+        np.linalg.norm(volume_grid(pair[key])[1][:3, :3], axis=0)
+        for pair in datalist
+        for key in ("fixed_image", "moving_image")
+        if key in pair
+    ]
+    return [round(float(v), 6) for v in np.median(np.stack(sizes), axis=0)]
 
 
 class ExportTrainedModel:
@@ -44,6 +58,9 @@ class ExportTrainedModel:
         loss: the training loss; its ``similarity``, ``weighting``, ``regularize``, ``fixed_lam`` and ``fixed_mu``
             are recorded in ``training``.
         evaluator: the validator, whose best metric is recorded.
+        datalist: the training pairs; without ``pixdim`` (no resampling) the median voxel size of their images is
+            recorded as ``data_pixdim``, the resolution the network learned at, to which inference resamples
+            images on another grid (:class:`~elastic_hypermorph_bundle.networks.grid.NetworkGrid`).
     """
 
     def __init__(
@@ -59,6 +76,7 @@ class ExportTrainedModel:
         training: dict | None = None,
         loss: RegistrationLoss | None = None,
         evaluator: Engine | None = None,
+        datalist: Sequence[dict] | None = None,
     ) -> None:
         self.ckpt_dir = Path(ckpt_dir)
         training = dict(training or {})
@@ -75,6 +93,8 @@ class ExportTrainedModel:
             "split_file": None if split_file is None else str(split_file),
             "training": training,
         }
+        if pixdim is None and datalist:
+            self.card["data_pixdim"] = data_voxel_size(datalist)
         self.evaluator = evaluator
 
     def _best_metric(self, best: Path) -> dict:
