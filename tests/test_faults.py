@@ -465,16 +465,15 @@ def test_init_identity_needs_no_card_takes_any_lame_parameters_and_names_the_dif
 
 
 def test_training_refuses_a_file_as_its_folders_before_any_work(tmp_path):
-    from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
     from elastic_hypermorph_bundle.workflow.checkpoints import prepare_outputs
 
-    data = make_synthetic_dataset(tmp_path / "data", num_pairs=3, spatial_size=(8, 8, 8))
+    data = tmp_path / "data"  # never read: the folders are checked first
     afile = tmp_path / "afile"
     afile.write_text("user file")
     for ckpt_dir, output_dir, name in ((afile, tmp_path / "eval", "ckpt_dir"), (tmp_path / "m", afile / "x", "output_dir")):
         with pytest.raises(NotADirectoryError, match=rf"^{name} .* is a file, not a folder"):
             prepare_outputs(ckpt_dir, output_dir, data, overwrite=True)
-    assert afile.read_text() == "user file" and sorted(p.name for p in tmp_path.iterdir()) == ["afile", "data"]
+    assert afile.read_text() == "user file" and sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
 
 
 def test_a_model_trained_without_pixdim_reads_other_grids_at_its_training_voxel_size(tmp_path, caplog):
