@@ -38,25 +38,37 @@ def _as_array(name: str, value, ndim: int) -> np.ndarray:
     return array
 
 
-def _field_map(ddf: np.ndarray, spacing: Sequence[float] | None, field: str) -> tuple[np.ndarray, str]:
+def _field_cut(ddf: np.ndarray, spacing: Sequence[float] | None, field: str, axis: int, index: int) -> np.ndarray:
+    """The field map in the cut ``index`` along ``axis`` only (a full-volume map costs seconds at full size):
+    ``|u|`` there, or ``det J`` of a slab of 5 cuts around it (the central-difference stencil with the Jacobian
+    metrics' border; the cut's own border values repeated). Returns ``(b, c)``, the two remaining axes."""
     if field == "magnitude":
         scale = np.ones(3) if spacing is None else np.asarray(spacing, dtype=float)
-        unit = "voxels" if spacing is None else "mm"
-        return np.linalg.norm(ddf * scale[:, None, None, None], axis=0), f"|u| ({unit})"
+        return np.linalg.norm(np.take(ddf, index, axis=axis + 1) * scale[:, None, None], axis=0)
     from .metrics import JACOBIAN_BORDER, jacobian_determinant
 
-    det = jacobian_determinant(torch.as_tensor(ddf, dtype=torch.float64)[None])[0].numpy()
-    return np.pad(det, JACOBIAN_BORDER, mode="edge"), "det J = det(I + grad u)"
+    width = 2 * JACOBIAN_BORDER + 1
+    start = min(max(index - JACOBIAN_BORDER, 0), ddf.shape[axis + 1] - width)
+    slab = np.take(ddf, range(start, start + width), axis=axis + 1)
+    det = jacobian_determinant(torch.as_tensor(slab, dtype=torch.float64)[None])[0].numpy()
+    return np.pad(np.take(det, 0, axis=axis), JACOBIAN_BORDER, mode="edge")
+
+
+def _field_label(field: str, spacing) -> str:
+    return f"|u| ({'voxels' if spacing is None else 'mm'})" if field == "magnitude" else "det J = det(I + grad u)"
 
 
 def body_mask(image: np.ndarray, threshold: float, mask: np.ndarray | None = None) -> np.ndarray:
     """The body: voxels of ``image`` above ``threshold`` (soft tissue, not air) joined with ``mask`` (e.g. the lung
-    mask) when given, holes filled in every axial (last-axis) slice so that the lungs and airways inside count."""
+    mask) when given, holes filled in every axial (last-axis) slice, or in the image itself if it is one 2D cut,
+    so that the lungs and airways inside count."""
     from scipy.ndimage import binary_fill_holes
 
     inside = image > threshold
     if mask is not None:  # before filling: lungs that reach a cropped field of view would open the body's outline
         inside |= mask > 0.5
+    if inside.ndim == 2:  # one cut
+        return binary_fill_holes(inside)
     for z in range(inside.shape[2]):
         inside[:, :, z] = binary_fill_holes(inside[:, :, z])
     return inside
@@ -130,25 +142,36 @@ def plot_pair(
         rows.append(("warped", _as_array("warped", warped, 3)))
     masks = {"fixed": fixed_mask, "moving": moving_mask}
     masks = {name: None if mask is None else _as_array(f"{name}_mask", mask, 3) for name, mask in masks.items()}
-    field_maps = []
     if ddf is not None:
         ddf = _as_array("ddf", ddf, 4)
         if ddf.shape != (3, *shape):
             raise ValueError(f"ddf must have shape (3, *{shape}) to match the images, got {ddf.shape}.")
-        field_maps = [(field, *_field_map(ddf, spacing, field)) for field in fields]
     for name, array in [*rows, *((k, v) for k, v in masks.items() if v is not None)]:
         if array.shape != shape:
             raise ValueError(f"{name} has shape {array.shape}, but fixed has {shape}; all inputs share one grid.")
     slices = organ_slices(masks["fixed"], shape) if slices is None else [int(s) for s in slices]
     if len(slices) != 3 or any(not 0 <= s < n for s, n in zip(slices, shape)):
         raise ValueError(f"slices must be 3 voxel indices inside {shape}, got {slices}.")
+    spacing_given = spacing is not None
     spacing = (1.0, 1.0, 1.0) if spacing is None else tuple(float(s) for s in spacing)
     low, high = np.percentile(rows[0][1], (1, 99)) if window is None else window
+    # every row as its three cuts (b, c): only the shown slices are computed
+    cuts = [(name, [np.take(array, slices[a], axis=a) for a in range(3)]) for name, array in rows]
     if warped is not None:
-        rows.append(("checkerboard fixed | warped", checkerboard(rows[0][1], rows[2][1])))
-    if field_maps and body is not False:
-        inside = body_mask(rows[0][1], low + (high - low) / 3, masks["fixed"]) if body is True else np.asarray(body, bool)
-        field_maps = [(field, np.where(inside, values, np.nan), label) for field, values, label in field_maps]
+        cuts.append(("checkerboard fixed | warped", [checkerboard(f, w) for f, w in zip(cuts[0][1], cuts[2][1])]))
+    field_maps = []
+    for field in fields if ddf is not None else ():
+        values = [_field_cut(ddf, spacing if spacing_given else None, field, a, slices[a]) for a in range(3)]
+        if body is not False:
+            for a in range(3):
+                if body is True:
+                    mask_cut = None if masks["fixed"] is None else np.take(masks["fixed"], slices[a], axis=a)
+                    inside = body_mask(cuts[0][1][a], low + (high - low) / 3, mask_cut)
+                else:
+                    inside = np.take(np.asarray(body, bool), slices[a], axis=a)
+                values[a] = np.where(inside, values[a], np.nan)
+        field_maps.append((field, values, _field_label(field, spacing if spacing_given else None)))
+    rows = cuts
 
     num_rows = len(rows) + len(field_maps)
     figure = Figure(figsize=(9, 2.6 * num_rows + (0.5 if title else 0.2)), layout="constrained")
@@ -160,9 +183,9 @@ def plot_pair(
     for col in range(3):
         b, c = (a for a in range(3) if a != col)
         aspect = spacing[c] / spacing[b]
-        for row, (name, array) in enumerate(rows):
+        for row, (name, row_cuts) in enumerate(rows):
             ax = axes[row, col]
-            ax.imshow(cut(array, col), cmap="gray", vmin=low, vmax=high, origin="lower", aspect=aspect)
+            ax.imshow(row_cuts[col].T, cmap="gray", vmin=low, vmax=high, origin="lower", aspect=aspect)
             for mask_name, color in _MASK_COLOURS.items():
                 if masks[mask_name] is not None and (mask_name == "fixed" or name == "moving"):
                     mask_cut = cut(masks[mask_name], col).astype(float)
@@ -172,11 +195,12 @@ def plot_pair(
         for offset, (field, values, label) in enumerate(field_maps):
             ax = axes[len(rows) + offset, col]
             if field == "magnitude":
-                kwargs = {"cmap": "magma", "vmin": 0.0, "vmax": max(float(np.nanpercentile(values, 99.5)), 1e-6)}
+                top = max(float(np.nanpercentile(np.concatenate([v.ravel() for v in values]), 99.5)), 1e-6)
+                kwargs = {"cmap": "magma", "vmin": 0.0, "vmax": top}
             else:  # diverging around 1 (volume preserving); J <= 0 (folding) saturates blue
                 kwargs = {"cmap": "RdBu_r", "norm": TwoSlopeNorm(vcenter=1.0, vmin=0.0, vmax=2.0)}
             ax.set_facecolor("white")
-            shown = ax.imshow(cut(values, col), origin="lower", aspect=aspect, **kwargs)
+            shown = ax.imshow(values[col].T, origin="lower", aspect=aspect, **kwargs)
             ax.set_title(f"{label}, {_AXIS_NAMES[col]} = {slices[col]}", fontsize=9)
             if col == 2:
                 figure.colorbar(shown, ax=axes[len(rows) + offset, :], shrink=0.8)
