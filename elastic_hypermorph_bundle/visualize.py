@@ -45,8 +45,6 @@ def _field_cut(ddf: np.ndarray, spacing: Sequence[float] | None, field: str, axi
     if field == "magnitude":
         scale = np.ones(3) if spacing is None else np.asarray(spacing, dtype=float)
         return np.linalg.norm(np.take(ddf, index, axis=axis + 1) * scale[:, None, None], axis=0)
-    from .metrics import JACOBIAN_BORDER, jacobian_determinant
-
     width = 2 * JACOBIAN_BORDER + 1
     start = min(max(index - JACOBIAN_BORDER, 0), ddf.shape[axis + 1] - width)
     slab = np.take(ddf, range(start, start + width), axis=axis + 1)
