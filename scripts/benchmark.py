@@ -170,22 +170,26 @@ def section5_methods(options: dict, model_path: str) -> list[dict]:
     return methods
 
 
-def run_real_anatomy(options: dict, model_dir: str, pair_cache: str, log, kinds=None, earlier=None) -> dict:
+def run_real_anatomy(options: dict, model_dir: str, pair_cache: str, log, kinds=None, earlier=None,
+                     groups=None) -> dict:
     """Section 5 on real anatomy: the rows of :func:`section5_methods` (without the second network + optimisation
     step count) on the breath-hold pairs and on the follow-up pairs of :func:`real_anatomy_settings`, each group
-    its own table. With ``kinds``, only those rows are measured again and ``earlier``'s other rows are kept."""
+    its own table. With ``kinds``, only those rows are measured again and ``earlier``'s other rows are kept; with
+    ``groups`` (``breath_hold``, ``followup``), only those groups, ``earlier``'s others kept."""
     options = {**options, **{k: v for k, v in inference_defaults().items() if options.get(k) is None}}
     folder = Path(options["real_ct_dir"])
     missing = [name for name in {*options["cts"], *(ct for ct, _ in options["followups"])}
                if not (folder / name).is_file()]
     if missing:
         return {"skipped": f"real CTs not found in {folder}: {sorted(missing)}"}
-    groups = {
+    cases_of = {
         "breath_hold": [(name, options["breath_hold_seed"], "realistic") for name in options["cts"]],
         "followup": [(name, int(seed), "followup") for name, seed in options["followups"]],
     }
-    result = {}
-    for group, cases in groups.items():
+    result = {key: value for key, value in (earlier or {}).items() if groups is not None and key not in groups}
+    for group, cases in cases_of.items():
+        if groups is not None and group not in groups:
+            continue
         log(f"  real anatomy, {group}: {len(cases)} pair(s)")
         pairs = [path for name, seed, preset in cases for path in accuracy.cached_pairs(
             options["spatial_size"], [seed], {"preset": preset, "real_ct": str(folder / name)}, pair_cache, log)]
@@ -259,7 +263,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir: str = "models",
-         pair_cache: str | None = None, rows=None) -> str:
+         pair_cache: str | None = None, rows=None, groups=None) -> str:
     """Run the benchmark; write ``benchmarks.md`` and ``benchmarks.json`` into ``output_dir``; return the md path.
 
     Args:
@@ -273,6 +277,8 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
         rows: method kinds (:data:`bench.accuracy.KINDS`) that section 5 re-measures, keeping the other rows of the
             existing ``benchmarks.json``, whose pairs it must share (e.g. ``"[network,optimize]"`` after a new
             release); default: every method.
+        groups: the pair groups of section 7 to measure (``"[followup]"``, ``"[breath_hold]"``; default both),
+            keeping the others of the existing ``benchmarks.json``.
         pair_cache: where sections 5 and 6's simulated pairs are cached (default
             ``$XDG_CACHE_HOME/elastic_hypermorph_bundle/benchmark_pairs``).
     """
@@ -355,7 +361,8 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
         results["accuracy_real"] = run_real_anatomy(settings["accuracy_real"],
                                                     str(quick_model) if quick and quick_model.is_dir() else model_dir,
                                                     pair_cache, log,
-                                                    kinds=rows, earlier=results.get("accuracy_real"))
+                                                    kinds=rows, earlier=results.get("accuracy_real"),
+                                                    groups=[groups] if isinstance(groups, str) else groups)
     if 6 in sections:
         log("section 6: conditioning capacity at an equal training budget")
         results["capacity"] = run_capacity(settings["capacity"], pair_cache, log)
@@ -367,8 +374,10 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
         for key in [key for key in runs if key.startswith("accuracy_rows")]:
             del runs[key]
     for section in sections:
-        key = (f"{SECTION_KEYS[section].replace('accuracy', 'accuracy_rows') if section == 7 else 'accuracy_rows'}"
-               f"[{','.join(rows)}]" if section in (5, 7) and rows is not None else SECTION_KEYS[section])
+        key = f"accuracy_rows[{','.join(rows)}]" if section == 5 and rows is not None else SECTION_KEYS[section]
+        if section == 7 and (rows is not None or groups is not None):  # a part of section 7: its own record
+            key += "".join(f"[{','.join([part] if isinstance(part, str) else part)}]" for part in (groups, rows)
+                           if part is not None)
         runs[key] = {"date_utc": results["machine"]["date_utc"], "command": settings["command"]
                                        + ("" if sections == set(SECTION_KEYS) else f' --sections "{sorted(sections)}"')
                                        + (f' --rows "[{",".join(rows)}]"' if rows is not None else ""),

@@ -341,18 +341,3 @@ def test_instance_settings_refuse_bad_values():
     fixed = InstanceOptimization(steps=1, hyper_space=HyperSpace("elastic_fixed"), fixed_lam=4.0, fixed_mu=2.0)
     lam, mu = fixed.elastic_parameters(torch.tensor([[0.5]]))
     assert lam.item() == 2.0 and mu.item() == 1.0
-
-
-def test_auto_prealignment_runs_only_when_the_images_are_far_apart():
-    from elastic_hypermorph_bundle.optimize import AUTO_PREALIGN_MM, centre_of_mass_offset
-    from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
-
-    fixed = blobs((32, 32, 32), seed=2, count=20)
-    spacing = (4.0, 4.0, 4.0)
-    near = torch.roll(fixed, 1, dims=2)  # 4 mm: breathing-sized
-    far = torch.roll(fixed, 6, dims=2)  # 24 mm: another position on the table
-    assert 18.0 < centre_of_mass_offset(fixed, far, spacing)[0, 0].item() <= 24.0  # (roll wraps a little)
-    stages = InstanceOptimization(prealign="auto", prealign_steps=30)
-    assert stages.align(fixed, near, spacing) is None
-    affine = stages.align(fixed, far, spacing)
-    assert affine is not None and affine.translation[0, 0].item() > AUTO_PREALIGN_MM

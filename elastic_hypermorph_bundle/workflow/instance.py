@@ -15,7 +15,8 @@ from ..physics import LameParameters
 from ..losses.similarity import get_similarity
 from ..networks.spatial import Affine, affine_ddf, compose_affine
 from ..networks.warp import warp_image
-from ..optimize import AUTO_PREALIGN_MM, PREALIGNMENTS, centre_of_mass_offset, instance_optimize, prealign
+from ..losses.discrete import discrete_search
+from ..optimize import PREALIGNMENTS, auto_prealign, instance_optimize, prealign, start_objective
 
 __all__ = ["InstanceOptimization"]
 
@@ -37,9 +38,10 @@ class InstanceOptimization:
     Args:
         steps: Adam steps per level (0: no instance optimisation).
         similarity, levels, grid, lr, smooth: see :func:`~elastic_hypermorph_bundle.optimize.instance_optimize`.
-        prealign: ``"auto"`` (an affine pre-alignment when the centres of mass are more than
-            :data:`AUTO_PREALIGN_MM` apart, else none: it costs little and leaves pre-aligned pairs as they are),
-            ``"none"``, ``"translation"``, ``"rigid"`` or ``"affine"`` (see :func:`~elastic_hypermorph_bundle.optimize.prealign`).
+        prealign: ``"auto"`` (a global map only when it clearly improves the similarity over the identity,
+            :func:`~elastic_hypermorph_bundle.optimize.auto_prealign`: a follow-up scan in another position is
+            aligned, a breathing-only pair is left as it is), ``"none"``, ``"translation"``, ``"rigid"`` or
+            ``"affine"`` (see :func:`~elastic_hypermorph_bundle.optimize.prealign`).
         prealign_steps: Adam steps of the pre-alignment.
         use_mask: restrict both stages' similarity to the fixed mask (the batch must have ``fixed_mask``).
         diffeomorphic: optimise a velocity (see :func:`~elastic_hypermorph_bundle.optimize.instance_optimize`).
@@ -49,6 +51,16 @@ class InstanceOptimization:
             was trained with, which its card records (``configs/inference.json`` reads them there,
             :func:`~elastic_hypermorph_bundle.model_card.trained_setting`); ``None``: the training loss's default,
             :data:`~elastic_hypermorph_bundle.losses.regularizers.FIXED_LAME`.
+        select_start: before optimising, compare the optimisation's own objective
+            (:func:`~elastic_hypermorph_bundle.optimize.start_objective`) for the network's prediction and for the
+            identity (or the discrete search's field) and continue from the better: the network gives a start,
+            not a verdict.
+        discrete: start the optimisation without a network from a coarse discrete displacement search
+            (:func:`~elastic_hypermorph_bundle.losses.discrete.discrete_search`, quarter resolution) instead of the
+            identity.
+
+    After :meth:`register`, :attr:`record` holds per-pair ``(B,)`` values of the stages' decisions (pre-alignment
+    similarities, start objectives, the start taken) for the run's record.
 
     Raises:
         ValueError: for an unknown similarity or pre-alignment, negative steps, levels < 1, grid < 1, lr <= 0.
@@ -69,6 +81,8 @@ class InstanceOptimization:
         hyper_space=None,
         fixed_lam: float | None = None,
         fixed_mu: float | None = None,
+        select_start: bool | str = True,
+        discrete: bool | str = False,
     ) -> None:
         steps, levels, prealign_steps = int(steps), int(levels), int(prealign_steps)
         regularizer = "elastic" if hyper_space is None else hyper_space.regularizer
@@ -99,6 +113,9 @@ class InstanceOptimization:
         # booleans from the command line are parsed once, here
         self.use_mask = parse_flag("use_mask", use_mask)
         self.diffeomorphic = parse_flag("diffeomorphic", diffeomorphic)
+        self.select_start = parse_flag("instance_select_start", select_start)
+        self.discrete = parse_flag("instance_discrete", discrete)
+        self.record: dict[str, torch.Tensor] = {}
         self.regularizer, self.fixed_lam, self.fixed_mu = regularizer, fixed_lam, fixed_mu
         self._lame, self._constants = row.lame, constants
 
@@ -130,15 +147,13 @@ class InstanceOptimization:
 
     def align(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None) -> Affine | None:
         """The pre-alignment of the pair, ``None`` when off (or, with ``"auto"``, not needed)."""
-        transform = self.prealign
-        if transform == "auto":
-            offset = centre_of_mass_offset(fixed, moving, spacing).norm(dim=1).max().item()
-            transform = "affine" if offset > AUTO_PREALIGN_MM else "none"
-            if transform == "affine":
-                logger.info("pre-alignment: centres of mass %.1f mm apart, fitting an affine map", offset)
-        if transform == "none":
+        if self.prealign == "auto":
+            affine, record = auto_prealign(fixed, moving, spacing, self.similarity, mask, self.prealign_steps)
+            self.record.update(record)
+            return affine
+        if self.prealign == "none":
             return None
-        return prealign(fixed, moving, spacing, transform, self.similarity, mask, self.prealign_steps)
+        return prealign(fixed, moving, spacing, self.prealign, self.similarity, mask, self.prealign_steps)
 
     def refine(self, fixed, moving, hyper, init_ddf, affine: Affine | None = None, mask=None) -> torch.Tensor:
         """The total DDF: ``init_ddf`` optimised at the rows' ``(lam, mu)`` and composed with ``affine``."""
@@ -161,13 +176,40 @@ class InstanceOptimization:
             spacing: voxel size (mm) of the grid, for the pre-alignment's rotations and scalings.
             mask: the fixed mask ``(B, 1, *spatial)`` when ``use_mask`` (see :meth:`mask`).
         """
+        self.record = {}
         affine = self.align(fixed, moving, spacing, mask)
         network_moving = moving if affine is None else warp_image(moving, affine_ddf(affine, moving.shape[2:]))
+        start = None  # the identity
+        if self.discrete and self.steps > 0:
+            start = discrete_search(fixed, network_moving)
         if predict is None:
-            ddf = torch.zeros(fixed.shape[0], 3, *fixed.shape[2:], dtype=fixed.dtype, device=fixed.device)
+            ddf = torch.zeros(fixed.shape[0], 3, *fixed.shape[2:], dtype=fixed.dtype, device=fixed.device) \
+                if start is None else start
         else:
             ddf = predict(network_moving)
             ddf = (ddf.as_tensor() if hasattr(ddf, "as_tensor") else ddf).float()
+            if self.select_start and self.steps > 0:
+                ddf = self._better_start(fixed, moving, hyper, ddf, start, affine, mask)
         if self.steps > 0:
             return self.refine(fixed, moving, hyper, ddf, affine, mask)
         return compose_affine(affine, ddf)
+
+    def _better_start(self, fixed, moving, hyper, network_ddf, other, affine, mask) -> torch.Tensor:
+        """Per pair, the start (the network's field or ``other``: the identity when None) with the lower objective
+        at the optimisation's first level; both values and the choice go to the log and :attr:`record`."""
+        lam, mu = self.elastic_parameters(hyper)
+        kwargs = {"similarity": self.similarity, "levels": self.levels, "grid": self.grid, "mask": mask,
+                  "affine": affine}
+        network_value = start_objective(fixed, moving, lam, mu, network_ddf, **kwargs)
+        other_value = start_objective(fixed, moving, lam, mu, other, **kwargs)
+        take_network = network_value <= other_value
+        other_name = "the identity" if other is None else "the discrete search"
+        for i in range(fixed.shape[0]):
+            logger.info("start of the optimisation: objective %.5f from the network, %.5f from %s: %s",
+                        network_value[i].item(), other_value[i].item(), other_name,
+                        "the network's" if take_network[i] else other_name)
+        self.record.update(start_objective_network=network_value, start_objective_identity=other_value,
+                           start_network=take_network.to(fixed.dtype))
+        if other is None:
+            other = torch.zeros_like(network_ddf)
+        return torch.where(take_network[:, None, None, None, None], network_ddf, other)

@@ -134,6 +134,8 @@ class RegisterStep:
         output["spacing"] = self._spacing(fixed)
         output["hyper"] = self.hyper.to(device).expand(fixed.shape[0], -1)
         output["runtime"] = torch.full((fixed.shape[0],), runtime)
+        if self.instance is not None and self.instance.record:  # the stages' decisions, for the run's record
+            output["stages"] = {key: value.detach().cpu() for key, value in self.instance.record.items()}
         engine.state.output = output
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # the evaluator decollates on this event

@@ -523,7 +523,9 @@ class EvaluationWriter:
         names = self.info.get("hyper_names")
         for pair in as_pairs(engine.state.output):
             metrics = registered_pair_metrics(pair, names, self.labels, self.masked)
-            self.rows.append({"pair_id": pair.get("pair_id", ""), **metrics, "runtime_s": float(pair["runtime"])})
+            stages = {key: float(value) for key, value in pair.get("stages", {}).items()}  # pre-alignment, start
+            self.rows.append({"pair_id": pair.get("pair_id", ""), **metrics, "runtime_s": float(pair["runtime"]),
+                              **stages})
 
     def summary(self) -> dict:
         """Mean of every numeric column over the pairs that have it."""

@@ -23,7 +23,7 @@ _SECTION_OF = {"hyper_conditioning": 1, "regularizer": 2, "sweep": 3, "training_
 
 def _section_of(run_key: str) -> int:
     """The section of a ``runs`` record: its key, or ``accuracy_rows[<kinds>]`` for section 5's re-measured rows."""
-    return 5 if run_key.startswith(("accuracy_rows", "accuracy_real_rows")) else _SECTION_OF[run_key]
+    return 5 if run_key.startswith(("accuracy_rows", "accuracy_real")) else _SECTION_OF[run_key]
 
 
 def _size(size) -> str:
@@ -79,8 +79,8 @@ def render(results: dict) -> str:
     lines += _section4(results["training_memory"], settings)
     lines += _section5(results["accuracy"], results.get("runs", {}).get("accuracy"),
                        [run for key, run in sorted(runs.items()) if key.startswith("accuracy_rows")])
-    lines += _section5_real(results.get("accuracy_real"), runs.get("accuracy_real"),
-                            [run for key, run in sorted(runs.items()) if key.startswith("accuracy_real_rows")])
+    lines += _section5_real(results.get("accuracy_real"),
+                            [run for key, run in sorted(runs.items()) if key.startswith("accuracy_real")])
     lines += _section6(results["capacity"])
     return "\n".join(lines) + "\n"
 
@@ -414,17 +414,16 @@ def real_anatomy_goals(result: dict) -> list[tuple[str, float | None, float | No
     return goals
 
 
-def _section5_real(result: dict | None, run: dict | None = None, reruns: list[dict] = ()) -> list[str]:
+def _section5_real(result: dict | None, runs: list[dict] = ()) -> list[str]:
     """Section 5 on real anatomy (issue 18): the breath-hold and follow-up groups, each its own table, and the goals."""
     lines = ["### 5b. Real anatomy: breath-hold pairs on four real CTs and baseline / follow-up pairs", ""]
     if not result:
         return lines + ["Not measured in this run.", ""]
     if "skipped" in result:
         return lines + [f"Skipped: {result['skipped']}.", ""]
-    if run:
-        lines += [f"_Measured in one run: `{run['command']}` on {run['date_utc']} ({run['run_seconds'] / 60:.0f} min)"
-                  + "".join(f"; rows measured again: `{rerun['command']}` on {rerun['date_utc']} "
-                            f"({rerun['run_seconds'] / 60:.0f} min)" for rerun in reruns) + "._", ""]
+    if runs:
+        lines += ["_Measured by: " + "; ".join(f"`{run['command']}` on {run['date_utc']} "
+                                              f"({run['run_seconds'] / 60:.0f} min)" for run in runs) + "._", ""]
     titles = {"breath_hold": "Realistic breath-hold pairs (`--preset realistic`) on each real CT",
               "followup": "Baseline / follow-up pairs (`--preset followup`: breath-hold motion, a rigid offset of "
                           "20-50 mm and up to 10 degrees, another scanner grid), the follow-up resampled into the "

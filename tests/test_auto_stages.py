@@ -1,0 +1,87 @@
+"""The test-time stages that decide by what they achieve (issue 18): ``prealign="auto"`` keeps a global map only when
+it clearly beats the identity (a follow-up in another position is aligned, a breathing-only pair is not moved), and
+the optimisation continues from the better of the network's start and the identity."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from elastic_hypermorph_bundle.networks.spatial import Affine, affine_ddf
+from elastic_hypermorph_bundle.networks.warp import warp_image
+from elastic_hypermorph_bundle.optimize import auto_prealign, instance_optimize, start_objective
+from elastic_hypermorph_bundle.simulation.generator import simulate_pair
+from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
+
+SIZE = (64, 64, 64)
+
+
+def _window(image: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(((np.clip(image, -1000, 500) + 1000) / 1500).astype(np.float32))[None, None]
+
+
+@pytest.fixture(scope="module")
+def breathing():
+    """A realistic breath-hold pair of the phantom (no offset between the scans)."""
+    pair = simulate_pair(SIZE, seed=7, preset="realistic")
+    return pair, _window(pair.fixed_image), _window(pair.moving_image)
+
+
+def _tre(ddf: torch.Tensor, fixed_points, moving_points, spacing) -> float:
+    u = np.stack([ndimage.map_coordinates(c, fixed_points.T, order=1) for c in ddf[0].double().numpy()], 1)
+    return float(np.linalg.norm((fixed_points + u - moving_points) * spacing, axis=1).mean())
+
+
+def test_a_large_offset_and_rotation_is_captured(breathing):
+    pair, fixed, moving = breathing
+    spacing = pair.spacing
+    angle = math.radians(8.0)
+    rotation = torch.tensor([[1.0, 0, 0], [0, math.cos(angle), -math.sin(angle)], [0, math.sin(angle), math.cos(angle)]])
+    # the follow-up: the breathing moving image seen through a rigid motion of 35 mm (mostly along the body) and 8 deg
+    motion = Affine(rotation[None], torch.tensor([[6.0, -8.0, 33.0]]), spacing)
+    moved = warp_image(moving, affine_ddf(motion, SIZE))  # moved(x) = moving(T(x)): T^-1 maps the anatomy
+    # a fixed point x sits at T^-1(x + u(x)) in the moved image; the map found must bring it back
+    voxels = np.asarray(spacing)
+    centre = (np.asarray(SIZE) - 1) / 2 * voxels
+    # T(p) = R (p - c) + c + t, so T^-1(q) = R^T (q - c - t) + c (row vectors: (q - c - t) @ R)
+    moving_mm = pair.moving_keypoints * voxels
+    moving_points = ((moving_mm - centre - motion.translation[0].numpy()) @ rotation.numpy() + centre) / voxels
+    affine, record = auto_prealign(fixed, moved, spacing, steps=60)
+    assert record["prealign_applied"].item() == 1.0 and affine is not None
+    assert record["prealign_similarity_rigid"].item() < 0.75 * record["prealign_similarity_identity"].item()
+    before = _tre(torch.zeros(1, 3, *SIZE), pair.fixed_keypoints, moving_points, voxels)
+    after = _tre(affine_ddf(affine, SIZE), pair.fixed_keypoints, moving_points, voxels)
+    breathing_only = _tre(torch.zeros(1, 3, *SIZE), pair.fixed_keypoints, pair.moving_keypoints, voxels)
+    assert before > 30.0 and after < breathing_only + 3.0, (before, after, breathing_only)
+
+
+def test_a_breathing_only_pair_is_not_moved(breathing):
+    pair, fixed, moving = breathing
+    affine, record = auto_prealign(fixed, moving, pair.spacing, steps=60)
+    assert affine is None and record["prealign_applied"].item() == 0.0
+    stages = InstanceOptimization(steps=0, prealign="auto", prealign_steps=60)
+    ddf = stages.register(None, fixed, moving, torch.tensor([[0.083, 0.03]]), pair.spacing)
+    assert ddf.abs().max() == 0.0 and stages.record["prealign_applied"].item() == 0.0
+
+
+def test_a_network_start_worse_than_the_identity_is_not_taken(breathing):
+    pair, fixed, moving = breathing
+    hyper = torch.tensor([[0.083, 0.03]])
+    truth = torch.from_numpy(pair.displacement)[None]
+    bad = -2.0 * truth  # a start that moves the anatomy the wrong way
+    kwargs = {"similarity": "mind", "levels": 2, "grid": 2.0}
+    assert start_objective(fixed, moving, 0.083, 0.03, bad, **kwargs) > start_objective(fixed, moving, 0.083, 0.03, None, **kwargs)
+    assert start_objective(fixed, moving, 0.083, 0.03, truth, **kwargs) < start_objective(fixed, moving, 0.083, 0.03, None, **kwargs)
+    stages = InstanceOptimization(steps=5, levels=2, prealign="none")
+    from_bad = stages.register(lambda m: bad, fixed, moving, hyper, pair.spacing)
+    assert stages.record["start_network"].item() == 0.0
+    from_identity = InstanceOptimization(steps=5, levels=2, prealign="none").register(None, fixed, moving, hyper, pair.spacing)
+    assert torch.allclose(from_bad, from_identity, atol=1e-5)  # continued from the identity
+    stages.register(lambda m: truth, fixed, moving, hyper, pair.spacing)
+    assert stages.record["start_network"].item() == 1.0  # a good start is kept
+    without = InstanceOptimization(steps=5, levels=2, prealign="none", select_start="false")
+    assert not torch.allclose(without.register(lambda m: bad, fixed, moving, hyper, pair.spacing), from_identity)
