@@ -17,7 +17,7 @@ from elastic_hypermorph_bundle.optimize import auto_prealign, instance_optimize,
 from elastic_hypermorph_bundle.simulation.generator import simulate_pair
 from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
 
-SIZE = (64, 64, 64)
+SIZE = (48, 48, 48)
 
 
 def _window(image: np.ndarray) -> torch.Tensor:
@@ -50,7 +50,7 @@ def test_a_large_offset_and_rotation_is_captured(breathing):
     # T(p) = R (p - c) + c + t, so T^-1(q) = R^T (q - c - t) + c (row vectors: (q - c - t) @ R)
     moving_mm = pair.moving_keypoints * voxels
     moving_points = ((moving_mm - centre - motion.translation[0].numpy()) @ rotation.numpy() + centre) / voxels
-    affine, record = auto_prealign(fixed, moved, spacing, steps=60)
+    affine, record = auto_prealign(fixed, moved, spacing, steps=40)
     assert record["prealign_applied"].item() == 1.0 and affine is not None
     assert record["prealign_similarity_rigid"].item() < 0.75 * record["prealign_similarity_identity"].item()
     before = _tre(torch.zeros(1, 3, *SIZE), pair.fixed_keypoints, moving_points, voxels)
@@ -61,9 +61,9 @@ def test_a_large_offset_and_rotation_is_captured(breathing):
 
 def test_a_breathing_only_pair_is_not_moved(breathing):
     pair, fixed, moving = breathing
-    affine, record = auto_prealign(fixed, moving, pair.spacing, steps=60)
+    affine, record = auto_prealign(fixed, moving, pair.spacing, steps=40)
     assert affine is None and record["prealign_applied"].item() == 0.0
-    stages = InstanceOptimization(steps=0, prealign="auto", prealign_steps=60)
+    stages = InstanceOptimization(steps=0, prealign="auto", prealign_steps=40)
     ddf = stages.register(None, fixed, moving, torch.tensor([[0.083, 0.03]]), pair.spacing)
     assert ddf.abs().max() == 0.0 and stages.record["prealign_applied"].item() == 0.0
 
