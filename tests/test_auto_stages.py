@@ -36,6 +36,7 @@ def _tre(ddf: torch.Tensor, fixed_points, moving_points, spacing) -> float:
     return float(np.linalg.norm((fixed_points + u - moving_points) * spacing, axis=1).mean())
 
 
+@pytest.mark.slow
 def test_a_large_offset_and_rotation_is_captured(breathing):
     pair, fixed, moving = breathing
     spacing = pair.spacing
@@ -59,6 +60,7 @@ def test_a_large_offset_and_rotation_is_captured(breathing):
     assert before > 30.0 and after < breathing_only + 3.0, (before, after, breathing_only)
 
 
+@pytest.mark.slow
 def test_a_breathing_only_pair_is_not_moved(breathing):
     pair, fixed, moving = breathing
     affine, record = auto_prealign(fixed, moving, pair.spacing, steps=40)
