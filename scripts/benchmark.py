@@ -263,7 +263,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir: str = "models",
-         pair_cache: str | None = None, rows=None, groups=None) -> str:
+         pair_cache: str | None = None, rows=None, groups=None, real_cts=None) -> str:
     """Run the benchmark; write ``benchmarks.md`` and ``benchmarks.json`` into ``output_dir``; return the md path.
 
     Args:
@@ -277,6 +277,8 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
         rows: method kinds (:data:`bench.accuracy.KINDS`) that section 5 re-measures, keeping the other rows of the
             existing ``benchmarks.json``, whose pairs it must share (e.g. ``"[network,optimize]"`` after a new
             release); default: every method.
+        real_cts: the real CTs of section 7's breath-hold group (file names; default :data:`REAL_CTS`), e.g. those
+            whose pairs are simulated already when time is short.
         groups: the pair groups of section 7 to measure (``"[followup]"``, ``"[breath_hold]"``; default both),
             keeping the others of the existing ``benchmarks.json``.
         pair_cache: where sections 5 and 6's simulated pairs are cached (default
@@ -292,6 +294,9 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
                                    / "elastic_hypermorph_bundle" / "benchmark_pairs")
     settings = settings_for(quick, cuda)
     settings["command"] = "python scripts/benchmark.py" + (" --quick" if quick else "")
+    if real_cts is not None:
+        settings["accuracy_real"]["cts"] = [real_cts] if isinstance(real_cts, str) else list(real_cts)
+        settings["command"] += f" --real_cts \"{settings['accuracy_real']['cts']}\""
     if sections is None:
         sections = [s for s in SECTION_KEYS if not (quick and s == 7)]
     sections = {int(s) for s in (sections if isinstance(sections, (list, tuple)) else [sections])}
@@ -380,7 +385,9 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
                            if part is not None)
         runs[key] = {"date_utc": results["machine"]["date_utc"], "command": settings["command"]
                                        + ("" if sections == set(SECTION_KEYS) else f' --sections "{sorted(sections)}"')
-                                       + (f' --rows "[{",".join(rows)}]"' if rows is not None else ""),
+                                       + (f' --rows "[{",".join(rows)}]"' if rows is not None else "")
+                                       + (f" --groups {','.join([groups] if isinstance(groups, str) else groups)}"
+                                          if groups is not None and section == 7 else ""),
                                        "run_seconds": results["total_seconds"]}
     if "accuracy" in results and 5 in sections:
         figure = output / "figures" / "benchmark_tre_vs_time.png"

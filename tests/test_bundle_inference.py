@@ -369,6 +369,10 @@ def test_evaluation_with_instance_optimisation_beats_the_network_alone(dataset, 
     assert means["optimised"]["tre_mm"] < 0.7 * means["optimised"]["tre_before_mm"]
     assert means["optimised"]["dice_mean"] > means["alone"]["dice_mean"]
     assert means["optimised"]["runtime_s"] > means["alone"]["runtime_s"]
+    # the stages' decisions are in the run's record: pre-alignment similarities, the start taken and its objective
+    row = json.loads((tmp_path / "optimised" / "metrics.json").read_text())["pairs"][0]
+    assert row["prealign_applied"] in (0.0, 1.0) and row["prealign_similarity_identity"] > 0
+    assert row["start_network"] in (0.0, 1.0) and "start_objective_network" in row
 
 
 @pytest.mark.slow
