@@ -98,7 +98,8 @@ def real_anatomy_settings(spatial_size, breath_hold_seed=1101, cts=REAL_CTS, fol
                                               **overrides})
     for unused in ("seeds", "simulation"):  # the pairs are the cases below
         base.pop(unused)
-    return {**base, "real_ct_dir": str(folder), "breath_hold_seed": breath_hold_seed, "cts": list(cts),
+    # resolved, so that a link to the data names the same pairs in the cache (its key holds the CT's path)
+    return {**base, "real_ct_dir": str(folder.resolve()), "breath_hold_seed": breath_hold_seed, "cts": list(cts),
             "followups": [list(f) for f in followups]}
 
 
