@@ -1,8 +1,10 @@
 #!/usr/bin/env python
 """Benchmark of the bundle: cost of hyper-conditioning, regularizer cost, sweep throughput, full-size training
-memory, and accuracy/time against classical registration. Writes docs/benchmarks.md and docs/benchmarks.json.
+memory, accuracy/time against classical registration, conditioning capacity, and where the time of one registration
+in the engine goes (per stage). Writes docs/benchmarks.md and docs/benchmarks.json.
 
     python scripts/benchmark.py            # default settings (~1.5 h on 2 CPU cores; section 6 alone ~45 min)
+    python scripts/benchmark.py --sections "[8]"   # the per-stage profile alone (~10 min, once its pairs exist)
     python scripts/benchmark.py --quick    # a few minutes: tiny sizes, few repeats (checks the script only)
     python scripts/benchmark.py --sections "[1,2]" --output_dir /tmp/bench   # a subset, elsewhere
 """
@@ -20,7 +22,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # bundle root, bench/
 
-from bench import accuracy, capacity, cost, report  # noqa: E402
+from bench import accuracy, capacity, cost, report, stages  # noqa: E402
 from bench.timing import machine_description  # noqa: E402
 from elastic_hypermorph_bundle.networks.hyper import DEFAULT_HYPER_RANK  # noqa: E402
 
@@ -54,6 +56,7 @@ def settings_for(quick: bool, cuda: bool) -> dict:
                                                    optimize_steps=[10], network_optimize_steps=[10]),
             "capacity": capacity_settings(s, train_seeds=[2000], test_seeds=[3000], steps=3, grid_points=2,
                                           variants=["plain", "instance_norm", "rank1", "full"]),
+            "stages": stages_settings(s, pairs=3),
         }
     m64, m96 = [64] * 3, [96] * 3
     conditioning = [
@@ -75,6 +78,7 @@ def settings_for(quick: bool, cuda: bool) -> dict:
         "accuracy": accuracy_settings(FULL_SIZE),
         "accuracy_real": real_anatomy_settings(FULL_SIZE),
         "capacity": capacity_settings([32, 32, 32]),
+        "stages": stages_settings(FULL_SIZE),
     }
 
 
@@ -125,6 +129,36 @@ def capacity_settings(spatial_size, train_seeds=tuple(range(2000, 2012)), test_s
             "train_seeds": list(train_seeds), "test_seeds": list(test_seeds), "steps": steps,
             "grid_points": grid_points, "variants": list(variants), "default_hyper": None,
             "learning_rate": 1e-3, "seed": 0}
+
+
+def held_out_real_ct(name: str = "lidc_idri_0002.nii.gz") -> str | None:
+    """A real chest CT that no released model trained on (they use ``chest_ct_cropped``), from
+    ``shared/data/real_ct`` in the nearest ancestor of the bundle root that has it; None when absent."""
+    for folder in Path(__file__).resolve().parents[1].parents:
+        path = folder / "shared" / "data" / "real_ct" / name
+        if path.is_file():
+            return str(path)
+    return None
+
+
+def stages_settings(spatial_size, pairs=3, seed=21) -> dict:
+    """Section 8 settings (rendered as section 7): a simulated dataset of ``pairs`` realistic breath-hold pairs on a
+    held-out real CT (phantom anatomy when the CT is absent), registered with the inference defaults; the split path
+    is run a second time without the profiler when ``overhead_run`` is set."""
+    return {"spatial_size": list(spatial_size), "pairs": pairs, "seed": seed, "simulation": {"preset": "realistic"},
+            "real_ct": held_out_real_ct(), "overhead_run": False}
+
+
+def run_stages(options: dict, model_dir: str, pair_cache: str, log) -> dict:
+    """Section 8 (rendered as 7): the per-stage time of the engine's split and single-pair paths
+    (:mod:`bench.stages`)."""
+    import tempfile
+
+    anatomy = Path(options["real_ct"]).name.split(".")[0] if options.get("real_ct") else "phantom"
+    name = f"stages_{'x'.join(map(str, options['spatial_size']))}_{options['pairs']}_{options['seed']}_{anatomy}"
+    with tempfile.TemporaryDirectory(prefix="bench_stages_") as outputs:
+        return stages.run({**options, "dataset_dir": str(Path(pair_cache) / name / "LungCT"),
+                           "model": str(Path(model_dir) / "model.pt"), "output_dir": outputs}, log)
 
 
 def run_capacity(options: dict, pair_cache: str, log) -> dict:
@@ -254,7 +288,8 @@ def run_accuracy(options: dict, model_dir: str | None, pair_cache: str, log, kin
 
 
 SECTION_KEYS = {1: "hyper_conditioning", 2: "regularizer", 3: "sweep", 4: "training_memory", 5: "accuracy",
-                6: "capacity", 7: "accuracy_real"}  # 7: section 5 on real anatomy (rendered in section 5)
+                6: "capacity", 7: "accuracy_real", 8: "stages"}  # 7: section 5 on real anatomy (rendered in
+# section 5); 8: where the time of a registration goes (rendered as section 7)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -273,6 +308,7 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
         sections: which sections to run (default: all; with ``quick`` all but 7); the markdown needs 1-6; 7 is
             section 5 on real anatomy (the real CTs of ``../shared/data/real_ct``: a breath-hold pair on each, two
             follow-ups; about 45 min on 2 cores), rendered in section 5.
+            8 is the per-stage time of a registration in the engine (about 10 min), rendered as section 7.
         model_dir: folder of the bundle's model (``model.pt`` + ``model.json``) for section 5 (relative to the
             repository root); ``--quick`` trains a tiny one instead.
         rows: method kinds (:data:`bench.accuracy.KINDS`) that section 5 re-measures, keeping the other rows of the
@@ -372,6 +408,9 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
     if 6 in sections:
         log("section 6: conditioning capacity at an equal training budget")
         results["capacity"] = run_capacity(settings["capacity"], pair_cache, log)
+    if 8 in sections:
+        log("section 8 (rendered as 7): where the time of a registration goes (engine, per stage)")
+        results["stages"] = run_stages(settings["stages"], model_dir, pair_cache, log)
     results["total_seconds"] = time.perf_counter() - start
     for old in ("accuracy_optimisation_rows", "accuracy_bundle_rows"):  # earlier names of re-measured rows' records
         if old in runs:
@@ -396,7 +435,7 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
         results["accuracy"]["figure"] = str(figure.relative_to(output))
     md_path = output / "benchmarks.md"
     _atomic_write(json_path, json.dumps(results, indent=2, default=float) + "\n")
-    if all(key in results for section, key in SECTION_KEYS.items() if section != 7):
+    if all(key in results for section, key in SECTION_KEYS.items() if section not in (7, 8)):
         _atomic_write(md_path, report.render(results))
     log(f"wrote {output / 'benchmarks.json'}" + (f" and {md_path}" if md_path.exists() else ""))
     return str(md_path)

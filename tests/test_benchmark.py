@@ -257,6 +257,12 @@ def test_quick_benchmark_writes_six_sections_and_parsable_json(tmp_path):
     assert all(row["field_change_mm"] > 0 for key, row in capacity.items() if key != "plain")  # conditioning acts
     assert all(np.isfinite(row["heldout_objective"]) and row["steps"] == 3 for row in capacity.values())
     assert "## 6." in markdown and "kernel map, full (HyperMorph)" in markdown
+    paths = {path["name"]: path for path in results["stages"]["paths"]}
+    assert set(paths) == {"split", "single pair"} and paths["split"]["iterations"] == 3
+    assert paths["single pair"]["iterations"] == 1 and len(paths["split"]["level_seconds"]) == 3
+    assert all(path["engine_s"] >= path["iteration_s"] > path["stages"]["instance optimisation"]["seconds"] > 0
+               for path in paths.values())
+    assert "## 7. Where" in markdown and "save submission/disp_*.nii.gz" in markdown
 
     # after a new release: only the bundle's rows are measured again, the peers' rows are kept as they were
     benchmark.main(quick=True, output_dir=str(tmp_path), sections=[5], rows=["network", "optimize"],

@@ -14,11 +14,12 @@ SECTIONS = (
     "4. Peak memory of full-size training",
     "5. Accuracy, time and memory against the peers",
     "6. Conditioning capacity at an equal training budget",
+    "7. Where the time of a registration goes",
 )
 
 
 _SECTION_OF = {"hyper_conditioning": 1, "regularizer": 2, "sweep": 3, "training_memory": 4, "accuracy": 5,
-               "capacity": 6, "accuracy_real": 5}
+               "capacity": 6, "accuracy_real": 5, "stages": 7}  # stages: run section 8, rendered as 7
 
 
 def _section_of(run_key: str) -> int:
@@ -82,6 +83,8 @@ def render(results: dict) -> str:
     lines += _section5_real(results.get("accuracy_real"),
                             [run for key, run in sorted(runs.items()) if key.startswith("accuracy_real")])
     lines += _section6(results["capacity"])
+    if "stages" in results:
+        lines += _section7(results["stages"], runs.get("stages"))
     return "\n".join(lines) + "\n"
 
 
@@ -557,4 +560,99 @@ def _section6(result: dict) -> list[str]:
             "parameters."
         )
     lines.append("")
+    return lines
+
+
+def _write_kind(name: str) -> str:
+    """The output a written file name stands for (``disp_0001_0001.nii.gz`` -> ``submission/disp_*.nii.gz``)."""
+    return "submission/disp_*.nii.gz" if name.startswith("disp_") else f"<pair>/{name}"
+
+
+def _section7(result: dict, run: dict | None = None) -> list[str]:
+    setup = result["setup"]
+    paths = {path["name"]: path for path in result["paths"]}
+    split, single = paths["split"], paths["single pair"]
+    plain = paths.get("split, no profiler")
+    pairs = max(1, split["iterations"])
+    anatomy = f"the real CT `{Path(setup['real_ct']).name}`" if setup.get("real_ct") else "the phantom"
+    load = setup.get("load_average")
+    overhead = (f"the profiler changes the split path's wall time by {abs(split['wall_s'] / plain['wall_s'] - 1) * 100:.0f} % "
+                f"({split['wall_s']:.1f} s profiled, {plain['wall_s']:.1f} s without)." if plain
+                else "the profiler's overhead was not measured in this run.")
+    lines = [
+        f"## {SECTIONS[6]}",
+        "",
+        "The bundle's own engine, `monai.bundle run` of `configs/inference.json` with every default (network, "
+        "`prealign auto`, 25 steps on each of 3 levels, all outputs), one fresh process per path, under `cProfile` "
+        f"(`scripts/bench/stages.py`): the split path registers {pairs} pairs of a simulated Learn2Reg dataset "
+        f"(`--split all`, {_size(setup['spatial_size'])} voxels, realistic breath-hold pairs on {anatomy}, "
+        "held out of the release model's training), the single-pair path one of them by `--fixed`/`--moving`. "
+        "A stage's time is the cumulative time of the function that does it, an output file's the time of its "
+        "`nibabel.save`, a level's the time between the bundle's log lines of the last steps of two levels "
+        "(level 1 without the MIND features, listed apart). "
+        + (f"Measured on {run['date_utc']} with " if run else "Measured with ")
+        + f"{split.get('threads', '?')} torch threads **on a machine shared with other jobs** (other engineers' "
+        "tests and benchmarks, a training run"
+        + (f"; load average {load['before'][0]:.1f} before and {load['after'][0]:.1f} after, on "
+           f"{setup.get('cpus', '?')} cores" if load else "")
+        + "), so every time is an upper bound of what the code needs on an idle machine and the ratios between "
+        "rows are rough; " + overhead,
+        "",
+        f"| stage | split path, s per pair ({pairs} pairs) | single pair, s |",
+        "|---|---|---|",
+        f"| start-up (interpreter, imports, config; once per run) | {split['startup_s']:.1f} (once) | "
+        f"{single['startup_s']:.1f} |",
+    ]
+    sub = "&nbsp;&nbsp;"
+
+    def writes(path):
+        totals: dict[str, float] = {}
+        for name, seconds in path["writes"]:
+            totals[_write_kind(name)] = totals.get(_write_kind(name), 0.0) + seconds
+        return totals
+
+    split_writes, single_writes = writes(split), writes(single)
+    single_levels = {row["level"]: row for row in single.get("level_seconds", [])}
+    for stage in split["stages"]:
+        a, b = split["stages"][stage]["seconds"], single["stages"][stage]["seconds"]
+        lines.append(f"| {stage} | {a:.2f} (once) | {b:.2f} |" if stage.startswith("checks")
+                     else f"| {stage} | {a / pairs:.2f} | {b:.2f} |")
+        if stage.startswith("instance"):
+            part = "MIND features of both images"
+            lines.append(f"| {sub}{part} | {split['parts'][part]['seconds'] / pairs:.2f} | "
+                         f"{single['parts'][part]['seconds']:.2f} |")
+            for row in split.get("level_seconds", []):
+                other = single_levels.get(row["level"], {}).get("seconds_per_pair")
+                lines.append(f"| {sub}level {row['level']} ({row['grid']}) | {row['seconds_per_pair']:.2f} | "
+                             f"{'-' if other is None else f'{other:.2f}'} |")
+        if stage.startswith("writing"):
+            for part in ("field to the original grid (submission)", "preview.png"):
+                lines.append(f"| {sub}{part} | {split['parts'][part]['seconds'] / pairs:.2f} | "
+                             f"{single['parts'][part]['seconds']:.2f} |")
+            for kind, seconds in split_writes.items():
+                lines.append(f"| {sub}save {kind} | {seconds / pairs:.2f} | {single_writes.get(kind, 0.0):.2f} |")
+
+    def rest(path, count):
+        stages = path["stages"]
+        step = path["iteration_s"] - sum(stages[k]["seconds"] for k in stages
+                                         if k.startswith(("pre-", "network", "instance")))
+        engine = path["engine_s"] - path["iteration_s"] - sum(
+            stages[k]["seconds"] for k in stages if k.startswith(("loading", "writing")))
+        return step / count, engine / count
+
+    (split_step, split_engine), (single_step, single_engine) = rest(split, pairs), rest(single, 1)
+    optimisation = split["stages"]["instance optimisation"]["seconds"] / pairs
+    writing = split["stages"]["writing outputs (all files)"]["seconds"] / pairs
+    lines += [
+        f"| registration step, rest (final warps of image and mask, conversions) | {split_step:.2f} | "
+        f"{single_step:.2f} |",
+        f"| engine, rest (events, handlers, collation) | {split_engine:.2f} | {single_engine:.2f} |",
+        f"| **engine run** | **{split['engine_s'] / pairs:.1f}** | **{single['engine_s']:.1f}** |",
+        f"| **whole process, wall** | **{split['wall_s']:.1f}** (all pairs) | **{single['wall_s']:.1f}** |",
+        "",
+        f"Per pair in the engine: {split['engine_s'] / pairs:.1f} s (goal: at most 15 s), of which the instance "
+        f"optimisation {optimisation:.1f} s and writing outputs {writing:.1f} s. Raw figures: `stages` in "
+        "benchmarks.json.",
+        "",
+    ]
     return lines

@@ -1,0 +1,197 @@
+"""Section 7: where the time of a registration goes, stage by stage, in the bundle's own engine.
+
+Each path runs ``monai.bundle.run`` of ``configs/inference.json`` with the defaults in a fresh process
+(``python -m bench.stages '<json spec>'``, one JSON line out), under ``cProfile``: the time of each stage is the
+cumulative time of the function that does it (:data:`STAGE_FUNCTIONS`), each output file is timed by wrapping
+``nibabel.save`` (which every NIfTI output goes through), and each optimisation level by the bundle's own log lines
+(the last step of each level), so the table needs no instrumentation in the package. Start-up is the process's wall
+time before the run's first step: interpreter, imports, config parsing and instantiation. A second run of the
+split path without the profiler gives the profiler's overhead (its total wall time against the profiled one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+#: stage -> (file name ending, function name) whose cProfile cumulative time is the stage's time (summed when a
+#: stage lists several); the functions are the bundle's (or MONAI's) own, so the table follows the code
+STAGE_FUNCTIONS = {
+    "checks (overrides, model card, input files)": [
+        ("elastic_hypermorph_bundle/cli.py", "check_overrides"),
+        ("elastic_hypermorph_bundle/model_card.py", "check_run"),
+        ("elastic_hypermorph_bundle/workflow/inference.py", "inference_datalist"),
+    ],
+    "loading and preprocessing": [("monai/data/dataset.py", "__getitem__")],
+    "pre-alignment (incl. the auto check)": [("elastic_hypermorph_bundle/optimize.py", "align")],
+    "network (weights, resampling, forward)": [("elastic_hypermorph_bundle/workflow/steps.py", "predict")],
+    "instance optimisation": [("elastic_hypermorph_bundle/optimize.py", "instance_optimize")],
+    "writing outputs (all files)": [("elastic_hypermorph_bundle/workflow/writers.py", "__call__")],
+}
+#: parts of the stages above, listed under them
+PART_FUNCTIONS = {
+    "MIND features of both images": [("elastic_hypermorph_bundle/losses/mind.py", "mind_ssc")],
+    "field to the original grid (submission)": [("elastic_hypermorph_bundle/data/transforms.py", "ddf_to_original_grid")],
+    "preview.png": [("elastic_hypermorph_bundle/visualize.py", "save_pair_png")],
+}
+#: the whole engine run (the run list's last step) and the registration iteration
+ENGINE = ("ignite/engine/engine.py", "run")
+ITERATION = ("elastic_hypermorph_bundle/workflow/steps.py", "__call__")
+LEVEL_LOG = re.compile(r"instance optimisation level (\d+)/(\d+) \((\S+)\) step (\d+)/(\d+)")
+
+__all__ = ["profile_run", "run"]
+
+
+def _cumulative(stats, file_end: str, function: str) -> tuple[float, int]:
+    """Cumulative seconds and primitive call count of the functions named ``function`` in files ending with
+    ``file_end`` (recursive calls counted once by cProfile's cumulative time)."""
+    seconds, calls = 0.0, 0
+    for (path, _, name), (primitive, _, _, cumulative, _) in stats.stats.items():
+        if name == function and path.replace("\\", "/").endswith(file_end):
+            seconds, calls = seconds + cumulative, calls + primitive
+    return seconds, calls
+
+
+def profile_run(spec: dict) -> dict:
+    """In this (fresh) process: ``monai.bundle.run`` of ``spec["config_file"]`` with ``spec["overrides"]`` under
+    cProfile (unless ``spec["profile"]`` is false); per-stage seconds, per-file write seconds, per-level seconds."""
+    t_start = time.perf_counter()
+    import cProfile
+    import logging
+    import pstats
+
+    import nibabel
+    from monai.bundle import run as bundle_run
+
+    writes: list[tuple[str, float]] = []
+    save = nibabel.save
+
+    def timed_save(image, filename, *args, **kwargs):
+        begin = time.perf_counter()
+        save(image, filename, *args, **kwargs)
+        writes.append((Path(str(filename)).name, time.perf_counter() - begin))
+
+    nibabel.save = timed_save
+    levels: list[tuple[float, str]] = []
+
+    class LevelLog(logging.Handler):
+        def emit(self, record):
+            levels.append((time.perf_counter(), record.getMessage()))
+
+    logging.getLogger("elastic_hypermorph_bundle").addHandler(LevelLog(logging.INFO))
+    profiler = cProfile.Profile() if spec.get("profile", True) else None
+    t_run = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    bundle_run(config_file=spec["config_file"], meta_file=str(ROOT / "configs" / "metadata.json"),
+               bundle_root=str(ROOT), **spec["overrides"])
+    if profiler:
+        profiler.disable()
+    t_end = time.perf_counter()
+    result = {"imports_s": t_run - t_start, "run_s": t_end - t_run, "writes": writes, "level_seconds": [],
+              "threads": __import__("torch").get_num_threads()}
+    # each level's time: from the previous level's last logged step (or the optimisation's start) to its own
+    ends = {}
+    for stamp, message in levels:
+        match = LEVEL_LOG.search(message)
+        if match and match.group(4) == match.group(5):
+            ends.setdefault(int(match.group(1)), []).append((stamp, match.group(3)))
+    if profiler is None:
+        return result
+    stats = pstats.Stats(profiler)
+    result["stages"] = {}
+    result["parts"] = {}
+    for key, table in (("stages", STAGE_FUNCTIONS), ("parts", PART_FUNCTIONS)):
+        for stage, functions in table.items():
+            found = [_cumulative(stats, *f) for f in functions]
+            result[key][stage] = {"seconds": sum(s for s, _ in found), "calls": sum(c for _, c in found)}
+    engine_s, _ = _cumulative(stats, *ENGINE)
+    result["engine_s"] = engine_s
+    result["iteration_s"], result["iterations"] = _cumulative(stats, *ITERATION)
+    optimisation = result["stages"]["instance optimisation"]["seconds"]
+    pairs = max(1, result["iterations"])
+    if ends and all(len(v) == pairs for v in ends.values()):
+        # per pair: level l ends at ends[l][pair]; level 1 starts where the optimisation of the pair starts, which
+        # the logs do not mark: level 1 is the optimisation's per-pair time minus the finer levels
+        count = max(ends)
+        per_level = [0.0] * count
+        for pair in range(pairs):
+            for level in range(2, count + 1):
+                per_level[level - 1] += ends[level][pair][0] - ends[level - 1][pair][0]
+        # the optimisation's time before level 2 also holds the MIND features of both images (computed once)
+        mind = result["parts"]["MIND features of both images"]["seconds"]
+        per_level[0] = optimisation - sum(per_level[1:]) - mind
+        result["level_seconds"] = [
+            {"level": level + 1, "grid": ends[level + 1][0][1], "seconds_per_pair": per_level[level] / pairs}
+            for level in range(count)
+        ]
+    return result
+
+
+def _command(spec: dict) -> list[str]:
+    return [sys.executable, "-m", "bench.stages", json.dumps(spec)]
+
+
+def _run_path(spec: dict, log) -> dict:
+    """One path in a fresh process; its wall time measured here (the process's start-up included)."""
+    begin = time.perf_counter()
+    completed = subprocess.run(_command(spec), cwd=str(ROOT / "scripts"), capture_output=True, text=True,
+                               env={**os.environ, "PYTHONPATH": str(ROOT)})
+    wall = time.perf_counter() - begin
+    if completed.returncode != 0:
+        raise RuntimeError(f"stage profile of {spec['name']} failed: {completed.stderr[-2000:]}")
+    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    result.update(name=spec["name"], wall_s=wall, overrides=spec["overrides"])
+    result["startup_s"] = wall - result["run_s"]
+    log(f"  {spec['name']}: {wall:.1f} s wall")
+    return result
+
+
+def run(options: dict, log) -> dict:
+    """Section 7: the split path (``options["pairs"]`` pairs of a simulated Learn2Reg dataset at
+    ``options["dataset_dir"]``, simulated there if absent, on ``options["real_ct"]`` when that file exists; one
+    process) and the single-pair path (``--fixed``/``--moving``), profiled; the split path once more without the
+    profiler (unless ``options["overhead_run"]`` is false)."""
+    from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
+
+    dataset = Path(options["dataset_dir"])
+    if not dataset.is_dir():
+        begin = time.perf_counter()
+        real_ct = options.get("real_ct")
+        make_synthetic_dataset(dataset, num_pairs=options["pairs"], spatial_size=tuple(options["spatial_size"]),
+                               seed=options["seed"], real_ct=real_ct if real_ct and Path(real_ct).is_file() else None,
+                               real_ct_fraction=1.0, **options["simulation"])
+        log(f"  simulated {options['pairs']} pairs at {options['spatial_size']} in {time.perf_counter() - begin:.0f} s")
+    config = str(ROOT / "configs" / "inference.json")
+    out = Path(options["output_dir"])
+    common = {"ckpt_path": options["model"], "overwrite": True, **options.get("overrides", {})}
+    split = {"dataset_dir": str(dataset), "split": "all", **common}
+    images = sorted((dataset / "imagesTr").glob("*_0000.nii.gz"))[:1]
+    single = {"fixed": str(images[0]), "moving": str(images[0]).replace("_0000.nii", "_0001.nii"), **common}
+    masks = [Path(str(p).replace("imagesTr", "masksTr")) for p in (single["fixed"], single["moving"])]
+    if all(m.is_file() for m in masks):
+        single.update(fixed_mask=str(masks[0]), moving_mask=str(masks[1]))
+    paths = [
+        {"name": "split", "config_file": config, "overrides": {**split, "output_dir": str(out / "split")}},
+        {"name": "single pair", "config_file": config, "overrides": {**single, "output_dir": str(out / "single")}},
+    ]
+    if options.get("overhead_run", True):
+        paths.append({"name": "split, no profiler", "config_file": config, "profile": False,
+                      "overrides": {**split, "output_dir": str(out / "split_plain")}})
+    setup = {key: options.get(key) for key in ("spatial_size", "pairs", "seed", "simulation", "real_ct", "model")}
+    setup.update(dataset_dir=str(dataset), cpus=len(os.sched_getaffinity(0)))
+    load_before = os.getloadavg()
+    measured = [_run_path(spec, log) for spec in paths]
+    setup["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
+    return {"setup": setup, "paths": measured}
+
+
+if __name__ == "__main__":
+    print(json.dumps(profile_run(json.loads(sys.argv[1]))))
