@@ -94,10 +94,12 @@ class DistributedOutputFiles(OutputFiles):
         return sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
 
     def run(self, workflow: Callable[[], object]) -> None:
-        """Share the staging folder, run ``workflow()`` in every process, wait for all, then commit on rank 0."""
+        """:meth:`prepare`, share the staging folder, run ``workflow()`` in every process, wait for all, then commit
+        on rank 0."""
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             super().run(workflow)
             return
+        self.prepare()  # the output folder's checks, in every process, before any work
         try:
             shared = [str(self._staging()) if dist.get_rank() == 0 else None]
             dist.broadcast_object_list(shared, src=0)
