@@ -258,7 +258,7 @@ def test_quick_benchmark_writes_six_sections_and_parsable_json(tmp_path):
     assert all(np.isfinite(row["heldout_objective"]) and row["steps"] == 3 for row in capacity.values())
     assert "## 6." in markdown and "kernel map, full (HyperMorph)" in markdown
     paths = {path["name"]: path for path in results["stages"]["paths"]}
-    assert set(paths) == {"split", "single pair"} and paths["split"]["iterations"] == 3
+    assert set(paths) == {"split", "single pair"} and paths["split"]["iterations"] == 2
     assert paths["single pair"]["iterations"] == 1 and len(paths["split"]["level_seconds"]) == 3
     assert all(path["engine_s"] >= path["iteration_s"] > path["stages"]["instance optimisation"]["seconds"] > 0
                for path in paths.values())
