@@ -262,7 +262,8 @@ def test_quick_benchmark_writes_six_sections_and_parsable_json(tmp_path):
     assert paths["single pair"]["iterations"] == 1 and len(paths["split"]["level_seconds"]) == 3
     assert all(path["engine_s"] >= path["iteration_s"] > path["stages"]["instance optimisation"]["seconds"] > 0
                for path in paths.values())
-    assert "## 7. Where" in markdown and "save submission/disp_*.nii.gz" in markdown
+    assert all("<pair>/transform.nii.gz" in path["outputs"] for path in paths.values())  # the default output
+    assert "## 7. Where" in markdown and "<pair>/transform.nii.gz" in markdown
 
     # after a new release: only the bundle's rows are measured again, the peers' rows are kept as they were
     benchmark.main(quick=True, output_dir=str(tmp_path), sections=[5], rows=["network", "optimize"],

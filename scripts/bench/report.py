@@ -564,8 +564,8 @@ def _section6(result: dict) -> list[str]:
 
 
 def _write_kind(name: str) -> str:
-    """The output a written file name stands for (``disp_0001_0001.nii.gz`` -> ``submission/disp_*.nii.gz``)."""
-    return "submission/disp_*.nii.gz" if name.startswith("disp_") else f"<pair>/{name}"
+    """The output a written file name stands for (``disp_0001_0001.nii.gz`` -> ``submission/disp_<pair>.nii.gz``)."""
+    return "submission/disp_<pair>.nii.gz" if name.startswith("disp_") else f"save <pair>/{name}"
 
 
 def _section7(result: dict, run: dict | None = None) -> list[str]:
@@ -587,8 +587,10 @@ def _section7(result: dict, run: dict | None = None) -> list[str]:
         f"(`scripts/bench/stages.py`): the split path registers {pairs} pairs of a simulated Learn2Reg dataset "
         f"(`--split all`, {_size(setup['spatial_size'])} voxels, realistic breath-hold pairs on {anatomy}, "
         "held out of the release model's training), the single-pair path one of them by `--fixed`/`--moving`. "
-        "A stage's time is the cumulative time of the function that does it, an output file's the time of its "
-        "`nibabel.save`, a level's the time between the bundle's log lines of the last steps of two levels "
+        "A stage's time is the cumulative time of the function that does it, an output file's "
+        + ("everything from the request of its path to the next (warping, conversion, compression, saving)"
+           if "outputs" in split else "the time of its `nibabel.save`")
+        + ", a level's the time between the bundle's log lines of the last steps of two levels "
         "(level 1 without the MIND features, listed apart). "
         + (f"Measured on {run['date_utc']} with " if run else "Measured with ")
         + f"{split.get('threads', '?')} torch threads **on a machine shared with other jobs** (other engineers' "
@@ -606,7 +608,9 @@ def _section7(result: dict, run: dict | None = None) -> list[str]:
     sub = "&nbsp;&nbsp;"
 
     def writes(path):
-        totals: dict[str, float] = {}
+        if "outputs" in path:  # each output from the request of its path to the next: everything it needs
+            return path["outputs"]
+        totals: dict[str, float] = {}  # earlier runs: the nibabel.save calls alone
         for name, seconds in path["writes"]:
             totals[_write_kind(name)] = totals.get(_write_kind(name), 0.0) + seconds
         return totals
@@ -627,10 +631,12 @@ def _section7(result: dict, run: dict | None = None) -> list[str]:
                              f"{'-' if other is None else f'{other:.2f}'} |")
         if stage.startswith("writing"):
             for part in ("field to the original grid (submission)", "preview.png"):
-                lines.append(f"| {sub}{part} | {split['parts'][part]['seconds'] / pairs:.2f} | "
-                             f"{single['parts'][part]['seconds']:.2f} |")
+                if part in split["parts"]:  # earlier runs: parts by function
+                    lines.append(f"| {sub}{part} | {split['parts'][part]['seconds'] / pairs:.2f} | "
+                                 f"{single['parts'][part]['seconds']:.2f} |")
             for kind, seconds in split_writes.items():
-                lines.append(f"| {sub}save {kind} | {seconds / pairs:.2f} | {single_writes.get(kind, 0.0):.2f} |")
+                label = f"`{kind}`" if "<pair>" in kind else kind  # a bare <pair> would read as an HTML tag
+                lines.append(f"| {sub}{label} | {seconds / pairs:.2f} | {single_writes.get(kind, 0.0):.2f} |")
 
     def rest(path, count):
         stages = path["stages"]

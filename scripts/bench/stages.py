@@ -2,9 +2,11 @@
 
 Each path runs ``monai.bundle.run`` of ``configs/inference.json`` with the defaults in a fresh process
 (``python -m bench.stages '<json spec>'``, one JSON line out), under ``cProfile``: the time of each stage is the
-cumulative time of the function that does it (:data:`STAGE_FUNCTIONS`), each output file is timed by wrapping
-``nibabel.save`` (which every NIfTI output goes through), and each optimisation level by the bundle's own log lines
-(the last step of each level), so the table needs no instrumentation in the package. Start-up is the process's wall
+cumulative time of the function that does it (:data:`STAGE_FUNCTIONS`); each output file's time runs from the
+writer's request of its path (``OutputFiles.new``, through which every output goes) to the next request or the end
+of the writer's call (so it holds what that output needs: warping, conversion, compression, saving); each
+optimisation level is timed by the bundle's own log lines (the last step of each level), so the table needs no
+instrumentation in the package. Start-up is the process's wall
 time before the run's first step: interpreter, imports, config parsing and instantiation. A second run of the
 split path without the profiler gives the profiler's overhead (its total wall time against the profiled one).
 """
@@ -30,7 +32,7 @@ STAGE_FUNCTIONS = {
         ("elastic_hypermorph_bundle/workflow/inference.py", "inference_datalist"),
     ],
     "loading and preprocessing": [("monai/data/dataset.py", "__getitem__")],
-    "pre-alignment (incl. the auto check)": [("elastic_hypermorph_bundle/optimize.py", "align")],
+    "pre-alignment (incl. the auto check)": [("elastic_hypermorph_bundle/workflow/instance.py", "align")],
     "network (weights, resampling, forward)": [("elastic_hypermorph_bundle/workflow/steps.py", "predict")],
     "instance optimisation": [("elastic_hypermorph_bundle/optimize.py", "instance_optimize")],
     "writing outputs (all files)": [("elastic_hypermorph_bundle/workflow/writers.py", "__call__")],
@@ -38,8 +40,6 @@ STAGE_FUNCTIONS = {
 #: parts of the stages above, listed under them
 PART_FUNCTIONS = {
     "MIND features of both images": [("elastic_hypermorph_bundle/losses/mind.py", "mind_ssc")],
-    "field to the original grid (submission)": [("elastic_hypermorph_bundle/data/transforms.py", "ddf_to_original_grid")],
-    "preview.png": [("elastic_hypermorph_bundle/visualize.py", "save_pair_png")],
 }
 #: the whole engine run (the run list's last step) and the registration iteration
 ENGINE = ("ignite/engine/engine.py", "run")
@@ -47,6 +47,14 @@ ITERATION = ("elastic_hypermorph_bundle/workflow/steps.py", "__call__")
 LEVEL_LOG = re.compile(r"instance optimisation level (\d+)/(\d+) \((\S+)\) step (\d+)/(\d+)")
 
 __all__ = ["profile_run", "run"]
+
+
+def _output_kind(relative_path: str) -> str:
+    """An output path with its pair id left out: ``0001_0001/ddf.nii.gz`` -> ``<pair>/ddf.nii.gz``."""
+    parts = Path(relative_path).parts
+    if parts[0] == "submission":
+        return "submission/disp_<pair>.nii.gz"
+    return "/".join(["<pair>", *parts[1:]]) if len(parts) > 1 else relative_path
 
 
 def _cumulative(stats, file_end: str, function: str) -> tuple[float, int]:
@@ -67,18 +75,25 @@ def profile_run(spec: dict) -> dict:
     import logging
     import pstats
 
-    import nibabel
     from monai.bundle import run as bundle_run
 
-    writes: list[tuple[str, float]] = []
-    save = nibabel.save
+    from elastic_hypermorph_bundle.workflow import writers
 
-    def timed_save(image, filename, *args, **kwargs):
-        begin = time.perf_counter()
-        save(image, filename, *args, **kwargs)
-        writes.append((Path(str(filename)).name, time.perf_counter() - begin))
+    marks: list[tuple[float, str]] = []  # (time, output path requested | "<start>" | "<end>" of a writer call)
+    new, call = writers.OutputFiles.new, writers.InferenceWriter.__call__
 
-    nibabel.save = timed_save
+    def timed_new(self, relative_path):
+        marks.append((time.perf_counter(), str(relative_path)))
+        return new(self, relative_path)
+
+    def timed_call(self, engine):
+        marks.append((time.perf_counter(), "<start>"))
+        try:
+            return call(self, engine)
+        finally:
+            marks.append((time.perf_counter(), "<end>"))
+
+    writers.OutputFiles.new, writers.InferenceWriter.__call__ = timed_new, timed_call
     levels: list[tuple[float, str]] = []
 
     class LevelLog(logging.Handler):
@@ -95,7 +110,12 @@ def profile_run(spec: dict) -> dict:
     if profiler:
         profiler.disable()
     t_end = time.perf_counter()
-    result = {"imports_s": t_run - t_start, "run_s": t_end - t_run, "writes": writes, "level_seconds": [],
+    outputs: dict[str, float] = {}
+    for (stamp, label), (following, _) in zip(marks, marks[1:]):
+        if label != "<end>":
+            kind = "before the first file (field to the file grid)" if label == "<start>" else _output_kind(label)
+            outputs[kind] = outputs.get(kind, 0.0) + following - stamp
+    result = {"imports_s": t_run - t_start, "run_s": t_end - t_run, "outputs": outputs, "level_seconds": [],
               "threads": __import__("torch").get_num_threads()}
     # each level's time: from the previous level's last logged step (or the optimisation's start) to its own
     ends = {}
