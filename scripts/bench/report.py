@@ -592,7 +592,8 @@ def _section7(result: dict, run: dict | None = None) -> list[str]:
            if "outputs" in split else "the time of its `nibabel.save`")
         + ", a level's the time between the bundle's log lines of the last steps of two levels "
         "(level 1 without the MIND features, listed apart). "
-        + (f"Measured on {run['date_utc']} with " if run else "Measured with ")
+        + (f"Measured on {run['date_utc']}" if run else "Measured")
+        + (f" (code of commit {setup['commit']})" if setup.get("commit") else "") + " with "
         + f"{split.get('threads', '?')} torch threads **on a machine shared with other jobs** (other engineers' "
         "tests and benchmarks, a training run"
         + (f"; load average {load['before'][0]:.1f} before and {load['after'][0]:.1f} after, on "

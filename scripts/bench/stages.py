@@ -206,7 +206,9 @@ def run(options: dict, log) -> dict:
         paths.append({"name": "split, no profiler", "config_file": config, "profile": False,
                       "overrides": {**split, "output_dir": str(out / "split_plain")}})
     setup = {key: options.get(key) for key in ("spatial_size", "pairs", "seed", "simulation", "real_ct", "model")}
-    setup.update(dataset_dir=str(dataset), cpus=len(os.sched_getaffinity(0)))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    setup.update(dataset_dir=str(dataset), cpus=len(os.sched_getaffinity(0)),
+                 commit=commit.stdout.strip() if commit.returncode == 0 else None)  # the code measured
     load_before = os.getloadavg()
     measured = [_run_path(spec, log) for spec in paths]
     setup["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
