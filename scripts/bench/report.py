@@ -632,9 +632,12 @@ def _section7(result: dict, run: dict | None = None) -> list[str]:
                              f"{'-' if other is None else f'{other:.2f}'} |")
         if stage.startswith("writing"):
             for part in ("field to the original grid (submission)", "preview.png"):
-                if part in split["parts"]:  # earlier runs: parts by function
+                if split["parts"].get(part, {}).get("calls"):  # earlier runs: parts by function, when called
                     lines.append(f"| {sub}{part} | {split['parts'][part]['seconds'] / pairs:.2f} | "
                                  f"{single['parts'][part]['seconds']:.2f} |")
+            if not split_writes:
+                lines.append(f"| {sub}(no per-file times: this run's writer saved through neither `nibabel.save` nor "
+                             "the timed paths) | - | - |")
             for kind, seconds in split_writes.items():
                 label = f"`{kind}`" if "<pair>" in kind else kind  # a bare <pair> would read as an HTML tag
                 lines.append(f"| {sub}{label} | {seconds / pairs:.2f} | {single_writes.get(kind, 0.0):.2f} |")
