@@ -2,7 +2,8 @@
 # The release model in one command, on CPU: build the training set (realistic phantom pairs and pairs on four real
 # chest CTs), fine-tune release 0.4.0's compact HyperUNet on the coarse grid, and score it on the held-out test pairs.
 #
-#   bash scripts/train_release.sh                      # defaults: release 0.5.0 (fine-tunes 0.4.0, see INIT)
+#   bash scripts/train_release.sh                      # defaults: release 0.5.0 (fine-tunes 0.4.0, see INIT; 46 min
+#                                                      # on a CPU shared with other jobs, THREADS=1)
 #   PAIRS=40 EPOCHS=2 bash scripts/train_release.sh    # a short run
 #   INSTALL=1 bash scripts/train_release.sh            # also copy model.pt / model.json into models/
 #   INIT=none EPOCHS=40 bash scripts/train_release.sh  # from random initialisation (release 0.4.0's recipe, with
