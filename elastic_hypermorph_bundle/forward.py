@@ -1,6 +1,7 @@
-"""The forward pass of the bundle's networks on a pair of images: the network input, and the terms of a training
-step. Every caller (the engines' steps, the sweep and refinement, the benchmark) goes through these two functions,
-so the input convention and the order forward -> warp -> loss live here only.
+"""The forward pass of the bundle's networks on a pair of images: the network input, the network's field with
+weights generated once for many pairs, and the terms of a training step. Every caller (the engines' steps, the sweep
+and refinement, the benchmark) goes through these functions, so the input convention, the weighted call and the order
+forward -> warp -> loss live here only.
 
 Conventions (see the package docstring): images ``(B, 1, *spatial)`` on one grid, the network input
 ``x = cat([moving, fixed], dim=1)`` ``(B, 2, *spatial)`` (channel 0 moving, channel 1 fixed, as ``metadata.json``
@@ -15,7 +16,14 @@ import torch
 
 from .networks import warp_image
 
-__all__ = ["network_input", "training_terms"]
+__all__ = ["network_input", "weighted_ddf", "plain", "training_terms"]
+
+
+def plain(tensor) -> torch.Tensor:
+    """A MONAI ``MetaTensor`` as a plain ``torch.Tensor`` (inner loops, autograd graphs and writers need no metadata
+    tracking); any other tensor as it is, an array or number as a tensor (``torch.as_tensor``)."""
+    tensor = torch.as_tensor(tensor)
+    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
 
 
 def network_input(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
@@ -30,6 +38,14 @@ def network_input(moving: torch.Tensor, fixed: torch.Tensor) -> torch.Tensor:
             f"{tuple(fixed.shape)}."
         )
     return torch.cat([moving, fixed], dim=1)
+
+
+def weighted_ddf(network: torch.nn.Module, x: torch.Tensor, weights) -> torch.Tensor:
+    """``network(x, weights=weights)``: the DDF ``(B, D, *spatial)`` (plain, float32) of a hyper-conditioned
+    network on the input ``x`` (:func:`network_input`) with the weights it generated once for one hyperparameter
+    row (``weights = network.generate_weights(hyper)``), so one generation serves every pair of a registration run,
+    a sweep's grid point or a refinement step. Differentiable with respect to ``weights``."""
+    return plain(network(x, weights=weights)).float()
 
 
 def training_terms(

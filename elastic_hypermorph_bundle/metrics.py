@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from monai.losses import LocalNormalizedCrossCorrelationLoss
 from monai.metrics import compute_dice
 
+from .forward import plain
 from .losses.elastic import elastic_energy
 from .networks.warp import warp_image, warp_label
 
@@ -354,7 +355,7 @@ def pair_metrics(
         ``{name: float}`` in the order of :func:`metric_columns`.
     """
     ddf = torch.as_tensor(ddf)
-    ddf = (ddf.as_tensor() if hasattr(ddf, "as_tensor") else ddf).float()
+    ddf = plain(ddf).float()
     if ddf.ndim == ddf.shape[-ddf.ndim] + 1:  # (D, *spatial): one sample without its batch axis
         ddf = ddf.unsqueeze(0)
     dims = _check_batched_ddf(ddf)
@@ -365,7 +366,7 @@ def pair_metrics(
         if value is None:
             return None
         value = torch.as_tensor(value)
-        value = (value.as_tensor() if hasattr(value, "as_tensor") else value).to(ddf.device)
+        value = plain(value).to(ddf.device)
         value = value if value.ndim == dims + 2 else value.unsqueeze(0)
         if value.shape[2:] != ddf.shape[2:]:
             raise ValueError(f"{name} must be on the field's grid {tuple(ddf.shape[2:])}, got {tuple(value.shape)}.")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..forward import network_input
+from ..forward import network_input, weighted_ddf
 from ..workflow.instance import InstanceOptimization
 from .sweep import PreparedPair, field_metrics
 
@@ -40,7 +40,7 @@ def instance_gain(
 
         def predict(moving: torch.Tensor, pair=pair) -> torch.Tensor:
             with torch.no_grad():
-                return network(network_input(moving, pair.fixed), weights=weights).float()
+                return weighted_ddf(network, network_input(moving, pair.fixed), weights)
 
         alone.append(field_metrics(predict(pair.moving), pair, named, labels))
         mask = None if not instance.use_mask else pair.fixed_mask

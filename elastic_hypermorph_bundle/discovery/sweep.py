@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from monai.data.utils import affine_to_spacing
 
-from ..forward import network_input
+from ..forward import network_input, plain, weighted_ddf
 from ..metrics import metric_columns, pair_metrics
 
 __all__ = [
@@ -57,11 +57,6 @@ class PreparedPair:
         return network_input(self.moving, self.fixed)
 
 
-def _plain(tensor: torch.Tensor) -> torch.Tensor:
-    """A MetaTensor as a plain tensor (no metadata tracking in the sweep's inner loop)."""
-    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
-
-
 def prepare_pairs(
     datalist: Sequence[dict], transform: Callable, device: torch.device | str | None = None, points: str | None = None
 ) -> list[PreparedPair]:
@@ -86,7 +81,7 @@ def prepare_pairs(
         # keys the transform did not load are still file paths: only loaded (tensor) values are used
         def batched(key: str) -> torch.Tensor | None:
             value = data.get(key)
-            return _plain(value).float().unsqueeze(0).to(device) if isinstance(value, torch.Tensor) else None
+            return plain(value).float().unsqueeze(0).to(device) if isinstance(value, torch.Tensor) else None
 
         def loaded_points(role: str) -> torch.Tensor | None:
             key = f"{role}_{points}"
@@ -94,7 +89,7 @@ def prepare_pairs(
                 return None
             if not isinstance(data.get(key), torch.Tensor):
                 raise ValueError(f"pair {pair.get('pair_id')}: {key!r} not loaded; the transform must load {points}.")
-            return _plain(data[key]).float().to(device)
+            return plain(data[key]).float().to(device)
 
         case = pair.get("case") or {}
         prepared.append(
@@ -256,7 +251,7 @@ def run_grid(
                 weights = network.generate_weights(row.reshape(1, -1).to(device))
                 for pair in todo:
                     start = time.perf_counter()
-                    ddf = network(pair.network_input, weights=weights).float()
+                    ddf = weighted_ddf(network, pair.network_input, weights)
                     metrics = field_metrics(ddf, pair, hyper, labels)
                     evaluations += 1
                     table.append(

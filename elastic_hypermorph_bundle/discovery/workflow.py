@@ -28,6 +28,7 @@ from ..metrics import POINT_KINDS
 from ..model_card import ModelCard, preprocessing
 from ..workflow.instance import InstanceOptimization
 from ..flags import parse_flag
+from ..forward import weighted_ddf
 from ..workflow.datalists import pair_datalist
 from .instance import instance_gain
 from .plots import plot_grid_metric
@@ -54,7 +55,7 @@ def _mean_metrics(network, hyper: torch.Tensor, names, pairs: Sequence[PreparedP
     named = dict(zip(names, hyper[0].tolist()))
     with torch.no_grad():
         weights = network.generate_weights(hyper)
-        rows = [field_metrics(network(p.network_input, weights=weights).float(), p, named, labels) for p in pairs]
+        rows = [field_metrics(weighted_ddf(network, p.network_input, weights), p, named, labels) for p in pairs]
     return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
 
 

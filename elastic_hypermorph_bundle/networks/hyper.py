@@ -107,7 +107,38 @@ def _he_std(in_channels: int, kernel_size: int, spatial_dims: int) -> float:
     return math.sqrt(2.0 / (1.0 + 0.2**2)) / math.sqrt(in_channels * kernel_size**spatial_dims)
 
 
-class HyperConv(nn.Module):
+class _ConditionedConv(nn.Module):
+    """What the layers a hypernetwork conditions share: the checked layout (``spatial_dims`` 1, 2 or 3, an odd
+    ``kernel_size`` for "same" padding, a ``rank`` of ``None``, 0 or a positive int), the kernel shape
+    ``(C_out, C_in, *kernel)`` and the embedding gain ``g = 1 / E``; each layer makes its parameters in
+    :meth:`_build`, at its He-normal std for LeakyReLU(0.2)."""
+
+    def __init__(
+        self,
+        spatial_dims: int,
+        in_channels: int,
+        out_channels: int,
+        embedding_dims: int,
+        kernel_size: int = 3,
+        hyper_init_scale: float = 0.1,
+        rank: int | None = None,
+    ):
+        super().__init__()
+        if spatial_dims not in _CONV:
+            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size}.")
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
+            raise ValueError(f"rank must be None, 0 (full map) or a positive int, got {rank!r}.")
+        self.kernel_shape = (out_channels, in_channels) + (kernel_size,) * spatial_dims
+        self.embedding_gain = 1.0 / embedding_dims
+        self._build(embedding_dims, hyper_init_scale, _he_std(in_channels, kernel_size, spatial_dims), rank or None)
+
+    def _build(self, embedding_dims: int, hyper_init_scale: float, he_std: float, rank: int | None) -> None:
+        raise NotImplementedError
+
+
+class HyperConv(_ConditionedConv):
     """Convolution whose kernel and bias are a linear function of the hypernetwork embedding ``e`` (``(B, E)``), one
     ``(K, b)`` per sample, ``p = [vec(K), b]`` with ``N = C_out C_in k^D + C_out`` entries. Two maps:
 
@@ -145,29 +176,10 @@ class HyperConv(nn.Module):
         rank: ``R``, the number of basis kernels of a rank-limited map; ``None`` or ``0`` for the full map.
     """
 
-    def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        out_channels: int,
-        embedding_dims: int,
-        kernel_size: int = 3,
-        hyper_init_scale: float = 0.1,
-        rank: int | None = None,
-    ):
-        super().__init__()
-        if spatial_dims not in _CONV:
-            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
-        if kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size}.")
-        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):
-            raise ValueError(f"rank must be None, 0 (full map) or a positive int, got {rank!r}.")
-        self.rank = rank or None
-        self.kernel_shape = (out_channels, in_channels) + (kernel_size,) * spatial_dims
+    def _build(self, embedding_dims: int, hyper_init_scale: float, he_std: float, rank: int | None) -> None:
+        self.rank = rank
         kernel_numel = math.prod(self.kernel_shape)
-        numel = kernel_numel + out_channels
-        self.embedding_gain = 1.0 / embedding_dims
-        he_std = _he_std(in_channels, kernel_size, spatial_dims)
+        numel = kernel_numel + self.kernel_shape[0]
         if self.rank is None:
             self.embedding_weight = nn.Parameter(
                 torch.randn(numel, embedding_dims) * (hyper_init_scale * he_std * embedding_dims**0.5)
@@ -204,7 +216,7 @@ class HyperConv(nn.Module):
         return hyper_conv(x, weight, bias)
 
 
-class ConditionalInstanceNormConv(nn.Module):
+class ConditionalInstanceNormConv(_ConditionedConv):
     """Ordinary convolution followed by conditional instance normalisation (CIN, as in conditional LapIRN, Mok &
     Chung, MICCAI 2021): ``y = IN(conv(x)) (1 + g Γ e) + g Β e``, the per-channel scale and shift (``(B, C_out)``)
     linear maps of the hypernetwork embedding ``e`` (``Γ, Β``: ``(C_out, E)``, gain ``g = 1 / E`` as in
@@ -214,30 +226,16 @@ class ConditionalInstanceNormConv(nn.Module):
 
     Same interface as :class:`HyperConv` (``generate``, ``forward(x, weights)``). Init: He-normal kernel (LeakyReLU
     0.2) and no conv bias (the norm removes it), ``Γ, Β`` normal with std ``hyper_init_scale * sqrt(E)`` (a 10% hyperparameter-dependent scale
-    and shift for an embedding of unit mean square).
+    and shift for an embedding of unit mean square). Arguments as :class:`HyperConv`'s, without a rank (the
+    kernel is not generated).
     """
 
-    def __init__(
-        self,
-        spatial_dims: int,
-        in_channels: int,
-        out_channels: int,
-        embedding_dims: int,
-        kernel_size: int = 3,
-        hyper_init_scale: float = 0.1,
-    ):
-        super().__init__()
-        if spatial_dims not in _CONV:
-            raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
-        if kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd for 'same' padding, got {kernel_size}.")
-        self.kernel_shape = (out_channels, in_channels) + (kernel_size,) * spatial_dims
-        self.embedding_gain = 1.0 / embedding_dims
-        self.weight = nn.Parameter(
-            torch.randn(self.kernel_shape) * _he_std(in_channels, kernel_size, spatial_dims)
-        )
+    def _build(self, embedding_dims: int, hyper_init_scale: float, he_std: float, rank: int | None) -> None:
+        if rank is not None:
+            raise ValueError(f"rank applies to generated kernels only, not to conditional instance norm, got {rank}.")
+        self.weight = nn.Parameter(torch.randn(self.kernel_shape) * he_std)
         self.embedding_weight = nn.Parameter(
-            torch.randn(2 * out_channels, embedding_dims) * (hyper_init_scale * embedding_dims**0.5)
+            torch.randn(2 * self.kernel_shape[0], embedding_dims) * (hyper_init_scale * embedding_dims**0.5)
         )
 
     def generate(self, embedding: torch.Tensor, shared: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -284,6 +282,23 @@ class HyperRegistrationNet(nn.Module):
       ``return_velocity=True`` returns ``(ddf, field)`` where ``field`` is the raw head output: the stationary velocity
       field in diffeomorphic mode (``ddf`` is its scaling-and-squaring integral, MONAI ``DVF2DDF``), and the DDF
       itself (the same tensor) otherwise, so training code can regularize "the predicted field" uniformly.
+
+    Args:
+        spatial_dims, in_channels: 2 or 3; channels of ``x`` (2: moving, fixed).
+        hyper_dims: number of hyperparameters (2 for ``[lam, mu]``, 1 for ``[alpha]``).
+        hyper_hidden, hyper_layers: width and depth of the :class:`HyperNetwork`.
+        hyper_rank: basis kernels per layer of the rank-limited kernel map (:class:`HyperConv`); ``None`` or ``0``
+            for HyperMorph's full map.
+        conditioning: ``"kernel"`` (generated kernels) or ``"instance_norm"`` (conditional instance norm, see
+            :class:`ConditionalInstanceNormConv`).
+        diffeomorphic: predict a stationary velocity field, integrated by scaling and squaring.
+        integration_steps: scaling-and-squaring steps.
+        default_hyper: hyperparameters used when ``hyper`` is None; default ``0.5 * hyper_scale``. Not saved in
+            the state dict (it is the configuration's inference default).
+        hyper_scale: the upper ends of the trained hyperparameter ranges (one positive value per dimension; default
+            1): the hypernetwork sees ``hyper / hyper_scale``, in [0, 1] on the trained ranges, so its embedding and
+            the generated kernels keep their scale whatever the units of ``hyper``. Saved in the state dict (the
+            weights were trained for it); checkpoints without it load with 1.
     """
 
     def __init__(

@@ -87,17 +87,8 @@ class HyperLocalNet(HyperRegistrationNet):
         hyper_dims: number of hyperparameters (2 for ``[lam, mu]``, 1 for ``[alpha]``).
         num_channel_initial: channels at level 0, doubled at every level.
         extract_levels: levels whose decoder outputs predict the field (0 = input resolution).
-        hyper_hidden, hyper_layers: width and depth of the :class:`HyperNetwork`.
-        hyper_rank: basis kernels per layer of the rank-limited kernel map (:class:`HyperConv`); ``None`` or ``0``
-            for HyperMorph's full map.
-        diffeomorphic: predict a stationary velocity field, integrated by scaling and squaring.
-        integration_steps: scaling-and-squaring steps.
-        default_hyper: hyperparameters used when ``hyper`` is None; default ``0.5 * hyper_scale``. Not saved in
-            the state dict (it is the configuration's inference default).
-        hyper_scale: the upper ends of the trained hyperparameter ranges (one positive value per dimension; default
-            1): the hypernetwork sees ``hyper / hyper_scale``, in [0, 1] on the trained ranges, so its embedding and
-            the generated kernels keep their scale whatever the units of ``hyper``. Saved in the state dict (the
-            weights were trained for it); checkpoints without it load with 1.
+        hyper_hidden, hyper_layers, hyper_rank, diffeomorphic, integration_steps, default_hyper, hyper_scale: the
+            conditioning and field of :class:`HyperRegistrationNet`.
     """
 
     def __init__(

@@ -37,20 +37,10 @@ class HyperUNet(HyperRegistrationNet):
         encoder_features: output channels of the encoder convs.
         decoder_features: output channels of the decoder convs then the full-resolution convs; at least
             ``len(encoder_features)`` entries.
-        hyper_hidden, hyper_layers: width and depth of the :class:`HyperNetwork`.
-        hyper_rank: basis kernels per layer of the rank-limited kernel map (:class:`HyperConv`); ``None`` or ``0``
-            for HyperMorph's full map (42.1 M parameters with the default layout, against 0.33 M for the same U-Net
-            with plain convolutions).
-        conditioning: ``"kernel"`` (generated kernels) or ``"instance_norm"`` (conditional instance norm, see
-            :class:`ConditionalInstanceNormConv`).
-        diffeomorphic: predict a stationary velocity field, integrated by scaling and squaring.
-        integration_steps: scaling-and-squaring steps.
-        default_hyper: hyperparameters used when ``hyper`` is None; default ``0.5 * hyper_scale``. Not saved in
-            the state dict (it is the configuration's inference default).
-        hyper_scale: the upper ends of the trained hyperparameter ranges (one positive value per dimension; default
-            1): the hypernetwork sees ``hyper / hyper_scale``, in [0, 1] on the trained ranges, so its embedding and
-            the generated kernels keep their scale whatever the units of ``hyper``. Saved in the state dict (the
-            weights were trained for it); checkpoints without it load with 1.
+        hyper_hidden, hyper_layers, hyper_rank, conditioning, diffeomorphic, integration_steps, default_hyper,
+        hyper_scale: the conditioning and field of :class:`HyperRegistrationNet` (with the full kernel map,
+            ``hyper_rank=None``, the default layout has 42.1 M parameters, against 0.33 M for the same U-Net with
+            plain convolutions).
     """
 
     def __init__(

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from ..flags import parse_flag
+from ..forward import plain
 from ..losses.regularizers import FIXED_LAME, get_regularizer
 from ..physics import LameParameters
 from ..losses.similarity import get_similarity
@@ -187,7 +188,7 @@ class InstanceOptimization:
                 if start is None else start
         else:
             ddf = predict(network_moving)
-            ddf = (ddf.as_tensor() if hasattr(ddf, "as_tensor") else ddf).float()
+            ddf = plain(ddf).float()
             if self.select_start and self.steps > 0:
                 ddf = self._better_start(fixed, moving, hyper, ddf, start, affine, mask)
         if self.steps > 0:

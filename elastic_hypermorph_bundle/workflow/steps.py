@@ -10,7 +10,7 @@ from monai.data.utils import affine_to_spacing
 from monai.engines.utils import IterationEvents
 
 from ..data.transforms import PAIR_KEYS
-from ..forward import network_input
+from ..forward import network_input, plain, weighted_ddf
 from ..networks import warp_image, warp_label
 from ..networks.grid import NetworkGrid
 from .instance import InstanceOptimization
@@ -99,21 +99,22 @@ class RegisterStep:
         convert = grid is not None and not grid.matches(shape, spacing)
 
         def predict(network_moving: torch.Tensor) -> torch.Tensor:
-            x = network_input(_plain(network_moving), _plain(fixed))
+            x = network_input(plain(network_moving).float(), plain(fixed).float())
             with engine.mode(engine.network), torch.autocast(
                 device.type, enabled=bool(engine.amp) and device.type == "cuda", **engine.amp_kwargs
             ):
                 if self._weights is None or engine.state.iteration == 1:
                     self._weights = network.generate_weights(hyper)
-                ddf = network(grid.to_network(x, spacing) if convert else x, weights=self._weights).float()
+                ddf = weighted_ddf(network, grid.to_network(x, spacing) if convert else x, self._weights)
             return grid.from_network(ddf, shape, spacing) if convert else ddf
 
         if self.instance is None:
-            ddf = _plain(predict(moving))
+            ddf = plain(predict(moving)).float()
         else:
             # one spacing for the batch: inference and evaluation register one pair per batch
             ddf = self.instance.register(
-                predict if self.use_network else None, _plain(fixed), _plain(moving), hyper.expand(fixed.shape[0], -1),
+                predict if self.use_network else None, plain(fixed).float(), plain(moving).float(),
+                hyper.expand(fixed.shape[0], -1),
                 spacing,
                 self.instance.mask(batch),
             )
@@ -151,7 +152,3 @@ class RegisterStep:
         affine = torch.as_tensor(affine, dtype=torch.float64).reshape(-1, dims + 1, dims + 1).expand(batch, -1, -1)
         return torch.stack([torch.as_tensor(affine_to_spacing(a, r=dims)) for a in affine]).float()
 
-
-def _plain(image: torch.Tensor) -> torch.Tensor:
-    """A float tensor without MONAI's meta data (the optimisation's autograd graph needs no affine tracking)."""
-    return (image.as_tensor() if hasattr(image, "as_tensor") else image).float()

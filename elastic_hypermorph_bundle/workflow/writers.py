@@ -40,6 +40,7 @@ from ..displacement import (
     resample,
     write_displacement_field,
 )
+from ..forward import plain
 from ..metrics import JACOBIAN_BORDER, jacobian_determinant, target_registration_error
 from ..networks import warp_image, warp_label
 from ..hyperparams import HyperSpace
@@ -356,7 +357,7 @@ class InferenceWriter:
         if not pair_id:
             raise ValueError("each pair needs a 'pair_id' (e.g. '0001_0001') to name its output files.")
         fixed = pair["fixed_image"]
-        ddf = _plain(pair["pred"]).detach().to("cpu", torch.float32)
+        ddf = plain(pair["pred"]).detach().to("cpu", torch.float32)
         affine, original_affine = _affine(fixed), fixed.meta["original_affine"]
         shape = [int(s) for s in fixed.meta["spatial_shape"]]
         same_grid = list(ddf.shape[1:]) == shape and torch.allclose(affine, torch.as_tensor(original_affine, dtype=torch.float64))
@@ -389,9 +390,9 @@ class InferenceWriter:
             self.runtimes.append(float(pair["runtime"]))
         kind = points_kind(pair)
         if kind is not None:  # a pair with corresponding points: its TRE in the summary (voxels of the registration grid)
-            points = [_plain(pair[f"{role}_{kind}"]).double().cpu() for role in ("fixed", "moving")]
-            spacing = _plain(pair["spacing"]).reshape(-1).tolist()
-            field = _plain(pair["pred"]).detach().double().cpu()
+            points = [plain(pair[f"{role}_{kind}"]).double().cpu() for role in ("fixed", "moving")]
+            spacing = plain(pair["spacing"]).reshape(-1).tolist()
+            field = plain(pair["pred"]).detach().double().cpu()
             self.tre.append([target_registration_error(f, *points, spacing).mean().item()
                              for f in (field, torch.zeros_like(field))])
 
@@ -431,11 +432,6 @@ def _affine(image) -> torch.Tensor:
     if affine is None:
         raise ValueError("the fixed image must be a MetaTensor with an affine (load it with the bundle's transforms).")
     return torch.as_tensor(affine, dtype=torch.float64)
-
-
-def _plain(tensor) -> torch.Tensor:
-    tensor = torch.as_tensor(tensor)
-    return tensor.as_tensor() if hasattr(tensor, "as_tensor") else tensor
 
 
 def _warp_file(image, ddf: torch.Tensor, affine: np.ndarray, interpolation: str) -> np.ndarray:
