@@ -47,6 +47,9 @@ USER_IDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
      "run inference, evaluation or a sweep with preprocessing other than the model's (with a warning)", "false"),
     (("regularizer",), "`elastic` (the method), `diffusion` (HyperMorph), `elastic_fixed` (fixed λ, μ over α)",
      "`elastic`"),
+    (("similarity",),
+     "training's similarity (a row of `losses/similarity.py`, recorded in the model card): `lncc` (local NCC, the "
+     "paper's) or `mind` (MIND-SSC descriptors)", "`lncc`"),
     (("lam_range", "mu_range", "alpha_range", "hyper_sampling"),
      "trained ranges and how training samples them (`uniform`, `log_uniform`, `endpoints`)",
      "[0,1], [0,1], [0,1], `uniform`"),

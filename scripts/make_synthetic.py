@@ -10,7 +10,7 @@ Example::
     python scripts/make_synthetic.py --output_dir data/followup --num_pairs 2 --preset followup \
         --real_ct ../shared/data/real_ct/lidc_idri_0002.nii.gz --real_ct_fraction 1
 
-Every keyword of :func:`elastic_hypermorph_bundle.simulation.generator.make_synthetic_dataset` is an option
+Every keyword of :func:`elastic_hypermorph_bundle.simulation.dataset.make_synthetic_dataset` is an option
 (``--preview``, ``--overwrite``, ``--real_ct PATH`` with ``--real_ct_fraction F``; PATH a CT, a list
 ``'["a.nii.gz","b.nii.gz"]'`` (quoted names) or a folder of CTs, taken in turn) and so is every keyword option of
 :func:`~elastic_hypermorph_bundle.simulation.generator.simulate_pair` (``--spacing "[5.25,3.75,5.6875]"``,
@@ -28,7 +28,7 @@ from pathlib import Path
 import fire
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the bundle root, so that no install is needed
-from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
+from elastic_hypermorph_bundle.simulation.dataset import make_synthetic_dataset
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")

@@ -22,7 +22,7 @@ import torch
 from monai.data import list_data_collate
 from monai.engines import SupervisedEvaluator, SupervisedTrainer
 
-from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
+from elastic_hypermorph_bundle.simulation.dataset import make_synthetic_dataset
 from elastic_hypermorph_bundle.data.transforms import registration_transforms
 from elastic_hypermorph_bundle.hyperparams import HyperSpace
 from elastic_hypermorph_bundle.losses import RegistrationLoss

@@ -15,7 +15,7 @@ import torch
 from ignite.engine import Engine, Events
 from monai.engines import SupervisedTrainer
 
-from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
+from elastic_hypermorph_bundle.simulation.dataset import make_synthetic_dataset
 from elastic_hypermorph_bundle.hyperparams import HyperSpace
 from elastic_hypermorph_bundle.losses import RegistrationLoss
 from elastic_hypermorph_bundle.model_card import ModelCard

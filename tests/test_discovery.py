@@ -19,7 +19,7 @@ import pytest
 import torch
 from scipy.stats import pearsonr
 
-from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
+from elastic_hypermorph_bundle.simulation.dataset import make_synthetic_dataset
 from elastic_hypermorph_bundle.data.transforms import registration_transforms
 from elastic_hypermorph_bundle.discovery import (
     ParameterSweep,

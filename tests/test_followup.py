@@ -14,7 +14,8 @@ from scipy import ndimage
 
 from elastic_hypermorph_bundle.data import discover_pairs, registration_transforms, validate_pairs
 from elastic_hypermorph_bundle.simulation.followup import followup_geometry
-from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset, simulate_pair
+from elastic_hypermorph_bundle.simulation.dataset import make_synthetic_dataset
+from elastic_hypermorph_bundle.simulation.generator import simulate_pair
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CT = next(

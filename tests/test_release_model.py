@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from elastic_hypermorph_bundle.data import read_points
-from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
+from elastic_hypermorph_bundle.simulation.dataset import make_synthetic_dataset
 from elastic_hypermorph_bundle.metrics import target_registration_error
 from elastic_hypermorph_bundle.model_card import ModelCard
 

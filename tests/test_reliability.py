@@ -21,7 +21,7 @@ from elastic_hypermorph_bundle.atomic import (
     readable_checkpoint,
     remove_partial_files,
 )
-from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
+from elastic_hypermorph_bundle.simulation.dataset import make_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = str(ROOT / "configs" / "train.json")
@@ -303,7 +303,7 @@ def test_training_with_a_nan_voxel_fails_cleanly_with_the_default_cache_workers(
     import nibabel as nib
     import numpy as np
 
-    from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
+    from elastic_hypermorph_bundle.simulation.dataset import make_synthetic_dataset
 
     data = make_synthetic_dataset(tmp_path / "LungCT", num_pairs=3, spatial_size=(16, 16, 16))
     images = sorted((data / "imagesTr").glob("*.nii.gz"))
@@ -356,7 +356,7 @@ def test_a_diverging_training_says_so_with_the_iteration_and_what_to_try():
 def test_trainings_sharing_an_output_dir_keep_their_own_splits(tmp_path):
     import json
 
-    from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
+    from elastic_hypermorph_bundle.simulation.dataset import make_synthetic_dataset
     from elastic_hypermorph_bundle.workflow.checkpoints import prepare_outputs
 
     data = make_synthetic_dataset(tmp_path / "data", num_pairs=6, spatial_size=(16, 16, 16))
@@ -566,7 +566,7 @@ def test_an_overwriting_training_keeps_the_earlier_one_until_it_completes(tmp_pa
 
     from elastic_hypermorph_bundle.hyperparams import HyperSpace
     from elastic_hypermorph_bundle.networks import HyperUNet
-    from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
+    from elastic_hypermorph_bundle.simulation.dataset import make_synthetic_dataset
     from elastic_hypermorph_bundle.workflow.checkpoints import prepare_outputs
     from elastic_hypermorph_bundle.workflow.export import ExportTrainedModel
 

@@ -15,8 +15,10 @@ import torch
 from monai.networks.blocks import Warp
 from scipy import ndimage
 
-from elastic_hypermorph_bundle.simulation import generator, realism
-from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset, resolve_options, simulate_pair
+from elastic_hypermorph_bundle.simulation import realism
+from elastic_hypermorph_bundle.simulation.dataset import make_synthetic_dataset
+from elastic_hypermorph_bundle.simulation.generator import simulate_pair
+from elastic_hypermorph_bundle.simulation.options import PRESETS, resolve_options
 
 REPO = Path(__file__).resolve().parents[1]
 # ../shared next to the bundle root (CI); a git worktree may sit deeper, so the nearest ancestor's shared/ counts
@@ -182,7 +184,7 @@ def test_preset_resolution_and_validation(tmp_path):
     with pytest.raises(ValueError, match="poisson_range"):  # checked before anything is written
         make_synthetic_dataset(tmp_path / "x", num_pairs=1, spatial_size=(16, 16, 16), poisson_range=(0.3, 0.6))
     assert not (tmp_path / "x").exists()
-    assert generator.PRESETS["realistic"]["mass_conservation"] is True
+    assert PRESETS["realistic"]["mass_conservation"] is True
 
 
 @needs_real_ct

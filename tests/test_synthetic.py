@@ -18,8 +18,10 @@ from monai.networks.blocks import Warp
 from elastic_hypermorph_bundle.data.io import read_points
 from elastic_hypermorph_bundle.data.learn2reg import discover_pairs, split_sizes
 from elastic_hypermorph_bundle.metrics import sample_field_at_points
-from elastic_hypermorph_bundle.simulation import generator
-from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset, simulate_pair
+from elastic_hypermorph_bundle.simulation import dataset as dataset_writer
+from elastic_hypermorph_bundle.simulation.dataset import make_synthetic_dataset
+from elastic_hypermorph_bundle.simulation.generator import simulate_pair
+from elastic_hypermorph_bundle.simulation.options import LUNG_FIELD_OF_VIEW_MM
 from elastic_hypermorph_bundle.simulation.navier import navier_lame_operator, solve_navier_lame
 
 REPO = Path(__file__).resolve().parents[1]
@@ -189,7 +191,7 @@ def test_dataset_json_and_files_follow_learn2reg(dataset):
         num_val,
         num_test,
     ]
-    np.testing.assert_allclose(spec["spacing"], np.divide(generator.LUNG_FIELD_OF_VIEW_MM, SIZE))
+    np.testing.assert_allclose(spec["spacing"], np.divide(LUNG_FIELD_OF_VIEW_MM, SIZE))
     for i, entry in enumerate(_pairs(spec), start=1):
         assert entry["fixed"] == f"./imagesTr/LungCT_{i:04d}_0000.nii.gz"
         assert entry["moving"] == f"./imagesTr/LungCT_{i:04d}_0001.nii.gz"
@@ -241,7 +243,7 @@ def test_interrupted_run_leaves_no_partial_dataset(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return simulate_pair(*args, **kwargs)
 
-    monkeypatch.setattr(generator, "simulate_pair", failing)
+    monkeypatch.setattr(dataset_writer, "simulate_pair", failing)  # the writer draws every case through it
     with pytest.raises(KeyboardInterrupt):
         make_synthetic_dataset(tmp_path / "lung", num_pairs=2, spatial_size=(16, 16, 16))
     assert list(tmp_path.iterdir()) == []

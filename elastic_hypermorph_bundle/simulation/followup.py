@@ -36,7 +36,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial.transform import Rotation
 
-from .real_ct import HU_AIR
+from .real_ct import HU_AIR, simulate_real_ct_pair
 
 __all__ = ["FOLLOWUP_OPTIONS", "followup_geometry", "simulate_followup_pair", "on_fixed_grid"]
 
@@ -100,9 +100,7 @@ def simulate_followup_pair(path: str | os.PathLike, spatial_size: Sequence[int],
                            padding_fraction: float, **followup):
     """One baseline / follow-up pair on the real CT at ``path`` (module docstring); ``options`` are the checked
     realism options of :func:`.generator.simulate_pair`, ``followup`` overrides :data:`FOLLOWUP_OPTIONS`. Returns a
-    :class:`.generator.SimulatedPair` whose ``moving_affine`` is the follow-up's grid."""
-    from .real_ct import simulate_real_ct_pair
-
+    :class:`.case.SimulatedPair` whose ``moving_affine`` is the follow-up's grid."""
     base = simulate_real_ct_pair(path, spatial_size, spacing, seed, options, poisson_range, mu_range, padding_fraction)
     motion, moving_affine, shape, record = followup_geometry(
         spatial_size, spacing, np.random.default_rng([int(seed), 2]), **followup

@@ -30,6 +30,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from .breathing import breathing_field
+from .case import SimulatedPair, draw_acquisition, draw_case, realism_record
 from .realism import acquire, conserve_lung_mass, jacobian_determinant, sliding_displacement
 
 __all__ = ["load_real_ct", "segment_lungs", "vessel_keypoints", "mask_breathing_force", "simulate_real_ct_pair"]
@@ -173,16 +175,14 @@ def simulate_real_ct_pair(
     padding_fraction: float,
 ):
     """One pair on a real CT (module docstring); ``options`` are the checked realism options of
-    :func:`.generator.simulate_pair`. Returns a :class:`.generator.SimulatedPair`."""
-    from .generator import SimulatedPair, _breathing_field, _draw_acquisition, _draw_case, _realism_record
-
+    :func:`.generator.simulate_pair`. Returns a :class:`.case.SimulatedPair`."""
     rng = np.random.default_rng(seed)
-    draw = _draw_case(rng, seed, options, poisson_range, mu_range)  # no anatomy to draw: the material comes first
+    draw = draw_case(rng, seed, options, poisson_range, mu_range)  # no anatomy to draw: the material comes first
 
     fixed, box = load_real_ct(path, spatial_size, spacing)
     lungs, body = segment_lungs(fixed, box)
     force = mask_breathing_force(lungs, body, spacing, draw.rib_weight)
-    elastic_mm, force, pressure = _breathing_field(
+    elastic_mm, force, pressure = breathing_field(
         lungs, force, draw.lam, draw.mu, spacing, padding_fraction, draw.target, draw.volume_change
     )
     displacement_mm, sliding_record = elastic_mm, {"sliding": 0.0}
@@ -222,9 +222,9 @@ def simulate_real_ct_pair(
     seen &= box[tuple(np.clip(np.rint(moving_points), 0, top).astype(int).T)]
     fixed_points, moving_points = fixed_points[seen], moving_points[seen]
 
-    acquisition = _draw_acquisition(draw.realism_rng, options)
+    acquisition = draw_acquisition(draw.realism_rng, options)
     record = draw.record("real_ct", real_ct=os.path.basename(str(path)))
-    realism = _realism_record(options, draw.volume_change, pressure, sliding_record, acquisition, None)
+    realism = realism_record(options, draw.volume_change, pressure, sliding_record, acquisition, None)
     return SimulatedPair(
         fixed_image=acquire(fixed, spacing, rng, **acquisition[0]),
         moving_image=acquire(moving, spacing, rng, **acquisition[1]),

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from elastic_hypermorph_bundle.simulation.followup import on_fixed_grid
-from elastic_hypermorph_bundle.simulation.generator import SimulatedPair, simulate_pair
+from elastic_hypermorph_bundle.simulation.case import SimulatedPair
+from elastic_hypermorph_bundle.simulation.generator import simulate_pair
 from elastic_hypermorph_bundle.hyperparams import HyperSpace
 from elastic_hypermorph_bundle.forward import training_terms
 from elastic_hypermorph_bundle.losses import RegistrationLoss
