@@ -72,8 +72,16 @@ USER_IDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
      "coarse-to-fine levels (each twice as fine), the finest control grid's coarsening (2 = half resolution), Adam "
      "step in voxels of each level", "3, 2, 0.2"),
     (("prealign",),
-     "global pre-alignment before the network: `auto` (affine, only when the images' centres of mass are > 15 mm "
-     "apart), `none`, `translation`, `rigid`, `affine`", "`auto`"),
+     "global pre-alignment before the network: `auto` (rigid fits from a few starts on a coarse grid, kept and "
+     "refined to an affine map only when they lower the similarity by 25 % of the identity's: a follow-up in another "
+     "position is aligned, a breathing-only pair is left as it is; both similarities logged and in `metrics.json`), "
+     "`none`, `translation`, `rigid`, `affine`", "`auto`"),
+    (("instance_select_start",),
+     "the optimisation continues from the better of the network's prediction and the identity, by its own objective "
+     "at its first level (both values and the start taken logged and in `metrics.json`)", "true"),
+    (("instance_discrete",),
+     "without a network's start: a coarse discrete displacement search (MIND-SSC over a window at quarter "
+     "resolution, ConvexAdam's coupled step) as the start instead of the identity", "false"),
     (("use_mask",),
      "restrict the optimisation's similarity to the fixed mask (lungs); needs `--fixed_mask` or dataset masks",
      "false"),

@@ -179,7 +179,7 @@ def run(options: dict, log) -> dict:
     ``options["dataset_dir"]``, simulated there if absent, on ``options["real_ct"]`` when that file exists; one
     process) and the single-pair path (``--fixed``/``--moving``), profiled; the split path once more without the
     profiler (unless ``options["overhead_run"]`` is false)."""
-    from elastic_hypermorph_bundle.simulation.generator import make_synthetic_dataset
+    from elastic_hypermorph_bundle.simulation.dataset import make_synthetic_dataset
 
     dataset = Path(options["dataset_dir"])
     if not dataset.is_dir():
