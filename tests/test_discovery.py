@@ -340,18 +340,111 @@ def test_sweep_runs_from_the_bundle_config(setup, tmp_path):
     assert summary["refinement"]["evaluations"] == {"grid": 12, "refinement": 12}
 
 
+def _pipeline_model(setup, save_model):
+    """The setup's network with a card whose network grid differs from the images' (resampled to 1.5 x their voxel
+    size, then padded to 16^3), so pairs registered on their own grid go through NetworkGrid, as with a real model."""
+    spacing = prepare_pairs(pair_datalist(setup["dataset"], "all")[:1], registration_transforms())[0].spacing
+    pixdim = [1.5 * s for s in spacing]
+    ckpt = save_model(setup["root"] / "models_coarse", setup["network"], setup["space"], _network_kwargs(2),
+                      spatial_size=SIZE, pixdim=pixdim)
+    return ckpt, pixdim
+
+
+PIPELINE = {"steps": 3, "levels": 1, "grid": 1, "prealign": "none"}
+
+
+def test_pipeline_sweep_row_equals_a_single_inference_at_that_point(setup, save_model, tmp_path):
+    from monai.engines import SupervisedEvaluator
+
+    from elastic_hypermorph_bundle.data.transforms import inference_transforms
+    from elastic_hypermorph_bundle.discovery.sweep import field_metrics
+    from elastic_hypermorph_bundle.networks.grid import NetworkGrid
+    from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
+    from elastic_hypermorph_bundle.workflow.steps import RegisterStep
+
+    ckpt, pixdim = _pipeline_model(setup, save_model)
+    grid = {"grid_size": [2, 1], "grid_low": [0.0, 0.5], "grid_high": [1.0, 0.5]}
+    sweep = ParameterSweep(setup["network"], setup["space"], setup["dataset"], tmp_path / "sweep", split="all",
+                           ckpt_path=ckpt, criterion="tre", progress=False, spatial_size=SIZE, pixdim=pixdim,
+                           instance=InstanceOptimization(**PIPELINE), **grid)
+    summary = sweep.run()
+    rows = _rows(tmp_path / "sweep" / "sweep.csv")
+    assert list(rows[0]) == sweep_columns(("lam", "mu"), [1], with_points=True, pipeline=True)
+    assert summary["registration"]["pipeline"]["steps"] == 3 and summary["refinement"]["skipped"]
+
+    # the user's inference at grid point 1 for the first pair: the evaluator's RegisterStep, same settings
+    datalist = pair_datalist(setup["dataset"], "all")[:1]
+    transform = inference_transforms("image", SIZE, pixdim)
+    batch = {k: (v.unsqueeze(0) if isinstance(v, torch.Tensor) else [v]) for k, v in transform(dict(datalist[0])).items()
+             if k in ("fixed_image", "moving_image", "fixed_mask", "moving_mask", "pair_id")}
+    step = RegisterStep(torch.tensor([[1.0, 0.5]]), InstanceOptimization(**PIPELINE), NetworkGrid(SIZE, pixdim))
+    evaluator = SupervisedEvaluator("cpu", [batch], setup["network"], iteration_update=step, decollate=False)
+    evaluator.run()
+    pair = sweep.prepare()[0][0]
+    inference = field_metrics(evaluator.state.output["pred"], pair, {"lam": 1.0, "mu": 0.5}, [1])
+    row = next(r for r in rows if r["grid_index"] == "1" and r["pair_id"] == pair.pair_id)
+    assert (float(row["lam"]), float(row["mu"])) == (1.0, 0.5)
+    for key, value in inference.items():
+        assert float(row[key]) == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    # the network-alone columns are inference with no optimisation
+    network_only = RegisterStep(torch.tensor([[1.0, 0.5]]), None, NetworkGrid(SIZE, pixdim))
+    evaluator = SupervisedEvaluator("cpu", [batch], setup["network"], iteration_update=network_only, decollate=False)
+    evaluator.run()
+    alone = field_metrics(evaluator.state.output["pred"], pair, {"lam": 1.0, "mu": 0.5}, [1])
+    for key, value in alone.items():
+        assert float(row[f"network_{key}"]) == pytest.approx(value, rel=1e-4, abs=1e-6), key
+    assert float(row["tre_mm"]) != pytest.approx(float(row["network_tre_mm"]), rel=1e-3)  # the stages did something
+
+    # resume: a cut table recomputes only its missing rows (each one network pass and one optimisation)
+    text = (tmp_path / "sweep" / "sweep.csv").read_text().splitlines(keepends=True)
+    (tmp_path / "sweep" / "sweep.csv").write_text("".join(text[:3]) + text[3][:20])  # 2 rows kept, the 3rd cut
+    calls = []
+    register = sweep.pipeline.register
+    sweep.pipeline.register = lambda *args, **kwargs: calls.append(1) or register(*args, **kwargs)
+    again = sweep.run()
+    assert again["evaluations"]["grid_computed_this_run"] == 4 and len(calls) == 4
+    assert _rows(tmp_path / "sweep" / "sweep.csv")[:2] == rows[:2]
+    assert again["best"] == summary["best"]
+
+
+def test_unsupervised_choice_respects_its_smoothness_bounds():
+    grid = np.array([[0.0, 0.0], [0.2, 0.05], [0.5, 0.1], [1.0, 1.0]])
+    lncc = np.array([[0.95, 0.9], [0.9, 0.85], [0.8, 0.84], [0.7, 0.6]])  # weaker regularization, more similar ...
+    folding = np.array([[2.0, 0.0], [0.1, 0.0], [0.0, 0.0], [0.0, 0.0]])  # ... folds ...
+    sdlogj = np.array([[0.3, 0.4], [0.12, 0.25], [0.08, 0.1], [0.02, 0.03]])  # ... and is rougher
+    tre = np.array([[1.0, 1.2], [1.1, 1.5], [1.4, 1.3], [3.0, 3.0]])
+    results = SweepResults(("lam", "mu"), grid, ["a", "b"], {"lncc": lncc, "folding_percent": folding,
+                                                            "sd_log_jacobian": sdlogj, "tre_mm": tre})
+    summary = summarize(results, "tre", max_folding_percent=0.5, max_sd_log_jacobian=0.2)
+    chosen = summary["unsupervised"]
+    assert [pair["grid_index"] for pair in chosen["per_pair"]] == [1, 2]
+    for pair, j in zip(chosen["per_pair"], range(2)):
+        assert pair["feasible"] and folding[pair["grid_index"], j] <= 0.5 and sdlogj[pair["grid_index"], j] <= 0.2
+        assert pair["oracle"]["grid_index"] == int(np.argmin(tre[:, j]))
+    assert chosen["mean_tre_mm"] == pytest.approx((1.1 + 1.3) / 2)
+    assert chosen["oracle_mean_tre_mm"] == pytest.approx((1.0 + 1.2) / 2)
+    assert chosen["regret_percent"] == pytest.approx(100 * (2.4 / 2.2 - 1))
+    # without the SD log J bound the rough point 0 of pair b is taken; the similarity criterion applies both bounds
+    assert summarize(results, "tre", max_folding_percent=0.5)["unsupervised"]["per_pair"][1]["grid_index"] == 0
+    bounded = summarize(results, "similarity", max_folding_percent=0.5, max_sd_log_jacobian=0.2)
+    assert bounded["best"]["grid_index"] == 1 and bounded["criterion"]["max_sd_log_jacobian"] == 0.2  # mean 0.185
+    assert summarize(results, "similarity", max_folding_percent=0.5, max_sd_log_jacobian=0.15)["best"]["grid_index"] == 2
+
+
 def test_sweep_reports_the_instance_optimisation_gain_at_the_selected_point(setup, tmp_path):
     from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
 
+    grid = {"grid_size": [2, 1], "grid_low": [0.0, 0.5], "grid_high": [1.0, 0.5]}
     summary = ParameterSweep(setup["network"], setup["space"], setup["dataset"], tmp_path / "sweep", split="all",
-                             ckpt_path=setup["ckpt"], criterion="tre", refine_steps=0, progress=False,
-                             spatial_size=SIZE, instance=InstanceOptimization(steps=30, levels=1, grid=1), **GRID).run()
+                             ckpt_path=setup["ckpt"], criterion="tre", progress=False, spatial_size=SIZE,
+                             instance=InstanceOptimization(steps=30, levels=1, grid=1), instance_steps=2, **grid).run()
     result = summary["instance_optimization"]
     best = summary["best"]
     assert result["point"] == pytest.approx({"lam": best["lam"], "mu": best["mu"]})
-    # the network alone at the point is the sweep's own row; the optimisation improves on it (on 16^3 voxels of about
-    # 20 mm the network is already within a fifth of a voxel)
-    assert result["network"]["tre_mm"] == pytest.approx(best["mean"]["tre_mm"], rel=1e-4)
+    assert summary["registration"]["pipeline"]["steps"] == 2 and result["settings"]["steps"] == 30
+    # the network alone at the point is the sweep's own network column; inference's 30 steps improve on it (on 16^3
+    # voxels of about 20 mm the network is already within a fifth of a voxel)
+    assert result["network"]["tre_mm"] == pytest.approx(best["mean"]["network_tre_mm"], rel=1e-4)
     assert result["optimized"]["tre_mm"] < 0.95 * result["network"]["tre_mm"]
     assert result["gain"]["tre_mm"] == pytest.approx(result["optimized"]["tre_mm"] - result["network"]["tre_mm"])
     assert setup["summary"]["instance_optimization"] == {"skipped": "instance_steps is 0 and prealign is none."}

@@ -1,6 +1,6 @@
-"""The instance optimisation's gain at the sweep's selected point: the sweep itself stays amortised (network
-passes only), and the test-time stages (:class:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`) run once
-per pair at the chosen ``(lam, mu)``, as inference would run them."""
+"""The test-time stages at the sweep's selected point, with the settings inference runs (the sweep's own rows may
+use a shorter optimisation): the network alone and the whole registration
+(:class:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`) once per pair at the chosen ``(lam, mu)``."""
 
 from __future__ import annotations
 
@@ -10,9 +10,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..forward import network_input, weighted_ddf
 from ..workflow.instance import InstanceOptimization
-from .sweep import PreparedPair, field_metrics
+from .sweep import PreparedPair, field_metrics, register_pair
 
 __all__ = ["instance_gain"]
 
@@ -36,18 +35,10 @@ def instance_gain(
     alone, optimised, seconds = [], [], []
     with torch.no_grad():
         weights = network.generate_weights(row)
+        alone = [field_metrics(pair.predict(network, weights), pair, named, labels) for pair in pairs]
     for pair in pairs:
-
-        def predict(moving: torch.Tensor, pair=pair) -> torch.Tensor:
-            with torch.no_grad():
-                return weighted_ddf(network, network_input(moving, pair.fixed), weights)
-
-        alone.append(field_metrics(predict(pair.moving), pair, named, labels))
-        mask = None if not instance.use_mask else pair.fixed_mask
-        if instance.use_mask and mask is None:
-            raise ValueError("--use_mask true needs fixed masks for every pair of the split.")
         start = time.perf_counter()
-        ddf = instance.register(predict, pair.fixed.float(), pair.moving.float(), row, pair.spacing, mask)
+        ddf = register_pair(network, weights, row, pair, instance)
         seconds.append(time.perf_counter() - start)
         optimised.append(field_metrics(ddf, pair, named, labels))
     alone_mean, optimised_mean = _mean(alone), _mean(optimised)

@@ -9,6 +9,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
+import matplotlib.colors
+import matplotlib.patheffects
 import numpy as np
 import torch
 from matplotlib.colors import LogNorm, TwoSlopeNorm
@@ -16,7 +18,16 @@ from matplotlib.figure import Figure
 
 from ..metrics import JACOBIAN_BORDER, jacobian_determinant
 
-__all__ = ["LABELS", "plot_grid_metric", "plot_regularizer_comparison", "plot_pair_comparison"]
+__all__ = [
+    "LABELS",
+    "BETTER",
+    "plot_grid_metric",
+    "plot_pipeline_heatmaps",
+    "plot_per_pair_optima",
+    "plot_material_recovery",
+    "plot_regularizer_comparison",
+    "plot_pair_comparison",
+]
 
 #: axis and title labels of hyperparameters and metrics
 LABELS = {
@@ -32,6 +43,20 @@ LABELS = {
     "energy_volume": "R(u; 1, 0)",
     "lncc": "local NCC",
 }
+
+
+#: which way a metric is better (+1 higher, -1 lower); heatmaps draw better as brighter (viridis' yellow end).
+#: Energies have no better direction and are drawn with low values dark.
+BETTER = {"dice_mean": 1, "lncc": 1, "tre_mm": -1, "folding_percent": -1, "sd_log_jacobian": -1}
+
+
+def _colormap(metric: str) -> tuple[str, str]:
+    """The colormap of ``metric`` (bright = better) and the phrase the colour bar states."""
+    base = metric.removeprefix("network_")
+    direction = BETTER.get(base)
+    if direction is None:
+        return "viridis", ""
+    return ("viridis" if direction > 0 else "viridis_r"), " (brighter = better)"
 
 
 def _edges(centres: np.ndarray) -> np.ndarray:
@@ -71,8 +96,9 @@ def plot_grid_metric(
         for point, value in zip(grid, values):
             image[np.searchsorted(axes[0], point[names[0]]), np.searchsorted(axes[1], point[names[1]])] = value
         norm = LogNorm() if _spans_decades(values) else None
-        mesh = ax.pcolormesh(_edges(axes[0]), _edges(axes[1]), image.T, cmap="viridis", shading="flat", norm=norm)
-        fig.colorbar(mesh, ax=ax, label=LABELS.get(metric, metric))
+        cmap, better = _colormap(metric)
+        mesh = ax.pcolormesh(_edges(axes[0]), _edges(axes[1]), image.T, cmap=cmap, shading="flat", norm=norm)
+        fig.colorbar(mesh, ax=ax, label=LABELS.get(metric, metric) + better)
         ax.plot(best[names[0]], best[names[1]], marker="*", color="red", markersize=14, markeredgecolor="white")
         ax.set_ylabel(LABELS.get(names[1], names[1]))
     elif len(names) == 1:
@@ -89,6 +115,127 @@ def plot_grid_metric(
     best_text = ", ".join(f"{LABELS.get(n, n)}={best[n]:.3g}" for n in names)
     chosen = f"best by {criterion}" if criterion else "best"
     ax.set_title(f"{LABELS.get(metric, metric)} ({chosen}: {best_text})", fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def _grid_image(grid: Sequence[Mapping], names: Sequence[str], metric: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """``(axes, image)``: the sorted values of both hyperparameters and the metric as a ``(len x, len y)`` array."""
+    axes = [np.unique([point[name] for point in grid]) for name in names]
+    image = np.full((axes[0].size, axes[1].size), np.nan)
+    for point in grid:
+        value = point.get(metric)
+        image[np.searchsorted(axes[0], point[names[0]]), np.searchsorted(axes[1], point[names[1]])] = (
+            np.nan if value is None else value)
+    return axes, image
+
+
+def plot_pipeline_heatmaps(
+    grid: Sequence[Mapping],
+    names: Sequence[str],
+    metric: str,
+    best: Mapping,
+    path: str | Path,
+    network_best: Mapping | None = None,
+    steps: int | None = None,
+) -> Path:
+    """The network alone (``network_<metric>``) and the pipeline (``<metric>``: network + instance optimisation) over a
+    ``[lam, mu]`` grid side by side, on one colour range (both panels' values), brighter = better; the selected
+    point (``best``, chosen on the pipeline) starred on both, the network-alone optimum (``network_best``) crossed.
+
+    Args:
+        grid: the summary's ``grid`` (mean metrics of every point, ``network_`` columns included).
+        names: ``("lam", "mu")``.
+        steps: the sweep's optimisation steps per level (shown in the right title).
+    """
+    fig = Figure(figsize=(10.4, 4.2))
+    panels = fig.subplots(1, 2, sharey=True)
+    images = [_grid_image(grid, names, key) for key in (f"network_{metric}", metric)]
+    values = np.concatenate([image.ravel() for _, image in images])
+    finite = values[np.isfinite(values)]
+    log = _spans_decades(values)
+    low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
+    norm = LogNorm(low, high) if log else matplotlib.colors.Normalize(low, high)
+    cmap, better = _colormap(metric)
+    titles = ["network alone", "network + instance optimisation" + (f" ({steps} steps/level)" if steps else "")]
+    for ax, (axes, image), title in zip(panels, images, titles):
+        mesh = ax.pcolormesh(_edges(axes[0]), _edges(axes[1]), image.T, cmap=cmap, shading="flat", norm=norm)
+        for i, x in enumerate(axes[0]):
+            for j, y in enumerate(axes[1]):
+                if np.isfinite(image[i, j]):
+                    ax.text(x, y, f"{image[i, j]:.3g}", ha="center", va="center", fontsize=7, color="white",
+                            path_effects=[matplotlib.patheffects.withStroke(linewidth=1.5, foreground="black")])
+        ax.plot(best[names[0]], best[names[1]], marker="*", color="red", markersize=16, markeredgecolor="white",
+                linestyle="none", label="selected (pipeline)")
+        if network_best is not None:
+            ax.plot(network_best[names[0]], network_best[names[1]], marker="X", color="cyan", markersize=11,
+                    markeredgecolor="black", linestyle="none", label="network-alone optimum")
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(LABELS.get(names[0], names[0]))
+    panels[0].set_ylabel(LABELS.get(names[1], names[1]))
+    panels[0].legend(fontsize=7, loc="upper right", framealpha=0.8)
+    fig.colorbar(mesh, ax=list(panels), label=LABELS.get(metric, metric) + better + ", one range for both")
+    fig.suptitle(f"{LABELS.get(metric, metric)}: selected λ={best[names[0]]:.3g}, μ={best[names[1]]:.3g}",
+                 fontsize=10)
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_per_pair_optima(
+    oracle: Sequence[Mapping], chosen: Sequence[Mapping], names: Sequence[str], low, high, path: str | Path
+) -> Path:
+    """Each pair's optimum in the ``[lam, mu]`` plane: the TRE-best point (``oracle``, circles) and the unsupervised
+    choice (``chosen``, squares), joined per pair; points shared by several pairs are spread slightly so each shows.
+
+    Args:
+        oracle, chosen: one mapping per pair with the hyperparameters by name (same pair order).
+        low, high: the swept range per hyperparameter (the axes' limits).
+    """
+    fig = Figure(figsize=(5.4, 4.6))
+    ax = fig.subplots()
+    span = np.asarray(high, dtype=float) - np.asarray(low, dtype=float)
+    span = np.where(span > 0, span, 1.0)
+    rng = np.random.default_rng(0)
+    for k, (truth, pick) in enumerate(zip(oracle, chosen)):
+        jitter = rng.uniform(-0.02, 0.02, 2) * span
+        a = np.array([truth[names[0]], truth[names[1]]]) + jitter
+        b = np.array([pick[names[0]], pick[names[1]]]) + jitter
+        ax.plot([a[0], b[0]], [a[1], b[1]], color="grey", linewidth=0.7, alpha=0.7)
+        ax.plot(*a, marker="o", color="tab:blue", linestyle="none", label="TRE oracle" if k == 0 else None)
+        ax.plot(*b, marker="s", color="tab:orange", linestyle="none", fillstyle="none",
+                label="unsupervised choice" if k == 0 else None)
+    ax.set_xlim(low[0] - 0.06 * span[0], high[0] + 0.06 * span[0])
+    ax.set_ylim(low[1] - 0.06 * span[1], high[1] + 0.06 * span[1])
+    ax.set_xlabel(LABELS.get(names[0], names[0]))
+    ax.set_ylabel(LABELS.get(names[1], names[1]))
+    ax.set_title(f"per-pair optima ({len(oracle)} pairs)", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def plot_material_recovery(entries: Mapping[str, Mapping], path: str | Path, quantity: str = "poisson_ratio") -> Path:
+    """Selected vs true material across pairs (one panel per selection, e.g. ``{"TRE oracle": ...,
+    "unsupervised": ...}``, each a :func:`~.selection.material_correlation` entry of ``quantity``), with the
+    identity line and Spearman's rho in the title."""
+    fig = Figure(figsize=(4.4 * len(entries), 4.2))
+    axes = np.atleast_1d(fig.subplots(1, len(entries)))
+    label = {"poisson_ratio": "Poisson ratio ν", "lam_over_mu": "λ/μ"}.get(quantity, quantity)
+    for ax, (name, entry) in zip(axes, entries.items()):
+        true, found = np.asarray(entry.get("true", []), float), np.asarray(entry.get("discovered", []), float)
+        ax.plot(true, found, marker="o", linestyle="none")
+        rho = entry.get("spearman_r")
+        ax.set_title(f"{name}: Spearman {rho:.2f} (n={len(true)})" if rho is not None
+                     else f"{name}: n={len(true)}, {entry.get('reason', 'undefined')}", fontsize=9)
+        ax.set_xlabel(f"true {label} (simulation)")
+        ax.set_ylabel(f"selected {label}")
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)

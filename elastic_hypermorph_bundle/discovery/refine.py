@@ -20,7 +20,6 @@ from collections.abc import Sequence
 import torch
 from monai.losses import DiceLoss
 
-from ..forward import weighted_ddf
 from ..hyperparams import HyperSpace
 from ..metrics import target_registration_error
 from ..networks import warp_image
@@ -58,8 +57,7 @@ def objective_value(
     """Mean objective over ``pairs`` at one row ``hyper`` ``(1, H)``, without gradients."""
     with torch.no_grad():
         weights = network.generate_weights(hyper)
-        values = [float(pair_objective(weighted_ddf(network, p.network_input, weights), p, objective, labels))
-                  for p in pairs]
+        values = [float(pair_objective(p.predict(network, weights), p, objective, labels)) for p in pairs]
     return sum(values) / len(values)
 
 
@@ -124,7 +122,7 @@ def refine_hyper(
                 weights = network.generate_weights(row)
                 value = 0.0
                 for pair in pairs:
-                    loss = pair_objective(weighted_ddf(network, pair.network_input, weights), pair, objective, labels)
+                    loss = pair_objective(pair.predict(network, weights), pair, objective, labels)
                     (loss / len(pairs)).backward(retain_graph=True)  # keep the hypernetwork graph for the next pair
                     value += float(loss.detach()) / len(pairs)
                 optimizer.step()

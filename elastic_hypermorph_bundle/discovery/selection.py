@@ -7,9 +7,9 @@ Criteria (``criterion``):
 * ``"tre"``: minimal mean target registration error (``tre_mm``);
 * ``"similarity"`` (unsupervised, for data without masks or points): maximal local NCC (``lncc``) of the warped
   moving and the fixed image among the grid points whose mean % folded voxels is at most ``max_folding_percent``
-  (per pair: that pair's folding). Similarity alone always prefers the weakest regularization; the folding bound
-  is what makes the choice meaningful. If no point meets the bound, the least folding point is chosen and the
-  summary says so.
+  and whose mean SD of log J is at most ``max_sd_log_jacobian`` (per pair: that pair's own). Similarity alone
+  always prefers the weakest regularization; the smoothness bounds are what make the choice meaningful. If no
+  point meets them, the least folding point is chosen and the summary says so.
 * ``"auto"``: ``"dice"`` with masks, else ``"tre"`` with points, else ``"similarity"``.
 
 Ties go to the first grid point in grid order (``numpy.argmax``), so the choice is reproducible from the CSV.
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy.stats import pearsonr
+from scipy.stats import pearsonr, spearmanr
 
 from ..physics import young_poisson_from_lame
 
@@ -37,23 +37,28 @@ __all__ = [
     "physical_reading",
     "material_correlation",
     "summarize",
+    "unsupervised_choice",
 ]
 
 CRITERIA = ("auto", "dice", "tre", "similarity")
 #: criterion -> (metric column, +1 to maximise / -1 to minimise)
 CRITERION_METRICS = {"dice": ("dice_mean", 1.0), "tre": ("tre_mm", -1.0), "similarity": ("lncc", 1.0)}
-_NOT_METRICS = ("grid_index", "pair_id", "seconds")
+_NOT_METRICS = ("grid_index", "pair_id", "seconds", "network_seconds")
+#: prefix of the network-alone columns of a pipeline sweep (:func:`~.sweep.sweep_columns`)
+NETWORK_PREFIX = "network_"
 
 
 @dataclass
 class SweepResults:
     """A complete sweep table as arrays: ``grid`` ``(G, H)`` hyperparameter rows (by ``grid_index``), ``pair_ids``
-    ``P`` pairs in first-seen order, ``metrics[name]`` ``(G, P)``."""
+    ``P`` pairs in first-seen order, ``metrics[name]`` ``(G, P)``, ``seconds`` ``(G, P)`` each row's time (None
+    when the table has none)."""
 
     names: tuple[str, ...]
     grid: np.ndarray
     pair_ids: list[str]
     metrics: dict[str, np.ndarray]
+    seconds: np.ndarray | None = None
 
     def hyper(self, index: int) -> dict[str, float]:
         return {name: float(value) for name, value in zip(self.names, self.grid[index])}
@@ -77,6 +82,7 @@ def read_sweep(path: str | Path, names: Sequence[str], num_points: int | None = 
     metric_names = [key for key in rows[0] if key not in _NOT_METRICS and key not in names]
     grid = np.full((num_points, len(names)), np.nan)
     metrics = {key: np.full((num_points, len(pair_ids)), np.nan) for key in metric_names}
+    seconds = np.full((num_points, len(pair_ids)), np.nan) if "seconds" in rows[0] else None
     seen = np.zeros((num_points, len(pair_ids)), dtype=int)
     column = {pair_id: j for j, pair_id in enumerate(pair_ids)}
     for row in rows:
@@ -85,6 +91,8 @@ def read_sweep(path: str | Path, names: Sequence[str], num_points: int | None = 
         grid[index] = [float(row[name]) for name in names]
         for key in metric_names:
             metrics[key][index, j] = float(row[key])
+        if seconds is not None:
+            seconds[index, j] = float(row["seconds"])
     if (seen != 1).any():
         index, j = np.argwhere(seen != 1)[0]
         count = seen[index, j]
@@ -92,7 +100,7 @@ def read_sweep(path: str | Path, names: Sequence[str], num_points: int | None = 
             f"{path} is not a complete sweep: grid point {index} x pair {pair_ids[j]} has {count} rows (want 1); "
             "run the sweep again to resume it."
         )
-    return SweepResults(tuple(names), grid, pair_ids, metrics)
+    return SweepResults(tuple(names), grid, pair_ids, metrics, seconds)
 
 
 def resolve_criterion(criterion: str, metrics: Sequence[str]) -> str:
@@ -111,12 +119,22 @@ def resolve_criterion(criterion: str, metrics: Sequence[str]) -> str:
     return criterion
 
 
-def choose(scores: np.ndarray, sign: float, folding: np.ndarray | None = None, max_folding: float = math.inf) -> int:
+def choose(
+    scores: np.ndarray,
+    sign: float,
+    folding: np.ndarray | None = None,
+    max_folding: float = math.inf,
+    sd_log_jacobian: np.ndarray | None = None,
+    max_sd_log_jacobian: float | None = None,
+) -> int:
     """Index of the best of ``scores`` ``(G,)`` (``sign`` +1 maximise, -1 minimise; first on ties) among the points
-    with ``folding <= max_folding`` (all when ``folding`` is None); the least folding point if none qualifies."""
+    with ``folding <= max_folding`` and ``sd_log_jacobian <= max_sd_log_jacobian`` (a bound whose values are None
+    is not applied); the least folding point if none qualifies."""
     scores = sign * np.asarray(scores, dtype=float)
     if folding is not None:
         feasible = np.asarray(folding) <= max_folding
+        if sd_log_jacobian is not None and max_sd_log_jacobian is not None:
+            feasible &= np.asarray(sd_log_jacobian) <= max_sd_log_jacobian
         if not feasible.any():
             return int(np.argmin(folding))
         scores = np.where(feasible, scores, -np.inf)
@@ -152,10 +170,10 @@ def _true_value(record: Mapping | None, quantity: str) -> float | None:
 
 
 def material_correlation(per_pair: Sequence[dict]) -> dict:
-    """Pearson correlation, across pairs, of the discovered per-pair material (``physics`` of each per-pair
-    optimum) with the true material of the case (``truth``: the dataset's simulation record), for the Poisson
-    ratio and for ``lam / mu``. Each entry lists the values it used; ``pearson_r`` is None with a ``reason`` when
-    fewer than 3 pairs have both values or one side is constant."""
+    """Pearson and Spearman correlation, across pairs, of the discovered per-pair material (``physics`` of each
+    per-pair optimum) with the true material of the case (``truth``: the dataset's simulation record), for the
+    Poisson ratio and for ``lam / mu``. Each entry lists the values it used; ``pearson_r`` and ``spearman_r`` are
+    None with a ``reason`` when fewer than 3 pairs have both values or one side is constant."""
     result = {}
     for quantity in ("poisson_ratio", "lam_over_mu"):
         used, discovered, true = [], [], []
@@ -165,7 +183,7 @@ def material_correlation(per_pair: Sequence[dict]) -> dict:
                 used.append(pair["pair_id"])
                 discovered.append(float(found))
                 true.append(float(actual))
-        entry = {"pearson_r": None, "p_value": None, "n_cases": len(used), "pairs": used,
+        entry = {"pearson_r": None, "p_value": None, "spearman_r": None, "n_cases": len(used), "pairs": used,
                  "discovered": discovered, "true": true}
         if not any(pair.get("truth") for pair in per_pair):
             entry["reason"] = "no pair has a simulation record (true material) in the dataset."
@@ -177,7 +195,62 @@ def material_correlation(per_pair: Sequence[dict]) -> dict:
         else:
             r, p = pearsonr(discovered, true)
             entry["pearson_r"], entry["p_value"] = float(r), float(p)
+            entry["spearman_r"] = float(spearmanr(discovered, true)[0])
         result[quantity] = entry
+    return result
+
+
+def _network_only(results: SweepResults) -> SweepResults | None:
+    """The network-alone columns of a pipeline sweep under their plain names, or None for a network-only sweep."""
+    metrics = {key[len(NETWORK_PREFIX):]: values for key, values in results.metrics.items()
+               if key.startswith(NETWORK_PREFIX)}
+    return SweepResults(results.names, results.grid, results.pair_ids, metrics) if metrics else None
+
+
+def unsupervised_choice(
+    results: SweepResults, max_folding_percent: float = 0.5, max_sd_log_jacobian: float | None = None
+) -> dict:
+    """Each pair's own ``(lam, mu)`` chosen without labels: maximal ``lncc`` under its own folding and SD log J
+    bounds (:func:`choose`). With ``tre_mm`` in the table (simulated pairs with ground truth), also its regret
+    against the oracle, each pair's TRE-best point: ``regret_percent = 100 (mean TRE at the choices / mean TRE at
+    the oracles - 1)``.
+
+    Returns:
+        ``bounds``, ``per_pair`` (``pair_id``, ``grid_index``, parameters, ``feasible`` (the choice meets both
+        bounds), metrics there, ``physics``; with TRE also ``oracle`` grid index, parameters and TRE), and with
+        TRE ``mean_tre_mm``, ``oracle_mean_tre_mm``, ``regret_percent``.
+    """
+    folding, sdlogj = results.metrics["folding_percent"], results.metrics.get("sd_log_jacobian")
+    if sdlogj is None:
+        sdlogj = np.zeros_like(folding)
+    tre = results.metrics.get("tre_mm")
+    chosen = []
+    for j, pair_id in enumerate(results.pair_ids):
+        g = choose(results.metrics["lncc"][:, j], 1.0, folding[:, j], max_folding_percent, sdlogj[:, j],
+                   max_sd_log_jacobian)
+        entry = {
+            "pair_id": pair_id,
+            "grid_index": g,
+            **results.hyper(g),
+            "feasible": bool(folding[g, j] <= max_folding_percent
+                             and (max_sd_log_jacobian is None or sdlogj[g, j] <= max_sd_log_jacobian)),
+            "metrics": {key: float(values[g, j]) for key, values in results.metrics.items()},
+            "physics": physical_reading(results.hyper(g)),
+        }
+        if tre is not None:
+            oracle = int(np.nanargmin(tre[:, j]))
+            entry["oracle"] = {"grid_index": oracle, **results.hyper(oracle), "tre_mm": float(tre[oracle, j])}
+        chosen.append(entry)
+    result: dict = {
+        "similarity": "lncc",
+        "bounds": {"max_folding_percent": max_folding_percent, "max_sd_log_jacobian": max_sd_log_jacobian},
+        "per_pair": chosen,
+    }
+    if tre is not None:
+        at_choice = float(np.mean([entry["metrics"]["tre_mm"] for entry in chosen]))
+        at_oracle = float(np.mean([entry["oracle"]["tre_mm"] for entry in chosen]))
+        result.update(mean_tre_mm=at_choice, oracle_mean_tre_mm=at_oracle,
+                      regret_percent=100.0 * (at_choice / at_oracle - 1.0) if at_oracle > 0 else None)
     return result
 
 
@@ -186,27 +259,36 @@ def summarize(
     criterion: str = "auto",
     max_folding_percent: float = 0.5,
     truths: Mapping[str, dict | None] | None = None,
+    max_sd_log_jacobian: float | None = None,
 ) -> dict:
     """Dataset optimum, per-pair optima, per-pair tuning gain, grid means and physical reading of a sweep.
 
-    Returns a dict with ``criterion`` (name, metric, direction, folding bound), ``best`` (grid index,
+    Returns a dict with ``criterion`` (name, metric, direction, smoothness bounds), ``best`` (grid index,
     hyperparameters, mean of every metric there, physical reading), ``per_pair`` (each pair's own optimum and its
     metric there and at the dataset optimum, true material if any), ``per_pair_gain`` (mean criterion metric at
-    the per-pair optima vs at the dataset optimum), ``material_correlation`` (elastic models) and ``grid`` (mean
-    metrics of every grid point).
+    the per-pair optima vs at the dataset optimum), ``material_correlation`` (elastic models), ``unsupervised``
+    (:func:`unsupervised_choice`, with its own ``material_correlation`` for elastic models), for a pipeline sweep
+    ``network_only`` (the network-alone columns' optimum by the same criterion, and the Spearman correlation of
+    the two grids' mean criterion metric), and ``grid`` (mean metrics of every grid point, the ``network_``
+    columns included).
     """
     name = resolve_criterion(criterion, list(results.metrics))
     metric, sign = CRITERION_METRICS[name]
     bounded = name == "similarity"
     means = {key: np.mean(values, axis=1) for key, values in results.metrics.items()}
     folding = results.metrics["folding_percent"]
-    best = choose(means[metric], sign, means["folding_percent"] if bounded else None, max_folding_percent)
+    sdlogj = results.metrics.get("sd_log_jacobian", np.zeros_like(folding))
+    means.setdefault("sd_log_jacobian", np.mean(sdlogj, axis=1))
+    sd_bound = max_sd_log_jacobian if bounded else None
+    best = choose(means[metric], sign, means["folding_percent"] if bounded else None, max_folding_percent,
+                  means["sd_log_jacobian"], sd_bound)
     summary: dict = {
         "criterion": {
             "name": name,
             "metric": metric,
             "goal": "max" if sign > 0 else "min",
             "max_folding_percent": max_folding_percent if bounded else None,
+            "max_sd_log_jacobian": sd_bound,
         },
         "num_grid_points": int(results.grid.shape[0]),
         "num_pairs": len(results.pair_ids),
@@ -217,11 +299,13 @@ def summarize(
             "physics": physical_reading(results.hyper(best)),
         },
     }
-    if bounded and means["folding_percent"][best] > max_folding_percent:
-        summary["best"]["note"] = f"no grid point has mean folding <= {max_folding_percent}%; least folding chosen."
+    if bounded and (means["folding_percent"][best] > max_folding_percent
+                    or (sd_bound is not None and means["sd_log_jacobian"][best] > sd_bound)):
+        summary["best"]["note"] = "no grid point meets the smoothness bounds on average; least folding chosen."
     per_pair = []
     for j, pair_id in enumerate(results.pair_ids):
-        own = choose(results.metrics[metric][:, j], sign, folding[:, j] if bounded else None, max_folding_percent)
+        own = choose(results.metrics[metric][:, j], sign, folding[:, j] if bounded else None, max_folding_percent,
+                     sdlogj[:, j], sd_bound)
         at_own, at_best = float(results.metrics[metric][own, j]), float(results.metrics[metric][best, j])
         per_pair.append(
             {
@@ -243,8 +327,28 @@ def summarize(
         "per_pair_optimum_mean": own_mean,
         "mean_gain": float(np.mean([pair["gain"] for pair in per_pair])),
     }
-    if results.names == ("lam", "mu"):
+    elastic = results.names == ("lam", "mu")
+    if elastic:
         summary["material_correlation"] = material_correlation(per_pair)
+    if "lncc" in results.metrics:
+        unsupervised = unsupervised_choice(results, max_folding_percent, max_sd_log_jacobian)
+        if elastic:
+            with_truth = [{**entry, "truth": (truths or {}).get(entry["pair_id"])} for entry in unsupervised["per_pair"]]
+            unsupervised["material_correlation"] = material_correlation(with_truth)
+        summary["unsupervised"] = unsupervised
+    network = _network_only(results)
+    if network is not None and metric in network.metrics:
+        network_means = np.mean(network.metrics[metric], axis=1)
+        network_best = choose(network_means, sign, np.mean(network.metrics["folding_percent"], axis=1) if bounded
+                              else None, max_folding_percent, np.mean(network.metrics["sd_log_jacobian"], axis=1),
+                              sd_bound)
+        rho = spearmanr(network_means, means[metric])[0] if np.ptp(network_means) and np.ptp(means[metric]) else None
+        summary["network_only"] = {
+            "best": {"grid_index": network_best, **results.hyper(network_best),
+                     metric: float(network_means[network_best]),
+                     f"pipeline_{metric}": float(means[metric][network_best])},
+            "spearman_with_pipeline": None if rho is None else float(rho),
+        }
     summary["grid"] = [
         {"grid_index": g, **results.hyper(g), **{key: float(values[g]) for key, values in means.items()}}
         for g in range(results.grid.shape[0])

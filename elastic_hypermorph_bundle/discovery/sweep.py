@@ -1,6 +1,12 @@
 """Grid sweep of a trained hypernetwork over its hyperparameters: every (grid point, pair) scored once, streamed
 to a tidy CSV that an interrupted sweep resumes from.
 
+A row scores the registration a user gets at the point: the network's field (on the grid the pair is registered
+on, through :class:`~elastic_hypermorph_bundle.networks.grid.NetworkGrid` when that is not the network's) and,
+with test-time stages (:class:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`), the pipeline's
+(pre-alignment, network, instance optimisation at the same ``(lam, mu)``, warm-started from the network's field),
+scored in the plain metric columns, the network's alone beside them as ``network_<metric>``.
+
 Efficiency: each pair is preprocessed once and kept in memory (:func:`prepare_pairs`); the hypernetwork runs
 once per grid point (``network.generate_weights``) and its weights serve every pair (``network(x, weights=w)``);
 rows are appended and flushed as they are computed, and :class:`SweepTable` skips the rows already on disk.
@@ -21,12 +27,14 @@ from monai.data.utils import affine_to_spacing
 
 from ..forward import network_input, plain, weighted_ddf
 from ..metrics import metric_columns, pair_metrics
+from ..networks.grid import NetworkGrid
 
 __all__ = [
     "PreparedPair",
     "prepare_pairs",
     "mask_labels",
     "field_metrics",
+    "register_pair",
     "sweep_columns",
     "SweepTable",
     "run_grid",
@@ -37,9 +45,10 @@ logger = logging.getLogger("elastic_hypermorph_bundle")
 
 @dataclass
 class PreparedPair:
-    """One pair on the network grid, ready for the network: images/masks ``(1, 1, *spatial)``, points ``(N, D)``
-    voxel coordinates, ``spacing`` in mm of the network grid, ``truth`` the dataset's simulation record (the true
-    material of a simulated case) or None."""
+    """One pair on its registration grid, ready for the network: images/masks ``(1, 1, *spatial)``, points
+    ``(N, D)`` voxel coordinates, ``spacing`` in mm of that grid, ``truth`` the dataset's simulation record (the
+    true material of a simulated case) or None, ``network_grid`` the grid the network reads when the pair is
+    registered on another (e.g. the images' own), else None."""
 
     pair_id: str
     fixed: torch.Tensor
@@ -50,15 +59,36 @@ class PreparedPair:
     moving_points: torch.Tensor | None = None
     spacing: tuple[float, ...] = ()
     truth: dict | None = None
+    network_grid: NetworkGrid | None = None
 
     @property
     def network_input(self) -> torch.Tensor:
-        """The network input of the pair (:func:`~elastic_hypermorph_bundle.forward.network_input`)."""
+        """The network input of the pair on its own grid (:func:`~elastic_hypermorph_bundle.forward.network_input`)."""
         return network_input(self.moving, self.fixed)
+
+    def predict(self, network: torch.nn.Module, weights, moving: torch.Tensor | None = None) -> torch.Tensor:
+        """The network's DDF ``(1, D, *spatial)`` of the pair, in voxels of the pair's grid: ``network(x,
+        weights=weights)`` on ``x = network_input(moving, fixed)``, brought onto the network's grid and the field
+        back when the pair is registered on another (as inference's ``RegisterStep``). Differentiable.
+
+        Args:
+            weights: ``network.generate_weights(hyper)`` of one row.
+            moving: the moving image to register (default the pair's; the pre-aligned one in the pipeline).
+        """
+        x = network_input(self.moving if moving is None else moving, self.fixed)
+        grid, shape = self.network_grid, tuple(self.fixed.shape[2:])
+        if grid is None or grid.matches(shape, self.spacing):
+            return weighted_ddf(network, x, weights)
+        ddf = weighted_ddf(network, grid.to_network(x, self.spacing), weights)
+        return grid.from_network(ddf, shape, self.spacing)
 
 
 def prepare_pairs(
-    datalist: Sequence[dict], transform: Callable, device: torch.device | str | None = None, points: str | None = None
+    datalist: Sequence[dict],
+    transform: Callable,
+    device: torch.device | str | None = None,
+    points: str | None = None,
+    network_grid: NetworkGrid | None = None,
 ) -> list[PreparedPair]:
     """Preprocess every pair once (``transform``, e.g. ``registration_transforms``) and move it to ``device``.
 
@@ -67,6 +97,8 @@ def prepare_pairs(
         transform: maps a pair dict of paths to images ``(1, *spatial)`` MetaTensors (and masks, points).
         device: where the cached tensors live for the whole sweep.
         points: ``"keypoints"`` or ``"landmarks"`` to score TRE on (must be loaded by ``transform``), or None.
+        network_grid: the network's input grid when ``transform`` leaves the pairs on another (see
+            :meth:`PreparedPair.predict`).
     """
     if len(datalist) == 0:
         raise ValueError("the sweep needs at least one pair; the datalist is empty.")
@@ -103,6 +135,7 @@ def prepare_pairs(
                 moving_points=loaded_points("moving"),
                 spacing=spacing,
                 truth=case.get("simulation") if isinstance(case, dict) else None,
+                network_grid=network_grid,
             )
         )
     ids = [pair.pair_id for pair in prepared]
@@ -143,6 +176,31 @@ def field_metrics(
         moving_image=pair.moving,
         hyper=hyper,
     )
+
+
+def register_pair(network: torch.nn.Module, weights, row: torch.Tensor, pair: PreparedPair, instance) -> torch.Tensor:
+    """The pipeline's total DDF of one pair at one row ``(1, H)``, as inference registers it
+    (:meth:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization.register`: pre-alignment, the network's field
+    of :meth:`PreparedPair.predict`, instance optimisation at the row's ``(lam, mu)`` started from it).
+
+    Raises:
+        ValueError: ``instance.use_mask`` and the pair has no fixed mask.
+    """
+
+    def predict(moving: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return pair.predict(network, weights, moving)
+
+    mask = None
+    if instance.use_mask:
+        if pair.fixed_mask is None:
+            raise ValueError(f"--use_mask true needs fixed masks for every pair; pair {pair.pair_id} has none.")
+        mask = pair.fixed_mask
+    return instance.register(predict, pair.fixed.float(), pair.moving.float(), row, pair.spacing, mask)
+
+
+#: prefix of the network-alone columns beside the pipeline's (``network_tre_mm`` beside ``tre_mm``)
+NETWORK_PREFIX = "network_"
 
 
 class SweepTable:
@@ -228,12 +286,16 @@ def run_grid(
     table: SweepTable,
     labels: Sequence[int] = (),
     progress: bool = True,
+    instance=None,
 ) -> int:
     """Score every (grid point, pair) not yet in ``table``; returns the number of network evaluations made.
 
     The hypernetwork runs once per grid point with missing rows (``generate_weights``), and its weights are
-    reused for all pairs. Rows: ``grid_index``, the hyperparameters by name, ``pair_id``, :func:`field_metrics`,
-    ``seconds`` (network, warping and metrics of that row).
+    reused for all pairs. Rows (:func:`sweep_columns`): ``grid_index``, the hyperparameters by name, ``pair_id``,
+    :func:`field_metrics` of the network's field, ``seconds`` (network, warping and metrics of that row). With
+    ``instance`` (an :class:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`), the network's metrics are
+    the ``network_<metric>`` columns (``network_seconds`` its time), and the plain columns score the pipeline
+    (:func:`register_pair`), ``seconds`` the whole row's time.
     """
     grid = torch.as_tensor(grid, dtype=torch.float32)
     total = grid.shape[0] * len(pairs)
@@ -251,9 +313,16 @@ def run_grid(
                 weights = network.generate_weights(row.reshape(1, -1).to(device))
                 for pair in todo:
                     start = time.perf_counter()
-                    ddf = weighted_ddf(network, pair.network_input, weights)
-                    metrics = field_metrics(ddf, pair, hyper, labels)
+                    metrics = field_metrics(pair.predict(network, weights), pair, hyper, labels)
                     evaluations += 1
+                    if instance is not None:
+                        network_seconds = time.perf_counter() - start
+                        ddf = register_pair(network, weights, row.reshape(1, -1).to(device), pair, instance)
+                        metrics = {
+                            **{NETWORK_PREFIX + key: value for key, value in metrics.items()},
+                            **field_metrics(ddf, pair, hyper, labels),
+                            "network_seconds": network_seconds,
+                        }
                     table.append(
                         {
                             "grid_index": index,
@@ -271,6 +340,11 @@ def run_grid(
     return evaluations
 
 
-def sweep_columns(names: Iterable[str], labels: Sequence[int], with_points: bool) -> list[str]:
-    """Header of the sweep CSV."""
-    return ["grid_index", *names, "pair_id", *metric_columns(labels, with_points), "seconds"]
+def sweep_columns(names: Iterable[str], labels: Sequence[int], with_points: bool, pipeline: bool = False) -> list[str]:
+    """Header of the sweep CSV; ``pipeline``: the network-alone columns (``network_<metric>``,
+    ``network_seconds``) before the pipeline's."""
+    metrics = metric_columns(labels, with_points)
+    if not pipeline:
+        return ["grid_index", *names, "pair_id", *metrics, "seconds"]
+    network = [NETWORK_PREFIX + column for column in metrics]
+    return ["grid_index", *names, "pair_id", *network, *metrics, "network_seconds", "seconds"]

@@ -12,6 +12,7 @@ new ``--criterion`` re-ranks a finished sweep without recomputing it), and here 
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Sequence
@@ -22,16 +23,16 @@ import torch
 
 from .. import __version__
 from ..atomic import atomic_write_json
-from ..data.transforms import registration_transforms
+from ..data.transforms import REGISTRATION_GRIDS, registration_transforms
 from ..hyperparams import HyperSpace
 from ..metrics import POINT_KINDS
 from ..model_card import ModelCard, preprocessing
-from ..workflow.instance import InstanceOptimization
+from ..networks.grid import NetworkGrid
 from ..flags import parse_flag
-from ..forward import weighted_ddf
+from ..workflow.instance import InstanceOptimization
 from ..workflow.datalists import pair_datalist
 from .instance import instance_gain
-from .plots import plot_grid_metric
+from .plots import plot_grid_metric, plot_material_recovery, plot_per_pair_optima, plot_pipeline_heatmaps
 from .refine import refine_hyper
 from .selection import physical_reading, read_sweep, resolve_criterion, summarize
 from .store import SUMMARY_FILE, TABLE_FILE, check_or_record, file_sha256
@@ -55,7 +56,7 @@ def _mean_metrics(network, hyper: torch.Tensor, names, pairs: Sequence[PreparedP
     named = dict(zip(names, hyper[0].tolist()))
     with torch.no_grad():
         weights = network.generate_weights(hyper)
-        rows = [field_metrics(weighted_ddf(network, p.network_input, weights), p, named, labels) for p in pairs]
+        rows = [field_metrics(p.predict(network, weights), p, named, labels) for p in pairs]
     return {key: float(np.mean([row[key] for row in rows])) for key in rows[0]}
 
 
@@ -66,6 +67,16 @@ def _before_registration(pairs: Sequence[PreparedPair], labels) -> dict[str, flo
         for p in pairs
     ]
     return {key: float(np.mean([row[key] for row in rows])) for key in ("dice_mean", "tre_mm", "lncc") if key in rows[0]}
+
+
+def _settings(instance: InstanceOptimization | None) -> dict | None:
+    """The test-time stages' settings (None when off), as recorded in the sweep's identity and summary."""
+    if instance is None:
+        return None
+    return {"steps": instance.steps, "similarity": instance.similarity, "levels": instance.levels,
+            "grid": instance.grid, "lr": instance.lr, "smooth": instance.smooth, "prealign": instance.prealign,
+            "prealign_steps": instance.prealign_steps, "use_mask": instance.use_mask,
+            "diffeomorphic": instance.diffeomorphic}
 
 
 class ParameterSweep:
@@ -88,9 +99,21 @@ class ParameterSweep:
         max_folding_percent: folding bound of the ``"similarity"`` criterion.
         refine_steps, refine_lr: gradient refinement from the best grid point (0 steps: none); refinement needs the
             ``"dice"`` or ``"tre"`` criterion.
-        instance: the test-time stages (:class:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`) run
-            once per pair at the selected point (the refined one, else the best grid point), their gain over the
-            network alone reported in the summary's ``instance_optimization``; ``None`` or all stages off: none.
+        instance: the test-time stages of inference (:class:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`).
+            When on, every grid row scores the pipeline (pre-alignment, network, instance optimisation at the row's
+            ``(lam, mu)``, warm-started from the network's field) with ``instance_steps`` steps per level, the
+            network alone beside it (``network_<metric>`` columns); and at the selected point the stages run once
+            more with inference's own settings, reported in the summary's ``instance_optimization``. ``None`` or
+            all stages off: the sweep scores the network alone.
+        instance_steps: Adam steps per level of the sweep's rows (a short optimisation whose ranking follows the
+            full one's, docs/discovery.md); ``None``: inference's ``instance.steps``; never more than those (with
+            ``instance.steps`` 0 the rows have no optimisation, as inference).
+        registration_grid: where the pairs are registered and scored, as inference: ``"image"`` (the images' own
+            grid; the network reads its trained grid through
+            :class:`~elastic_hypermorph_bundle.networks.grid.NetworkGrid`) or ``"network"`` (the training
+            preprocessing).
+        max_sd_log_jacobian: SD log J bound of the ``"similarity"`` criterion and of the unsupervised per-pair
+            choice (None: no bound).
         device: where pairs are cached and the network runs (default: the network's device).
         progress: show progress with ETA.
     """
@@ -119,9 +142,23 @@ class ParameterSweep:
         device: torch.device | str | None = None,
         progress: bool = True,
         instance: InstanceOptimization | None = None,
+        instance_steps: int | None = None,
+        registration_grid: str = "image",
+        max_sd_log_jacobian: float | None = None,
     ) -> None:
         self.network = network
         self.instance = instance if instance is not None and instance.enabled else None
+        self.pipeline = None  # the stages of the sweep's rows: inference's, with the sweep's (fewer) steps
+        if self.instance is not None:
+            if instance_steps is not None and int(instance_steps) < 0:
+                raise ValueError(f"sweep_instance_steps must be >= 0 or null, got {instance_steps}.")
+            self.pipeline = copy.copy(self.instance)
+            if instance_steps is not None:
+                self.pipeline.steps = min(int(instance_steps), self.instance.steps)
+        if registration_grid not in REGISTRATION_GRIDS:
+            raise ValueError(f"registration_grid must be one of {REGISTRATION_GRIDS}, got {registration_grid!r}.")
+        self.registration_grid = registration_grid
+        self.max_sd_log_jacobian = None if max_sd_log_jacobian is None else float(max_sd_log_jacobian)
         self.space = hyper_space
         self.dataset_dir, self.split, self.seed, self.split_file = dataset_dir, split, seed, split_file
         self.output_dir = Path(output_dir)
@@ -144,13 +181,16 @@ class ParameterSweep:
         datalist = pair_datalist(self.dataset_dir, self.split, seed=self.seed, split_file=self.split_file)
         with_masks = all("fixed_mask" in pair and "moving_mask" in pair for pair in datalist)
         points = _points_kind(datalist)
+        on_image_grid = self.registration_grid == "image"
+        grid_options = {"hu_window": self.preprocessing["hu_window"]} if on_image_grid else self.preprocessing
         transform = registration_transforms(
-            **self.preprocessing,
+            **grid_options,
             with_masks=with_masks,
             with_keypoints=points == "keypoints",
             with_landmarks=points == "landmarks",
         )
-        pairs = prepare_pairs(datalist, transform, self.device, points)
+        network_grid = NetworkGrid(self.preprocessing["spatial_size"], self.preprocessing["pixdim"]) if on_image_grid else None
+        pairs = prepare_pairs(datalist, transform, self.device, points, network_grid)
         return pairs, mask_labels(pairs), points
 
     def _identity(self, pairs, labels, points, columns) -> dict:
@@ -167,6 +207,7 @@ class ParameterSweep:
                 "split_file": None if self.split_file is None else str(Path(self.split_file).resolve()),
             },
             "preprocessing": self.preprocessing,
+            "registration": {"grid": self.registration_grid, "pipeline": _settings(self.pipeline)},
             "pairs": [pair.pair_id for pair in pairs],
             "labels": labels,
             "points": points,
@@ -185,14 +226,20 @@ class ParameterSweep:
         """Run (or resume) the sweep, then summarise, plot and refine; returns the summary written."""
         pairs, labels, points = self.prepare()
         names = self.space.names
-        columns = sweep_columns(names, labels, points is not None)
+        columns = sweep_columns(names, labels, points is not None, pipeline=self.pipeline is not None)
         resolve_criterion(self.criterion, columns)  # fail before the grid, not after it
         self._check_or_record(self._identity(pairs, labels, points, columns))
         table = SweepTable(self.output_dir / TABLE_FILE, columns)
-        evaluations = run_grid(self.network, self.grid, names, pairs, table, labels, self.progress)
+        evaluations = run_grid(self.network, self.grid, names, pairs, table, labels, self.progress, self.pipeline)
 
         results = read_sweep(self.output_dir / TABLE_FILE, names, num_points=self.grid.shape[0])
-        summary = summarize(results, self.criterion, self.max_folding_percent, {p.pair_id: p.truth for p in pairs})
+        summary = summarize(results, self.criterion, self.max_folding_percent, {p.pair_id: p.truth for p in pairs},
+                            self.max_sd_log_jacobian)
+        summary["registration"] = {
+            "grid": self.registration_grid,
+            "pipeline": _settings(self.pipeline),
+            "seconds_per_row": float(np.mean(results.seconds)) if results.seconds is not None else None,
+        }
         summary["model"] = {
             "regularizer": self.space.regularizer,
             "trained_ranges": self.space.to_dict()["ranges"],
@@ -218,6 +265,9 @@ class ParameterSweep:
         criterion = summary["criterion"]["name"]
         if self.refine_steps == 0:
             return {"skipped": "refine_steps is 0."}
+        if self.pipeline is not None:
+            return {"skipped": "the sweep scores the pipeline, whose instance optimisation the gradient refinement "
+                               "(through the network alone) does not differentiate; its optimum is the grid's."}
         if criterion not in ("dice", "tre"):
             return {"skipped": f"gradient refinement needs a supervised criterion (dice or tre), not {criterion!r}."}
         names = self.space.names
@@ -265,5 +315,25 @@ class ParameterSweep:
                 continue
             path = self.output_dir / f"{kind}_{metric}.png"
             plot_grid_metric(summary["grid"], names, metric, summary["best"], path, summary["criterion"]["name"])
+            files.append(path.name)
+            if kind == "heatmap" and "network_only" in summary and f"network_{metric}" in summary["grid"][0]:
+                path = self.output_dir / f"pipeline_{metric}.png"
+                network_best = summary["network_only"]["best"] if metric == summary["criterion"]["metric"] else None
+                plot_pipeline_heatmaps(summary["grid"], names, metric, summary["best"], path, network_best,
+                                       summary["registration"]["pipeline"]["steps"])
+                files.append(path.name)
+        unsupervised = summary.get("unsupervised", {})
+        if kind == "heatmap" and "oracle" in next(iter(unsupervised.get("per_pair", [])), {}):
+            path = self.output_dir / "per_pair_optima.png"
+            low, high = self.grid.min(0).values.tolist(), self.grid.max(0).values.tolist()
+            plot_per_pair_optima([p["oracle"] for p in unsupervised["per_pair"]], unsupervised["per_pair"], names,
+                                 low, high, path)
+            files.append(path.name)
+        if kind == "heatmap" and any(p.get("truth") for p in summary["per_pair"]):
+            path = self.output_dir / "material_recovery.png"
+            entries = {f"{summary['criterion']['name']} optimum": summary["material_correlation"]["poisson_ratio"]}
+            if "material_correlation" in unsupervised:
+                entries["unsupervised"] = unsupervised["material_correlation"]["poisson_ratio"]
+            plot_material_recovery(entries, path)
             files.append(path.name)
         return files
