@@ -150,7 +150,7 @@ def plot_pipeline_heatmaps(
         names: ``("lam", "mu")``.
         steps: the sweep's optimisation steps per level (shown in the right title).
     """
-    fig = Figure(figsize=(10.4, 4.2))
+    fig = Figure(figsize=(10.4, 4.4), layout="constrained")
     panels = fig.subplots(1, 2, sharey=True)
     images = [_grid_image(grid, names, key) for key in (f"network_{metric}", metric)]
     values = np.concatenate([image.ravel() for _, image in images])
@@ -162,15 +162,16 @@ def plot_pipeline_heatmaps(
     titles = ["network alone", "network + instance optimisation" + (f" ({steps} steps/level)" if steps else "")]
     for ax, (axes, image), title in zip(panels, images, titles):
         mesh = ax.pcolormesh(_edges(axes[0]), _edges(axes[1]), image.T, cmap=cmap, shading="flat", norm=norm)
+        below = 0.3 * np.diff(_edges(axes[1]))  # the values sit in the lower part of each cell, the markers centred
         for i, x in enumerate(axes[0]):
             for j, y in enumerate(axes[1]):
                 if np.isfinite(image[i, j]):
-                    ax.text(x, y, f"{image[i, j]:.3g}", ha="center", va="center", fontsize=7, color="white",
+                    ax.text(x, y - below[j], f"{image[i, j]:.3g}", ha="center", va="center", fontsize=7, color="white",
                             path_effects=[matplotlib.patheffects.withStroke(linewidth=1.5, foreground="black")])
-        ax.plot(best[names[0]], best[names[1]], marker="*", color="red", markersize=16, markeredgecolor="white",
+        ax.plot(best[names[0]], best[names[1]], marker="*", color="red", markersize=13, markeredgecolor="white",
                 linestyle="none", label="selected (pipeline)")
         if network_best is not None:
-            ax.plot(network_best[names[0]], network_best[names[1]], marker="X", color="cyan", markersize=11,
+            ax.plot(network_best[names[0]], network_best[names[1]], marker="X", color="cyan", markersize=9,
                     markeredgecolor="black", linestyle="none", label="network-alone optimum")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(LABELS.get(names[0], names[0]))
@@ -222,14 +223,19 @@ def plot_per_pair_optima(
 
 def plot_material_recovery(entries: Mapping[str, Mapping], path: str | Path, quantity: str = "poisson_ratio") -> Path:
     """Selected vs true material across pairs (one panel per selection, e.g. ``{"TRE oracle": ...,
-    "unsupervised": ...}``, each a :func:`~.selection.material_correlation` entry of ``quantity``), with the
-    identity line and Spearman's rho in the title."""
+    "unsupervised": ...}``, each a :func:`~.selection.material_correlation` entry of ``quantity``), Spearman's rho
+    in the title; for the Poisson ratio on its whole range [0, 0.5] with the identity line."""
     fig = Figure(figsize=(4.4 * len(entries), 4.2))
     axes = np.atleast_1d(fig.subplots(1, len(entries)))
     label = {"poisson_ratio": "Poisson ratio ν", "lam_over_mu": "λ/μ"}.get(quantity, quantity)
     for ax, (name, entry) in zip(axes, entries.items()):
         true, found = np.asarray(entry.get("true", []), float), np.asarray(entry.get("discovered", []), float)
         ax.plot(true, found, marker="o", linestyle="none")
+        if quantity == "poisson_ratio":  # nu of any admissible material lies in [0, 0.5)
+            ax.plot([0, 0.5], [0, 0.5], color="grey", linestyle="--", linewidth=0.8, label="selected = true")
+            ax.set_xlim(0, 0.5)
+            ax.set_ylim(-0.02, 0.52)
+            ax.legend(fontsize=8, loc="upper left")
         rho = entry.get("spearman_r")
         ax.set_title(f"{name}: Spearman {rho:.2f} (n={len(true)})" if rho is not None
                      else f"{name}: n={len(true)}, {entry.get('reason', 'undefined')}", fontsize=9)
