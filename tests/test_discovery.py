@@ -424,6 +424,9 @@ def test_unsupervised_choice_respects_its_smoothness_bounds():
     assert chosen["mean_tre_mm"] == pytest.approx((1.1 + 1.3) / 2)
     assert chosen["oracle_mean_tre_mm"] == pytest.approx((1.0 + 1.2) / 2)
     assert chosen["regret_percent"] == pytest.approx(100 * (2.4 / 2.2 - 1))
+    # a bound no point meets: the least folding point, ties to the smoothest, marked infeasible
+    unmet = summarize(results, "tre", max_folding_percent=0.5, max_sd_log_jacobian=0.01)["unsupervised"]["per_pair"]
+    assert [(pair["grid_index"], pair["feasible"]) for pair in unmet] == [(3, False), (3, False)]
     # without the SD log J bound the rough point 0 of pair b is taken; the similarity criterion applies both bounds
     assert summarize(results, "tre", max_folding_percent=0.5)["unsupervised"]["per_pair"][1]["grid_index"] == 0
     bounded = summarize(results, "similarity", max_folding_percent=0.5, max_sd_log_jacobian=0.2)

@@ -9,7 +9,7 @@ Criteria (``criterion``):
   moving and the fixed image among the grid points whose mean % folded voxels is at most ``max_folding_percent``
   and whose mean SD of log J is at most ``max_sd_log_jacobian`` (per pair: that pair's own). Similarity alone
   always prefers the weakest regularization; the smoothness bounds are what make the choice meaningful. If no
-  point meets them, the least folding point is chosen and the summary says so.
+  point meets them, the least folding point (ties: the smoothest) is chosen and the summary says so.
 * ``"auto"``: ``"dice"`` with masks, else ``"tre"`` with points, else ``"similarity"``.
 
 Ties go to the first grid point in grid order (``numpy.argmax``), so the choice is reproducible from the CSV.
@@ -129,14 +129,15 @@ def choose(
 ) -> int:
     """Index of the best of ``scores`` ``(G,)`` (``sign`` +1 maximise, -1 minimise; first on ties) among the points
     with ``folding <= max_folding`` and ``sd_log_jacobian <= max_sd_log_jacobian`` (a bound whose values are None
-    is not applied); the least folding point if none qualifies."""
+    is not applied); if none qualifies, the least folding point (ties: the smoothest by SD log J)."""
     scores = sign * np.asarray(scores, dtype=float)
     if folding is not None:
         feasible = np.asarray(folding) <= max_folding
         if sd_log_jacobian is not None and max_sd_log_jacobian is not None:
             feasible &= np.asarray(sd_log_jacobian) <= max_sd_log_jacobian
         if not feasible.any():
-            return int(np.argmin(folding))
+            smoothness = np.zeros(len(folding)) if sd_log_jacobian is None else np.asarray(sd_log_jacobian, float)
+            return int(np.lexsort((smoothness, np.asarray(folding, float)))[0])
         scores = np.where(feasible, scores, -np.inf)
     return int(np.argmax(np.where(np.isnan(scores), -np.inf, scores)))
 
