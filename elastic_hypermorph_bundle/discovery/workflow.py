@@ -27,7 +27,7 @@ from ..data.transforms import REGISTRATION_GRIDS, registration_transforms
 from ..hyperparams import HyperSpace
 from ..metrics import POINT_KINDS
 from ..model_card import ModelCard, preprocessing
-from ..networks.grid import NetworkGrid
+from ..model_card import network_grid as model_network_grid
 from ..flags import parse_flag
 from ..workflow.instance import InstanceOptimization
 from ..workflow.datalists import pair_datalist
@@ -76,7 +76,8 @@ def _settings(instance: InstanceOptimization | None) -> dict | None:
     return {"steps": instance.steps, "similarity": instance.similarity, "levels": instance.levels,
             "grid": instance.grid, "lr": instance.lr, "smooth": instance.smooth, "prealign": instance.prealign,
             "prealign_steps": instance.prealign_steps, "use_mask": instance.use_mask,
-            "diffeomorphic": instance.diffeomorphic}
+            "diffeomorphic": instance.diffeomorphic, "select_start": instance.select_start,
+            "discrete": instance.discrete}
 
 
 class ParameterSweep:
@@ -189,7 +190,10 @@ class ParameterSweep:
             with_keypoints=points == "keypoints",
             with_landmarks=points == "landmarks",
         )
-        network_grid = NetworkGrid(self.preprocessing["spatial_size"], self.preprocessing["pixdim"]) if on_image_grid else None
+        network_grid = None
+        if on_image_grid:  # as inference's: the card's pixdim, else the training images' voxel size it records
+            network_grid = model_network_grid(self.preprocessing["spatial_size"], self.preprocessing["pixdim"],
+                                              self.ckpt_path)
         pairs = prepare_pairs(datalist, transform, self.device, points, network_grid)
         return pairs, mask_labels(pairs), points
 
