@@ -60,5 +60,7 @@ out = sys.argv[1]
 mean = json.load(open(f"{out}/evaluation/metrics.json")).get("mean", {})
 print("  mean test metrics at (0.083, 0.03):", {k: round(v, 3) if isinstance(v, float) else v for k, v in mean.items()})
 best = json.load(open(f"{out}/sweep/summary.json")).get("best", {})
-print("  sweep optimum:", best)
+shown = ("dice_mean", "tre_mm", "folding_percent", "sd_log_jacobian", "network_dice_mean", "network_tre_mm")
+metrics = {k: round(v, 3) for k, v in best.get("mean", {}).items() if k in shown and isinstance(v, float)}
+print(f"  sweep optimum: lam={best.get('lam')}, mu={best.get('mu')}:", metrics)
 EOF
