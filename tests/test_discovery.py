@@ -353,7 +353,8 @@ def _pipeline_model(setup, save_model):
     return ckpt, pixdim
 
 
-PIPELINE = {"steps": 3, "levels": 1, "grid": 1, "prealign": "none"}
+# a pre-alignment that runs (an affine map of a few steps): the sweep computes it once per pair, inference per call
+PIPELINE = {"steps": 3, "levels": 1, "grid": 1, "prealign": "affine", "prealign_steps": 5}
 
 
 def test_pipeline_sweep_row_equals_a_single_inference_at_that_point(setup, save_model, tmp_path):
@@ -401,11 +402,13 @@ def test_pipeline_sweep_row_equals_a_single_inference_at_that_point(setup, save_
     # resume: a cut table recomputes only its missing rows (each one network pass and one optimisation)
     text = (tmp_path / "sweep" / "sweep.csv").read_text().splitlines(keepends=True)
     (tmp_path / "sweep" / "sweep.csv").write_text("".join(text[:3]) + text[3][:20])  # 2 rows kept, the 3rd cut
-    calls = []
-    register = sweep.pipeline.register
+    calls, prepared = [], []
+    register, prepare = sweep.pipeline.register, sweep.pipeline.prepare
     sweep.pipeline.register = lambda *args, **kwargs: calls.append(1) or register(*args, **kwargs)
+    sweep.pipeline.prepare = lambda *args, **kwargs: prepared.append(1) or prepare(*args, **kwargs)
     again = sweep.run()
     assert again["evaluations"]["grid_computed_this_run"] == 4 and len(calls) == 4
+    assert len(prepared) == 3  # the pre-alignment once per pair with missing rows (3 pairs), not once per row (4)
     assert _rows(tmp_path / "sweep" / "sweep.csv")[:2] == rows[:2]
     assert again["best"] == summary["best"]
 

@@ -34,6 +34,7 @@ __all__ = [
     "prepare_pairs",
     "mask_labels",
     "field_metrics",
+    "prepare_stages",
     "register_pair",
     "sweep_columns",
     "SweepTable",
@@ -178,25 +179,47 @@ def field_metrics(
     )
 
 
-def register_pair(network: torch.nn.Module, weights, row: torch.Tensor, pair: PreparedPair, instance) -> torch.Tensor:
+def _stage_mask(pair: PreparedPair, instance) -> torch.Tensor | None:
+    if not instance.use_mask:
+        return None
+    if pair.fixed_mask is None:
+        raise ValueError(f"--use_mask true needs fixed masks for every pair; pair {pair.pair_id} has none.")
+    return pair.fixed_mask
+
+
+def prepare_stages(pair: PreparedPair, instance):
+    """The stages' part of one pair that no ``(lam, mu)`` changes
+    (:meth:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization.prepare`: pre-alignment, the moving
+    image the network reads, the discrete start), computed once per pair by a sweep and passed to
+    :func:`register_pair` at every grid point."""
+    return instance.prepare(pair.fixed.float(), pair.moving.float(), pair.spacing, _stage_mask(pair, instance))
+
+
+def register_pair(network: torch.nn.Module, weights, row: torch.Tensor, pair: PreparedPair, instance,
+                  prepared=None, network_ddf: torch.Tensor | None = None) -> torch.Tensor:
     """The pipeline's total DDF of one pair at one row ``(1, H)``, as inference registers it
     (:meth:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization.register`: pre-alignment, the network's field
     of :meth:`PreparedPair.predict`, instance optimisation at the row's ``(lam, mu)`` started from it).
 
+    Args:
+        prepared: :func:`prepare_stages` of the pair (computed here when None).
+        network_ddf: the network's field of the pair's own moving image at ``weights`` when already computed
+            (reused when the pair is not pre-aligned, so the network reads that same image).
+
     Raises:
         ValueError: ``instance.use_mask`` and the pair has no fixed mask.
     """
+    mask = _stage_mask(pair, instance)
+    if prepared is None:
+        prepared = prepare_stages(pair, instance)
 
     def predict(moving: torch.Tensor) -> torch.Tensor:
+        if network_ddf is not None and prepared.affine is None:
+            return network_ddf
         with torch.no_grad():
             return pair.predict(network, weights, moving)
 
-    mask = None
-    if instance.use_mask:
-        if pair.fixed_mask is None:
-            raise ValueError(f"--use_mask true needs fixed masks for every pair; pair {pair.pair_id} has none.")
-        mask = pair.fixed_mask
-    return instance.register(predict, pair.fixed.float(), pair.moving.float(), row, pair.spacing, mask)
+    return instance.register(predict, pair.fixed.float(), pair.moving.float(), row, pair.spacing, mask, prepared)
 
 
 #: prefix of the network-alone columns beside the pipeline's (``network_tre_mm`` beside ``tre_mm``)
@@ -295,13 +318,16 @@ def run_grid(
     :func:`field_metrics` of the network's field, ``seconds`` (network, warping and metrics of that row). With
     ``instance`` (an :class:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`), the network's metrics are
     the ``network_<metric>`` columns (``network_seconds`` its time), and the plain columns score the pipeline
-    (:func:`register_pair`), ``seconds`` the whole row's time.
+    (:func:`register_pair`), ``seconds`` the whole row's time; the stages' part that no ``(lam, mu)`` changes
+    (pre-alignment, discrete start: :func:`prepare_stages`) is computed once per pair with rows to do, before its
+    first row (not in ``seconds``).
     """
     grid = torch.as_tensor(grid, dtype=torch.float32)
     total = grid.shape[0] * len(pairs)
     tracker = _Progress(total, len(table.done)) if progress else None
     device = pairs[0].fixed.device
     evaluations = 0
+    stages = {}  # pair_id -> prepare_stages(pair): once per pair, not per grid point
     network.eval()
     try:
         with torch.no_grad():
@@ -312,12 +338,16 @@ def run_grid(
                 hyper = dict(zip(names, (float(v) for v in row)))
                 weights = network.generate_weights(row.reshape(1, -1).to(device))
                 for pair in todo:
+                    if instance is not None and pair.pair_id not in stages:
+                        stages[pair.pair_id] = prepare_stages(pair, instance)
                     start = time.perf_counter()
-                    metrics = field_metrics(pair.predict(network, weights), pair, hyper, labels)
+                    network_ddf = pair.predict(network, weights)
+                    metrics = field_metrics(network_ddf, pair, hyper, labels)
                     evaluations += 1
                     if instance is not None:
                         network_seconds = time.perf_counter() - start
-                        ddf = register_pair(network, weights, row.reshape(1, -1).to(device), pair, instance)
+                        ddf = register_pair(network, weights, row.reshape(1, -1).to(device), pair, instance,
+                                            stages[pair.pair_id], network_ddf)
                         metrics = {
                             **{NETWORK_PREFIX + key: value for key, value in metrics.items()},
                             **field_metrics(ddf, pair, hyper, labels),

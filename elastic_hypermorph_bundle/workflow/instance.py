@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -19,9 +20,26 @@ from ..networks.warp import warp_image
 from ..losses.discrete import discrete_search
 from ..optimize import PREALIGNMENTS, auto_prealign, instance_optimize, prealign, start_objective
 
-__all__ = ["InstanceOptimization"]
+__all__ = ["InstanceOptimization", "PairStages"]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
+
+
+class PairStages(NamedTuple):
+    """What the stages compute for a pair before (and independently of) its ``(lam, mu)``
+    (:meth:`InstanceOptimization.prepare`), so a sweep over ``(lam, mu)`` computes it once per pair.
+
+    Attributes:
+        affine: the pre-alignment (None when off or not needed).
+        network_moving: the moving image ``(B, 1, *spatial)`` the network reads (pre-aligned when ``affine``).
+        start: the discrete search's field (``instance_discrete``), else None (the identity).
+        record: the pre-alignment's decisions (``prealign auto``), merged into :attr:`InstanceOptimization.record`.
+    """
+
+    affine: Affine | None
+    network_moving: torch.Tensor
+    start: torch.Tensor | None
+    record: dict
 
 
 class InstanceOptimization:
@@ -165,7 +183,17 @@ class InstanceOptimization:
             smooth=self.smooth,
         )
 
-    def register(self, predict, fixed, moving, hyper, spacing: Sequence[float], mask=None) -> torch.Tensor:
+    def prepare(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None) -> PairStages:
+        """The stages' part that does not depend on ``(lam, mu)``: the pre-alignment, the moving image the network
+        reads, the discrete search's start (``None``: the identity); arguments as :meth:`register`."""
+        self.record = {}
+        affine = self.align(fixed, moving, spacing, mask)
+        network_moving = moving if affine is None else warp_image(moving, affine_ddf(affine, moving.shape[2:]))
+        start = discrete_search(fixed, network_moving) if self.discrete and self.steps > 0 else None
+        return PairStages(affine, network_moving, start, dict(self.record))
+
+    def register(self, predict, fixed, moving, hyper, spacing: Sequence[float], mask=None,
+                 prepared: PairStages | None = None) -> torch.Tensor:
         """One registration with every stage: pre-alignment, ``predict(network_moving) -> ddf`` (the network on
         the pre-aligned moving image; ``None``: the identity), instance optimisation; returns the total DDF.
 
@@ -176,13 +204,12 @@ class InstanceOptimization:
                 :meth:`elastic_parameters`).
             spacing: voxel size (mm) of the grid, for the pre-alignment's rotations and scalings.
             mask: the fixed mask ``(B, 1, *spatial)`` when ``use_mask`` (see :meth:`mask`).
+            prepared: :meth:`prepare` of this pair with these settings (computed here when None), e.g. kept by a
+                sweep that registers one pair at many ``(lam, mu)``.
         """
-        self.record = {}
-        affine = self.align(fixed, moving, spacing, mask)
-        network_moving = moving if affine is None else warp_image(moving, affine_ddf(affine, moving.shape[2:]))
-        start = None  # the identity
-        if self.discrete and self.steps > 0:
-            start = discrete_search(fixed, network_moving)
+        stages = self.prepare(fixed, moving, spacing, mask) if prepared is None else prepared
+        self.record = dict(stages.record)
+        affine, network_moving, start = stages.affine, stages.network_moving, stages.start
         if predict is None:
             ddf = torch.zeros(fixed.shape[0], 3, *fixed.shape[2:], dtype=fixed.dtype, device=fixed.device) \
                 if start is None else start
