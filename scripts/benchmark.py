@@ -82,17 +82,25 @@ def settings_for(quick: bool, cuda: bool) -> dict:
     }
 
 
-#: the real chest CTs of ../shared/data/real_ct that no released model has been trained on (0.4.0 saw only
-#: chest_ct_cropped.nii.gz), one breath-hold pair each, and the follow-up cases (CT, seed)
+#: the real chest CTs of ../shared/data/real_ct, one breath-hold pair each, and the follow-up cases (CT, seed)
 REAL_CTS = ("lidc_idri_0001.nii.gz", "lidc_idri_0002.nii.gz", "nsclc_r01_001.nii.gz", "fourdlung_113_phase40.nii.gz")
 FOLLOWUPS = (("lidc_idri_0002.nii.gz", 1201), ("nsclc_r01_001.nii.gz", 1202))
+#: the CTs the shipped model (0.5.0) saw in training (docs/README.md, "Training data"); nsclc_r01_001 is held out
+MODEL_SAW = ("lidc_idri_0001.nii.gz", "lidc_idri_0002.nii.gz", "fourdlung_113_phase40.nii.gz", "chest_ct_cropped.nii.gz")
+#: the rows of section 5b (:func:`real_anatomy_methods`) measured on every pair before any other row: the
+#: comparisons of issue 18's goals (the follow-ups' goal needs every peer); the others come after all pairs
+FIRST_ROWS = {"breath_hold": ("identity", "network", "defaults", "from_identity", "network_forced", "convex_adam"),
+              "followup": ("identity", "network", "defaults", "from_identity", "network_forced", "demons", "elastix",
+                           "convex_adam")}
 
 
 def real_anatomy_settings(spatial_size, breath_hold_seed=1101, cts=REAL_CTS, followups=FOLLOWUPS,
                           real_ct_dir=None, **overrides) -> dict:
     """Section 5, real anatomy (issue 18): a realistic breath-hold pair on each real CT and baseline / follow-up
     pairs (``preset="followup"``), the peers retuned to finish (elastix: 500 iterations per level, an affine stage
-    first for the follow-ups), the bundle's defaults, the optimisation from identity, the network alone."""
+    first for the follow-ups), the bundle's defaults, the optimisation from identity, the network start forced,
+    the network alone. ``cases`` (group, CT, seed) are measured in this order: the held-out anatomy first, then
+    the follow-ups, then the CTs the model saw."""
     root = Path(__file__).resolve().parents[1]  # ../shared next to the bundle root (or a worktree's ancestor's)
     folder = Path(real_ct_dir) if real_ct_dir else next(
         (p / "shared" / "data" / "real_ct" for p in root.parents if (p / "shared" / "data" / "real_ct").is_dir()),
@@ -102,9 +110,12 @@ def real_anatomy_settings(spatial_size, breath_hold_seed=1101, cts=REAL_CTS, fol
                                               **overrides})
     for unused in ("seeds", "simulation"):  # the pairs are the cases below
         base.pop(unused)
+    cases = [["breath_hold", name, breath_hold_seed] for name in cts] + [["followup", name, int(seed)]
+                                                                         for name, seed in followups]
+    cases.sort(key=lambda case: (case[1] in MODEL_SAW, case[0] != "followup"))  # stable: held out, follow-ups
     # resolved, so that a link to the data names the same pairs in the cache (its key holds the CT's path)
-    return {**base, "real_ct_dir": str(folder.resolve()), "breath_hold_seed": breath_hold_seed, "cts": list(cts),
-            "followups": [list(f) for f in followups]}
+    return {**base, "real_ct_dir": str(folder.resolve()), "cases": cases, "model_saw": list(MODEL_SAW),
+            "first_rows": {group: list(rows) for group, rows in FIRST_ROWS.items()}}
 
 
 def accuracy_settings(spatial_size, seeds=(1000, 1001), elastix_iterations=200, demons_iterations=(100, 50),
@@ -205,51 +216,141 @@ def section5_methods(options: dict, model_path: str) -> list[dict]:
     return methods
 
 
+def real_anatomy_methods(options: dict, model_path: str, group: str) -> list[dict]:
+    """The rows of section 5b on one pair, each with its ``row`` id: no registration, the network alone, the
+    bundle's defaults (pre-alignment ``auto``, the network's start when its objective is lower than the identity's,
+    the optimisation), the optimisation from identity, the network start forced (no start selection), ConvexAdam,
+    demons, elastix (an affine stage first for the follow-ups)."""
+    steps = options["network_optimize_steps"][0]
+    lam_mu = {"lam": options["lam"], "mu": options["mu"]}
+    optimize = {**lam_mu, "use_mask": options["use_mask"], "prealign": options["prealign"],
+                "optimize_kwargs": options["optimize_kwargs"], "steps": steps}
+    forced = {**optimize, "optimize_kwargs": {**options["optimize_kwargs"], "select_start": False}}
+    return [
+        {"row": "identity", "name": "identity (no registration)", "kind": "identity"},
+        {"row": "network", "name": "bundle: network alone", "kind": "network", "options": {**lam_mu, "model": model_path}},
+        {"row": "defaults", "name": f"bundle: defaults (start selected, {steps} steps)", "kind": "optimize",
+         "options": {**optimize, "init": "network", "model": model_path}},
+        {"row": "from_identity", "name": f"bundle: optimisation from identity, {steps} steps", "kind": "optimize",
+         "options": {**optimize, "init": "identity"}},
+        {"row": "network_forced", "name": f"bundle: network start forced, {steps} steps", "kind": "optimize",
+         "options": {**forced, "init": "network", "model": model_path}},
+        {"row": "convex_adam", "name": "ConvexAdam (MIND-SSC, convex + Adam)", "kind": "convex_adam",
+         "options": {"convex_adam_kwargs": options["convex_adam"]}},
+        {"row": "demons", "name": "SimpleITK demons (fast symmetric forces)", "kind": "demons",
+         "options": {"iterations": options["demons_iterations"]}},
+        {"row": "elastix", "name": "elastix B-spline (NCC + bending energy)"
+         + (", affine first" if group == "followup" else ""), "kind": "elastix",
+         "options": {"iterations": options["elastix_iterations"], "affine_stage": group == "followup"}},
+    ]
+
+
+def _file_sha(path: Path) -> str | None:
+    import hashlib
+
+    return hashlib.sha1(path.read_bytes()).hexdigest()[:12] if path.is_file() else None
+
+
+def row_key(spec: dict, pair_path: Path, model_sha: str | None) -> str:
+    """What makes a measured row the same: the method's spec (the model as its file's hash, not its path), the
+    pair (its cache folder, which hashes the simulation settings, and seed)."""
+    import hashlib
+
+    options = {k: v for k, v in spec.get("options", {}).items() if k != "model"}
+    uses_model = "model" in spec.get("options", {})
+    key = {"spec": {**spec, "options": options}, "pair": list(Path(pair_path).parts[-2:]),
+           "model": model_sha if uses_model else None}
+    return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def real_anatomy_plan(options: dict, model_path: str) -> list[tuple[list, dict]]:
+    """The (case, spec) of section 5b in the order they are measured: :data:`FIRST_ROWS` on every case (in the
+    settings' case order), then the other rows on every case."""
+    work = [(case, spec) for case in options["cases"] for spec in real_anatomy_methods(options, model_path, case[0])]
+    return sorted(work, key=lambda item: item[1]["row"] not in options["first_rows"][item[0][0]])  # stable
+
+
 def run_real_anatomy(options: dict, model_dir: str, pair_cache: str, log, kinds=None, earlier=None,
-                     groups=None) -> dict:
-    """Section 5 on real anatomy: the rows of :func:`section5_methods` (without the second network + optimisation
-    step count) on the breath-hold pairs and on the follow-up pairs of :func:`real_anatomy_settings`, each group
-    its own table. With ``kinds``, only those rows are measured again and ``earlier``'s other rows are kept; with
-    ``groups`` (``breath_hold``, ``followup``), only those groups, ``earlier``'s others kept."""
+                     groups=None, save=None, measure=None, remeasure=()) -> dict:
+    """Section 5 on real anatomy (5b): every row of :func:`real_anatomy_methods` on every case of
+    :func:`real_anatomy_settings`, one (pair, row) at a time in the order of :func:`real_anatomy_plan`.
+
+    Resumable: after every row the result so far goes to ``save(result)`` (the caller writes it atomically), and a
+    row of ``earlier`` with the same :func:`row_key` is kept, not measured again (unless its ``row`` id is in
+    ``remeasure``). ``kinds`` (method kinds) and ``groups`` (``breath_hold``, ``followup``) limit what is measured
+    in this run; the other rows of ``earlier`` that belong to the plan are kept. ``measure(spec, pair_paths,
+    timeout)`` defaults to :func:`bench.accuracy.run_method`."""
     options = {**options, **{k: v for k, v in inference_defaults().items() if options.get(k) is None}}
+    measure = measure or accuracy.run_method
     folder = Path(options["real_ct_dir"])
-    missing = [name for name in {*options["cts"], *(ct for ct, _ in options["followups"])}
-               if not (folder / name).is_file()]
+    missing = sorted({name for _, name, _ in options["cases"] if not (folder / name).is_file()})
     if missing:
-        return {"skipped": f"real CTs not found in {folder}: {sorted(missing)}"}
-    cases_of = {
-        "breath_hold": [(name, options["breath_hold_seed"], "realistic") for name in options["cts"]],
-        "followup": [(name, int(seed), "followup") for name, seed in options["followups"]],
-    }
-    result = {key: value for key, value in (earlier or {}).items() if groups is not None and key not in groups}
-    for group, cases in cases_of.items():
-        if groups is not None and group not in groups:
+        return {"skipped": f"real CTs not found in {folder}: {missing}"}
+    model_path = Path(model_dir) / "model.pt"
+    model_sha = _file_sha(model_path)
+    card = json.loads(model_path.with_name("model.json").read_text()) if model_path.with_name(
+        "model.json").is_file() else None
+    pair_of = {}
+
+    def simulation(case):
+        return {"preset": "followup" if case[0] == "followup" else "realistic", "real_ct": str(folder / case[1])}
+
+    def pair(case):  # simulated (once) only when a row on it is measured
+        if tuple(case) not in pair_of:
+            pair_of[tuple(case)] = accuracy.cached_pairs(options["spatial_size"], [case[2]], simulation(case),
+                                                         pair_cache, log)[0]
+        return pair_of[tuple(case)]
+
+    plan = real_anatomy_plan(options, str(model_path))
+    earlier_rows = {row["key"]: row for row in (earlier or {}).get("rows", []) if "key" in row}
+    result = {"setup": {**options, "model": str(model_path), "model_sha": model_sha, "model_card": card},
+              "cases": {}, "rows": []}
+
+    def record_case(case, path):
+        loaded = accuracy.load_pair(path)
+        result["cases"]["/".join(map(str, case))] = {
+            "group": case[0], "ct": case[1], "seed": case[2], "pair_file": str(path), "spacing": list(loaded.spacing),
+            "seen_in_training": case[1] in options["model_saw"], "simulated": loaded.simulation}
+
+    for index, (case, spec) in enumerate(plan):
+        case_id = "/".join(map(str, case))
+        key = row_key(spec, accuracy.pair_path(options["spatial_size"], case[2], simulation(case), pair_cache),
+                      model_sha)
+        wanted = (kinds is None or spec["kind"] in kinds) and (groups is None or case[0] in groups)
+        if key in earlier_rows and spec["row"] not in remeasure:
+            result["rows"].append(earlier_rows[key])
+            if case_id in (earlier or {}).get("cases", {}):
+                result["cases"].setdefault(case_id, earlier["cases"][case_id])
             continue
-        log(f"  real anatomy, {group}: {len(cases)} pair(s)")
-        pairs = [path for name, seed, preset in cases for path in accuracy.cached_pairs(
-            options["spatial_size"], [seed], {"preset": preset, "real_ct": str(folder / name)}, pair_cache, log)]
-        model_path = Path(model_dir) / "model.pt"
-        methods = []
-        for spec in section5_methods(options, str(model_path)):
-            if kinds is not None and spec["kind"] not in kinds:
-                continue
-            if spec["kind"] == "elastix" and group == "followup":
-                spec["options"]["affine_stage"] = True
-            methods.append(accuracy.run_method(spec, pairs, timeout=options["method_timeout_s"]))
-            row = methods[-1]
-            log(f"    {spec['name']}: " + (f"TRE {row['tre_mm']:.2f} mm, {row['seconds_per_pair']:.1f} s/pair"
-                                          if "tre_mm" in row else str(row.get("skipped") or row.get("error")
-                                                                      or "did not finish")))
-        if earlier and group in earlier and kinds is not None:
-            methods = [m for m in earlier[group]["methods"] if m["kind"] not in kinds] + methods
-        card = json.loads(model_path.with_name("model.json").read_text()) if model_path.with_name(
-            "model.json").is_file() else None
-        result[group] = {"setup": {**options, "cases": [list(c) for c in cases], "pair_files": [str(p) for p in pairs],
-                                   "spacing": list(accuracy.load_pair(pairs[0]).spacing), "model": str(model_path),
-                                   "model_card": card,
-                                   "simulated": [accuracy.load_pair(p).simulation for p in pairs]},
-                         "methods": methods}
+        if not wanted:
+            continue
+        path = pair(case)
+        if case_id not in result["cases"]:
+            record_case(case, path)
+        log(f"  [{index + 1}/{len(plan)}] {case_id}: {spec['name']}")
+        defaults = next((r for r in result["rows"] if r["case"] == case_id and r["row_id"] == "defaults"), None)
+        if spec["row"] == "network_forced" and defaults and _took_network_start(defaults):
+            # the start selection took the network's start: the forced run is the same computation
+            row = {**defaults, "method": spec["name"], "options": spec["options"], "same_as": "defaults"}
+        else:
+            row = measure(spec, [path], timeout=options["method_timeout_s"])
+        row.update(key=key, case=case_id, group=case[0], row_id=spec["row"])
+        result["rows"].append(row)
+        log(f"    " + (f"TRE {row['tre_mm']:.2f} mm (dense {row['tre_dense_mm']:.2f}), "
+                       f"{row['seconds_per_pair']:.1f} s, peak {row['peak_rss_mib']:.0f} MiB"
+                       + (" (same as the defaults: the network's start was taken)" if row.get("same_as") else "")
+                       if "tre_mm" in row else str(row.get("skipped") or row.get("error")
+                                                   or f"did not finish within {row.get('timed_out_s', 0):.0f} s")))
+        if save is not None:
+            save(result)
     return result
+
+
+def _took_network_start(row: dict) -> bool:
+    """Whether the start selection of every pair of a measured ``optimize`` row took the network's start."""
+    records = (row.get("details") or {}).get("records") or []
+    return bool(records) and all(r.get("start_network") and all(float(v) > 0.5 for v in r["start_network"])
+                                 for r in records)
 
 
 def run_accuracy(options: dict, model_dir: str | None, pair_cache: str, log, kinds=None) -> dict:
@@ -298,8 +399,15 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(partial, path)
 
 
+def _write_results(results: dict, json_path: Path, md_path: Path) -> None:
+    """``benchmarks.json`` and, when sections 1-6 are all there, ``benchmarks.md``, each replaced atomically."""
+    _atomic_write(json_path, json.dumps(results, indent=2, default=float) + "\n")
+    if all(key in results for section, key in SECTION_KEYS.items() if section not in (7, 8)):
+        _atomic_write(md_path, report.render(results))
+
+
 def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir: str = "models",
-         pair_cache: str | None = None, rows=None, groups=None, real_cts=None) -> str:
+         pair_cache: str | None = None, rows=None, groups=None, real_cts=None, remeasure=None) -> str:
     """Run the benchmark; write ``benchmarks.md`` and ``benchmarks.json`` into ``output_dir``; return the md path.
 
     Args:
@@ -318,6 +426,10 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
             whose pairs are simulated already when time is short.
         groups: the pair groups of section 7 to measure (``"[followup]"``, ``"[breath_hold]"``; default both),
             keeping the others of the existing ``benchmarks.json``.
+        remeasure: row ids of section 7 (``defaults``, ``from_identity``, ``network_forced``, ``network``,
+            ``convex_adam``, ``demons``, ``elastix``, ``identity``) to measure again although a row with the same
+            settings is in ``benchmarks.json`` (e.g. after a change of the bundle's code); section 7 otherwise keeps
+            every row already measured with the same settings, so rerunning a killed run resumes it.
         pair_cache: where sections 5 and 6's simulated pairs are cached (default
             ``$XDG_CACHE_HOME/elastic_hypermorph_bundle/benchmark_pairs``).
     """
@@ -332,8 +444,10 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
     settings = settings_for(quick, cuda)
     settings["command"] = "python scripts/benchmark.py" + (" --quick" if quick else "")
     if real_cts is not None:
-        settings["accuracy_real"]["cts"] = [real_cts] if isinstance(real_cts, str) else list(real_cts)
-        settings["command"] += f" --real_cts \"{settings['accuracy_real']['cts']}\""
+        real_cts = [real_cts] if isinstance(real_cts, str) else list(real_cts)
+        settings["accuracy_real"]["cases"] = [case for case in settings["accuracy_real"]["cases"]
+                                              if case[0] != "breath_hold" or case[1] in real_cts]
+        settings["command"] += f" --real_cts \"{real_cts}\""
     if sections is None:
         sections = [s for s in SECTION_KEYS if not (quick and s == 7)]
     sections = {int(s) for s in (sections if isinstance(sections, (list, tuple)) else [sections])}
@@ -400,11 +514,19 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
         log("section 5 on real anatomy: breath-hold pairs on the real CTs and follow-up pairs"
             + (f", the rows of {rows}" if rows is not None else ""))
         quick_model = Path(pair_cache) / "quick_model"  # the tiny model of a --quick section 5, if it ran
+
+        def save_real(partial):  # after every (pair, row): a killed run loses nothing (rerun the command to resume)
+            results["accuracy_real"] = partial
+            _write_results(results, json_path, output / "benchmarks.md")
+
         results["accuracy_real"] = run_real_anatomy(settings["accuracy_real"],
                                                     str(quick_model) if quick and quick_model.is_dir() else model_dir,
                                                     pair_cache, log,
                                                     kinds=rows, earlier=results.get("accuracy_real"),
-                                                    groups=[groups] if isinstance(groups, str) else groups)
+                                                    groups=[groups] if isinstance(groups, str) else groups,
+                                                    save=save_real,
+                                                    remeasure=[remeasure] if isinstance(remeasure, str)
+                                                    else list(remeasure or ()))
     if 6 in sections:
         log("section 6: conditioning capacity at an equal training budget")
         results["capacity"] = run_capacity(settings["capacity"], pair_cache, log)
@@ -434,9 +556,7 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
         report.plot_accuracy_time(results["accuracy"], figure)
         results["accuracy"]["figure"] = str(figure.relative_to(output))
     md_path = output / "benchmarks.md"
-    _atomic_write(json_path, json.dumps(results, indent=2, default=float) + "\n")
-    if all(key in results for section, key in SECTION_KEYS.items() if section not in (7, 8)):
-        _atomic_write(md_path, report.render(results))
+    _write_results(results, json_path, md_path)
     log(f"wrote {output / 'benchmarks.json'}" + (f" and {md_path}" if md_path.exists() else ""))
     return str(md_path)
 

@@ -274,3 +274,53 @@ def test_quick_benchmark_writes_six_sections_and_parsable_json(tmp_path):
     assert {m["kind"] for m in again["accuracy"]["methods"]} == {m["kind"] for m in results["accuracy"]["methods"]}
     assert '--rows "[network,optimize]"' in again["runs"]["accuracy_rows[network,optimize]"]["command"]
     assert again["runs"]["accuracy"] == results["runs"]["accuracy"]
+
+
+def test_real_anatomy_saves_every_row_and_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """Section 5b: after every (pair, row) the result so far is saved; a rerun after a kill measures only the rows
+    not saved yet; a changed setting measures again only the rows it changes; the forced network start is not run
+    again when the defaults' start selection took the network's start."""
+    import benchmark
+    from bench import accuracy
+
+    (tmp_path / "ct").mkdir()
+    (tmp_path / "ct" / "a.nii.gz").write_bytes(b"")  # only its presence is checked; the pairs are faked below
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model.pt").write_bytes(b"weights")
+    monkeypatch.setattr(accuracy, "cached_pairs", lambda size, seeds, simulation, cache, log: [
+        accuracy.pair_path(size, seeds[0], simulation, cache)])
+    monkeypatch.setattr(accuracy, "load_pair", lambda path: type("Pair", (), {"spacing": (1.0, 1.0, 1.0),
+                                                                            "simulation": {}})())
+    calls = []
+
+    def measure(spec, paths, timeout, kill_after=None, took_network=False):
+        if kill_after is not None and len(calls) == kill_after:
+            raise KeyboardInterrupt  # the run is killed here
+        calls.append((spec["row"], Path(paths[0]).parent.name))
+        records = [{"start_network": [1.0 if took_network else 0.0]}] if spec["kind"] == "optimize" else []
+        return {"method": spec["name"], "kind": spec["kind"], "tre_mm": float(len(calls)), "tre_dense_mm": 1.0,
+                "seconds_per_pair": 1.0, "peak_rss_mib": 1.0, "details": {"records": records}}
+
+    options = benchmark.real_anatomy_settings([8, 8, 8], cts=["a.nii.gz"], followups=[("a.nii.gz", 5)],
+                                              real_ct_dir=str(tmp_path / "ct"))
+    plan = benchmark.real_anatomy_plan(options, "model.pt")
+    assert len(plan) == 16 and [spec["row"] for _, spec in plan[:6]] == list(benchmark.FIRST_ROWS["breath_hold"])
+    saved = []
+    run = lambda measure, earlier=None, settings=options: benchmark.run_real_anatomy(  # noqa: E731
+        settings, str(tmp_path / "model"), str(tmp_path / "pairs"), lambda message: None, earlier=earlier,
+        save=lambda result: saved.append(json.loads(json.dumps(result))), measure=measure)
+    with pytest.raises(KeyboardInterrupt):
+        run(lambda *a, **k: measure(*a, **k, kill_after=5))
+    assert len(saved) == 5 and len(saved[-1]["rows"]) == 5  # every row saved as it came
+    first = list(calls)
+    calls.clear()
+    resumed = run(measure, earlier=saved[-1])
+    assert len(calls) == 11 and not set(calls) & set(first)  # only the rows not saved
+    assert [row["tre_mm"] for row in resumed["rows"][:5]] == [1.0, 2.0, 3.0, 4.0, 5.0]  # kept as measured
+    calls.clear()
+    changed = run(measure, earlier=resumed, settings={**options, "elastix_iterations": 7})
+    assert [row for row, _ in calls] == ["elastix", "elastix"] and len(changed["rows"]) == 16
+    calls.clear()
+    fresh = run(lambda *a, **k: measure(*a, **k, took_network=True))
+    forced = [row for row in fresh["rows"] if row["row_id"] == "network_forced"]
+    assert len(calls) == 14 and all(row["same_as"] == "defaults" for row in forced)

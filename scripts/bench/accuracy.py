@@ -39,7 +39,7 @@ from elastic_hypermorph_bundle.networks import HyperUNet
 
 __all__ = [
     "HU_WINDOW", "KINDS", "normalise", "cached_pairs", "load_pair", "evaluate_ddf", "train_tiny_model",
-    "run_method", "summarise",
+    "run_method", "summarise", "pair_path",
 ]
 
 HU_WINDOW = (-1000.0, 500.0)  # the bundle's intensity window, clipped and scaled to [0, 1]
@@ -57,6 +57,11 @@ def _settings_hash(spatial_size, simulation: dict) -> str:
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
+def pair_path(spatial_size, seed, simulation: dict, cache_dir: str | Path) -> Path:
+    """Where :func:`cached_pairs` keeps the pair of ``seed`` (whether or not it is simulated yet)."""
+    return Path(cache_dir) / _settings_hash(spatial_size, simulation) / f"pair_{int(seed)}.npz"
+
+
 def cached_pairs(spatial_size, seeds, simulation: dict, cache_dir: str | Path, log=print) -> list[Path]:
     """Paths of the simulated pairs ``simulate_pair(spatial_size, seed=s, **simulation)`` for ``seeds``, simulating
     (and caching) those not yet under ``cache_dir``. Files are written to a temporary name and renamed, so a killed
@@ -67,7 +72,7 @@ def cached_pairs(spatial_size, seeds, simulation: dict, cache_dir: str | Path, l
                                                      indent=2))
     paths = []
     for seed in seeds:
-        path = folder / f"pair_{int(seed)}.npz"
+        path = pair_path(spatial_size, seed, simulation, cache_dir)
         if not path.is_file():
             start = time.perf_counter()
             # a follow-up's moving image on the fixed grid, as the bundle's transforms resample it for every method

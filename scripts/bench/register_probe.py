@@ -20,7 +20,8 @@ Kinds (``spec["kind"]``; options in ``spec["options"]``):
 * ``optimize``: the bundle's test-time stages (:class:`elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`
   with ``steps``, ``prealign``, ``use_mask`` and any further ``optimize_kwargs``) at ``lam``, ``mu``, as
   ``RegisterStep`` runs them: pre-alignment, then the network on the pre-aligned pair (``init: "network"``, with
-  ``model``) or the identity (``init: "identity"``), then the instance optimisation.
+  ``model``) or the identity (``init: "identity"``), then the instance optimisation; what the pre-alignment and
+  the start selection decided on each pair (their similarity and objective values) goes to ``details.records``.
 """
 
 from __future__ import annotations
@@ -125,6 +126,9 @@ def register_pairs(spec: dict, pair_paths: list[str], scratch: str) -> dict:
                 mask = torch.from_numpy(pair.fixed_mask > 0)[None, None].to(device).float() if stages.use_mask else None
                 predict = None if net is None else (lambda m: network_ddf(net, weights, fixed_t, m, grid))
                 init = stages.register(predict, fixed_t, moving_t, row, tuple(pair.spacing), mask)
+                # what the pre-alignment and the start selection decided (section 5b's diagnosis)
+                report.setdefault("details", {}).setdefault("records", []).append(
+                    {k: torch.as_tensor(v).flatten().tolist() for k, v in stages.record.items()})
             ddf = init.detach().reshape(3, *fixed.shape).cpu().numpy()
         else:
             raise ValueError(f"unknown method kind {kind!r}")
