@@ -150,3 +150,77 @@ def test_the_summary_names_the_folder_the_files_and_the_pairs_tre(tmp_path, pair
     before = torch.linalg.norm((moved - fixed_points) * pair["spacing"], dim=1).mean().item()
     assert f"registered 1 pair(s), 1.0 s per pair, TRE 0.00 mm (before {before:.2f} mm" in line
     assert line.endswith(f"outputs in {files.root}: <pair>/transform.nii.gz")
+
+
+def _engine_run(files: OutputFiles, pairs: list[dict], fail_at: int | None = None, **options) -> None:
+    """An engine whose iteration hands over ``pairs`` one by one (raising a ValueError at ``fail_at``), writing
+    them with an InferenceWriter."""
+    from ignite.engine import Engine
+
+    def step(engine, index):
+        if index == fail_at:
+            raise ValueError(f"registration of pair {index} failed")
+        return [pairs[index]]
+
+    engine = Engine(step)
+    InferenceWriter(files, [p["pair_id"] for p in pairs], hyper_space=HyperSpace(), **options).attach(engine)
+    files.run(lambda: engine.run(list(range(len(pairs))), max_epochs=1))
+
+
+def _three(pair) -> list[dict]:
+    return [dict(pair, pair_id=f"000{k}_000{k}", pred=pair["pred"] * (k + 1) / 3) for k in range(3)]
+
+
+def _bytes(root) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_writing_in_the_background_writes_the_same_files(tmp_path, pair):
+    """The files of pairs written by the background thread while the next pair comes are byte for byte those
+    written in place, and the summary line comes once they are all written."""
+    outputs = {}
+    for background in (False, True):
+        files = OutputFiles(tmp_path / f"out_{background}")
+        _engine_run(files, _three(pair), ddf=True, jacobian=True, preview=False, background=background)
+        outputs[background] = _bytes(files.root)
+    assert len(outputs[True]) == 3 * 5 + 1 and outputs[True] == outputs[False]
+
+
+def test_a_failed_background_write_fails_the_run_with_one_line_and_leaves_no_file(tmp_path, pair, monkeypatch):
+    """A full disk while pair 2's files are written in the background: the run stops with the clean NoSpaceError
+    naming the pair, raised in the run's own thread, and neither the output folder nor a staging folder is left."""
+    import errno
+
+    from elastic_hypermorph_bundle.atomic import NoSpaceError
+
+    original = InferenceWriter.write_file
+
+    def write_file(self, kind, path, pair, *args):
+        if pair["pair_id"] == "0001_0001" and kind == "moving_image":
+            path.write_bytes(b"half a file")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(self, kind, path, pair, *args)
+
+    monkeypatch.setattr(InferenceWriter, "write_file", write_file)
+    files = OutputFiles(tmp_path / "out")
+    with pytest.raises(NoSpaceError, match=r"^no space left on .*\(writing the outputs of pair 0001_0001\)"):
+        _engine_run(files, _three(pair), preview=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["fixed.nii.gz", "moving.nii.gz", "fixed_mask.nii.gz",
+                                                                 "moving_mask.nii.gz"])
+
+
+def test_a_failed_registration_waits_for_the_background_write_and_leaves_no_file(tmp_path, pair, monkeypatch):
+    """The run fails while pair 1's files are still being written: the failure waits for the writer thread, so
+    no file lands in the deleted staging folder, and the output folder is never made."""
+    import time
+
+    original = InferenceWriter.write_files
+
+    def slow(self, *args):
+        time.sleep(0.5)
+        return original(self, *args)
+
+    monkeypatch.setattr(InferenceWriter, "write_files", slow)
+    with pytest.raises(ValueError, match="registration of pair 1 failed"):
+        _engine_run(OutputFiles(tmp_path / "out"), _three(pair), fail_at=1, preview=False)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.staging-*"))

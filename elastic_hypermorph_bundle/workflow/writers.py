@@ -21,7 +21,9 @@ import math
 import os
 import shutil
 import tempfile
+from collections import deque
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import ignite.distributed as idist
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from ..atomic import atomic_write_text, check_output_folder, json_ready
+from ..atomic import NoSpaceError, _out_of_space, atomic_write_text, check_output_folder, json_ready
 from ..data.transforms import ddf_to_original_grid
 from ..displacement import (
     array_from_image,
@@ -74,6 +76,12 @@ class OutputFiles:
     from someone else cannot make an overwrite delete files elsewhere. Only files are removed, and folders only
     when emptied by that removal and inside ``root``.
 
+    Files may be written in the background (:meth:`submit`): the run goes on (e.g. registers the next pair) while
+    one thread writes, at most :attr:`MAX_PENDING` writes are in flight, and a failed write is raised in the run's own
+    thread (at the next :meth:`submit`, or :meth:`wait`, which :meth:`run` calls before it commits): the run
+    then fails as if it had written in place, and nothing is committed. :meth:`discard` waits for the thread,
+    so no file appears in a staging folder being deleted.
+
     Under distributed runs every process stages and commits its own files (the record of the earlier set is
     then per process's view, and stale files are removed only by the process that finds them in the record).
 
@@ -84,6 +92,9 @@ class OutputFiles:
 
     #: the record of the files a committed run wrote (relative to ``root``), used by the next ``overwrite``
     MANIFEST = ".output_files.json"
+    #: background writes (:meth:`submit`) left running or waiting when a submit returns (it waits for the oldest
+    #: beyond that), so the data held for writing stays bounded: one pair written while the next is registered
+    MAX_PENDING = 1
 
     def __init__(self, root: str | os.PathLike, overwrite: bool = False) -> None:
         self.root = Path(root)
@@ -91,6 +102,8 @@ class OutputFiles:
         self.files: list[Path] = []  # staged files, in the order handed out
         self.staging: Path | None = None
         self._made_parents: list[Path] = []
+        self._writer: ThreadPoolExecutor | None = None  # the background writes' one thread, made on first use
+        self._pending: deque[Future] = deque()
 
     def prepare(self) -> None:
         """Check the output folder before any work: not a file, writable, and an earlier record (read when
@@ -159,6 +172,38 @@ class OutputFiles:
         self.files.append(path)
         return path
 
+    def submit(self, write: Callable[[], None]) -> None:
+        """Run ``write()`` in the background thread; it must write only paths this run's :meth:`new` handed out
+        (call :meth:`new` in the run's thread, before submitting). Raises here the error of an earlier write that
+        failed; returns once at most :attr:`MAX_PENDING` writes are running or waiting (waiting for the oldest)."""
+        self._raise_failed()
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="output-writer")
+        self._pending.append(self._writer.submit(write))
+        while len(self._pending) > self.MAX_PENDING:
+            self._pending.popleft().result()
+
+    def _raise_failed(self) -> None:
+        """Raise the error of the first finished background write that failed (drop the finished ones)."""
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()
+
+    def wait(self) -> None:
+        """Wait for every background write; raise the first one's error (the later ones are then cancelled or
+        waited for by :meth:`discard`)."""
+        while self._pending:
+            self._pending[0].result()
+            self._pending.popleft()
+
+    def _stop(self) -> None:
+        """Cancel the background writes not started, wait for the running one, ignore their errors (the run failed
+        already), and end the thread."""
+        for future in self._pending:
+            future.cancel()
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+        self._writer, self._pending = None, deque()
+
     def _written(self) -> list[str]:
         staging = self.staging
         return sorted({p.relative_to(staging).as_posix() for p in self.files if p.is_file()}) if staging else []
@@ -223,7 +268,9 @@ class OutputFiles:
         return True
 
     def discard(self) -> None:
-        """Delete the staging folder (and the parent folders made for it, if empty): ``root`` is untouched."""
+        """Delete the staging folder (and the parent folders made for it, if empty), once the background writes have
+        stopped: ``root`` is untouched."""
+        self._stop()
         if self.staging is not None:
             count = len(self._written())
             shutil.rmtree(self.staging, ignore_errors=True)
@@ -234,11 +281,13 @@ class OutputFiles:
         self.staging, self.files, self._made_parents = None, [], []
 
     def run(self, workflow: Callable[[], object]) -> None:
-        """:meth:`prepare`, run ``workflow()`` (e.g. ``evaluator.run``), then :meth:`commit`; on any error discard and
-        re-raise."""
+        """:meth:`prepare`, run ``workflow()`` (e.g. ``evaluator.run``), :meth:`wait` for its background writes, then
+        :meth:`commit`; on any error discard and re-raise."""
         self.prepare()
         try:
             workflow()
+            self.wait()
+            self._stop()
             self.commit()
         except BaseException:
             self.discard()
@@ -289,6 +338,9 @@ class InferenceWriter:
         submission_dtype: ``"float32"`` or ``"int16"`` (:data:`SUBMISSION_DTYPES`).
         compression_level: gzip level of the NIfTI files, 0 (fastest, largest) to 9.
         hyper_space: the model's hyperparameter space, whose names label the preview (``lam``, ``mu``).
+        background: write each pair's files in a background thread while the next pair is registered
+            (:meth:`OutputFiles.submit`: one pair in flight, a failed write fails the run in its own thread, the
+            files still appear all or none); off: written before the next pair starts.
     """
 
     def __init__(
@@ -304,8 +356,10 @@ class InferenceWriter:
         submission_dtype: str = "float32",
         compression_level: int = 1,
         hyper_space: HyperSpace | None = None,
+        background: bool = True,
     ) -> None:
         self.files = output_files
+        self.background = parse_flag("write_background", background)
         self.pair_ids = [pair["pair_id"] if isinstance(pair, Mapping) else str(pair) for pair in pair_ids]
         self.write = {
             name: parse_flag(f"write_{name}", value)
@@ -353,38 +407,16 @@ class InferenceWriter:
             self.write_pair(pair)
 
     def write_pair(self, pair: dict) -> None:
+        """Hand out the pair's output paths, write its files (in the background unless ``background`` is off) and
+        note it for the summary."""
         pair_id = pair.get("pair_id")
         if not pair_id:
             raise ValueError("each pair needs a 'pair_id' (e.g. '0001_0001') to name its output files.")
-        fixed = pair["fixed_image"]
-        ddf = plain(pair["pred"]).detach().to("cpu", torch.float32)
-        affine, original_affine = _affine(fixed), fixed.meta["original_affine"]
-        shape = [int(s) for s in fixed.meta["spatial_shape"]]
-        same_grid = list(ddf.shape[1:]) == shape and torch.allclose(affine, torch.as_tensor(original_affine, dtype=torch.float64))
-        if not same_grid:  # registered on the network's grid: the field on the file grid, once
-            ddf = ddf_to_original_grid(ddf[None], affine, original_affine, shape)[0]
-        affine = np.asarray(torch.as_tensor(original_affine, dtype=torch.float64))
-        level = self.compression_level
-        if self.write["transform"]:
-            write_displacement_field(self._new(pair_id, "transform.nii.gz"), ddf, affine, level)
-        if self.write["ddf"] or self.write["submission"]:
-            channel_last = ddf.movedim(0, -1).numpy()
-            if self.write["ddf"]:
-                _save_nifti(self._new(pair_id, "ddf.nii.gz"), channel_last, affine, level)
-            if self.write["submission"]:
-                path = self._new(pair_id, f"submission/disp_{pair_id}.nii.gz")
-                _save_nifti(path, channel_last, affine, level, dtype=self.submission_dtype)
-        if self.write["warped"]:
-            for key, name, interpolation in (("moving_image", "warped_image", "linear"),
-                                             ("moving_mask", "warped_mask", "nearest")):
-                if key in pair:
-                    warped = _warp_file(pair[key], ddf, affine, interpolation)
-                    _save_nifti(self._new(pair_id, f"{name}.nii.gz"), warped, affine, level)
-        if self.write["jacobian"]:
-            det = np.pad(jacobian_determinant(ddf[None])[0].numpy(), JACOBIAN_BORDER, mode="edge")
-            _save_nifti(self._new(pair_id, "jacobian.nii.gz"), det.astype(np.float32), affine, level)
-        if self.write["preview"]:
-            self._write_preview(self._new(pair_id, "preview.png"), pair)
+        paths = {kind: self._new(pair_id, name) for kind, name in self._files_of(pair_id, pair)}
+        if self.background:
+            self.files.submit(lambda: self.write_files(pair, paths))
+        else:
+            self.write_files(pair, paths)
         self.written.append(str(pair_id))
         if "runtime" in pair:
             self.runtimes.append(float(pair["runtime"]))
@@ -395,6 +427,61 @@ class InferenceWriter:
             field = plain(pair["pred"]).detach().double().cpu()
             self.tre.append([target_registration_error(f, *points, spacing).mean().item()
                              for f in (field, torch.zeros_like(field))])
+
+    def _files_of(self, pair_id: str, pair: dict) -> list[tuple[str, str]]:
+        """``(kind, name)`` of each file this pair gets (``name`` relative to its folder, or ``submission/...``)."""
+        kinds = [("transform", "transform.nii.gz"), ("ddf", "ddf.nii.gz"),
+                 ("submission", f"submission/disp_{pair_id}.nii.gz"), ("moving_image", "warped_image.nii.gz"),
+                 ("moving_mask", "warped_mask.nii.gz"), ("jacobian", "jacobian.nii.gz"), ("preview", "preview.png")]
+        wanted = lambda kind: self.write["warped"] and kind in pair if kind.startswith("moving_") else self.write[kind]  # noqa: E731
+        return [(kind, name) for kind, name in kinds if wanted(kind)]
+
+    def write_files(self, pair: dict, paths: Mapping[str, Path]) -> None:
+        """Write the files of one pair to ``paths`` (kind -> staged path, from :meth:`_files_of`): the field brought
+        to the fixed image's file grid once, then each file from it (:meth:`write_file`). A full file system is
+        raised as :class:`~elastic_hypermorph_bundle.atomic.NoSpaceError` naming the folder."""
+        try:
+            self._write_files(pair, paths)
+        except Exception as error:
+            folder = next(iter(paths.values())).parent if paths else self.files.root
+            if _out_of_space(error, folder):
+                raise NoSpaceError(
+                    f"no space left on {folder} (writing the outputs of pair {pair['pair_id']}); nothing of this run "
+                    f"was moved into {self.files.root}: free space there and run again."
+                ) from error
+            raise
+
+    def _write_files(self, pair: dict, paths: Mapping[str, Path]) -> None:
+        fixed = pair["fixed_image"]
+        ddf = plain(pair["pred"]).detach().to("cpu", torch.float32)
+        affine, original_affine = _affine(fixed), fixed.meta["original_affine"]
+        shape = [int(s) for s in fixed.meta["spatial_shape"]]
+        same_grid = list(ddf.shape[1:]) == shape and torch.allclose(affine, torch.as_tensor(original_affine, dtype=torch.float64))
+        if not same_grid:  # registered on the network's grid: the field on the file grid, once
+            ddf = ddf_to_original_grid(ddf[None], affine, original_affine, shape)[0]
+        affine = np.asarray(torch.as_tensor(original_affine, dtype=torch.float64))
+        for kind, path in paths.items():
+            self.write_file(kind, path, pair, ddf, affine)
+
+    def write_file(self, kind: str, path: Path, pair: dict, ddf: torch.Tensor, affine: np.ndarray) -> None:
+        """One output file of ``kind`` (a key of :meth:`_files_of`) from the field ``ddf`` ``(3, X, Y, Z)`` in voxels
+        of the fixed file grid with ``affine``."""
+        level = self.compression_level
+        if kind == "transform":
+            write_displacement_field(path, ddf, affine, level)
+        elif kind in ("ddf", "submission"):
+            dtype = self.submission_dtype if kind == "submission" else None
+            _save_nifti(path, ddf.movedim(0, -1).numpy(), affine, level, dtype=dtype)
+        elif kind in ("moving_image", "moving_mask"):
+            warped = _warp_file(pair[kind], ddf, affine, "linear" if kind == "moving_image" else "nearest")
+            _save_nifti(path, warped, affine, level)
+        elif kind == "jacobian":
+            det = np.pad(jacobian_determinant(ddf[None])[0].numpy(), JACOBIAN_BORDER, mode="edge")
+            _save_nifti(path, det.astype(np.float32), affine, level)
+        elif kind == "preview":
+            self._write_preview(path, pair)
+        else:
+            raise ValueError(f"unknown output kind {kind!r}.")
 
     def _new(self, pair_id: str, name: str) -> Path:
         """The staged path of one output of ``pair_id`` (``name`` relative to its folder, or ``submission/...``)."""
@@ -415,6 +502,7 @@ class InferenceWriter:
                       window=(0.0, 1.0), title=f"pair {pair['pair_id']}, {described}", **masks)
 
     def _summary(self, engine: Engine) -> None:
+        self.files.wait()  # the last pair's files are written (or their error raised) before the line naming them
         if not self.written:
             return
         timing = f", {np.mean(self.runtimes):.1f} s per pair" if self.runtimes else ""

@@ -619,7 +619,8 @@ def _section7(result: dict, run: dict | None = None) -> list[str]:
         f"(`--split all`, {_size(setup['spatial_size'])} voxels, realistic breath-hold pairs on {anatomy}, "
         "held out of the release model's training), the single-pair path one of them by `--fixed`/`--moving`. "
         "A stage's time is the cumulative time of the function that does it, an output file's "
-        + ("everything from the request of its path to the next (warping, conversion, compression, saving)"
+        + ("everything that file needs (warping, conversion, compression, saving; the profiled paths write in "
+           "place, `--write_background false`, so that the writing is in the profiled thread)"
            if "outputs" in split else "the time of its `nibabel.save`")
         + ", a level's the time between the bundle's log lines of the last steps of two levels "
         "(level 1 without the MIND features, listed apart). "

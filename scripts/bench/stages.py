@@ -3,8 +3,9 @@
 Each path runs ``monai.bundle.run`` of ``configs/inference.json`` with the defaults in a fresh process
 (``python -m bench.stages '<json spec>'``, one JSON line out), under ``cProfile``: the time of each stage is the
 cumulative time of the function that does it (:data:`STAGE_FUNCTIONS`); each output file's time runs from the
-writer's request of its path (``OutputFiles.new``, through which every output goes) to the next request or the end
-of the writer's call (so it holds what that output needs: warping, conversion, compression, saving); each
+writer's call that writes it (``InferenceWriter.write_file``: what that output needs: warping, conversion,
+compression, saving), and the profiled paths write in place (``write_background false``, so the writing is in the
+profiled thread; the run without the profiler writes in the background, as the defaults do); each
 optimisation level is timed by the bundle's own log lines (the last step of each level), so the table needs no
 instrumentation in the package. Start-up is the process's wall
 time before the run's first step: interpreter, imports, config parsing and instantiation. A second run of the
@@ -79,21 +80,28 @@ def profile_run(spec: dict) -> dict:
 
     from elastic_hypermorph_bundle.workflow import writers
 
-    marks: list[tuple[float, str]] = []  # (time, output path requested | "<start>" | "<end>" of a writer call)
-    new, call = writers.OutputFiles.new, writers.InferenceWriter.__call__
+    outputs: dict[str, float] = {}  # output kind -> seconds (every file of that kind)
+    write_files, write_file = writers.InferenceWriter.write_files, writers.InferenceWriter.write_file
 
-    def timed_new(self, relative_path):
-        marks.append((time.perf_counter(), str(relative_path)))
-        return new(self, relative_path)
-
-    def timed_call(self, engine):
-        marks.append((time.perf_counter(), "<start>"))
+    def timed_files(self, pair, paths):
+        begin = time.perf_counter()
+        before = sum(outputs.values())
         try:
-            return call(self, engine)
+            return write_files(self, pair, paths)
         finally:
-            marks.append((time.perf_counter(), "<end>"))
+            first = "before the first file (field to the file grid)"
+            spent = time.perf_counter() - begin - (sum(outputs.values()) - before)
+            outputs[first] = outputs.get(first, 0.0) + spent
 
-    writers.OutputFiles.new, writers.InferenceWriter.__call__ = timed_new, timed_call
+    def timed_file(self, kind, path, *args):
+        begin = time.perf_counter()
+        try:
+            return write_file(self, kind, path, *args)
+        finally:
+            label = _output_kind(Path(path).relative_to(self.files.staging).as_posix())
+            outputs[label] = outputs.get(label, 0.0) + time.perf_counter() - begin
+
+    writers.InferenceWriter.write_files, writers.InferenceWriter.write_file = timed_files, timed_file
     levels: list[tuple[float, str]] = []
 
     class LevelLog(logging.Handler):
@@ -110,11 +118,6 @@ def profile_run(spec: dict) -> dict:
     if profiler:
         profiler.disable()
     t_end = time.perf_counter()
-    outputs: dict[str, float] = {}
-    for (stamp, label), (following, _) in zip(marks, marks[1:]):
-        if label != "<end>":
-            kind = "before the first file (field to the file grid)" if label == "<start>" else _output_kind(label)
-            outputs[kind] = outputs.get(kind, 0.0) + following - stamp
     result = {"imports_s": t_run - t_start, "run_s": t_end - t_run, "outputs": outputs, "level_seconds": [],
               "threads": __import__("torch").get_num_threads()}
     # each level's time: from the previous level's last logged step (or the optimisation's start) to its own
@@ -199,8 +202,10 @@ def run(options: dict, log) -> dict:
     if all(m.is_file() for m in masks):
         single.update(fixed_mask=str(masks[0]), moving_mask=str(masks[1]))
     paths = [
-        {"name": "split", "config_file": config, "overrides": {**split, "output_dir": str(out / "split")}},
-        {"name": "single pair", "config_file": config, "overrides": {**single, "output_dir": str(out / "single")}},
+        {"name": "split", "config_file": config,
+         "overrides": {**split, "write_background": False, "output_dir": str(out / "split")}},
+        {"name": "single pair", "config_file": config,
+         "overrides": {**single, "write_background": False, "output_dir": str(out / "single")}},
     ]
     if options.get("overhead_run", True):
         paths.append({"name": "split, no profiler", "config_file": config, "profile": False,
