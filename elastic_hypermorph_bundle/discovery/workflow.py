@@ -18,6 +18,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import ignite.distributed as idist
 import numpy as np
 import torch
 
@@ -32,6 +33,7 @@ from ..flags import parse_flag
 from ..workflow.instance import InstanceOptimization
 from ..workflow.datalists import pair_datalist
 from .instance import instance_gain
+from .parallel import merge_parts, part_path, share
 from .plots import plot_grid_metric, plot_material_recovery, plot_per_pair_optima, plot_pipeline_heatmaps
 from .refine import refine_hyper
 from .selection import physical_reading, read_sweep, resolve_criterion, summarize
@@ -227,14 +229,36 @@ class ParameterSweep:
         check_or_record(self.output_dir, identity, info)
 
     def run(self) -> dict:
-        """Run (or resume) the sweep, then summarise, plot and refine; returns the summary written."""
+        """Run (or resume) the sweep, then summarise, plot and refine; returns the summary written. Under
+        ``torchrun`` (``configs/multi_gpu_sweep.json``) the pairs are split across the processes and their rows
+        merged into the one table (:mod:`.parallel`); process 0 then summarises (the others return ``{}``)."""
         pairs, labels, points = self.prepare()
         names = self.space.names
         columns = sweep_columns(names, labels, points is not None, pipeline=self.pipeline is not None)
         resolve_criterion(self.criterion, columns)  # fail before the grid, not after it
-        self._check_or_record(self._identity(pairs, labels, points, columns))
-        table = SweepTable(self.output_dir / TABLE_FILE, columns)
-        evaluations = run_grid(self.network, self.grid, names, pairs, table, labels, self.progress, self.pipeline)
+        rank, processes, path = idist.get_rank(), idist.get_world_size(), self.output_dir / TABLE_FILE
+        order = [pair.pair_id for pair in pairs]
+        if rank == 0:
+            self._check_or_record(self._identity(pairs, labels, points, columns))
+            merge_parts(path, columns, order)  # the rows of an interrupted run across processes
+        if processes == 1:
+            table, mine = SweepTable(path, columns), pairs
+        else:  # this process's pairs, its rows streamed to its own part of the table (.parallel)
+            idist.barrier()
+            mine = share(pairs)
+            table = SweepTable(part_path(path, rank), columns)
+            ids = {pair.pair_id for pair in mine}
+            if path.is_file():
+                table.done |= {key for key in SweepTable(path, columns).done if key[1] in ids}
+        evaluations = run_grid(self.network, self.grid, names, mine, table, labels, self.progress and rank == 0,
+                               self.pipeline) if mine else 0
+        if processes > 1:
+            evaluations = int(idist.all_reduce(evaluations))  # also waits for every process's rows
+            if rank == 0:
+                merge_parts(path, columns, order)
+            idist.barrier()
+            if rank != 0:  # process 0 summarises, refines and plots, as one process would
+                return {}
 
         results = read_sweep(self.output_dir / TABLE_FILE, names, num_points=self.grid.shape[0])
         summary = summarize(results, self.criterion, self.max_folding_percent, {p.pair_id: p.truth for p in pairs},
