@@ -98,6 +98,10 @@ USER_IDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("submission_dtype", "compression_level"),
      "the submission's type (`float32`, or `int16` scaled by NIfTI's slope: half the size), gzip level of every NIfTI "
      "output (0 fastest .. 9 smallest)", "`float32`, 1"),
+    (("write_background",),
+     "write each pair's files in a background thread while the next pair is registered (one pair in flight; the "
+     "files still appear all or none, and a failed write stops the run with its one-line error before it ends); "
+     "false: write before the next pair starts", "true"),
     (("transform", "image", "label", "points"),
      "apply.json: the written registration, and the moving-space image(s), label map(s) and point CSV(s) to apply it "
      "to (a path or a list)", "none"),
