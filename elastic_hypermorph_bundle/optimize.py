@@ -48,7 +48,8 @@ from .networks.spatial import Affine, affine_ddf, compose_affine, field_scale, l
 from .networks.warp import warp_image
 
 __all__ = ["PREALIGNMENTS", "AUTO_PREALIGN_MARGIN", "AUTO_PREALIGN_SHIFTS_MM", "centre_of_mass_offset",
-           "lung_centroid_offset", "prealign", "auto_prealign", "start_objective", "instance_optimize"]
+           "lung_centroid_offset", "prealign", "auto_prealign", "similarity_features", "start_objective",
+           "instance_optimize"]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
 
@@ -364,6 +365,13 @@ def auto_prealign(
                   torch.where(keep, affine.translation, identity.translation), spacing), record
 
 
+def similarity_features(fixed: torch.Tensor, moving: torch.Tensor, similarity: str = "mind") -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``similarity`` compares, of both images (``(B, C, X, Y, Z)`` each: e.g. the 12 MIND-SSC descriptors on
+    the image grid), computed once per pair and shared by :func:`start_objective` and :func:`instance_optimize`."""
+    row = get_similarity(similarity)
+    return row.prepare(fixed), row.prepare(moving)
+
+
 def start_objective(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -377,10 +385,12 @@ def start_objective(
     spacing: Sequence[float] | None = None,
     mask: torch.Tensor | None = None,
     affine: Affine | None = None,
+    features: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """``(B,)`` the objective :func:`instance_optimize` minimises (similarity + elastic energy at ``(lam, mu)``), at
-    its first (coarsest) level, for the start field ``init_ddf`` (``None``: the identity), with the same arguments:
-    what the optimisation would start from, so two starts can be compared on its own terms."""
+    its first (coarsest) level, for the start field ``init_ddf`` (``None``: the identity), with the same arguments
+    (``features`` too: :func:`similarity_features`): what the optimisation would start from, so two starts can be
+    compared on its own terms."""
     _check_images(fixed, moving)
     row = get_similarity(similarity)
     spacing = _check_spacing(spacing, "spacing")
@@ -389,7 +399,8 @@ def start_objective(
     mask = _check_mask(mask, fixed)
     factor = grid * 2 ** (levels - 1)
     level = level_shape(shape, factor)
-    measure = _LevelSimilarity(row, *(resize_image(row.prepare(t), level) for t in (fixed, moving)),
+    features = similarity_features(fixed, moving, similarity) if features is None else features
+    measure = _LevelSimilarity(row, *(resize_image(t, level) for t in features),
                                None if mask is None else resize_image(mask, level), factor)
     field = torch.zeros(batch, 3, *level, dtype=fixed.dtype, device=fixed.device) if init_ddf is None else \
         resize_field(init_ddf.detach().to(fixed.dtype), level)
@@ -419,6 +430,7 @@ def instance_optimize(
     affine: Affine | None = None,
     smooth: int = 3,
     log_every: int = 0,
+    features: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Optimise each pair's displacement field at its ``(lam, mu)``; see the module docstring for the objective.
 
@@ -443,6 +455,8 @@ def instance_optimize(
             applies to the non-rigid part only, as in training on pre-aligned pairs.
         smooth: number of 3^3 box filters the control values pass through (a B-spline-like basis; 0: none).
         log_every: log step and loss terms every this many steps per level (0: first and last step only).
+        features: :func:`similarity_features` of ``fixed`` and ``moving`` when already computed (e.g. for
+            :func:`start_objective`), so that a pair's descriptors are computed once.
 
     Returns:
         the total DDF ``(B, 3, X, Y, Z)`` in voxels (pre-alignment composed with the optimised non-rigid field).
@@ -471,7 +485,7 @@ def instance_optimize(
     if steps == 0:
         return compose_affine(affine, init_ddf)
 
-    compared = (row.prepare(fixed), row.prepare(moving))
+    compared = similarity_features(fixed, moving, similarity) if features is None else features
     base_spacing = torch.as_tensor(spacing or (1.0, 1.0, 1.0), dtype=fixed.dtype)
     correction: torch.Tensor | None = None
     integrate = DVF2DDF(num_steps=7, mode="bilinear", padding_mode="border") if diffeomorphic else None

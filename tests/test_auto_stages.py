@@ -87,3 +87,21 @@ def test_a_network_start_worse_than_the_identity_is_not_taken(breathing):
     assert stages.record["start_network"].item() == 1.0  # a good start is kept
     without = InstanceOptimization(steps=5, levels=2, prealign="none", select_start="false")
     assert not torch.allclose(without.register(lambda m: bad, fixed, moving, hyper, pair.spacing), from_identity)
+
+
+def test_a_pair_s_descriptors_are_computed_once_for_the_start_s_choice_and_the_optimisation(breathing, monkeypatch):
+    """With the start's choice on, the MIND descriptors of both images are computed once per registration (not once
+    per start objective and again by the optimisation), and the field is exactly the one they give recomputed."""
+    from elastic_hypermorph_bundle.losses import similarity
+
+    pair, fixed, moving = breathing
+    truth = torch.from_numpy(pair.displacement)[None]
+    expected = instance_optimize(fixed, moving, 0.083, 0.03, truth, steps=5, levels=2)  # the network's start wins
+    calls = []
+    row = similarity.SIMILARITIES["mind"]
+    counted = row._replace(prepare=lambda image: calls.append(1) or row.prepare(image))
+    monkeypatch.setitem(similarity.SIMILARITIES, "mind", counted)
+    stages = InstanceOptimization(steps=5, levels=2, prealign="none")
+    ddf = stages.register(lambda m: truth, fixed, moving, torch.tensor([[0.083, 0.03]]), pair.spacing)
+    assert stages.record["start_network"].item() == 1.0 and len(calls) == 2  # fixed and moving, once each
+    assert torch.equal(ddf, expected)

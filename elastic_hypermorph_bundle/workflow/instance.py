@@ -18,7 +18,8 @@ from ..losses.similarity import get_similarity
 from ..networks.spatial import Affine, affine_ddf, compose_affine
 from ..networks.warp import warp_image
 from ..losses.discrete import discrete_search
-from ..optimize import PREALIGNMENTS, auto_prealign, instance_optimize, prealign, start_objective
+from ..optimize import (PREALIGNMENTS, auto_prealign, instance_optimize, prealign, similarity_features,
+                        start_objective)
 
 __all__ = ["InstanceOptimization", "PairStages"]
 
@@ -174,13 +175,15 @@ class InstanceOptimization:
             return None
         return prealign(fixed, moving, spacing, self.prealign, self.similarity, mask, self.prealign_steps)
 
-    def refine(self, fixed, moving, hyper, init_ddf, affine: Affine | None = None, mask=None) -> torch.Tensor:
-        """The total DDF: ``init_ddf`` optimised at the rows' ``(lam, mu)`` and composed with ``affine``."""
+    def refine(self, fixed, moving, hyper, init_ddf, affine: Affine | None = None, mask=None,
+               features=None) -> torch.Tensor:
+        """The total DDF: ``init_ddf`` optimised at the rows' ``(lam, mu)`` and composed with ``affine``
+        (``features``: the pair's :func:`~elastic_hypermorph_bundle.optimize.similarity_features`, if computed)."""
         lam, mu = self.elastic_parameters(hyper)
         return instance_optimize(
             fixed, moving, lam, mu, init_ddf, similarity=self.similarity, steps=self.steps, levels=self.levels,
             grid=self.grid, lr=self.lr, mask=mask, diffeomorphic=self.diffeomorphic, affine=affine,
-            smooth=self.smooth,
+            smooth=self.smooth, features=features,
         )
 
     def prepare(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None) -> PairStages:
@@ -210,6 +213,8 @@ class InstanceOptimization:
         stages = self.prepare(fixed, moving, spacing, mask) if prepared is None else prepared
         self.record = dict(stages.record)
         affine, network_moving, start = stages.affine, stages.network_moving, stages.start
+        # the similarity's descriptors of both images, once for the start's choice and the optimisation
+        features = similarity_features(fixed, moving, self.similarity) if self.steps > 0 else None
         if predict is None:
             ddf = torch.zeros(fixed.shape[0], 3, *fixed.shape[2:], dtype=fixed.dtype, device=fixed.device) \
                 if start is None else start
@@ -217,17 +222,17 @@ class InstanceOptimization:
             ddf = predict(network_moving)
             ddf = plain(ddf).float()
             if self.select_start and self.steps > 0:
-                ddf = self._better_start(fixed, moving, hyper, ddf, start, affine, mask)
+                ddf = self._better_start(fixed, moving, hyper, ddf, start, affine, mask, features)
         if self.steps > 0:
-            return self.refine(fixed, moving, hyper, ddf, affine, mask)
+            return self.refine(fixed, moving, hyper, ddf, affine, mask, features)
         return compose_affine(affine, ddf)
 
-    def _better_start(self, fixed, moving, hyper, network_ddf, other, affine, mask) -> torch.Tensor:
+    def _better_start(self, fixed, moving, hyper, network_ddf, other, affine, mask, features=None) -> torch.Tensor:
         """Per pair, the start (the network's field or ``other``: the identity when None) with the lower objective
         at the optimisation's first level; both values and the choice go to the log and :attr:`record`."""
         lam, mu = self.elastic_parameters(hyper)
         kwargs = {"similarity": self.similarity, "levels": self.levels, "grid": self.grid, "mask": mask,
-                  "affine": affine}
+                  "affine": affine, "features": features}
         network_value = start_objective(fixed, moving, lam, mu, network_ddf, **kwargs)
         other_value = start_objective(fixed, moving, lam, mu, other, **kwargs)
         take_network = network_value <= other_value

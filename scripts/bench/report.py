@@ -623,7 +623,7 @@ def _section7(result: dict, run: dict | None = None) -> list[str]:
            "place, `--write_background false`, so that the writing is in the profiled thread)"
            if "outputs" in split else "the time of its `nibabel.save`")
         + ", a level's the time between the bundle's log lines of the last steps of two levels "
-        "(level 1 without the MIND features, listed apart). "
+        "(level 1 without the MIND features and the choice of the start, listed apart). "
         + (f"Measured on {run['date_utc']}" if run else "Measured")
         + (f" (code of commit {setup['commit']})" if setup.get("commit") else "") + " with "
         + f"{split.get('threads', '?')} torch threads **on a machine shared with other jobs** (other engineers' "
@@ -655,9 +655,10 @@ def _section7(result: dict, run: dict | None = None) -> list[str]:
         lines.append(f"| {stage} | {a:.2f} (once) | {b:.2f} |" if stage.startswith("checks")
                      else f"| {stage} | {a / pairs:.2f} | {b:.2f} |")
         if stage.startswith("instance"):
-            part = "MIND features of both images"
-            lines.append(f"| {sub}{part} | {split['parts'][part]['seconds'] / pairs:.2f} | "
-                         f"{single['parts'][part]['seconds']:.2f} |")
+            for part in split["parts"]:  # the MIND features, the choice of the start (recent runs)
+                if part.startswith(("MIND", "choice")):
+                    lines.append(f"| {sub}{part} | {split['parts'][part]['seconds'] / pairs:.2f} | "
+                                 f"{single['parts'][part]['seconds']:.2f} |")
             for row in split.get("level_seconds", []):
                 other = single_levels.get(row["level"], {}).get("seconds_per_pair")
                 lines.append(f"| {sub}level {row['level']} ({row['grid']}) | {row['seconds_per_pair']:.2f} | "

@@ -35,12 +35,14 @@ STAGE_FUNCTIONS = {
     "loading and preprocessing": [("monai/data/dataset.py", "__getitem__")],
     "pre-alignment (incl. the auto check)": [("elastic_hypermorph_bundle/workflow/instance.py", "align")],
     "network (weights, resampling, forward)": [("elastic_hypermorph_bundle/workflow/steps.py", "predict")],
-    "instance optimisation": [("elastic_hypermorph_bundle/optimize.py", "instance_optimize")],
+    "instance optimisation": [("elastic_hypermorph_bundle/optimize.py", name)
+                              for name in ("similarity_features", "start_objective", "instance_optimize")],
     "writing outputs (all files)": [("elastic_hypermorph_bundle/workflow/writers.py", "__call__")],
 }
 #: parts of the stages above, listed under them
 PART_FUNCTIONS = {
-    "MIND features of both images": [("elastic_hypermorph_bundle/losses/mind.py", "mind_ssc")],
+    "MIND features of both images": [("elastic_hypermorph_bundle/optimize.py", "similarity_features")],
+    "choice of the start (objective of both starts)": [("elastic_hypermorph_bundle/optimize.py", "start_objective")],
 }
 #: the whole engine run (the run list's last step) and the registration iteration
 ENGINE = ("ignite/engine/engine.py", "run")
@@ -148,9 +150,10 @@ def profile_run(spec: dict) -> dict:
         for pair in range(pairs):
             for level in range(2, count + 1):
                 per_level[level - 1] += ends[level][pair][0] - ends[level - 1][pair][0]
-        # the optimisation's time before level 2 also holds the MIND features of both images (computed once)
-        mind = result["parts"]["MIND features of both images"]["seconds"]
-        per_level[0] = optimisation - sum(per_level[1:]) - mind
+        # the optimisation's time before level 2 also holds the MIND features of both images (computed once) and
+        # the choice of the start, listed apart
+        before = sum(part["seconds"] for part in result["parts"].values())
+        per_level[0] = optimisation - sum(per_level[1:]) - before
         result["level_seconds"] = [
             {"level": level + 1, "grid": ends[level + 1][0][1], "seconds_per_pair": per_level[level] / pairs}
             for level in range(count)
