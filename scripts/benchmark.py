@@ -329,8 +329,9 @@ def run_real_anatomy(options: dict, model_dir: str, pair_cache: str, log, kinds=
             record_case(case, path)
         log(f"  [{index + 1}/{len(plan)}] {case_id}: {spec['name']}")
         defaults = next((r for r in result["rows"] if r["case"] == case_id and r["row_id"] == "defaults"), None)
-        if spec["row"] == "network_forced" and defaults and _took_network_start(defaults):
-            # the start selection took the network's start: the forced run is the same computation
+        took = _took_network_start(defaults) if defaults else None
+        if (spec["row"] == "network_forced" and took) or (spec["row"] == "from_identity" and took is False):
+            # the start selection took this row's start on this pair: the same computation (bit-identical)
             row = {**defaults, "method": spec["name"], "options": spec["options"], "same_as": "defaults"}
         else:
             row = measure(spec, [path], timeout=options["method_timeout_s"])
@@ -338,7 +339,8 @@ def run_real_anatomy(options: dict, model_dir: str, pair_cache: str, log, kinds=
         result["rows"].append(row)
         log(f"    " + (f"TRE {row['tre_mm']:.2f} mm (dense {row['tre_dense_mm']:.2f}), "
                        f"{row['seconds_per_pair']:.1f} s, peak {row['peak_rss_mib']:.0f} MiB"
-                       + (" (same as the defaults: the network's start was taken)" if row.get("same_as") else "")
+                       + (" (the defaults' computation: their start selection took this start)"
+                          if row.get("same_as") else "")
                        if "tre_mm" in row else str(row.get("skipped") or row.get("error")
                                                    or f"did not finish within {row.get('timed_out_s', 0):.0f} s")))
         if save is not None:
@@ -346,11 +348,14 @@ def run_real_anatomy(options: dict, model_dir: str, pair_cache: str, log, kinds=
     return result
 
 
-def _took_network_start(row: dict) -> bool:
-    """Whether the start selection of every pair of a measured ``optimize`` row took the network's start."""
+def _took_network_start(row: dict) -> bool | None:
+    """Whether the start selection of a measured ``optimize`` row took the network's start on every pair (True),
+    the identity on every pair (False), or neither / not recorded (None)."""
     records = (row.get("details") or {}).get("records") or []
-    return bool(records) and all(r.get("start_network") and all(float(v) > 0.5 for v in r["start_network"])
-                                 for r in records)
+    starts = [float(v) > 0.5 for r in records for v in r.get("start_network", [])]
+    if not starts or len(records) != row.get("pairs", len(records)):
+        return None
+    return True if all(starts) else False if not any(starts) else None
 
 
 def run_accuracy(options: dict, model_dir: str | None, pair_cache: str, log, kinds=None) -> dict:

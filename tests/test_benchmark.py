@@ -278,8 +278,9 @@ def test_quick_benchmark_writes_six_sections_and_parsable_json(tmp_path):
 
 def test_real_anatomy_saves_every_row_and_resumes_where_it_stopped(tmp_path, monkeypatch):
     """Section 5b: after every (pair, row) the result so far is saved; a rerun after a kill measures only the rows
-    not saved yet; a changed setting measures again only the rows it changes; the forced network start is not run
-    again when the defaults' start selection took the network's start."""
+    not saved yet; a changed setting measures again only the rows it changes; the forced network start (the
+    optimisation from identity) is not run again when the defaults' start selection took the network's start
+    (the identity's)."""
     import benchmark
     from bench import accuracy
 
@@ -311,12 +312,13 @@ def test_real_anatomy_saves_every_row_and_resumes_where_it_stopped(tmp_path, mon
         save=lambda result: saved.append(json.loads(json.dumps(result))), measure=measure)
     with pytest.raises(KeyboardInterrupt):
         run(lambda *a, **k: measure(*a, **k, kill_after=5))
-    assert len(saved) == 5 and len(saved[-1]["rows"]) == 5  # every row saved as it came
-    first = list(calls)
+    # every row saved as it came: 5 measured, the row from identity the defaults' (their start: the identity)
+    assert len(saved) == len(saved[-1]["rows"]) == 6 and len(calls) == 5
+    first, killed = list(calls), saved[-1]
     calls.clear()
-    resumed = run(measure, earlier=saved[-1])
-    assert len(calls) == 11 and not set(calls) & set(first)  # only the rows not saved
-    assert [row["tre_mm"] for row in resumed["rows"][:5]] == [1.0, 2.0, 3.0, 4.0, 5.0]  # kept as measured
+    resumed = run(measure, earlier=killed)
+    assert len(calls) == 16 - 6 - 1 and not set(calls) & set(first)  # only the rows not saved
+    assert resumed["rows"][:6] == killed["rows"]  # kept as measured
     calls.clear()
     changed = run(measure, earlier=resumed, settings={**options, "elastix_iterations": 7})
     assert [row for row, _ in calls] == ["elastix", "elastix"] and len(changed["rows"]) == 16
@@ -324,3 +326,7 @@ def test_real_anatomy_saves_every_row_and_resumes_where_it_stopped(tmp_path, mon
     fresh = run(lambda *a, **k: measure(*a, **k, took_network=True))
     forced = [row for row in fresh["rows"] if row["row_id"] == "network_forced"]
     assert len(calls) == 14 and all(row["same_as"] == "defaults" for row in forced)
+    calls.clear()
+    fresh = run(measure)  # the identity's start taken: the row from identity is the defaults' computation
+    assert len(calls) == 14 and all(row["same_as"] == "defaults" for row in fresh["rows"]
+                                    if row["row_id"] == "from_identity")

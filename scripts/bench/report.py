@@ -451,8 +451,10 @@ def _section5_real(result: dict | None, runs: list[dict] = ()) -> list[str]:
               f"steps per level, model `{Path(setup['model']).name}` (sha1 {setup.get('model_sha')}, trained at "
               f"{_size(card.get('spatial_size') or ['?'])}). **defaults** = the bundle with no flags (the network's "
               "start taken only when its objective at the first level is lower than the identity's); **network "
-              "start forced** = the same without that selection (identical to the defaults, and not run again, "
-              "when the selection took the network's start). Rows not yet measured are not shown.", ""]
+              "start forced** = the same without that selection. Where the selection took the network's start "
+              "the forced row is the defaults' computation, and where it took the identity the row from identity "
+              "is (bit-identical, checked on the first follow-up): those rows are not run again and are marked "
+              "(= defaults). Rows not yet measured are not shown.", ""]
     planned = setup.get("cases", [])
     measured = {row["case"] for row in result["rows"]}
     titles = {"breath_hold": "realistic breath-hold pair (`--preset realistic`)",
