@@ -85,6 +85,8 @@ def render(results: dict) -> str:
     lines += _section6(results["capacity"])
     if "stages" in results:
         lines += _section7(results["stages"], runs.get("stages"))
+    if "speed_candidates" in results:
+        lines += _speed_candidates(results["speed_candidates"])
     return "\n".join(lines) + "\n"
 
 
@@ -625,7 +627,9 @@ def _section7(result: dict, run: dict | None = None) -> list[str]:
            "place, `--write_background false`, so that the writing is in the profiled thread)"
            if "outputs" in split else "the time of its `nibabel.save`")
         + ", a level's the time between the bundle's log lines of the last steps of two levels "
-        "(level 1 without the MIND features and the choice of the start, listed apart). "
+        + ("(level 1 without the MIND features and the choice of the start, listed apart). "
+           if any(part.startswith("choice") for part in split.get("parts", {}))
+           else "(level 1 without the MIND features, listed apart). ")
         + (f"Measured on {run['date_utc']}" if run else "Measured")
         + (f" (code of commit {setup['commit']})" if setup.get("commit") else "") + " with "
         + f"{split.get('threads', '?')} torch threads **on a machine shared with other jobs** (other engineers' "
@@ -705,3 +709,59 @@ def _section7(result: dict, run: dict | None = None) -> list[str]:
         "",
     ]
     return lines
+
+
+def _speed_candidates(measured: dict) -> list[str]:
+    """Section 7b: the candidates to make the optimisation cheaper (``scripts/bench/speed_candidates.py``)."""
+    lines = [f"### 7b. Candidates to make the optimisation cheaper (issue 21)", ""]
+    micro = measured.get("micro")
+    if micro:
+        result = micro["result"]
+        lines += [
+            f"One finest-level step (control grid {_size(result['level'])}, the 12 MIND-SSC descriptors, elastic "
+            "energy, backward, Adam) of a full-size pair, the candidates interleaved in one process "
+            f"({result['rounds']} rounds, order reversed every other round; `python -m bench.speed_candidates "
+            f"micro`), measured on {micro['date_utc']} under `nice -n 15` on {micro['cpus']} shared cores (load "
+            f"average {result['load_before']:.1f} before, {result['load_after']:.1f} after): only the ratios mean "
+            "anything. The MIND-SSC descriptors of both images took "
+            f"{result['mind_both_images_s']:.1f} s here (computed once per pair since issue 21; the start's choice "
+            "used to compute them twice more).",
+            "",
+            "| candidate | median s per step | ratio to the default | max abs difference of the field (voxels) |",
+            "|---|---|---|---|",
+        ]
+        for name, seconds in result["step_median_s"].items():
+            difference = result.get("max_abs_difference", {}).get(name)
+            lines.append(f"| {name} | {seconds:.2f} | {result['ratio_to_default'][name]:.2f} | "
+                         f"{'-' if difference is None else f'{difference:.1e}'} |")
+        if "compile_first_call_s" in result:
+            lines += ["", f"`torch.compile`'s first call (the compilation and two steps) took "
+                          f"{result['compile_first_call_s']:.0f} s."]
+        if "compile_error" in result:
+            lines += ["", f"`torch.compile` failed on this build: {result['compile_error']}"]
+        lines.append("")
+    screen = measured.get("tre")
+    if screen:
+        rows = screen["result"]
+        steps = sorted({int(k.split("_")[1]) for row in rows for k in row if k.startswith("finest_") and
+                        k.endswith("_tre_mm")}, reverse=True)
+        lines += [
+            "Fewer finest-level steps from the network's start (release model, lam 0.083, mu 0.03; "
+            "`python -m bench.speed_candidates tre`): the two coarse levels of the default schedule once (25 steps "
+            "each), then the finest level with each number of steps, on full-size realistic pairs of real CTs "
+            f"(keypoint TRE, mm; seconds under the load above, measured on {screen['date_utc']}).",
+            "",
+            "| pair (real CT) | identity | network | after the coarse levels | "
+            + " | ".join(f"finest {n} steps: TRE, s" for n in steps) + " |",
+            "|---|---|---|---|" + "---|" * len(steps),
+        ]
+        for row in rows:
+            lines.append(f"| {row['real_ct']} ({row['preset']}) | {row['identity_tre_mm']:.2f} | "
+                         f"{row['network_tre_mm']:.2f} | {row['coarse_tre_mm']:.2f} | "
+                         + " | ".join(f"{row[f'finest_{n}_tre_mm']:.2f}, {row[f'finest_{n}_s']:.0f}"
+                                      if f"finest_{n}_tre_mm" in row else "-" for n in steps) + " |")
+        lines.append("")
+    if measured.get("summary"):
+        lines += [measured["summary"], ""]
+    return lines
+
