@@ -17,7 +17,9 @@ Every keyword of :func:`elastic_hypermorph_bundle.simulation.dataset.make_synthe
 ``--noise_std 20``, ``--poisson_range "[0.3,0.45]"``, ``--mu_range``, ``--max_displacement_range``,
 ``--rib_weight_range``, ``--padding_fraction``) including the realism options: ``--preset realistic``,
 ``--mass_conservation``, ``--sliding 0.8``, ``--noise_std_range "[10,40]"``, ``--blur_range "[0,1.5]"``,
-``--intensity_shift_range "[-20,20]"``, ``--volume_change_range "[0.12,0.22]"``, ``--fixed_field_of_view``.
+``--intensity_shift_range "[-20,20]"``, ``--volume_change_range "[0.12,0.22]"``, ``--fixed_field_of_view``, and
+``--pleural_load_range "[0.5,2]"`` (draw the pleural load instead of the volume change, so the motion's
+compressibility follows the drawn material: data on which the sweep can recover it).
 An unknown option is refused with the list of valid ones.
 """
 

@@ -440,6 +440,34 @@ def test_unsupervised_choice_respects_its_smoothness_bounds():
     assert summarize(results, "similarity", max_folding_percent=0.5, max_sd_log_jacobian=0.15)["best"]["grid_index"] == 2
 
 
+def test_unsupervised_scores_mind_and_objective_under_the_bounds():
+    from elastic_hypermorph_bundle.discovery.selection import unsupervised_choice
+
+    grid = np.array([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    mind = np.array([[0.10], [0.12], [0.13], [0.20]])  # the weakest regularization fits best ...
+    volume, shear = np.array([[0.05], [0.02], [0.01], [0.01]]), np.array([[0.04], [0.01], [0.03], [0.01]])
+    sdlogj, folding, tre = np.array([[0.3], [0.1], [0.1], [0.05]]), np.zeros((4, 1)), np.array([[2.0], [1.5], [1.0], [3.0]])
+    lncc = np.array([[0.9], [0.8], [0.7], [0.6]])
+    results = SweepResults(("lam", "mu"), grid, ["a"], {"mind": mind, "energy_volume": volume, "energy_shear": shear,
+                                                       "sd_log_jacobian": sdlogj, "folding_percent": folding,
+                                                       "tre_mm": tre, "lncc": lncc})
+    # ... but is too rough for the SD log J bound, so MIND takes the next best point that meets it
+    by_mind = unsupervised_choice(results, 0.5, 0.2, score="mind")
+    assert by_mind["per_pair"][0]["grid_index"] == 1 and by_mind["per_pair"][0]["feasible"]
+    # the objective at the grid's centre (0.5, 0.5): mind + 0.5 volume + 0.5 shear = .145, .135, .15, .21
+    by_objective = unsupervised_choice(results, 0.5, None, score="objective")
+    assert by_objective["reference"] == [0.5, 0.5] and by_objective["per_pair"][0]["grid_index"] == 1
+    assert unsupervised_choice(results, 0.5, None, score="objective", reference=(2.0, 0.0))["per_pair"][0][
+        "grid_index"] == 2  # .20, .16, .15, .22
+    # every score's regret against the TRE oracle (point 2, 1.0 mm) is reported beside the chosen one's
+    alternatives = by_mind["alternatives"]
+    assert set(alternatives) == {"lncc", "mind", "objective"}
+    assert alternatives["mind"]["regret_percent"] == pytest.approx(50.0) == by_mind["regret_percent"]
+    assert alternatives["lncc"]["grid_index"] == [1]  # max LNCC under the bound
+    with pytest.raises(ValueError, match="unsupervised score"):
+        unsupervised_choice(results, score="ssd")
+
+
 def test_sweep_reports_the_instance_optimisation_gain_at_the_selected_point(setup, tmp_path):
     from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
 

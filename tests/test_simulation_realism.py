@@ -257,3 +257,30 @@ def test_cli_mixes_phantom_and_real_ct_pairs(tmp_path):
     assert [p["simulation"]["anatomy"] for p in pairs] == ["phantom", "real_ct"]
     assert spec["generator"]["preset"] == "realistic" and spec["generator"]["real_ct_fraction"] == 0.5
     assert not any(p.suffix == ".nii" or p.name == REAL_CT.name for p in out.rglob("*"))
+
+
+def test_pleural_load_makes_the_volume_change_follow_the_material():
+    """With a drawn pleural load (not a drawn volume change) the solve with the case's material sets the volume
+    change: the same case and load dilate the lungs less when less compressible (nu 0.45 vs 0.1), at the same
+    maximum displacement; the realistic preset's volume-change draw is replaced, the rest of its draws kept."""
+    def case(nu, **options):
+        return simulate_pair(SIZE, seed=2, noise_std=0.0, preset="realistic", fixed_field_of_view=False,
+                             poisson_range=(nu, nu), **options)
+
+    soft, stiff = (case(nu, pleural_load_range=(1.0, 1.0)) for nu in (0.1, 0.45))
+    for pair in (soft, stiff):
+        record = pair.simulation
+        assert record["pleural_load"] == 1.0 and "target_volume_change" not in record
+        assert np.linalg.norm(_mm(pair), axis=0)[pair.moving_mask > 0].max() == pytest.approx(
+            record["max_displacement_mm"], rel=0.05)
+    assert soft.simulation["volume_change"] > 2 * stiff.simulation["volume_change"] > 0
+    grown = [pair.moving_mask.sum() / pair.fixed_mask.sum() - 1 for pair in (soft, stiff)]
+    assert grown[0] > grown[1]
+    # the default (a drawn volume change) does not depend on the material: both reach the drawn target
+    drawn = [case(nu).simulation for nu in (0.1, 0.45)]
+    assert drawn[0]["target_volume_change"] == drawn[1]["target_volume_change"]
+    assert "pleural_load" not in drawn[0]
+    # the load takes the volume change's draw: the acquisition draws after it are unchanged
+    assert soft.simulation["acquisition"] == case(0.1).simulation["acquisition"]
+    with pytest.raises(ValueError, match="pleural_load_range"):
+        simulate_pair((16, 16, 16), pleural_load_range=(2.0, 1.0))

@@ -12,6 +12,12 @@ Criteria (``criterion``):
   point meets them, the least folding point (ties: the smoothest) is chosen and the summary says so.
 * ``"auto"``: ``"dice"`` with masks, else ``"tre"`` with points, else ``"similarity"``.
 
+The per-pair choice without labels (:func:`unsupervised_choice`) ranks each pair's grid points by a label-free
+score (:data:`UNSUPERVISED_SCORES`) under the same smoothness bounds: ``"lncc"`` (max local NCC), ``"mind"`` (min
+MIND-SSC dissimilarity, the instance optimisation's own similarity) or ``"objective"`` (min of the optimisation's
+objective at one reference ``(lam_r, mu_r)`` for every point: ``mind + lam_r * energy_volume + mu_r *
+energy_shear``, so points are compared on one scale; reference: the centre of the swept grid).
+
 Ties go to the first grid point in grid order (``numpy.argmax``), so the choice is reproducible from the CSV.
 """
 
@@ -38,11 +44,14 @@ __all__ = [
     "material_correlation",
     "summarize",
     "unsupervised_choice",
+    "UNSUPERVISED_SCORES",
 ]
 
 CRITERIA = ("auto", "dice", "tre", "similarity")
 #: criterion -> (metric column, +1 to maximise / -1 to minimise)
 CRITERION_METRICS = {"dice": ("dice_mean", 1.0), "tre": ("tre_mm", -1.0), "similarity": ("lncc", 1.0)}
+#: label-free per-pair scores of :func:`unsupervised_choice`: name -> (direction, +1 maximise / -1 minimise)
+UNSUPERVISED_SCORES = {"lncc": 1.0, "mind": -1.0, "objective": -1.0}
 _NOT_METRICS = ("grid_index", "pair_id", "seconds", "network_seconds")
 #: prefix of the network-alone columns of a pipeline sweep (:func:`~.sweep.sweep_columns`)
 NETWORK_PREFIX = "network_"
@@ -208,27 +217,54 @@ def _network_only(results: SweepResults) -> SweepResults | None:
     return SweepResults(results.names, results.grid, results.pair_ids, metrics) if metrics else None
 
 
+def unsupervised_scores(results: SweepResults, reference: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+    """The label-free scores ``(G, P)`` of :data:`UNSUPERVISED_SCORES` that the table's columns allow: ``lncc``,
+    ``mind``, and ``objective = mind + lam_r energy_volume + mu_r energy_shear`` at ``reference`` ``(lam_r,
+    mu_r)`` (default: the centre of the grid's range; elastic sweeps only)."""
+    scores = {name: results.metrics[name] for name in ("lncc", "mind") if name in results.metrics}
+    energies = ("mind", "energy_volume", "energy_shear")
+    if results.names == ("lam", "mu") and all(name in results.metrics for name in energies):
+        lam_r, mu_r = (results.grid.min(0) + results.grid.max(0)) / 2 if reference is None else reference
+        scores["objective"] = (results.metrics["mind"] + lam_r * results.metrics["energy_volume"]
+                               + mu_r * results.metrics["energy_shear"])
+    return scores
+
+
 def unsupervised_choice(
-    results: SweepResults, max_folding_percent: float = 0.5, max_sd_log_jacobian: float | None = None
+    results: SweepResults, max_folding_percent: float = 0.5, max_sd_log_jacobian: float | None = None,
+    score: str = "lncc", reference: Sequence[float] | None = None,
 ) -> dict:
-    """Each pair's own ``(lam, mu)`` chosen without labels: maximal ``lncc`` under its own folding and SD log J
-    bounds (:func:`choose`). With ``tre_mm`` in the table (simulated pairs with ground truth), also its regret
-    against the oracle, each pair's TRE-best point: ``regret_percent = 100 (mean TRE at the choices / mean TRE at
-    the oracles - 1)``.
+    """Each pair's own ``(lam, mu)`` chosen without labels: the best ``score`` (:func:`unsupervised_scores`) under
+    its own folding and SD log J bounds (:func:`choose`). With ``tre_mm`` in the table (simulated pairs with
+    ground truth), also its regret against the oracle, each pair's TRE-best point: ``regret_percent = 100 (mean
+    TRE at the choices / mean TRE at the oracles - 1)``, and the same for every other available score
+    (``alternatives``: ``mean_tre_mm``, ``regret_percent``, ``grid_index`` per pair).
 
     Returns:
-        ``bounds``, ``per_pair`` (``pair_id``, ``grid_index``, parameters, ``feasible`` (the choice meets both
-        bounds), metrics there, ``physics``; with TRE also ``oracle`` grid index, parameters and TRE), and with
-        TRE ``mean_tre_mm``, ``oracle_mean_tre_mm``, ``regret_percent``.
+        ``score``, ``bounds``, ``per_pair`` (``pair_id``, ``grid_index``, parameters, ``feasible`` (the choice
+        meets both bounds), metrics there, ``physics``; with TRE also ``oracle`` grid index, parameters and TRE),
+        and with TRE ``mean_tre_mm``, ``oracle_mean_tre_mm``, ``regret_percent``, ``alternatives``.
+
+    Raises:
+        ValueError: ``score`` unknown, or not computable from this table's columns.
     """
+    if score not in UNSUPERVISED_SCORES:
+        raise ValueError(f"unsupervised score must be one of {tuple(UNSUPERVISED_SCORES)}, got {score!r}.")
+    scores = unsupervised_scores(results, reference)
+    if score not in scores:
+        raise ValueError(f"unsupervised score {score!r} needs columns this sweep has not got (it has {sorted(scores)}).")
     folding, sdlogj = results.metrics["folding_percent"], results.metrics.get("sd_log_jacobian")
     if sdlogj is None:
         sdlogj = np.zeros_like(folding)
     tre = results.metrics.get("tre_mm")
+
+    def pick(name: str, j: int) -> int:
+        return choose(scores[name][:, j], UNSUPERVISED_SCORES[name], folding[:, j], max_folding_percent,
+                      sdlogj[:, j], max_sd_log_jacobian)
+
     chosen = []
     for j, pair_id in enumerate(results.pair_ids):
-        g = choose(results.metrics["lncc"][:, j], 1.0, folding[:, j], max_folding_percent, sdlogj[:, j],
-                   max_sd_log_jacobian)
+        g = pick(score, j)
         entry = {
             "pair_id": pair_id,
             "grid_index": g,
@@ -243,15 +279,27 @@ def unsupervised_choice(
             entry["oracle"] = {"grid_index": oracle, **results.hyper(oracle), "tre_mm": float(tre[oracle, j])}
         chosen.append(entry)
     result: dict = {
-        "similarity": "lncc",
+        "score": score,
         "bounds": {"max_folding_percent": max_folding_percent, "max_sd_log_jacobian": max_sd_log_jacobian},
         "per_pair": chosen,
     }
+    if score == "objective":
+        result["reference"] = [float(v) for v in ((results.grid.min(0) + results.grid.max(0)) / 2
+                                                  if reference is None else reference)]
     if tre is not None:
-        at_choice = float(np.mean([entry["metrics"]["tre_mm"] for entry in chosen]))
         at_oracle = float(np.mean([entry["oracle"]["tre_mm"] for entry in chosen]))
-        result.update(mean_tre_mm=at_choice, oracle_mean_tre_mm=at_oracle,
-                      regret_percent=100.0 * (at_choice / at_oracle - 1.0) if at_oracle > 0 else None)
+
+        def regret(mean_tre: float) -> float | None:
+            return 100.0 * (mean_tre / at_oracle - 1.0) if at_oracle > 0 else None
+
+        at_choice = float(np.mean([entry["metrics"]["tre_mm"] for entry in chosen]))
+        result.update(mean_tre_mm=at_choice, oracle_mean_tre_mm=at_oracle, regret_percent=regret(at_choice))
+        result["alternatives"] = {}
+        for name in scores:
+            picks = [pick(name, j) for j in range(len(results.pair_ids))]
+            mean_tre = float(np.mean([tre[g, j] for j, g in enumerate(picks)]))
+            result["alternatives"][name] = {"mean_tre_mm": mean_tre, "regret_percent": regret(mean_tre),
+                                            "grid_index": picks}
     return result
 
 
@@ -261,6 +309,7 @@ def summarize(
     max_folding_percent: float = 0.5,
     truths: Mapping[str, dict | None] | None = None,
     max_sd_log_jacobian: float | None = None,
+    unsupervised_score: str = "lncc",
 ) -> dict:
     """Dataset optimum, per-pair optima, per-pair tuning gain, grid means and physical reading of a sweep.
 
@@ -268,7 +317,7 @@ def summarize(
     hyperparameters, mean of every metric there, physical reading), ``per_pair`` (each pair's own optimum and its
     metric there and at the dataset optimum, true material if any), ``per_pair_gain`` (mean criterion metric at
     the per-pair optima vs at the dataset optimum), ``material_correlation`` (elastic models), ``unsupervised``
-    (:func:`unsupervised_choice`, with its own ``material_correlation`` for elastic models), for a pipeline sweep
+    (:func:`unsupervised_choice` by ``unsupervised_score``, when the table has its columns, with its own ``material_correlation`` for elastic models), for a pipeline sweep
     ``network_only`` (the network-alone columns' optimum by the same criterion, and the Spearman correlation of
     the two grids' mean criterion metric), and ``grid`` (mean metrics of every grid point, the ``network_``
     columns included).
@@ -331,8 +380,8 @@ def summarize(
     elastic = results.names == ("lam", "mu")
     if elastic:
         summary["material_correlation"] = material_correlation(per_pair)
-    if "lncc" in results.metrics:
-        unsupervised = unsupervised_choice(results, max_folding_percent, max_sd_log_jacobian)
+    if unsupervised_score in unsupervised_scores(results):
+        unsupervised = unsupervised_choice(results, max_folding_percent, max_sd_log_jacobian, unsupervised_score)
         if elastic:
             with_truth = [{**entry, "truth": (truths or {}).get(entry["pair_id"])} for entry in unsupervised["per_pair"]]
             unsupervised["material_correlation"] = material_correlation(with_truth)

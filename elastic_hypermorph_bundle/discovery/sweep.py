@@ -26,8 +26,10 @@ import torch
 from monai.data.utils import affine_to_spacing
 
 from ..forward import network_input, plain, weighted_ddf
+from ..losses.similarity import get_similarity
 from ..metrics import metric_columns, pair_metrics
 from ..networks.grid import NetworkGrid
+from ..networks.warp import warp_image
 
 __all__ = [
     "PreparedPair",
@@ -61,6 +63,14 @@ class PreparedPair:
     spacing: tuple[float, ...] = ()
     truth: dict | None = None
     network_grid: NetworkGrid | None = None
+
+    def descriptors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """MIND-SSC descriptors ``(1, 12, *spatial)`` of the fixed and moving image (the instance optimisation's
+        similarity, :mod:`~elastic_hypermorph_bundle.losses.similarity`), computed once per pair."""
+        if getattr(self, "_descriptors", None) is None:
+            prepare = get_similarity("mind").prepare
+            self._descriptors = (prepare(self.fixed.float()), prepare(self.moving.float()))
+        return self._descriptors
 
     @property
     def network_input(self) -> torch.Tensor:
@@ -158,14 +168,17 @@ def field_metrics(
 ) -> dict[str, float]:
     """:func:`~elastic_hypermorph_bundle.metrics.pair_metrics` of one registration of a prepared pair (the sweep's
     metric columns, :func:`~elastic_hypermorph_bundle.metrics.metric_columns`): Dice over ``labels`` (none when
-    empty), TRE of the pair's points, Jacobian metrics inside the fixed mask, elastic energies, LNCC.
+    empty), TRE of the pair's points, Jacobian metrics inside the fixed mask, elastic energies, LNCC; and ``mind``,
+    the instance optimisation's own dissimilarity at full resolution (mean squared difference of the fixed
+    image's MIND-SSC descriptors and the moving image's warped by ``ddf``, averaged over channels and voxels, in
+    [0, 1], lower is better), for the unsupervised per-pair choice (:mod:`.selection`).
 
     Args:
         ddf: ``(1, D, *spatial)`` displacement field of ``pair``.
         hyper: the row's hyperparameters by name.
         labels: mask labels to score (:func:`mask_labels`); empty skips Dice.
     """
-    return pair_metrics(
+    row = pair_metrics(
         ddf,
         fixed_mask=pair.fixed_mask,
         moving_mask=pair.moving_mask if labels else None,
@@ -177,6 +190,10 @@ def field_metrics(
         moving_image=pair.moving,
         hyper=hyper,
     )
+    fixed, moving = pair.descriptors()
+    with torch.no_grad():
+        row["mind"] = float((warp_image(moving, plain(ddf).float()) - fixed).square().mean())
+    return row
 
 
 def _stage_mask(pair: PreparedPair, instance) -> torch.Tensor | None:
@@ -373,7 +390,7 @@ def run_grid(
 def sweep_columns(names: Iterable[str], labels: Sequence[int], with_points: bool, pipeline: bool = False) -> list[str]:
     """Header of the sweep CSV; ``pipeline``: the network-alone columns (``network_<metric>``,
     ``network_seconds``) before the pipeline's."""
-    metrics = metric_columns(labels, with_points)
+    metrics = [*metric_columns(labels, with_points), "mind"]
     if not pipeline:
         return ["grid_index", *names, "pair_id", *metrics, "seconds"]
     network = [NETWORK_PREFIX + column for column in metrics]

@@ -36,7 +36,7 @@ from .instance import instance_gain
 from .parallel import merge_parts, part_path, share
 from .plots import plot_grid_metric, plot_material_recovery, plot_per_pair_optima, plot_pipeline_heatmaps
 from .refine import refine_hyper
-from .selection import physical_reading, read_sweep, resolve_criterion, summarize
+from .selection import UNSUPERVISED_SCORES, physical_reading, read_sweep, resolve_criterion, summarize
 from .store import SUMMARY_FILE, TABLE_FILE, check_or_record, file_sha256
 from .sweep import PreparedPair, SweepTable, field_metrics, mask_labels, prepare_pairs, run_grid, sweep_columns
 
@@ -117,6 +117,9 @@ class ParameterSweep:
             preprocessing).
         max_sd_log_jacobian: SD log J bound of the ``"similarity"`` criterion and of the unsupervised per-pair
             choice (None: no bound).
+        unsupervised_score: the score the unsupervised per-pair choice optimises under those bounds
+            (:data:`~.selection.UNSUPERVISED_SCORES`: ``"lncc"``, ``"mind"`` or ``"objective"``; measured in
+            docs/discovery.md).
         device: where pairs are cached and the network runs (default: the network's device).
         progress: show progress with ETA.
     """
@@ -148,6 +151,7 @@ class ParameterSweep:
         instance_steps: int | None = None,
         registration_grid: str = "image",
         max_sd_log_jacobian: float | None = None,
+        unsupervised_score: str = "lncc",
     ) -> None:
         self.network = network
         self.instance = instance if instance is not None and instance.enabled else None
@@ -162,6 +166,9 @@ class ParameterSweep:
             raise ValueError(f"registration_grid must be one of {REGISTRATION_GRIDS}, got {registration_grid!r}.")
         self.registration_grid = registration_grid
         self.max_sd_log_jacobian = None if max_sd_log_jacobian is None else float(max_sd_log_jacobian)
+        if unsupervised_score not in UNSUPERVISED_SCORES:
+            raise ValueError(f"unsupervised_score must be one of {tuple(UNSUPERVISED_SCORES)}, got {unsupervised_score!r}.")
+        self.unsupervised_score = unsupervised_score
         self.space = hyper_space
         self.dataset_dir, self.split, self.seed, self.split_file = dataset_dir, split, seed, split_file
         self.output_dir = Path(output_dir)
@@ -262,7 +269,7 @@ class ParameterSweep:
 
         results = read_sweep(self.output_dir / TABLE_FILE, names, num_points=self.grid.shape[0])
         summary = summarize(results, self.criterion, self.max_folding_percent, {p.pair_id: p.truth for p in pairs},
-                            self.max_sd_log_jacobian)
+                            self.max_sd_log_jacobian, self.unsupervised_score)
         summary["registration"] = {
             "grid": self.registration_grid,
             "pipeline": _settings(self.pipeline),
@@ -361,7 +368,7 @@ class ParameterSweep:
             path = self.output_dir / "material_recovery.png"
             entries = {f"{summary['criterion']['name']} optimum": summary["material_correlation"]["poisson_ratio"]}
             if "material_correlation" in unsupervised:
-                entries["unsupervised"] = unsupervised["material_correlation"]["poisson_ratio"]
+                entries[f"unsupervised ({unsupervised['score']})"] = unsupervised["material_correlation"]["poisson_ratio"]
             plot_material_recovery(entries, path)
             files.append(path.name)
         return files

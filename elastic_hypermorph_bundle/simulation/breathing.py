@@ -15,7 +15,13 @@ from .navier import solve_navier_lame
 from .phantom import ThoraxAnatomy
 from .realism import dilatation_force
 
-__all__ = ["breathing_force", "breathing_field"]
+__all__ = ["breathing_force", "breathing_field", "mean_divergence"]
+
+
+def mean_divergence(displacement_mm: np.ndarray, lung_mask: np.ndarray, spacing: Sequence[float]) -> float:
+    """Mean ``div u`` over ``lung_mask`` of a field ``(3, X, Y, Z)`` in mm (central differences): the lungs'
+    volume change to first order."""
+    return float(sum(np.gradient(displacement_mm[i], spacing[i], axis=i) for i in range(3))[lung_mask].mean())
 
 
 def breathing_force(
@@ -72,19 +78,32 @@ def breathing_field(
     padding_fraction: float,
     target: float,
     volume_change: float | None,
+    pleural_load: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray, float]:
     """Elastic displacement (mm) and its balanced force: ``body_force`` scaled to ``max |u| = target`` over the lungs,
     plus, when ``volume_change`` is given, the pleural pressure (:func:`.realism.dilatation_force`) that brings the
-    mean ``div u`` over the lungs to ``volume_change``. Returns ``(u_mm, force, pressure)``."""
+    mean ``div u`` over the lungs to ``volume_change``. Returns ``(u_mm, force, pressure)``.
+
+    With ``pleural_load`` instead, the load is drawn, not the motion: the force is ``body_force + k d``, ``d`` the
+    unit pleural force and ``k = pleural_load * sum|body_force| / sum|d|`` (the pressure's share of the load),
+    solved with ``(lam, mu)`` and then scaled to ``max |u| = target``. The scaling changes the amplitude only, so
+    the field's shape, and its volume change relative to its shear, follow the material (the pleural part dilates
+    by ``p / (lam + 2 mu)``, the diaphragm's shears by about ``1 / mu``), which makes the material identifiable
+    from the motion."""
     displacement_mm, force = _padded_solve(body_force, lam, mu, spacing, padding_fraction)
+    if pleural_load is not None:
+        unit = dilatation_force(lung_mask, spacing)
+        k = float(pleural_load) * np.abs(body_force).sum() / max(np.abs(unit).sum(), 1e-12)
+        extra_u, extra_f = _padded_solve(unit, lam, mu, spacing, padding_fraction)
+        displacement_mm, force = displacement_mm + k * extra_u, force + k * extra_f
+        scale = target / np.linalg.norm(displacement_mm, axis=0)[lung_mask].max()
+        return scale * displacement_mm, scale * force, float(scale * k)
     scale = target / np.linalg.norm(displacement_mm, axis=0)[lung_mask].max()
     displacement_mm, force = scale * displacement_mm, scale * force
     pressure = 0.0
     if volume_change is not None:
-        def mean_divergence(u: np.ndarray) -> float:
-            return float(sum(np.gradient(u[i], spacing[i], axis=i) for i in range(3))[lung_mask].mean())
-
         extra_u, extra_f = _padded_solve(dilatation_force(lung_mask, spacing), lam, mu, spacing, padding_fraction)
-        pressure = max(volume_change - mean_divergence(displacement_mm), 0.0) / mean_divergence(extra_u)
+        pressure = max(volume_change - mean_divergence(displacement_mm, lung_mask, spacing), 0.0) / \
+            mean_divergence(extra_u, lung_mask, spacing)
         displacement_mm, force = displacement_mm + pressure * extra_u, force + pressure * extra_f
     return displacement_mm, force, float(pressure)

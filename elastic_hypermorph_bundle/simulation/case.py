@@ -44,7 +44,9 @@ class SimulatedPair:
 @dataclass(frozen=True)
 class CaseDraw:
     """A case's material (Poisson ratio ``nu``, Lamé ``lam`` and ``mu``), force amplitude (``target``: maximum
-    displacement in mm, ``rib_weight``), the generator of its realism draws and its target lung volume change."""
+    displacement in mm, ``rib_weight``), the generator of its realism draws and its target lung volume change, or
+    (option ``pleural_load_range``) its pleural load: the pleural pressure's share of the load, which the elastic
+    solve with the case's material turns into a volume change."""
 
     seed: int
     nu: float
@@ -54,6 +56,7 @@ class CaseDraw:
     rib_weight: float
     realism_rng: np.random.Generator
     volume_change: float | None
+    pleural_load: float | None = None
 
     def record(self, anatomy: str, **extra) -> dict:
         """The start of the case's ``simulation`` record; ``extra`` (e.g. the CT's name) follows ``anatomy``."""
@@ -75,14 +78,18 @@ def draw_case(
     rng: np.random.Generator, seed: int, options: dict, poisson_range: Sequence[float], mu_range: Sequence[float]
 ) -> CaseDraw:
     """Draw the material and the amplitude from ``rng`` (in this order: nu, mu, target, rib weight) and the volume
-    change from the realism generator ``default_rng([seed, 1])``."""
+    change (or, with ``pleural_load_range``, the pleural load, in its place) from the realism generator
+    ``default_rng([seed, 1])``."""
     nu, mu = rng.uniform(*poisson_range), rng.uniform(*mu_range)
     target, rib_weight = rng.uniform(*options["max_displacement_range"]), rng.uniform(*options["rib_weight_range"])
     realism_rng = np.random.default_rng([int(seed), 1])
-    volume_change = None
-    if options["volume_change_range"] is not None:
+    volume_change = pleural_load = None
+    if options.get("pleural_load_range") is not None:
+        pleural_load = float(realism_rng.uniform(*options["pleural_load_range"]))
+    elif options["volume_change_range"] is not None:
         volume_change = float(realism_rng.uniform(*options["volume_change_range"]))
-    return CaseDraw(int(seed), nu, mu, 2 * mu * nu / (1 - 2 * nu), target, rib_weight, realism_rng, volume_change)
+    return CaseDraw(int(seed), nu, mu, 2 * mu * nu / (1 - 2 * nu), target, rib_weight, realism_rng, volume_change,
+                    pleural_load)
 
 
 def draw_acquisition(rng: np.random.Generator, options: dict) -> list[dict]:
@@ -100,11 +107,15 @@ def draw_acquisition(rng: np.random.Generator, options: dict) -> list[dict]:
     return phases
 
 
-def realism_record(options, volume_change, pressure, sliding_record, acquisition, slab_depth) -> dict:
-    """The realism values of one case for its ``simulation`` record (empty when every option is off)."""
+def realism_record(options, volume_change, pressure, sliding_record, acquisition, slab_depth,
+                   pleural_load=None, lung_volume_change=None) -> dict:
+    """The realism values of one case for its ``simulation`` record (empty when every option is off); with a drawn
+    pleural load, the load, the pressure and the volume change the material gave (mean ``div u`` in the lungs)."""
     record = {}
     if volume_change is not None:
         record.update(target_volume_change=volume_change, pleural_pressure=pressure)
+    if pleural_load is not None:
+        record.update(pleural_load=pleural_load, pleural_pressure=pressure, volume_change=lung_volume_change)
     if options["sliding"] > 0:
         record.update(sliding_record)
     if options["mass_conservation"]:

@@ -174,7 +174,9 @@ def make_synthetic_dataset(
     }
     if simulation["preset"] is not None or any(simulation[k] is not None for k in BASE_OPTIONS if k not in record):
         # the values in effect, whichever of the caller, the preset or the base set them
-        record.update(preset=simulation["preset"], **{k: v for k, v in resolved.items() if k not in record})
+        # (the pleural load only when drawn: datasets written before the option existed keep their bytes)
+        record.update(preset=simulation["preset"], **{k: v for k, v in resolved.items() if k not in record
+                                                      and not (k == "pleural_load_range" and v is None)})
     record = {k: (list(v) if isinstance(v, tuple) else v) for k, v in record.items()}
     if simulation["padding_fraction"] != _SIMULATION_OPTIONS["padding_fraction"]:
         record["padding_fraction"] = float(simulation["padding_fraction"])

@@ -47,7 +47,7 @@ from dataclasses import replace
 import numpy as np
 from scipy.ndimage import binary_erosion, map_coordinates
 
-from .breathing import breathing_field, breathing_force
+from .breathing import breathing_field, mean_divergence, breathing_force
 from .case import SimulatedPair, draw_acquisition, draw_case, realism_record
 from .followup import simulate_followup_pair
 from .options import resolve_settings
@@ -94,6 +94,7 @@ def simulate_pair(
     volume_change_range: Sequence[float] | None = None,
     fixed_field_of_view: bool | None = None,
     real_ct: str | os.PathLike | None = None,
+    pleural_load_range: Sequence[float] | None = None,
 ) -> SimulatedPair:
     """Simulate one exhale (fixed) / inhale (moving) pair with its ground-truth displacement (module docstring).
 
@@ -125,6 +126,11 @@ def simulate_pair(
             5-25 mm below the bottom of the image and the case is simulated on a taller grid, then both phases are
             cut to ``spatial_size``, so anatomy moves in and out of the slab (keypoints are kept when both of
             their positions lie inside it).
+        pleural_load_range: when given, the pleural pressure's share of the load (relative to the diaphragm and
+            rib-cage force, :func:`.breathing.breathing_field`) is drawn from it instead of the volume change
+            (``volume_change_range``, a preset's included, is then ignored): the solve with the case's material sets
+            the volume change (recorded as ``volume_change``), so the motion's compressibility follows the
+            material and a sweep can recover it (docs/discovery.md). Off by default (presets unchanged).
         real_ct: path of a chest CT (NIfTI, HU) to use as the exhale anatomy instead of the phantom
             (:func:`.real_ct.simulate_real_ct_pair`; ``fixed_field_of_view`` is then the CT's own extent).
 
@@ -148,6 +154,7 @@ def simulate_pair(
         intensity_shift_range=intensity_shift_range,
         volume_change_range=volume_change_range,
         fixed_field_of_view=fixed_field_of_view,
+        pleural_load_range=pleural_load_range,
     )
     if preset == "followup":
         if real_ct is None:
@@ -182,8 +189,10 @@ def simulate_pair(
     moving, moving_labels, moving_lung = render_phantom(anat, grid, spacing)
     force = breathing_force(anat, moving_lung, spacing, draw.rib_weight)
     elastic_mm, force, pressure = breathing_field(
-        moving_lung, force, draw.lam, draw.mu, spacing, padding_fraction, draw.target, draw.volume_change
+        moving_lung, force, draw.lam, draw.mu, spacing, padding_fraction, draw.target, draw.volume_change,
+        draw.pleural_load,
     )
+    lung_volume_change = mean_divergence(elastic_mm, moving_lung, spacing)
     spacing_column = np.asarray(spacing)[:, None, None, None]
     displacement_mm, sliding_record = elastic_mm, {"sliding": 0.0}
     fixed_lungs = None
@@ -227,7 +236,8 @@ def simulate_pair(
     record = draw.record("phantom")
     if preset is not None:
         record["preset"] = preset
-    realism = realism_record(options, draw.volume_change, pressure, sliding_record, acquisition, slab_depth)
+    realism = realism_record(options, draw.volume_change, pressure, sliding_record, acquisition, slab_depth,
+                             draw.pleural_load, lung_volume_change)
     return SimulatedPair(
         fixed_image=acquire(fixed, spacing, rng, **acquisition[0]),
         moving_image=acquire(moving, spacing, rng, **acquisition[1]),

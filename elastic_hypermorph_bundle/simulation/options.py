@@ -36,6 +36,7 @@ BASE_OPTIONS = {
     "intensity_shift_range": (0.0, 0.0),
     "volume_change_range": None,
     "fixed_field_of_view": False,
+    "pleural_load_range": None,
 }
 """Options of :func:`simulate_pair` that a preset may set, with their values when neither it nor the caller does."""
 
@@ -86,6 +87,9 @@ def _check_options(options: dict) -> dict:
     )
     if options["volume_change_range"] is not None:
         options["volume_change_range"] = _check_range("volume_change_range", options["volume_change_range"], 0.0, 1.0)
+    if options["pleural_load_range"] is not None:
+        options["pleural_load_range"] = _check_range("pleural_load_range", options["pleural_load_range"], 0.0, np.inf)
+        options["volume_change_range"] = None  # the volume change is then the solve's outcome, not a draw
     if not 0.0 <= float(options["sliding"]) <= 1.0:
         raise ValueError(f"sliding must be in [0, 1], got {options['sliding']}.")
     options["sliding"] = float(options["sliding"])

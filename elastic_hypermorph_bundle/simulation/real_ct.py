@@ -30,7 +30,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from .breathing import breathing_field
+from .breathing import breathing_field, mean_divergence
 from .case import SimulatedPair, draw_acquisition, draw_case, realism_record
 from .realism import acquire, conserve_lung_mass, jacobian_determinant, sliding_displacement
 
@@ -183,8 +183,10 @@ def simulate_real_ct_pair(
     lungs, body = segment_lungs(fixed, box)
     force = mask_breathing_force(lungs, body, spacing, draw.rib_weight)
     elastic_mm, force, pressure = breathing_field(
-        lungs, force, draw.lam, draw.mu, spacing, padding_fraction, draw.target, draw.volume_change
+        lungs, force, draw.lam, draw.mu, spacing, padding_fraction, draw.target, draw.volume_change,
+        draw.pleural_load,
     )
+    lung_volume_change = mean_divergence(elastic_mm, lungs, spacing)
     displacement_mm, sliding_record = elastic_mm, {"sliding": 0.0}
     if options["sliding"] > 0:
         displacement_mm, sliding_record = sliding_displacement(elastic_mm, lungs, spacing, options["sliding"])
@@ -224,7 +226,8 @@ def simulate_real_ct_pair(
 
     acquisition = draw_acquisition(draw.realism_rng, options)
     record = draw.record("real_ct", real_ct=os.path.basename(str(path)))
-    realism = realism_record(options, draw.volume_change, pressure, sliding_record, acquisition, None)
+    realism = realism_record(options, draw.volume_change, pressure, sliding_record, acquisition, None,
+                             draw.pleural_load, lung_volume_change)
     return SimulatedPair(
         fixed_image=acquire(fixed, spacing, rng, **acquisition[0]),
         moving_image=acquire(moving, spacing, rng, **acquisition[1]),
