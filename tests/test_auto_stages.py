@@ -85,6 +85,8 @@ def test_a_network_start_worse_than_the_identity_is_not_taken(breathing):
     assert torch.allclose(from_bad, from_identity, atol=1e-5)  # continued from the identity
     stages.register(lambda m: truth, fixed, moving, hyper, pair.spacing)
     assert stages.record["start_network"].item() == 1.0  # a good start is kept
+    finest = start_objective(fixed, moving, 0.083, 0.03, truth, similarity="mind", levels=1, grid=2.0)
+    assert torch.allclose(stages.record["start_objective_network"], finest)  # judged on the finest grid
     without = InstanceOptimization(steps=5, levels=2, prealign="none", select_start="false")
     assert not torch.allclose(without.register(lambda m: bad, fixed, moving, hyper, pair.spacing), from_identity)
 
