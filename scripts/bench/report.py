@@ -452,7 +452,9 @@ def _section5_real(result: dict | None, runs: list[dict] = ()) -> list[str]:
               f"mu = {setup['mu']}, pre-alignment `{setup.get('prealign')}`, {setup['network_optimize_steps'][0]} "
               f"steps per level, model `{Path(setup['model']).name}` (sha1 {setup.get('model_sha')}, trained at "
               f"{_size(card.get('spatial_size') or ['?'])}). **defaults** = the bundle with no flags (the network's "
-              "start taken only when its objective at the first level is lower than the identity's); **network "
+              "start taken only when its objective at the first, coarsest level was lower than the identity's: the "
+              "rule when these rows were measured; it now judges on the finest grid, see below each pair); "
+              "**network "
               "start forced** = the same without that selection. Where the selection took the network's start "
               "the forced row is the defaults' computation, and where it took the identity the row from identity "
               "is (bit-identical, checked on the first follow-up): those rows are not run again and are marked "
@@ -487,8 +489,24 @@ def _section5_real(result: dict | None, runs: list[dict] = ()) -> list[str]:
         decisions = next((_decisions(row) for row in rows if row.get("row_id") == "defaults"), "")
         if decisions:
             lines += [f"The defaults on this pair: {decisions}.", ""]
+        finest = (result.get("start_finest_grid") or {}).get(case_id)
+        if finest:  # the start selection as it is now (finest grid), decided on this pair by a separate run
+            now = "network_forced" if finest["network"] <= finest["identity"] else "from_identity"
+            same = next((r for r in _scored(rows) if r["row_id"] == now), None)
+            lines += [f"The start selection now judges on the finest grid: objective {finest['network']:.4f} from "
+                      f"the network, {finest['identity']:.4f} from the identity, so the defaults take the "
+                      f"{'network' if now == 'network_forced' else 'identity'}'s start and compute the row "
+                      f"\"{same['method'] if same else now}\""
+                      + (f" ({same['tre_mm']:.2f} mm)" if same else "") + ".", ""]
+            measured = next((r for r in rows if r.get("row_id") == "defaults"), None)
+            if same and measured is not None and same.get("tre_mm") != measured.get("tre_mm"):
+                rows_now = [dict(same, row_id="defaults") if r.get("row_id") == "defaults" else r for r in rows]
+                lines += ["Goals with the defaults as they are now: " + "; ".join(
+                    f"{name}: " + ("n/a (row missing)" if met is None else
+                                   f"{'met' if met else '**NOT met**'} ({_fmt(value, 3)} vs {_fmt(limit, 3)})")
+                    for name, value, limit, met in real_anatomy_goals(rows_now, case[0])) + ".", ""]
         goals = real_anatomy_goals(rows, case[0])
-        lines += ["Goals of issue 18 on this pair: " + "; ".join(
+        lines += ["Goals of issue 18 on this pair (the defaults as measured): " + "; ".join(
             f"{name}: " + ("n/a (row missing)" if met is None else
                            f"{'met' if met else '**NOT met**'} ({_fmt(value, 3)} vs {_fmt(limit, 3)})")
             for name, value, limit, met in goals) + ".", ""]
