@@ -300,7 +300,8 @@ def test_real_anatomy_saves_every_row_and_resumes_where_it_stopped(tmp_path, mon
         calls.append((spec["row"], Path(paths[0]).parent.name))
         records = [{"start_network": [1.0 if took_network else 0.0]}] if spec["kind"] == "optimize" else []
         return {"method": spec["name"], "kind": spec["kind"], "tre_mm": float(len(calls)), "tre_dense_mm": 1.0,
-                "seconds_per_pair": 1.0, "peak_rss_mib": 1.0, "details": {"records": records}}
+                "dice_mean": 0.9, "folding_percent": 0.0, "sd_log_jacobian": 0.1, "seconds_per_pair": 1.0,
+                "peak_rss_mib": 1.0, "details": {"records": records}}
 
     options = benchmark.real_anatomy_settings([8, 8, 8], cts=["a.nii.gz"], followups=[("a.nii.gz", 5)],
                                               real_ct_dir=str(tmp_path / "ct"))
@@ -330,3 +331,8 @@ def test_real_anatomy_saves_every_row_and_resumes_where_it_stopped(tmp_path, mon
     fresh = run(measure)  # the identity's start taken: the row from identity is the defaults' computation
     assert len(calls) == 14 and all(row["same_as"] == "defaults" for row in fresh["rows"]
                                     if row["row_id"] == "from_identity")
+    from bench.report import _section5_real
+
+    fresh["setup"]["lam"], fresh["setup"]["mu"] = 0.083, 0.03
+    text = "\n".join(_section5_real(fresh))
+    assert text.count("| bundle: defaults") == 2 and "Not measured yet" not in text  # every pair's table

@@ -426,7 +426,7 @@ def _decisions(row: dict) -> str:
             parts.append(f"pre-alignment {'kept' if record['prealign_applied'][0] > 0.5 else 'not kept'} "
                          f"(similarity {record['prealign_similarity_identity'][0]:.4f} at the identity, "
                          f"{record['prealign_similarity_rigid'][0]:.4f} rigid)")
-        if "start_network" in record:
+        if {"start_network", "start_objective_network", "start_objective_identity"} <= set(record):
             parts.append(f"start {'network' if record['start_network'][0] > 0.5 else 'identity'} (objective "
                          f"{record['start_objective_network'][0]:.4f} network, "
                          f"{record['start_objective_identity'][0]:.4f} identity)")
@@ -498,8 +498,8 @@ def _section5_real(result: dict | None, runs: list[dict] = ()) -> list[str]:
                       f"{'network' if now == 'network_forced' else 'identity'}'s start and compute the row "
                       f"\"{same['method'] if same else now}\""
                       + (f" ({same['tre_mm']:.2f} mm)" if same else "") + ".", ""]
-            measured = next((r for r in rows if r.get("row_id") == "defaults"), None)
-            if same and measured is not None and same.get("tre_mm") != measured.get("tre_mm"):
+            as_measured = next((r for r in rows if r.get("row_id") == "defaults"), None)
+            if same and as_measured is not None and same.get("tre_mm") != as_measured.get("tre_mm"):
                 rows_now = [dict(same, row_id="defaults") if r.get("row_id") == "defaults" else r for r in rows]
                 lines += ["Goals with the defaults as they are now: " + "; ".join(
                     f"{name}: " + ("n/a (row missing)" if met is None else
