@@ -32,6 +32,7 @@ from monai.transforms import (
     Spacingd,
 )
 
+from ..networks.spatial import antialias, antialias_sigma
 from .grids import same_grid
 from .io import Learn2RegDataError, read_points
 
@@ -50,6 +51,7 @@ __all__ = [
     "hu_window_coverage",
     "MapPointsToGridd",
     "ResampleToFixedd",
+    "AntiAliasd",
     "registration_transforms",
     "map_points",
     "ddf_to_original_grid",
@@ -247,6 +249,28 @@ class ResampleToFixedd(MapTransform):
         return d
 
 
+class AntiAliasd(MapTransform):
+    """Low-pass filter images before ``Spacingd`` coarsens them to ``pixdim`` mm: the Gaussian pre-filter of
+    :func:`~elastic_hypermorph_bundle.networks.spatial.antialias` (sigma per axis from the image's own voxel size),
+    so that this path and :class:`~elastic_hypermorph_bundle.networks.grid.NetworkGrid` (inference on the images'
+    grid) give the network the same input; images already at ``pixdim`` or finer-than-needed axes are untouched."""
+
+    def __init__(self, keys: KeysCollection, pixdim: Sequence[float], allow_missing_keys: bool = False) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.pixdim = tuple(float(p) for p in pixdim)
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            spacing = [float(v) for v in image.pixdim[:3]]
+            if max(antialias_sigma(spacing, self.pixdim)) > 0:
+                image = image.clone()
+                image.array = antialias(image.as_tensor()[None], spacing, self.pixdim)[0]
+                d[key] = image
+        return d
+
+
 def registration_transforms(
     spatial_size: Sequence[int] | None = None,
     pixdim: Sequence[float] | None = None,
@@ -261,7 +285,7 @@ def registration_transforms(
 
     Steps: ``LoadImaged`` (nibabel, channel first; masks too) -> :class:`EnsureFinited` -> optional
     ``Orientationd(axcodes)`` -> :class:`HounsfieldOffsetd` -> ``ScaleIntensityRanged`` (clip ``hu_window``
-    HU to [0, 1]) -> :class:`ResampleToFixedd` (a moving image and mask on another grid into the fixed grid) -> optional ``Spacingd(pixdim)`` (bilinear images, nearest masks) -> optional
+    HU to [0, 1]) -> :class:`ResampleToFixedd` (a moving image and mask on another grid into the fixed grid) -> optional :class:`AntiAliasd` and ``Spacingd(pixdim)`` (anti-aliased bilinear images, nearest masks) -> optional
     ``ResizeWithPadOrCropd(spatial_size)`` (centred, zero padding = air) -> :class:`LoadPointsd` and
     :class:`MapPointsToGridd` (points follow their image's grid) -> float32.
 
@@ -306,6 +330,7 @@ def registration_transforms(
     ]
     if pixdim is not None:
         modes = ["bilinear"] * len(IMAGE_KEYS) + ["nearest"] * len(masks)
+        transforms.append(AntiAliasd(IMAGE_KEYS, pixdim=pixdim))
         transforms.append(Spacingd(volumes, pixdim=pixdim, mode=modes, allow_missing_keys=optional))
     if spatial_size is not None:
         transforms.append(ResizeWithPadOrCropd(volumes, spatial_size=spatial_size, mode="constant", allow_missing_keys=optional))

@@ -3,8 +3,9 @@
 A model is trained on images resampled to its voxel size ``pixdim`` and centre padded/cropped to its
 ``spatial_size`` (``data.transforms.registration_transforms``; both recorded on its card). A pair may be registered
 on a finer grid (e.g. the images' own, for the instance optimisation): :class:`NetworkGrid` brings the images onto
-the model's grid the same way (trilinear resampling to ``pixdim`` with corner voxels aligned, then the centred pad
-or crop with zero = air) and the network's DDF back (the inverse crop/pad, trilinear resampling, and each channel
+the model's grid the same way (a Gaussian anti-aliasing pre-filter along every coarsened axis,
+:func:`~.spatial.antialias`, trilinear resampling to ``pixdim`` with corner voxels aligned, then the centred pad
+or crop with zero = air; the simulator renders its training images on the coarse grid after the same pre-filter) and the network's DDF back (the inverse crop/pad, trilinear resampling, and each channel
 ``j`` rescaled from network voxels to registration voxels along axis ``j``).
 """
 
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from .spatial import resize_field
+from .spatial import antialias, resize_field
 
 __all__ = ["NetworkGrid"]
 
@@ -112,10 +113,14 @@ class NetworkGrid:
 
     def to_network(self, images: torch.Tensor, spacing: Sequence[float]) -> torch.Tensor:
         """Images ``(B, C, *shape)`` on the registration grid (voxel size ``spacing``) on the network's grid; a
-        crop is named in a warning (:meth:`cropped`)."""
+        crop is named in a warning (:meth:`cropped`). Downsampling is anti-aliased: without the pre-filter, vessels
+        and noise finer than the network's voxels alias into it, unlike anything the network was trained on."""
         self._warn_crop(images.shape[2:], spacing)
         resampled = self.resampled_shape(images.shape[2:], spacing)
         if resampled != tuple(images.shape[2:]):
+            # the voxel size actually reached (the resampled grid's corners stay the registration grid's)
+            target = [(n - 1) * s / max(1, r - 1) for n, s, r in zip(images.shape[2:], spacing, resampled)]
+            images = antialias(images, spacing, target)
             images = F.interpolate(images, size=resampled, mode="trilinear", align_corners=True)
         return self._pad_crop(images, self.spatial_size)
 

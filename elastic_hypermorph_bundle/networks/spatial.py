@@ -15,8 +15,13 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from monai.networks.layers.convutils import gaussian_1d
+from monai.networks.layers.simplelayers import separable_filtering
 
-__all__ = ["Affine", "affine_ddf", "compose_affine", "level_shape", "resize_image", "resize_field", "field_scale"]
+__all__ = [
+    "Affine", "affine_ddf", "compose_affine", "level_shape", "resize_image", "resize_field", "field_scale",
+    "antialias_sigma", "antialias",
+]
 
 
 class Affine(NamedTuple):
@@ -51,6 +56,31 @@ def resize_image(image: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     if all(m <= n for m, n in zip(shape, image.shape[2:])):
         return F.interpolate(image, size=tuple(shape), mode="area")
     return F.interpolate(image, size=tuple(shape), mode="trilinear", align_corners=True)
+
+
+def antialias_sigma(spacing: Sequence[float], target_spacing: Sequence[float]) -> tuple[float, ...]:
+    """The Gaussian pre-filter (standard deviation in voxels of ``spacing``) per axis before resampling to
+    ``target_spacing`` (mm): ``sigma_i = max(0, (t_i / s_i - 1) / 2)``, 0 along an axis that is not coarsened. The
+    simulator's real-CT resampling uses the same rule (``simulation.real_ct``), so the images the network is trained
+    on and the images it is given at inference are filtered alike.
+
+    Raises:
+        ValueError: when the two do not hold the same number of positive voxel sizes.
+    """
+    if len(spacing) != len(target_spacing) or min(spacing) <= 0 or min(target_spacing) <= 0:
+        raise ValueError(f"spacing {list(spacing)} and target_spacing {list(target_spacing)} must hold as many positive voxel sizes (mm).")
+    return tuple(max(0.0, (float(t) / float(s) - 1.0) / 2.0) for s, t in zip(spacing, target_spacing))
+
+
+def antialias(image: torch.Tensor, spacing: Sequence[float], target_spacing: Sequence[float]) -> torch.Tensor:
+    """``(B, C, *spatial)`` low-pass filtered for resampling from voxels of ``spacing`` to ``target_spacing`` mm:
+    separable Gaussian of :func:`antialias_sigma` (truncated at 4 sigma, the edge values repeated beyond the border),
+    so that detail finer than the target grid does not alias into it. The input itself when no axis coarsens."""
+    sigma = antialias_sigma(spacing, target_spacing)
+    if max(sigma) == 0:
+        return image
+    kernels = [gaussian_1d(s, truncated=4.0) if s > 0 else torch.ones(1) for s in sigma]
+    return separable_filtering(image, kernels, mode="replicate")
 
 
 def field_scale(from_shape: Sequence[int], to_shape: Sequence[int], like: torch.Tensor) -> torch.Tensor:

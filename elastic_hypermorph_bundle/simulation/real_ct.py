@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from ..networks.spatial import antialias_sigma
 from .breathing import breathing_field, mean_divergence
 from .case import SimulatedPair, draw_acquisition, draw_case, realism_record
 from .realism import acquire, conserve_lung_mass, jacobian_determinant, sliding_displacement
@@ -61,8 +62,8 @@ def load_real_ct(
     if data.ndim != 3:
         raise ValueError(f"real CT {path} must be a 3D image, got shape {data.shape}.")
     spacing = np.asarray(spacing, dtype=float)
-    factor = spacing / np.asarray(native)
-    smooth = ndimage.gaussian_filter(data, np.maximum(factor - 1, 0) * 0.5) if np.any(factor > 1) else data
+    sigma = antialias_sigma(native, spacing)  # the network grid's pre-filter at inference, too
+    smooth = ndimage.gaussian_filter(data, sigma) if max(sigma) > 0 else data
     # grid voxel i sits at i * spacing; the CT's centre goes to the grid's centre
     grid_center = (np.asarray(spatial_size) - 1) * spacing / 2
     ct_center = (np.asarray(data.shape) - 1) * np.asarray(native) / 2
