@@ -5,6 +5,7 @@ in the engine goes (per stage). Writes docs/benchmarks.md and docs/benchmarks.js
 
     python scripts/benchmark.py            # default settings (~1.5 h on 2 CPU cores; section 6 alone ~45 min)
     python scripts/benchmark.py --sections "[8]"   # the per-stage profile alone (~10 min, once its pairs exist)
+    python scripts/benchmark.py --sections "[9]"   # section 6b, the model's (lam, mu) response and start (~40 min)
     python scripts/benchmark.py --quick    # a few minutes: tiny sizes, few repeats (checks the script only)
     python scripts/benchmark.py --sections "[1,2]" --output_dir /tmp/bench   # a subset, elsewhere
 """
@@ -22,7 +23,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # bundle root, bench/
 
-from bench import accuracy, capacity, cost, report, stages  # noqa: E402
+from bench import accuracy, capacity, cost, report, response, stages  # noqa: E402
 from bench.timing import machine_description  # noqa: E402
 from elastic_hypermorph_bundle.networks.hyper import DEFAULT_HYPER_RANK  # noqa: E402
 
@@ -57,6 +58,7 @@ def settings_for(quick: bool, cuda: bool) -> dict:
             "capacity": capacity_settings(s, train_seeds=[2000], test_seeds=[3000], steps=3, grid_points=2,
                                           variants=["plain", "instance_norm", "rank1", "full"]),
             "stages": stages_settings(s),
+            "response": response.response_settings(s, None, seeds=[9001], points=2, steps=2, start_steps=[1, 2]),
         }
     m64, m96 = [64] * 3, [96] * 3
     conditioning = [
@@ -79,6 +81,9 @@ def settings_for(quick: bool, cuda: bool) -> dict:
         "accuracy_real": real_anatomy_settings(FULL_SIZE),
         "capacity": capacity_settings([32, 32, 32]),
         "stages": stages_settings(FULL_SIZE),
+        # the Learn2Reg field of view at a third of its grid (5.25 x 3.75 x 5.06 mm, finer than the release's network
+        # grid) on the CT no release trained on: 2 pairs x 25 grid points of optimisation in about 40 min on 2 cores
+        "response": response.response_settings([64, 64, 72], held_out_real_ct("nsclc_r01_001.nii.gz")),
     }
 
 
@@ -184,6 +189,17 @@ def run_capacity(options: dict, pair_cache: str, log) -> dict:
     result["setup"].update(spacing=list(train[0].spacing), torch_threads=torch.get_num_threads(),
                            default_rank=DEFAULT_HYPER_RANK)
     return result
+
+
+def run_response(options: dict, model_dir: str, pair_cache: str, log) -> dict:
+    """Section 9 (rendered as 6b): the model's (lam, mu) response against the optimisation's, and the optimisation's
+    steps from the network's start against the identity's (:mod:`bench.response`)."""
+    if options.get("default_hyper") is None:
+        defaults = inference_defaults()
+        options = {**options, "default_hyper": [defaults["lam"], defaults["mu"]]}
+    pairs = [accuracy.load_pair(p) for p in accuracy.cached_pairs(
+        options["spatial_size"], options["seeds"], options["simulation"], pair_cache, log)]
+    return response.run(options, str(Path(model_dir) / "model.pt"), pairs, log)
 
 
 def inference_defaults() -> dict:
@@ -394,8 +410,9 @@ def run_accuracy(options: dict, model_dir: str | None, pair_cache: str, log, kin
 
 
 SECTION_KEYS = {1: "hyper_conditioning", 2: "regularizer", 3: "sweep", 4: "training_memory", 5: "accuracy",
-                6: "capacity", 7: "accuracy_real", 8: "stages"}  # 7: section 5 on real anatomy (rendered in
-# section 5); 8: where the time of a registration goes (rendered as section 7)
+                6: "capacity", 7: "accuracy_real", 8: "stages", 9: "response"}  # 7: section 5 on real anatomy
+# (rendered in section 5); 8: where the time of a registration goes (rendered as section 7); 9: the model's (lam, mu)
+# response and start (rendered as section 6b; run only when named)
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -407,7 +424,7 @@ def _atomic_write(path: Path, text: str) -> None:
 def _write_results(results: dict, json_path: Path, md_path: Path) -> None:
     """``benchmarks.json`` and, when sections 1-6 are all there, ``benchmarks.md``, each replaced atomically."""
     _atomic_write(json_path, json.dumps(results, indent=2, default=float) + "\n")
-    if all(key in results for section, key in SECTION_KEYS.items() if section not in (7, 8)):
+    if all(key in results for section, key in SECTION_KEYS.items() if section not in (7, 8, 9)):
         _atomic_write(md_path, report.render(results))
 
 
@@ -418,10 +435,12 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
     Args:
         quick: tiny sizes and few repeats (a few minutes), for checking that everything runs.
         output_dir: where the two result files go (default ``docs``, relative to the repository root).
-        sections: which sections to run (default: all; with ``quick`` all but 7); the markdown needs 1-6; 7 is
+        sections: which sections to run (default: all but 9; with ``quick`` also not 7); the markdown needs 1-6; 7 is
             section 5 on real anatomy (the real CTs of ``../shared/data/real_ct``: a breath-hold pair on each, two
             follow-ups; about 45 min on 2 cores), rendered in section 5.
             8 is the per-stage time of a registration in the engine (about 10 min), rendered as section 7.
+            9 (only when named) is the model's (lam, mu) response against the optimisation's and the steps the
+            optimisation needs from its start (about 40 min), rendered as section 6b.
         model_dir: folder of the bundle's model (``model.pt`` + ``model.json``) for section 5 (relative to the
             repository root); ``--quick`` trains a tiny one instead.
         rows: method kinds (:data:`bench.accuracy.KINDS`) that section 5 re-measures, keeping the other rows of the
@@ -454,7 +473,7 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
                                               if case[0] != "breath_hold" or case[1] in real_cts]
         settings["command"] += f" --real_cts \"{real_cts}\""
     if sections is None:
-        sections = [s for s in SECTION_KEYS if not (quick and s == 7)]
+        sections = [s for s in SECTION_KEYS if s != 9 and not (quick and s == 7)]
     sections = {int(s) for s in (sections if isinstance(sections, (list, tuple)) else [sections])}
     json_path = output / "benchmarks.json"
     # a subset run replaces only its own sections of an existing benchmarks.json; each section records its run
@@ -535,6 +554,9 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
     if 6 in sections:
         log("section 6: conditioning capacity at an equal training budget")
         results["capacity"] = run_capacity(settings["capacity"], pair_cache, log)
+    if 9 in sections:
+        log("section 9 (rendered as 6b): the model's (lam, mu) response and the optimisation's steps from its start")
+        results["response"] = run_response(settings["response"], model_dir, pair_cache, log)
     if 8 in sections:
         log("section 8 (rendered as 7): where the time of a registration goes (engine, per stage)")
         results["stages"] = run_stages(settings["stages"], model_dir, pair_cache, log)

@@ -19,7 +19,8 @@ SECTIONS = (
 
 
 _SECTION_OF = {"hyper_conditioning": 1, "regularizer": 2, "sweep": 3, "training_memory": 4, "accuracy": 5,
-               "capacity": 6, "accuracy_real": 5, "stages": 7}  # stages: run section 8, rendered as 7
+               "capacity": 6, "accuracy_real": 5, "stages": 7, "response": 6}  # stages: run section 8, rendered
+# as 7; response: run section 9, rendered as 6b
 
 
 def _section_of(run_key: str) -> int:
@@ -83,6 +84,8 @@ def render(results: dict) -> str:
     lines += _section5_real(results.get("accuracy_real"),
                             [run for key, run in sorted(runs.items()) if key.startswith("accuracy_real")])
     lines += _section6(results["capacity"])
+    if "response" in results:
+        lines += _section6b(results["response"], runs.get("response"))
     if "stages" in results:
         lines += _section7(results["stages"], runs.get("stages"))
     if "speed_candidates" in results:
@@ -612,6 +615,56 @@ def _section6(result: dict) -> list[str]:
             f"{default['tre_mm'] - full['tre_mm']:+.2f} mm, with {default['parameters'] / full['parameters']:.1%} of its "
             "parameters."
         )
+    lines.append("")
+    return lines
+
+
+def _section6b(result: dict, run: dict | None = None) -> list[str]:
+    setup, change, starts = result["setup"], result["field_change_mm"], result["starts"]
+    anatomy = (f"the real CT `{Path(setup['simulation']['real_ct']).name}` (no release trained on it)"
+               if setup["simulation"].get("real_ct") else "the phantom")
+    lam, mu = setup["default_hyper"]
+    net_grid = setup["network_grid"]
+    lines = [
+        "### 6b. The release model's (lam, mu) response and the start it gives the optimisation",
+        "",
+        f"The bundle's model (`models/model.pt`, sha256 {setup.get('model_sha256', '?')[:12]}; "
+        "`scripts/bench/response.py`, `python scripts/benchmark.py --sections \"[9]\"`) "
+        f"on {len(setup['seeds'])} realistic breath-hold pair(s) on {anatomy}, {_size(setup['spatial_size'])} voxels of "
+        f"{' x '.join(f'{s:.2f}' for s in setup['spacing'])} mm; the network reads them as inference does (its card's "
+        f"{_size(net_grid['spatial_size'])} grid of {' x '.join(f'{p:g}' for p in net_grid['pixdim'] or [])} mm, "
+        "anti-aliased), the stages have the inference defaults (`prealign auto`, once per pair: "
+        f"{sum(setup['prealigned'])} of {len(setup['prealigned'])} pairs pre-aligned; MIND, 3 levels). "
+        + (f"Measured on {run['date_utc']} with " if run else "Measured with ")
+        + f"{setup['torch_threads']} torch threads on a shared machine ({setup['seconds'] / 60:.0f} min).",
+        "",
+        f"**Response over a {setup['points']} x {setup['points']} grid of (lam, mu) in the trained range** (the "
+        f"optimisation: {setup['steps']} steps per level from the network's field at the same (lam, mu)):",
+        "",
+        "| | network alone | network + optimisation | goal |",
+        "|---|---|---|---|",
+        f"| field change (0, 0) -> (1, 1), mean over the lungs, mm | {change['network']:.2f} | {change['optimised']:.2f} "
+        f"| network >= half the optimisation's ({change['network'] / max(change['optimised'], 1e-9):.0%} here) |",
+    ]
+    for key, name in (("tre_mm", "TRE mm"), ("sd_log_jacobian", "SDlogJ"), ("folding_percent", "% J<=0")):
+        low = {mode: result["range"][mode][key] for mode in ("network", "optimised")}
+        lines.append(f"| {name}, range over the grid | {low['network'][0]:.3g}-{low['network'][1]:.3g} | "
+                     f"{low['optimised'][0]:.3g}-{low['optimised'][1]:.3g} | |")
+    lines += [
+        f"| Spearman (network vs optimisation) over the grid: TRE | {result['spearman_tre']:.2f} | | >= 0.8 |",
+        f"| Spearman over the grid: SDlogJ | {result['spearman_sdlogj']:.2f} | | |",
+        "",
+        f"**Start** at (lam, mu) = ({lam:g}, {mu:g}): mean TRE (mm) after the optimisation from each start, by its "
+        "steps per level, and the fewest steps at which a start reaches the identity start's TRE at "
+        f"{max(setup['start_steps'])} steps (goal: the network's start in at most half of them).",
+        "",
+        "| start | " + " | ".join(f"{s} steps" for s in setup["start_steps"]) + " | steps to the identity's TRE |",
+        "|---|" + "---|" * (len(setup["start_steps"]) + 1),
+    ]
+    for name, start in starts.items():
+        reached = start["steps_to_identity_tre"]
+        lines.append(f"| {name} | " + " | ".join(f"{start['tre_mm'][str(s)]:.2f}" for s in setup["start_steps"])
+                     + f" | {reached if reached is not None else 'not reached'} |")
     lines.append("")
     return lines
 
