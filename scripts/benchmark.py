@@ -5,7 +5,7 @@ in the engine goes (per stage). Writes docs/benchmarks.md and docs/benchmarks.js
 
     python scripts/benchmark.py            # default settings (~1.5 h on 2 CPU cores; section 6 alone ~45 min)
     python scripts/benchmark.py --sections "[8]"   # the per-stage profile alone (~10 min, once its pairs exist)
-    python scripts/benchmark.py --sections "[9]"   # section 6b, the model's (lam, mu) response and start (~40 min)
+    python scripts/benchmark.py --sections "[9]"   # section 6b, the model's (lam, mu) response and start (not yet timed)
     python scripts/benchmark.py --quick    # a few minutes: tiny sizes, few repeats (checks the script only)
     python scripts/benchmark.py --sections "[1,2]" --output_dir /tmp/bench   # a subset, elsewhere
 """
@@ -82,7 +82,7 @@ def settings_for(quick: bool, cuda: bool) -> dict:
         "capacity": capacity_settings([32, 32, 32]),
         "stages": stages_settings(FULL_SIZE),
         # the Learn2Reg field of view at a third of its grid (5.25 x 3.75 x 5.06 mm, finer than the release's network
-        # grid) on the CT no release trained on: 2 pairs x 25 grid points of optimisation in about 40 min on 2 cores
+        # grid) on the CT no release trained on: 2 pairs x 25 grid points of optimisation (not yet timed on free cores)
         "response": response.response_settings([64, 64, 72], held_out_real_ct("nsclc_r01_001.nii.gz")),
     }
 
@@ -440,7 +440,7 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
             follow-ups; about 45 min on 2 cores), rendered in section 5.
             8 is the per-stage time of a registration in the engine (about 10 min), rendered as section 7.
             9 (only when named) is the model's (lam, mu) response against the optimisation's and the steps the
-            optimisation needs from its start (about 40 min), rendered as section 6b.
+            optimisation needs from its start (estimated tens of minutes; not yet timed), rendered as section 6b.
         model_dir: folder of the bundle's model (``model.pt`` + ``model.json``) for section 5 (relative to the
             repository root); ``--quick`` trains a tiny one instead.
         rows: method kinds (:data:`bench.accuracy.KINDS`) that section 5 re-measures, keeping the other rows of the
