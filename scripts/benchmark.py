@@ -5,7 +5,7 @@ in the engine goes (per stage). Writes docs/benchmarks.md and docs/benchmarks.js
 
     python scripts/benchmark.py            # default settings (~1.5 h on 2 CPU cores; section 6 alone ~45 min)
     python scripts/benchmark.py --sections "[8]"   # the per-stage profile alone (~10 min, once its pairs exist)
-    python scripts/benchmark.py --sections "[9]"   # section 6b, the model's (lam, mu) response and start (not yet timed)
+    python scripts/benchmark.py --sections "[9]"   # section 6b: the model's (lam, mu) response and start
     python scripts/benchmark.py --quick    # a few minutes: tiny sizes, few repeats (checks the script only)
     python scripts/benchmark.py --sections "[1,2]" --output_dir /tmp/bench   # a subset, elsewhere
 """

@@ -285,7 +285,8 @@ def registration_transforms(
 
     Steps: ``LoadImaged`` (nibabel, channel first; masks too) -> :class:`EnsureFinited` -> optional
     ``Orientationd(axcodes)`` -> :class:`HounsfieldOffsetd` -> ``ScaleIntensityRanged`` (clip ``hu_window``
-    HU to [0, 1]) -> :class:`ResampleToFixedd` (a moving image and mask on another grid into the fixed grid) -> optional :class:`AntiAliasd` and ``Spacingd(pixdim)`` (anti-aliased bilinear images, nearest masks) -> optional
+    HU to [0, 1]) -> :class:`ResampleToFixedd` (a moving image and mask on another grid into the fixed grid) ->
+    optional :class:`AntiAliasd` and ``Spacingd(pixdim)`` (anti-aliased bilinear images, nearest masks) -> optional
     ``ResizeWithPadOrCropd(spatial_size)`` (centred, zero padding = air) -> :class:`LoadPointsd` and
     :class:`MapPointsToGridd` (points follow their image's grid) -> float32.
 

@@ -68,7 +68,10 @@ def antialias_sigma(spacing: Sequence[float], target_spacing: Sequence[float]) -
         ValueError: when the two do not hold the same number of positive voxel sizes.
     """
     if len(spacing) != len(target_spacing) or min(spacing) <= 0 or min(target_spacing) <= 0:
-        raise ValueError(f"spacing {list(spacing)} and target_spacing {list(target_spacing)} must hold as many positive voxel sizes (mm).")
+        raise ValueError(
+            f"spacing {list(spacing)} and target_spacing {list(target_spacing)} must hold as many positive voxel "
+            "sizes (mm)."
+        )
     return tuple(max(0.0, (float(t) / float(s) - 1.0) / 2.0) for s, t in zip(spacing, target_spacing))
 
 

@@ -79,7 +79,8 @@ def run(options: dict, model_path: str, pairs: list, log) -> dict:
 
     rows, change, start_rows, prealigned = [], {"network": [], "optimised": []}, [], []
     for seed, pair in zip(options["seeds"], pairs):
-        moving, fixed = (torch.from_numpy(normalise(image))[None, None] for image in (pair.moving_image, pair.fixed_image))
+        moving, fixed = (torch.from_numpy(normalise(image))[None, None]
+                         for image in (pair.moving_image, pair.fixed_image))
         spacing = list(pair.spacing)
         fields = {}
         optimiser = InstanceOptimization(steps=options["steps"], select_start=False)
@@ -143,7 +144,8 @@ def run(options: dict, model_path: str, pairs: list, log) -> dict:
         "range": {mode: {key: [min(grid_means(mode, key)), max(grid_means(mode, key))]
                          for key in ("tre_mm", "sd_log_jacobian", "folding_percent")} for mode in change},
         "grid": {"lam": lams, "mu": mus,
-                 **{f"{mode}_{key}": grid_means(mode, key) for mode in change for key in ("tre_mm", "sd_log_jacobian")}},
+                 **{f"{mode}_{key}": grid_means(mode, key)
+                    for mode in change for key in ("tre_mm", "sd_log_jacobian")}},
         "starts": starts,
         "start_rows": start_rows,
         "rows": rows,
