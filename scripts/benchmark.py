@@ -437,7 +437,7 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
         output_dir: where the two result files go (default ``docs``, relative to the repository root).
         sections: which sections to run (default: all but 9; with ``quick`` also not 7); the markdown needs 1-6; 7 is
             section 5 on real anatomy (the real CTs of ``../shared/data/real_ct``: a breath-hold pair on each, two
-            follow-ups; about 45 min on 2 cores), rendered in section 5.
+            follow-ups; about 1.5 h on 2 shared cores, resumable), rendered in section 5.
             8 is the per-stage time of a registration in the engine (about 10 min), rendered as section 7.
             9 (only when named) is the model's (lam, mu) response against the optimisation's and the steps the
             optimisation needs from its start (estimated tens of minutes; not yet timed), rendered as section 6b.
