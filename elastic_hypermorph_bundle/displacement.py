@@ -51,7 +51,6 @@ __all__ = [
     "physical_to_voxel",
     "map_points",
     "physical_points",
-    "points_in_space",
     "INTERPOLATORS",
     "POINT_SPACES",
 ]
@@ -272,23 +271,12 @@ def map_points(
     return mapped
 
 
-def physical_points(points, grid, space: str) -> np.ndarray:
-    """Points given in ``space`` (``"voxel"``: 0-based voxel xyz of ``grid``; ``"lps"`` or ``"ras"``: mm) as mm, LPS."""
+def physical_points(points, grid, space: str, inverse: bool = False) -> np.ndarray:
+    """Points given in ``space`` (``"voxel"``: 0-based voxel xyz of ``grid``; ``"lps"`` or ``"ras"``: mm) as mm, LPS;
+    with ``inverse``, mm LPS points expressed in ``space`` (the RAS/LPS flip is its own inverse)."""
     points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
     if space == "voxel":
-        return voxel_to_physical(points, grid)
-    if space == "lps":
-        return points
-    if space == "ras":
-        return points @ RAS_TO_LPS
-    raise ValueError(f"point space must be one of {POINT_SPACES}, got {space!r}.")
-
-
-def points_in_space(points, grid, space: str) -> np.ndarray:
-    """Inverse of :func:`physical_points`: mm LPS points expressed in ``space``."""
-    points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
-    if space == "voxel":
-        return physical_to_voxel(points, grid)
+        return physical_to_voxel(points, grid) if inverse else voxel_to_physical(points, grid)
     if space == "lps":
         return points
     if space == "ras":

@@ -90,12 +90,16 @@ def _network_class(network_name: str) -> type:
 def complete_network_kwargs(network_name: str, network_kwargs: Mapping) -> dict:
     """Every constructor argument of the network, the given ones (parsed) and the class defaults for the rest, so
     that a card describes its model whatever later versions choose as defaults."""
-    signature = inspect.signature(_network_class(network_name).__init__)
-    defaults = {
-        name: param.default
-        for name, param in signature.parameters.items()
-        if param.default is not inspect.Parameter.empty and param.kind is not inspect.Parameter.VAR_KEYWORD
-    }
+    defaults = {}
+    for cls in _network_class(network_name).__mro__:  # a class's ``**options`` go to its base class's constructor
+        if "__init__" not in vars(cls):
+            continue
+        parameters = inspect.signature(cls.__init__).parameters.values()
+        for param in parameters:
+            if param.default is not inspect.Parameter.empty:
+                defaults.setdefault(param.name, param.default)  # the subclass's default wins
+        if all(param.kind is not inspect.Parameter.VAR_KEYWORD for param in parameters):
+            break
     return parse_network_kwargs({**defaults, **dict(network_kwargs)})
 
 

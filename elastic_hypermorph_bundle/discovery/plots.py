@@ -50,6 +50,15 @@ LABELS = {
 BETTER = {"dice_mean": 1, "lncc": 1, "tre_mm": -1, "folding_percent": -1, "sd_log_jacobian": -1}
 
 
+def _save(fig: Figure, path: str | Path, dpi: int = 120, tight: bool = True) -> Path:
+    """Write ``fig`` as the PNG ``path`` (laid out tightly unless ``tight`` is false); returns the path."""
+    if tight:
+        fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
 def _colormap(metric: str) -> tuple[str, str]:
     """The colormap of ``metric`` (bright = better) and the phrase the colour bar states."""
     base = metric.removeprefix("network_")
@@ -115,10 +124,7 @@ def plot_grid_metric(
     best_text = ", ".join(f"{LABELS.get(n, n)}={best[n]:.3g}" for n in names)
     chosen = f"best by {criterion}" if criterion else "best"
     ax.set_title(f"{LABELS.get(metric, metric)} ({chosen}: {best_text})", fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def _grid_image(grid: Sequence[Mapping], names: Sequence[str], metric: str) -> tuple[list[np.ndarray], np.ndarray]:
@@ -180,9 +186,7 @@ def plot_pipeline_heatmaps(
     fig.colorbar(mesh, ax=list(panels), label=LABELS.get(metric, metric) + better + ", one range for both")
     fig.suptitle(f"{LABELS.get(metric, metric)}: selected λ={best[names[0]]:.3g}, μ={best[names[1]]:.3g}",
                  fontsize=10)
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path, tight=False)  # the shared colour bar spans both panels: no tight layout
 
 
 def plot_per_pair_optima(
@@ -215,10 +219,7 @@ def plot_per_pair_optima(
     ax.set_title(f"per-pair optima ({len(oracle)} pairs)", fontsize=10)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def plot_material_recovery(entries: Mapping[str, Mapping], path: str | Path, quantity: str = "poisson_ratio") -> Path:
@@ -242,10 +243,7 @@ def plot_material_recovery(entries: Mapping[str, Mapping], path: str | Path, qua
         ax.set_xlabel(f"true {label} (simulation)")
         ax.set_ylabel(f"selected {label}")
         ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def plot_regularizer_comparison(
@@ -282,10 +280,7 @@ def plot_regularizer_comparison(
     right.set_xlim(-0.3, 1.3)
     right.set_ylabel(f"{LABELS.get(metric, metric)} per pair")
     right.grid(alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    return path
+    return _save(fig, path)
 
 
 def _slice(volume: torch.Tensor, axis: int, index: int) -> np.ndarray:
@@ -364,7 +359,4 @@ def plot_pair_comparison(
             ax.set_yticks([])
     for ax, title in zip(axes[0], columns):
         ax.set_title(title, fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path, dpi=110)

@@ -87,8 +87,10 @@ class HyperLocalNet(HyperRegistrationNet):
         hyper_dims: number of hyperparameters (2 for ``[lam, mu]``, 1 for ``[alpha]``).
         num_channel_initial: channels at level 0, doubled at every level.
         extract_levels: levels whose decoder outputs predict the field (0 = input resolution).
-        hyper_hidden, hyper_layers, hyper_rank, diffeomorphic, integration_steps, default_hyper, hyper_scale: the
-            conditioning and field of :class:`HyperRegistrationNet`.
+        hyper_rank: basis kernels per layer (:class:`HyperRegistrationNet`; rank 4 by default here).
+        options: the other keyword arguments of :class:`HyperRegistrationNet` (``hyper_hidden``,
+            ``hyper_layers``, ``conditioning``, ``diffeomorphic``, ``integration_steps``, ``default_hyper``,
+            ``hyper_scale``), with its defaults.
     """
 
     def __init__(
@@ -98,18 +100,12 @@ class HyperLocalNet(HyperRegistrationNet):
         hyper_dims: int = 2,
         num_channel_initial: int = 8,
         extract_levels: Sequence[int] = (0, 1, 2, 3),
-        hyper_hidden: int = 128,
-        hyper_layers: int = 6,
         hyper_rank: int | None = DEFAULT_HYPER_RANK,
-        diffeomorphic: bool = False,
-        integration_steps: int = 7,
-        default_hyper: Sequence[float] | torch.Tensor | None = None,
-        hyper_scale: Sequence[float] | torch.Tensor | None = None,
+        **options,
     ):
         super().__init__(
-            spatial_dims=spatial_dims, in_channels=in_channels, hyper_dims=hyper_dims, hyper_hidden=hyper_hidden,
-            hyper_layers=hyper_layers, hyper_rank=hyper_rank, diffeomorphic=diffeomorphic,
-            integration_steps=integration_steps, default_hyper=default_hyper, hyper_scale=hyper_scale,
+            spatial_dims=spatial_dims, in_channels=in_channels, hyper_dims=hyper_dims, hyper_rank=hyper_rank,
+            **options,
         )
         extract_levels = tuple(sorted(set(int(level) for level in extract_levels)))
         if not extract_levels or extract_levels[0] < 0 or extract_levels[-1] < 1:

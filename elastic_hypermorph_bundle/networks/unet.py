@@ -37,10 +37,12 @@ class HyperUNet(HyperRegistrationNet):
         encoder_features: output channels of the encoder convs.
         decoder_features: output channels of the decoder convs then the full-resolution convs; at least
             ``len(encoder_features)`` entries.
-        hyper_hidden, hyper_layers, hyper_rank, conditioning, diffeomorphic, integration_steps, default_hyper,
-        hyper_scale: the conditioning and field of :class:`HyperRegistrationNet` (with the full kernel map,
-            ``hyper_rank=None``, the default layout has 42.1 M parameters, against 0.33 M for the same U-Net with
-            plain convolutions).
+        hyper_rank: basis kernels per layer (:class:`HyperRegistrationNet`; rank 4 by default here; with the full
+            kernel map, ``hyper_rank=None``, the default layout has 42.1 M parameters, against 0.33 M for the same
+            U-Net with plain convolutions).
+        options: the other keyword arguments of :class:`HyperRegistrationNet` (``hyper_hidden``, ``hyper_layers``,
+            ``conditioning``, ``diffeomorphic``, ``integration_steps``, ``default_hyper``, ``hyper_scale``), with
+            its defaults.
     """
 
     def __init__(
@@ -50,19 +52,12 @@ class HyperUNet(HyperRegistrationNet):
         hyper_dims: int = 2,
         encoder_features: Sequence[int] = (16, 32, 32, 32),
         decoder_features: Sequence[int] = (32, 32, 32, 32, 32, 16, 16),
-        hyper_hidden: int = 128,
-        hyper_layers: int = 6,
         hyper_rank: int | None = DEFAULT_HYPER_RANK,
-        conditioning: str = "kernel",
-        diffeomorphic: bool = False,
-        integration_steps: int = 7,
-        default_hyper: Sequence[float] | torch.Tensor | None = None,
-        hyper_scale: Sequence[float] | torch.Tensor | None = None,
+        **options,
     ):
         super().__init__(
-            spatial_dims=spatial_dims, in_channels=in_channels, hyper_dims=hyper_dims, hyper_hidden=hyper_hidden,
-            hyper_layers=hyper_layers, hyper_rank=hyper_rank, conditioning=conditioning, diffeomorphic=diffeomorphic,
-            integration_steps=integration_steps, default_hyper=default_hyper, hyper_scale=hyper_scale,
+            spatial_dims=spatial_dims, in_channels=in_channels, hyper_dims=hyper_dims, hyper_rank=hyper_rank,
+            **options,
         )
         levels = len(encoder_features)
         if levels < 1 or len(decoder_features) < levels:

@@ -5,13 +5,14 @@ CT, :mod:`.real_ct`; a follow-up, :mod:`.followup`)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ..physics import young_poisson_from_lame
+from .realism import acquire
 
-__all__ = ["SimulatedPair", "CaseDraw", "draw_case", "draw_acquisition", "realism_record"]
+__all__ = ["SimulatedPair", "CaseDraw", "draw_case", "draw_acquisition", "realism_record", "acquire_pair"]
 
 
 @dataclass(frozen=True)
@@ -126,3 +127,23 @@ def realism_record(options, volume_change, pressure, sliding_record, acquisition
     if any(phase != defaults for phase in acquisition):
         record["acquisition"] = {"fixed": acquisition[0], "moving": acquisition[1]}
     return record
+
+
+def acquire_pair(
+    clean: SimulatedPair, draw: CaseDraw, rng: np.random.Generator, options: dict, pressure, sliding_record: dict,
+    slab_depth: float | None = None, lung_volume_change: float | None = None,
+) -> SimulatedPair:
+    """The scanner's view of a simulated case, whatever its anatomy: each phase's settings drawn from
+    ``draw.realism_rng`` (:func:`draw_acquisition`), the fixed then the moving image of ``clean`` (HU, noise-free)
+    acquired with them and ``rng``'s noise (:func:`.realism.acquire`), and the case's realism values
+    (:func:`realism_record`: ``pressure``, ``sliding_record``, ``slab_depth`` and the lungs' ``lung_volume_change``
+    with a drawn pleural load) appended to its ``simulation`` record."""
+    acquisition = draw_acquisition(draw.realism_rng, options)
+    realism = realism_record(options, draw.volume_change, pressure, sliding_record, acquisition, slab_depth,
+                             draw.pleural_load, lung_volume_change)
+    return replace(
+        clean,
+        fixed_image=acquire(clean.fixed_image, clean.spacing, rng, **acquisition[0]),
+        moving_image=acquire(clean.moving_image, clean.spacing, rng, **acquisition[1]),
+        simulation={**clean.simulation, **realism},
+    )

@@ -47,13 +47,13 @@ from dataclasses import replace
 import numpy as np
 from scipy.ndimage import binary_erosion, map_coordinates
 
-from .breathing import breathing_field, mean_divergence, breathing_force
-from .case import SimulatedPair, draw_acquisition, draw_case, realism_record
+from .breathing import breathing_field, breathing_force, mean_divergence
+from .case import SimulatedPair, acquire_pair, draw_case
 from .followup import simulate_followup_pair
 from .options import resolve_settings
 from .phantom import lung_sdf, render_phantom, sample_anatomy
 from .real_ct import simulate_real_ct_pair
-from .realism import acquire, conserve_lung_mass, jacobian_determinant, sliding_displacement
+from .realism import conserve_lung_mass, jacobian_determinant, sliding_displacement
 
 __all__ = ["simulate_pair"]
 
@@ -232,23 +232,13 @@ def simulate_pair(
         fixed, fixed_labels, fixed_lung = fixed[..., crop], fixed_labels[..., crop], fixed_lung[..., crop]
         displacement, force = displacement[..., crop], force[..., crop]
         elastic_mm = elastic_mm[..., crop]
-    acquisition = draw_acquisition(draw.realism_rng, options)
     record = draw.record("phantom")
     if preset is not None:
         record["preset"] = preset
-    realism = realism_record(options, draw.volume_change, pressure, sliding_record, acquisition, slab_depth,
-                             draw.pleural_load, lung_volume_change)
-    return SimulatedPair(
-        fixed_image=acquire(fixed, spacing, rng, **acquisition[0]),
-        moving_image=acquire(moving, spacing, rng, **acquisition[1]),
-        fixed_mask=fixed_lung.astype(np.uint8),
-        moving_mask=moving_lung.astype(np.uint8),
-        fixed_labels=fixed_labels,
-        moving_labels=moving_labels,
-        displacement=displacement,
-        force=force,
-        fixed_keypoints=fixed_points,
-        moving_keypoints=moving_points,
-        spacing=spacing,
-        simulation={**record, **realism},
+    clean = SimulatedPair(
+        fixed_image=fixed, moving_image=moving, fixed_mask=fixed_lung.astype(np.uint8),
+        moving_mask=moving_lung.astype(np.uint8), fixed_labels=fixed_labels, moving_labels=moving_labels,
+        displacement=displacement, force=force, fixed_keypoints=fixed_points, moving_keypoints=moving_points,
+        spacing=spacing, simulation=record,
     )
+    return acquire_pair(clean, draw, rng, options, pressure, sliding_record, slab_depth, lung_volume_change)

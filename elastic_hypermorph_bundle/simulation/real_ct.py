@@ -32,8 +32,8 @@ from scipy import ndimage
 
 from ..networks.spatial import antialias_sigma
 from .breathing import breathing_field, mean_divergence
-from .case import SimulatedPair, draw_acquisition, draw_case, realism_record
-from .realism import acquire, conserve_lung_mass, jacobian_determinant, sliding_displacement
+from .case import SimulatedPair, acquire_pair, draw_case
+from .realism import conserve_lung_mass, jacobian_determinant, sliding_displacement
 
 __all__ = ["load_real_ct", "segment_lungs", "vessel_keypoints", "mask_breathing_force", "simulate_real_ct_pair"]
 
@@ -225,21 +225,11 @@ def simulate_real_ct_pair(
     seen &= box[tuple(np.clip(np.rint(moving_points), 0, top).astype(int).T)]
     fixed_points, moving_points = fixed_points[seen], moving_points[seen]
 
-    acquisition = draw_acquisition(draw.realism_rng, options)
-    record = draw.record("real_ct", real_ct=os.path.basename(str(path)))
-    realism = realism_record(options, draw.volume_change, pressure, sliding_record, acquisition, None,
-                             draw.pleural_load, lung_volume_change)
-    return SimulatedPair(
-        fixed_image=acquire(fixed, spacing, rng, **acquisition[0]),
-        moving_image=acquire(moving, spacing, rng, **acquisition[1]),
-        fixed_mask=lungs.astype(np.uint8),
-        moving_mask=moving_lungs.astype(np.uint8),
-        fixed_labels=label_map(lungs, vessels, body),
-        moving_labels=label_map(moving_lungs, moving_vessels, moving_body),
-        displacement=displacement,
-        force=force,
-        fixed_keypoints=fixed_points,
-        moving_keypoints=moving_points,
-        spacing=tuple(float(s) for s in spacing),
-        simulation={**record, **realism},
+    clean = SimulatedPair(
+        fixed_image=fixed, moving_image=moving, fixed_mask=lungs.astype(np.uint8),
+        moving_mask=moving_lungs.astype(np.uint8), fixed_labels=label_map(lungs, vessels, body),
+        moving_labels=label_map(moving_lungs, moving_vessels, moving_body), displacement=displacement, force=force,
+        fixed_keypoints=fixed_points, moving_keypoints=moving_points, spacing=tuple(float(s) for s in spacing),
+        simulation=draw.record("real_ct", real_ct=os.path.basename(str(path))),
     )
+    return acquire_pair(clean, draw, rng, options, pressure, sliding_record, None, lung_volume_change)

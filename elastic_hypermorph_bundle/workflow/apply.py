@@ -31,7 +31,6 @@ from ..displacement import (
     image_from_nifti,
     map_points,
     physical_points,
-    points_in_space,
     read_displacement_field,
     resample,
 )
@@ -127,5 +126,5 @@ class ApplyRegistration:
         source_grid, target_grid = (moving_grid, grid) if inverse else (grid, moving_grid)
         for points, name in zip(point_sets, self.outputs[len(sources):]):
             mapped = map_points(physical_points(points, source_grid, self.points_space), transform, inverse=inverse)
-            write_points(self.files.new(name), points_in_space(mapped, target_grid, self.points_space))
+            write_points(self.files.new(name), physical_points(mapped, target_grid, self.points_space, inverse=True))
         logger.info("applied %s: wrote %s in %s", self.transform_path, ", ".join(self.outputs), self.files.root)

@@ -78,27 +78,22 @@ def write_split(
     )
 
 
-def _splits(dataset_dir, seed, split_file, weights):
+def _splits(dataset_dir, seed=0, split_file=None, weights=PAPER_SPLIT_WEIGHTS):
     dataset = discover_pairs(dataset_dir)
     splits = read_split(split_file, dataset) if split_file is not None else split_pairs(dataset, weights, seed)
     return dataset, splits
 
 
-def check_split(
-    recorded: str | Path,
-    dataset_dir: str | Path,
-    seed: int = 0,
-    split_file: str | Path | None = None,
-    weights: Sequence[float] = PAPER_SPLIT_WEIGHTS,
-) -> Path:
-    """Check that a run with these arguments uses the split recorded in ``recorded`` (a :func:`write_split` file),
-    e.g. a resumed training the split its checkpoints were trained on. Returns ``recorded``.
+def check_split(recorded: str | Path, dataset_dir: str | Path, **options) -> Path:
+    """Check that a run with these arguments (``options``: ``seed``, ``split_file``, ``weights`` as for
+    :func:`write_split`) uses the split recorded in ``recorded`` (a :func:`write_split` file), e.g. a resumed training
+    the split its checkpoints were trained on. Returns ``recorded``.
 
     Raises:
         ValueError: a split (train, val or test) differs; the message names the pairs and the way out.
     """
     recorded = Path(recorded)
-    _, splits = _splits(dataset_dir, seed, split_file, weights)
+    _, splits = _splits(dataset_dir, **options)
     record = read_split(recorded, discover_pairs(dataset_dir))
     differing = {
         split: (sorted(p["pair_id"] for p in record[split]), sorted(p["pair_id"] for p in splits[split]))
