@@ -13,7 +13,7 @@ from elastic_hypermorph_bundle.losses.mind import MINDSSCLoss, mind_ssc
 from elastic_hypermorph_bundle.metrics import folding_percent, target_registration_error
 from elastic_hypermorph_bundle.networks import warp_image
 from elastic_hypermorph_bundle.networks.spatial import Affine, affine_ddf, compose_affine
-from elastic_hypermorph_bundle.optimize import instance_optimize, prealign
+from elastic_hypermorph_bundle.optimize import _box_filter, instance_optimize, prealign
 
 torch.set_num_threads(1)
 
@@ -92,6 +92,17 @@ def test_mind_refuses_bad_input():
 
 
 # ---------------------------------------------------------------------------- affine maps
+
+
+def test_box_filter_is_the_replicate_padded_3d_box_mean():
+    """The optimisation's smoothing, 3-voxel means along each axis in turn, is the 3^3 box mean of the field with its
+    edge values repeated; a linear field is kept inside and a constant one everywhere."""
+    field = torch.randn(1, 3, 5, 6, 7, dtype=torch.float64)
+    padded = torch.nn.functional.pad(field, (1,) * 6, mode="replicate")
+    torch.testing.assert_close(_box_filter(field), torch.nn.functional.avg_pool3d(padded, 3, stride=1))
+    ramp = torch.arange(5, dtype=torch.float64).view(1, 1, 5, 1, 1).expand(1, 1, 5, 6, 7)
+    torch.testing.assert_close(_box_filter(ramp)[:, :, 1:-1], ramp[:, :, 1:-1])
+    torch.testing.assert_close(_box_filter(torch.full((1, 2, 4, 4, 4), 2.5)), torch.full((1, 2, 4, 4, 4), 2.5))
 
 
 def test_affine_ddf_translation_and_identity():

@@ -32,3 +32,28 @@ def test_repeated_warps_build_the_reference_grid_once(monkeypatch):
     # another dtype or shape gets its own grid
     assert warp_image(moving.double(), ddf.double()).dtype == torch.float64
     torch.testing.assert_close(warp_image(moving[..., :5], ddf[..., :5]), Warp("bilinear", "border")(moving[..., :5], ddf[..., :5]))
+
+
+def test_one_cpu_image_split_across_threads_warps_as_monai_does():
+    """A 3D warp of one image on a CPU with 2 threads is cut into 2 batch entries (torch's 3D grid_sample shares
+    work by batch entry only); values and gradients are MONAI's, bit for bit, for images and labels."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        warp.cached_warp.cache_clear()
+        moving = torch.rand(1, 4, 6, 7, 8)
+        ddf = (3 * torch.randn(1, 3, 6, 7, 8)).requires_grad_()
+        assert warp.cached_warp("bilinear", "border")._parts(moving, ddf) == 2
+        warped = warp_image(moving, ddf)
+        (gradient,) = torch.autograd.grad(warped.square().sum(), ddf)
+        reference_ddf = ddf.detach().clone().requires_grad_()
+        reference = Warp("bilinear", "border")(moving, reference_ddf)
+        (reference_gradient,) = torch.autograd.grad(reference.square().sum(), reference_ddf)
+        assert torch.equal(warped, reference) and torch.equal(gradient, reference_gradient)
+        labels = torch.randint(0, 3, (1, 1, 6, 7, 8))
+        assert torch.equal(warp_label(labels, ddf.detach()), Warp("nearest", "zeros")(labels.float(), ddf.detach()).long())
+        # an odd number of points, or a batch of two, takes MONAI's own path
+        assert warp.cached_warp("bilinear", "border")._parts(moving[:, :, :5, :, :7], ddf[:, :, :5, :, :7]) == 1
+        assert warp.cached_warp("bilinear", "border")._parts(moving.expand(2, -1, -1, -1, -1), ddf.expand(2, -1, -1, -1, -1)) == 1
+    finally:
+        torch.set_num_threads(previous)
