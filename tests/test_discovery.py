@@ -357,11 +357,13 @@ def _pipeline_model(setup, save_model):
 PIPELINE = {"steps": 3, "levels": 1, "grid": 1, "prealign": "affine", "prealign_steps": 5}
 
 
-def test_pipeline_sweep_row_equals_a_single_inference_at_that_point(setup, save_model, tmp_path):
+def test_pipeline_sweep_row_equals_a_single_inference_at_that_point(setup, save_model, tmp_path, monkeypatch):
     from monai.engines import SupervisedEvaluator
 
     from elastic_hypermorph_bundle.data.transforms import inference_transforms
+    from elastic_hypermorph_bundle.discovery import sweep as sweep_module
     from elastic_hypermorph_bundle.discovery.sweep import field_metrics
+    from elastic_hypermorph_bundle.workflow import instance as instance_module
     from elastic_hypermorph_bundle.networks.grid import NetworkGrid
     from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
     from elastic_hypermorph_bundle.workflow.steps import RegisterStep
@@ -371,8 +373,17 @@ def test_pipeline_sweep_row_equals_a_single_inference_at_that_point(setup, save_
     sweep = ParameterSweep(setup["network"], setup["space"], setup["dataset"], tmp_path / "sweep", split="all",
                            ckpt_path=ckpt, criterion="tre", progress=False, spatial_size=SIZE, pixdim=pixdim,
                            instance=InstanceOptimization(**PIPELINE), **grid)
-    summary = sweep.run()
+    # the similarity's features (no (lam, mu) in them) are computed once per pair for all its grid points and its
+    # mind column, not once per row; the rows still equal inference's, which computes them per call (below)
+    features = []
+    with monkeypatch.context() as patch:
+        for module in (sweep_module, instance_module):
+            counted = module.similarity_features
+            patch.setattr(module, "similarity_features",
+                          lambda *args, counted=counted, **kwargs: features.append(1) or counted(*args, **kwargs))
+        summary = sweep.run()
     rows = _rows(tmp_path / "sweep" / "sweep.csv")
+    assert len(rows) == 6 and len(features) == 3  # 2 points x 3 pairs, features once per pair
     assert list(rows[0]) == sweep_columns(("lam", "mu"), [1], with_points=True, pipeline=True)
     assert summary["registration"]["pipeline"]["steps"] == 3 and summary["refinement"]["skipped"]
 

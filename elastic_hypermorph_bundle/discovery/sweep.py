@@ -19,17 +19,17 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from monai.data.utils import affine_to_spacing
 
 from ..forward import network_input, plain, weighted_ddf
-from ..losses.similarity import get_similarity
 from ..metrics import metric_columns, pair_metrics
 from ..networks.grid import NetworkGrid
 from ..networks.warp import warp_image
+from ..optimize import similarity_features
 
 __all__ = [
     "PreparedPair",
@@ -63,14 +63,15 @@ class PreparedPair:
     spacing: tuple[float, ...] = ()
     truth: dict | None = None
     network_grid: NetworkGrid | None = None
+    _features: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
-    def descriptors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """MIND-SSC descriptors ``(1, 12, *spatial)`` of the fixed and moving image (the instance optimisation's
-        similarity, :mod:`~elastic_hypermorph_bundle.losses.similarity`), computed once per pair."""
-        if getattr(self, "_descriptors", None) is None:
-            prepare = get_similarity("mind").prepare
-            self._descriptors = (prepare(self.fixed.float()), prepare(self.moving.float()))
-        return self._descriptors
+    def features(self, similarity: str = "mind") -> tuple[torch.Tensor, torch.Tensor]:
+        """What ``similarity`` compares (:func:`~elastic_hypermorph_bundle.optimize.similarity_features`), of the
+        fixed and moving image, e.g. the MIND-SSC descriptors ``(1, 12, *spatial)``: computed once per pair and
+        similarity, for the ``mind`` column and the instance optimisation at every grid point."""
+        if similarity not in self._features:
+            self._features[similarity] = similarity_features(self.fixed.float(), self.moving.float(), similarity)
+        return self._features[similarity]
 
     @property
     def network_input(self) -> torch.Tensor:
@@ -190,7 +191,7 @@ def field_metrics(
         moving_image=pair.moving,
         hyper=hyper,
     )
-    fixed, moving = pair.descriptors()
+    fixed, moving = pair.features("mind")
     with torch.no_grad():
         row["mind"] = float((warp_image(moving, plain(ddf).float()) - fixed).square().mean())
     return row
@@ -207,9 +208,12 @@ def _stage_mask(pair: PreparedPair, instance) -> torch.Tensor | None:
 def prepare_stages(pair: PreparedPair, instance):
     """The stages' part of one pair that no ``(lam, mu)`` changes
     (:meth:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization.prepare`: pre-alignment, the moving
-    image the network reads, the discrete start), computed once per pair by a sweep and passed to
-    :func:`register_pair` at every grid point."""
-    return instance.prepare(pair.fixed.float(), pair.moving.float(), pair.spacing, _stage_mask(pair, instance))
+    image the network reads, the discrete start, the similarity's features: the pair's own,
+    :meth:`PreparedPair.features`), computed once per pair by a sweep and passed to :func:`register_pair` at every
+    grid point."""
+    features = pair.features(instance.similarity) if instance.steps > 0 else None
+    return instance.prepare(pair.fixed.float(), pair.moving.float(), pair.spacing, _stage_mask(pair, instance),
+                            features)
 
 
 def register_pair(network: torch.nn.Module, weights, row: torch.Tensor, pair: PreparedPair, instance,

@@ -35,12 +35,15 @@ class PairStages(NamedTuple):
         network_moving: the moving image ``(B, 1, *spatial)`` the network reads (pre-aligned when ``affine``).
         start: the discrete search's field (``instance_discrete``), else None (the identity).
         record: the pre-alignment's decisions (``prealign auto``), merged into :attr:`InstanceOptimization.record`.
+        features: what the optimisation's similarity compares, of both images
+            (:func:`~elastic_hypermorph_bundle.optimize.similarity_features`), else None (no optimisation).
     """
 
     affine: Affine | None
     network_moving: torch.Tensor
     start: torch.Tensor | None
     record: dict
+    features: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 class InstanceOptimization:
@@ -186,14 +189,19 @@ class InstanceOptimization:
             smooth=self.smooth, features=features,
         )
 
-    def prepare(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None) -> PairStages:
+    def prepare(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None,
+                features=None) -> PairStages:
         """The stages' part that does not depend on ``(lam, mu)``: the pre-alignment, the moving image the network
-        reads, the discrete search's start (``None``: the identity); arguments as :meth:`register`."""
+        reads, the discrete search's start (``None``: the identity), the similarity's features of both images
+        (``features`` when the caller has them, e.g. a sweep's cached pair, else computed here); other arguments
+        as :meth:`register`."""
         self.record = {}
         affine = self.align(fixed, moving, spacing, mask)
         network_moving = moving if affine is None else warp_image(moving, affine_ddf(affine, moving.shape[2:]))
         start = discrete_search(fixed, network_moving) if self.discrete and self.steps > 0 else None
-        return PairStages(affine, network_moving, start, dict(self.record))
+        if self.steps > 0 and features is None:
+            features = similarity_features(fixed, moving, self.similarity)
+        return PairStages(affine, network_moving, start, dict(self.record), features if self.steps > 0 else None)
 
     def register(self, predict, fixed, moving, hyper, spacing: Sequence[float], mask=None,
                  prepared: PairStages | None = None) -> torch.Tensor:
@@ -213,8 +221,11 @@ class InstanceOptimization:
         stages = self.prepare(fixed, moving, spacing, mask) if prepared is None else prepared
         self.record = dict(stages.record)
         affine, network_moving, start = stages.affine, stages.network_moving, stages.start
-        # the similarity's descriptors of both images, once for the start's choice and the optimisation
-        features = similarity_features(fixed, moving, self.similarity) if self.steps > 0 else None
+        # the similarity's descriptors of both images, once per pair for the start's choice and the optimisation
+        # (``prepared`` by an instance without optimisation has none)
+        features = stages.features
+        if self.steps > 0 and features is None:
+            features = similarity_features(fixed, moving, self.similarity)
         if predict is None:
             ddf = torch.zeros(fixed.shape[0], 3, *fixed.shape[2:], dtype=fixed.dtype, device=fixed.device) \
                 if start is None else start
