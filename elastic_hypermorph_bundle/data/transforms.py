@@ -32,7 +32,7 @@ from monai.transforms import (
     Spacingd,
 )
 
-from ..networks.spatial import antialias, antialias_sigma
+from ..networks.spatial import antialias
 from .grids import same_grid
 from .io import Learn2RegDataError, read_points
 
@@ -263,10 +263,11 @@ class AntiAliasd(MapTransform):
         d = dict(data)
         for key in self.key_iterator(d):
             image = d[key]
-            spacing = [float(v) for v in image.pixdim[:3]]
-            if max(antialias_sigma(spacing, self.pixdim)) > 0:
+            batched = image.as_tensor()[None]
+            filtered = antialias(batched, [float(v) for v in image.pixdim[:3]], self.pixdim)
+            if filtered is not batched:  # antialias returns its input when no axis coarsens
                 image = image.clone()
-                image.array = antialias(image.as_tensor()[None], spacing, self.pixdim)[0]
+                image.array = filtered[0]
                 d[key] = image
         return d
 
