@@ -9,6 +9,9 @@ recorded in ``docs/benchmarks.json`` (``speed_candidates``, rendered in benchmar
 * ``tre PAIR.npz ...`` (``FINEST=25,15``): from the release model's start at the inference defaults
   (lam 0.083, mu 0.03), the two coarse levels of the default schedule once (25 steps each), then the finest level
   with each number of steps in ``FINEST``: keypoint TRE and seconds of each, the variants' order alternating by pair.
+* ``pipeline PAIR.npz ...``: the whole default optimisation (MIND-SSC of both images, 25 steps on each of 3 levels)
+  from the release model's start, keypoint TRE and seconds, of the code on ``PYTHONPATH``: run for two commits in
+  turn (``git archive`` of the older one) to compare code versions on the same pairs.
 
 Run from ``scripts/``: ``python -m bench.speed_candidates micro ~/.cache/elastic_hypermorph_bundle/benchmark_pairs/<h>/pair_1101.npz``.
 """
@@ -157,6 +160,32 @@ def tre(paths: list[str], finest_steps=(25, 15)) -> list[dict]:
     return rows
 
 
+def pipeline(paths: list[str]) -> list[dict]:
+    from bench.register_probe import load_model, network_ddf
+    from elastic_hypermorph_bundle import optimize
+    from elastic_hypermorph_bundle.metrics import target_registration_error
+
+    network, space, card = load_model(ROOT / "models" / "model.pt", "cpu")
+    weights = network.generate_weights(space.point(0.083, 0.03))
+    rows = []
+    for path in paths:
+        pair, fixed, moving = _pair_tensors(path)
+        fixed_points, moving_points = (torch.as_tensor(p, dtype=torch.float32)
+                                       for p in (pair.fixed_keypoints, pair.moving_keypoints))
+        settings = json.loads(Path(path).with_name("settings.json").read_text())["simulation"]
+        row = {"pair": path, "real_ct": Path(str(settings.get("real_ct"))).name, "load_before": os.getloadavg()[0]}
+        start = network_ddf(network, weights, fixed, moving, card["spatial_size"])
+        begin = time.perf_counter()
+        features = optimize.similarity_features(fixed, moving)
+        row["mind_s"] = time.perf_counter() - begin
+        ddf = optimize.instance_optimize(fixed, moving, 0.083, 0.03, start, features=features)
+        row["optimisation_s"] = time.perf_counter() - begin
+        row["tre_mm"] = target_registration_error(ddf[0], fixed_points, moving_points, pair.spacing).mean().item()
+        row["load_after"] = os.getloadavg()[0]
+        rows.append(row)
+    return rows
+
+
 def record(key: str, value, json_path: Path = ROOT / "docs" / "benchmarks.json") -> None:
     """Store ``value`` as ``speed_candidates[key]`` (with the date and command) in ``benchmarks.json``."""
     results = json.loads(json_path.read_text())
@@ -177,6 +206,8 @@ if __name__ == "__main__":
     kind, arguments = sys.argv[1], [a for a in sys.argv[2:] if not a.startswith("--")]
     if kind == "micro":
         measured = micro(arguments[0], int(arguments[1]) if len(arguments) > 1 else 3, "--compile" in sys.argv)
+    elif kind == "pipeline":
+        measured = pipeline(arguments)
     else:
         measured = tre(arguments, tuple(int(s) for s in os.environ.get("FINEST", "25,15").split(",")))
     print(json.dumps(measured), flush=True)

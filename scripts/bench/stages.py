@@ -48,6 +48,8 @@ PART_FUNCTIONS = {
 ENGINE = ("ignite/engine/engine.py", "run")
 ITERATION = ("elastic_hypermorph_bundle/workflow/steps.py", "__call__")
 LEVEL_LOG = re.compile(r"instance optimisation level (\d+)/(\d+) \((\S+)\) step (\d+)/(\d+)")
+#: the run's summary line: mean TRE of the pairs with points, after and before registration
+TRE_LOG = re.compile(r"TRE (\d+\.\d+) mm \(before (\d+\.\d+) mm")
 
 __all__ = ["profile_run", "run"]
 
@@ -122,6 +124,10 @@ def profile_run(spec: dict) -> dict:
     t_end = time.perf_counter()
     result = {"imports_s": t_run - t_start, "run_s": t_end - t_run, "outputs": outputs, "level_seconds": [],
               "threads": __import__("torch").get_num_threads()}
+    for _, message in levels:
+        match = TRE_LOG.search(message)
+        if match:
+            result["tre_mm"], result["tre_before_mm"] = float(match.group(1)), float(match.group(2))
     # each level's time: from the previous level's last logged step (or the optimisation's start) to its own
     ends = {}
     for stamp, message in levels:
@@ -180,6 +186,31 @@ def _run_path(spec: dict, log) -> dict:
     return result
 
 
+def convex_adam_pair(fixed: str, moving: str, points: tuple[str, str] | None) -> dict:
+    """ConvexAdam (its defaults, :func:`bench.classical.convex_adam_register`) on the single path's pair, read from
+    its files (HU arrays, the bundle's input), timed from the arrays in memory to its field: its seconds and, when
+    the pair has points, its TRE (mm) as the bundle's summary line computes it."""
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from bench.classical import convex_adam_register
+    from elastic_hypermorph_bundle.data.io import read_points
+    from elastic_hypermorph_bundle.metrics import target_registration_error
+
+    images = [nib.load(path) for path in (fixed, moving)]
+    arrays = [np.asarray(image.dataobj, dtype=np.float32) for image in images]
+    begin = time.perf_counter()
+    ddf = convex_adam_register(*arrays)
+    result = {"seconds": time.perf_counter() - begin, "threads": torch.get_num_threads()}
+    if points:
+        spacing = [float(s) for s in images[1].header.get_zooms()[:3]]
+        result["tre_mm"] = target_registration_error(torch.from_numpy(ddf).double(),
+                                                     *(torch.as_tensor(read_points(p)).double() for p in points),
+                                                     spacing).mean().item()
+    return result
+
+
 def run(options: dict, log) -> dict:
     """Section 7: the split path (``options["pairs"]`` pairs of a simulated Learn2Reg dataset at
     ``options["dataset_dir"]``, simulated there if absent, on ``options["real_ct"]`` when that file exists; one
@@ -215,12 +246,22 @@ def run(options: dict, log) -> dict:
                       "overrides": {**split, "output_dir": str(out / "split_plain")}})
     setup = {key: options.get(key) for key in ("spatial_size", "pairs", "seed", "simulation", "real_ct", "model")}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    setup.update(dataset_dir=str(dataset), cpus=len(os.sched_getaffinity(0)),
+    cgroup = Path("/proc/self/cgroup").read_text().strip() if Path("/proc/self/cgroup").is_file() else None
+    setup.update(dataset_dir=str(dataset), cpus=len(os.sched_getaffinity(0)), cgroup=cgroup,
                  commit=commit.stdout.strip() if commit.returncode == 0 else None)  # the code measured
     load_before = os.getloadavg()
     measured = [_run_path(spec, log) for spec in paths]
+    result = {"setup": setup, "paths": measured}
+    from bench.classical import convex_adam_available
+
+    if options.get("convex_adam") and convex_adam_available():  # the peer on the single path's pair, in the same run (issue 21: 0.3x its time)
+        name = Path(single["fixed"]).name.replace("_0000.nii.gz", "")
+        points = [dataset / "keypointsTr" / f"{name}_{phase}.csv" for phase in ("0000", "0001")]
+        result["convex_adam"] = {"pair": name, "load_before": list(os.getloadavg()), **convex_adam_pair(
+            single["fixed"], single["moving"], tuple(map(str, points)) if all(p.is_file() for p in points) else None)}
+        log(f"  ConvexAdam on {name}: {result['convex_adam']['seconds']:.1f} s")
     setup["load_average"] = {"before": list(load_before), "after": list(os.getloadavg())}
-    return {"setup": setup, "paths": measured}
+    return result
 
 
 if __name__ == "__main__":
