@@ -254,6 +254,7 @@ def prealign(
     factor: float = 4.0,
     lr: float = 0.01,
     start: Affine | None = None,
+    features: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> Affine:
     """Global pre-alignment of ``moving`` to ``fixed``: the :class:`Affine` (per pair) that, started from
     ``start`` (default: the translation between the images' intensity centres of mass), minimises the similarity of
@@ -271,6 +272,8 @@ def prealign(
         factor: downsampling of the images during the fit.
         lr: Adam step size.
         start: the map the fit starts from (its matrix is kept and composed with the fitted one).
+        features: :func:`similarity_features` of ``fixed`` and ``moving`` when already computed (the
+            optimisation's, so a pair's descriptors are computed once).
 
     Raises:
         ValueError: for images or masks of the wrong shape or with non-finite values, a non-positive spacing,
@@ -293,7 +296,7 @@ def prealign(
         start = Affine(identity.matrix, centre_of_mass_offset(fixed, moving, spacing).detach(), spacing)
     if not steps:
         return start
-    measure = _level(row, (row.prepare(fixed), row.prepare(moving)), mask, factor)
+    measure = _level(row, (row.prepare(fixed), row.prepare(moving)) if features is None else features, mask, factor)
     return _fit(measure, transform, start, steps, lr, similarity)
 
 
@@ -307,6 +310,7 @@ def auto_prealign(
     margin: float = AUTO_PREALIGN_MARGIN,
     shifts_mm: Sequence[float] = AUTO_PREALIGN_SHIFTS_MM,
     body_axis: int = 2,
+    features: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[Affine | None, dict[str, torch.Tensor]]:
     """Pre-alignment decided by what it achieves (``prealign="auto"``).
 
@@ -323,6 +327,7 @@ def auto_prealign(
         margin: the fraction of the identity's similarity a rigid map must gain to be kept.
         shifts_mm: translations along ``body_axis`` tried as starts.
         body_axis: the array axis along the body (2: inferior-superior in the Learn2Reg layout).
+        features: as :func:`prealign`.
 
     Returns:
         ``(affine, record)``: the map (``None`` when no pair keeps one; the identity for pairs that do not, in a
@@ -341,7 +346,7 @@ def auto_prealign(
         raise ValueError(f"margin must be in [0, 1), got {margin}.")
     batch = fixed.shape[0]
     identity = Affine.identity(batch, spacing, fixed.device)
-    prepared = (row.prepare(fixed), row.prepare(moving))
+    prepared = (row.prepare(fixed), row.prepare(moving)) if features is None else features
     factor = max(1.0, min(8.0, min(fixed.shape[2:]) / 24))
     coarse = _level(row, prepared, mask, factor)
     starts = {"identity": identity.translation, "centre of mass": centre_of_mass_offset(fixed, moving, spacing),

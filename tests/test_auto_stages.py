@@ -91,9 +91,12 @@ def test_a_network_start_worse_than_the_identity_is_not_taken(breathing):
     assert not torch.allclose(without.register(lambda m: bad, fixed, moving, hyper, pair.spacing), from_identity)
 
 
-def test_a_pair_s_descriptors_are_computed_once_for_the_start_s_choice_and_the_optimisation(breathing, monkeypatch):
+@pytest.mark.parametrize("prealign", ["none", "auto"])
+def test_a_pair_s_descriptors_are_computed_once_for_the_start_s_choice_and_the_optimisation(breathing, monkeypatch,
+                                                                                           prealign):
     """With the start's choice on, the MIND descriptors of both images are computed once per registration (not once
-    per start objective and again by the optimisation), and the field is exactly the one they give recomputed."""
+    per start objective, again by the optimisation and, with ``prealign auto``, by its check), and the field is
+    exactly the one they give recomputed."""
     from elastic_hypermorph_bundle.losses import similarity
 
     pair, fixed, moving = breathing
@@ -103,7 +106,9 @@ def test_a_pair_s_descriptors_are_computed_once_for_the_start_s_choice_and_the_o
     row = similarity.SIMILARITIES["mind"]
     counted = row._replace(prepare=lambda image: calls.append(1) or row.prepare(image))
     monkeypatch.setitem(similarity.SIMILARITIES, "mind", counted)
-    stages = InstanceOptimization(steps=5, levels=2, prealign="none")
+    stages = InstanceOptimization(steps=5, levels=2, prealign=prealign)
     ddf = stages.register(lambda m: truth, fixed, moving, torch.tensor([[0.083, 0.03]]), pair.spacing)
     assert stages.record["start_network"].item() == 1.0 and len(calls) == 2  # fixed and moving, once each
+    if prealign == "auto":  # a breathing-only pair: checked, and left as it is
+        assert stages.record["prealign_applied"].item() == 0.0
     assert torch.equal(ddf, expected)

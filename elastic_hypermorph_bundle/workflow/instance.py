@@ -168,15 +168,19 @@ class InstanceOptimization:
             raise ValueError("--use_mask true needs a fixed mask for every pair (--fixed_mask, or masksTr in the dataset).")
         return batch["fixed_mask"].float()
 
-    def align(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None) -> Affine | None:
-        """The pre-alignment of the pair, ``None`` when off (or, with ``"auto"``, not needed)."""
+    def align(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None,
+              features=None) -> Affine | None:
+        """The pre-alignment of the pair, ``None`` when off (or, with ``"auto"``, not needed); ``features``: the
+        pair's similarity features when already computed."""
         if self.prealign == "auto":
-            affine, record = auto_prealign(fixed, moving, spacing, self.similarity, mask, self.prealign_steps)
+            affine, record = auto_prealign(fixed, moving, spacing, self.similarity, mask, self.prealign_steps,
+                                           features=features)
             self.record.update(record)
             return affine
         if self.prealign == "none":
             return None
-        return prealign(fixed, moving, spacing, self.prealign, self.similarity, mask, self.prealign_steps)
+        return prealign(fixed, moving, spacing, self.prealign, self.similarity, mask, self.prealign_steps,
+                        features=features)
 
     def refine(self, fixed, moving, hyper, init_ddf, affine: Affine | None = None, mask=None,
                features=None) -> torch.Tensor:
@@ -196,11 +200,11 @@ class InstanceOptimization:
         (``features`` when the caller has them, e.g. a sweep's cached pair, else computed here); other arguments
         as :meth:`register`."""
         self.record = {}
-        affine = self.align(fixed, moving, spacing, mask)
+        if self.steps > 0 and features is None:  # before the pre-alignment, which compares the same features
+            features = similarity_features(fixed, moving, self.similarity)
+        affine = self.align(fixed, moving, spacing, mask, features)
         network_moving = moving if affine is None else warp_image(moving, affine_ddf(affine, moving.shape[2:]))
         start = discrete_search(fixed, network_moving) if self.discrete and self.steps > 0 else None
-        if self.steps > 0 and features is None:
-            features = similarity_features(fixed, moving, self.similarity)
         return PairStages(affine, network_moving, start, dict(self.record), features if self.steps > 0 else None)
 
     def register(self, predict, fixed, moving, hyper, spacing: Sequence[float], mask=None,
