@@ -25,7 +25,9 @@ __all__ = ["DEBUG_ENV", "USER_IDS", "NOISE", "debug", "quiet_third_party", "Quie
 #: set to ``1`` for everything: every log line and warning, and Python's full traceback (:mod:`.cli`)
 DEBUG_ENV = "ELASTIC_HYPERMORPH_DEBUG"
 
-#: ``(ids, meaning, default)`` of every id a user changes: the README's table, row by row
+#: ``(ids, meaning, default)`` of every id a user changes: the README's table, row by row. The regularizer and
+#: similarity rows name the rows of ``losses``' tables, which this bottom-layer module cannot import;
+#: tests/test_console.py holds them equal, so a new table row fails CI until it is named here
 USER_IDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("dataset_dir",), "Learn2Reg dataset folder (2021+ JSON layout, 2020 Zenodo layout, or plain `_0000`/`_0001` folder)",
      "`data/LungCT`"),
@@ -45,8 +47,8 @@ USER_IDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
      "`[192,192,208]`, none, `[-1000,500]`"),
     (("allow_preprocessing_mismatch",),
      "run inference, evaluation or a sweep with preprocessing other than the model's (with a warning)", "false"),
-    (("regularizer",), "`elastic` (the method), `diffusion` (HyperMorph), `elastic_fixed` (fixed λ, μ over α)",
-     "`elastic`"),
+    (("regularizer",), "a row of `losses/regularizers.py`: `elastic` (the method), `diffusion` (HyperMorph), "
+     "`elastic_fixed` (fixed λ, μ over α)", "`elastic`"),
     (("similarity",),
      "training's similarity (a row of `losses/similarity.py`, recorded in the model card): `lncc` (local NCC, the "
      "paper's) or `mind` (MIND-SSC descriptors)", "`lncc`"),
@@ -66,8 +68,8 @@ USER_IDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
      "test-time instance optimisation of each pair's field at the same (λ, μ), started from the network's prediction "
      "(inference, evaluation, and the sweep's selected point): Adam steps per level; 0 = network alone", "25"),
     (("instance_similarity",),
-     "its similarity: `mind` (MIND-SSC descriptors compared by SSD, insensitive to the lung's density change) or "
-     "`lncc`", "`mind`"),
+     "its similarity (a row of `losses/similarity.py`): `mind` (MIND-SSC descriptors compared by SSD, insensitive "
+     "to the lung's density change) or `lncc`", "`mind`"),
     (("instance_levels", "instance_grid", "instance_lr"),
      "coarse-to-fine levels (each twice as fine), the finest control grid's coarsening (2 = half resolution), Adam "
      "step in voxels of each level", "3, 2, 0.2"),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,8 @@ from monai.bundle import ConfigParser
 
 from elastic_hypermorph_bundle.cli import check_overrides
 from elastic_hypermorph_bundle.console import USER_IDS, QuietEngineLog, ids_table
+from elastic_hypermorph_bundle.losses.regularizers import REGULARIZERS
+from elastic_hypermorph_bundle.losses.similarity import SIMILARITIES
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = {
@@ -57,6 +60,17 @@ def test_every_id_exists_and_its_stated_default_is_the_configs_value():
                 if isinstance(value, dict) or (isinstance(value, str) and value.startswith(("$", "@"))):
                     continue  # an expression (a path, the device, a reference): the table describes it in words
                 assert any(s in stated for s in _spellings(value)), (config_id, name, value, default)
+
+
+@pytest.mark.parametrize("config_id, table", [("regularizer", REGULARIZERS), ("similarity", SIMILARITIES),
+                                               ("instance_similarity", SIMILARITIES)])
+def test_the_choices_shown_are_the_rows_of_their_table(config_id, table):
+    """--help and the README name every row of the regularizer and similarity tables, and nothing else: console
+    sits below losses in the layering (tests/test_layering.py), so it cannot read the tables, and this test is the
+    link that makes a new row show up."""
+    (meaning,) = [meaning for ids, meaning, _ in USER_IDS if ids[0] == config_id]
+    named = {word for word in re.findall(r"`([^`]+)`", meaning) if word.isidentifier()}
+    assert named == set(table), (config_id, sorted(named), sorted(table))
 
 
 def test_help_prints_the_ids_of_the_loaded_configs_with_their_values(capsys):
