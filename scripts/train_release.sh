@@ -9,6 +9,8 @@
 #   INIT=none EPOCHS=40 bash scripts/train_release.sh  # from random initialisation (release 0.4.0's recipe, with
 #                                                      # HYPER_SAMPLING=uniform REAL_CTS=chest_ct_cropped PAIRS=60 REAL_CT_FRACTION=0.25)
 #   DATA=release_work/data ...                         # reuse a dataset written by an earlier run
+#   AMORTISED_PAIRS=16 bash scripts/train_release.sh   # amortised optimisation: the optimisation's fields of 16
+#                                                      # training pairs at 10 (lam, mu) as targets (off by default)
 #
 # Everything goes under $WORK (default release_work/, ignored by git; refused when it exists, unless OVERWRITE=1):
 #   $WORK/data       the simulated Learn2Reg-layout dataset (make_synthetic.py --preset realistic)
@@ -28,6 +30,11 @@
 #   INIT (0.4.0: release 0.4.0's model.pt and model.json, read from this repository's history (commit f7cc9a0);
 #     none: random initialisation; else a model.pt with its model.json, whose network must be the config's)
 #   DATA (none: build the dataset into $WORK/data; else train on this existing dataset)
+#   SPLIT_FILE (none: the seeded split; else a split.json to train, validate and test on, e.g. a smaller train split)
+#   AMORTISED_PAIRS (0: off; N: build the amortised optimisation's targets of the first N training pairs into
+#     $WORK/targets.npz, scripts/amortised_targets.py at its default 10 (lam, mu), about 3 s per pair and point)
+#     AMORTISED_TARGETS (a cache built before, instead)  AMORTISED_WEIGHT (1)  AMORTISED_FRACTION (0.5): the
+#     --amortised_* ids of configs/train.json
 # The grid: images of 48 x 48 x 52 voxels of 7 x 5 x 7 mm (the Learn2Reg lung field of view), padded to 48 x 48 x 64
 # for the network (multiples of 16); inference resamples any input to that grid (the card's pixdim).
 set -euo pipefail
@@ -58,6 +65,11 @@ export OMP_NUM_THREADS=$THREADS MKL_NUM_THREADS=$THREADS
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 DATA=${DATA:-}
+SPLIT_FILE=${SPLIT_FILE:-}
+AMORTISED_PAIRS=${AMORTISED_PAIRS:-0}
+AMORTISED_TARGETS=${AMORTISED_TARGETS:-}
+AMORTISED_WEIGHT=${AMORTISED_WEIGHT:-1.0}
+AMORTISED_FRACTION=${AMORTISED_FRACTION:-0.5}
 INIT=${INIT:-0.4.0}
 if [ "$INIT" = none ]; then INIT=""; fi
 INIT_COMMIT=f7cc9a0  # the commit of release 0.4.0
@@ -69,6 +81,12 @@ if [ -n "$DATA" ] && [ ! -f "$DATA/LungCT_dataset.json" ]; then
     echo "train_release.sh: DATA=$DATA holds no LungCT_dataset.json." >&2
     exit 1
 fi
+for name in SPLIT_FILE AMORTISED_TARGETS; do
+    if [ -n "${!name}" ] && [ ! -f "${!name}" ]; then
+        echo "train_release.sh: $name=${!name} is not a file." >&2
+        exit 1
+    fi
+done
 if [ "$INIT" = 0.4.0 ] && ! git cat-file -e "$INIT_COMMIT:models/model.pt" 2>/dev/null; then
     echo "train_release.sh: INIT=0.4.0 needs this repository's git history (commit $INIT_COMMIT); pass INIT=PATH/model.pt or INIT=none." >&2
     exit 1
@@ -92,6 +110,9 @@ else
     echo "train_release.sh: no real CT folder at $REAL_CT_DIR; all pairs use the phantom." >&2
 fi
 if [ -n "$DATA" ]; then DATA=$(cd "$DATA" && pwd); fi
+for name in SPLIT_FILE AMORTISED_TARGETS; do
+    if [ -n "${!name}" ]; then printf -v "$name" '%s' "$(cd "$(dirname "${!name}")" && pwd)/$(basename "${!name}")"; fi
+done
 if [ -n "$INIT" ] && [ "$INIT" != 0.4.0 ]; then INIT=$(cd "$(dirname "$INIT")" && pwd)/$(basename "$INIT"); fi
 rm -rf "$WORK"
 mkdir -p "$WORK"
@@ -109,6 +130,19 @@ if [ -z "$DATA" ]; then
         --seed "$SEED" --preset realistic "${real_ct[@]}"
     echo "train_release.sh: dataset written in $(( $(date +%s) - start )) s"
 fi
+split=()
+if [ -n "$SPLIT_FILE" ]; then split=(--split_file "$SPLIT_FILE"); fi
+if [ "$AMORTISED_PAIRS" != 0 ] && [ -z "$AMORTISED_TARGETS" ]; then
+    AMORTISED_TARGETS=$WORK/targets.npz
+    python scripts/amortised_targets.py --dataset_dir "$DATA" --output "$AMORTISED_TARGETS" --spatial_size "[48,48,64]" \
+        --pixdim "[7.0,5.0,7.0]" --max_pairs "$AMORTISED_PAIRS" --seed "$SEED" ${SPLIT_FILE:+--split_file "$SPLIT_FILE"}
+    echo "train_release.sh: amortised targets written in $(( $(date +%s) - start )) s (data included)"
+fi
+amortised=()
+if [ -n "$AMORTISED_TARGETS" ]; then
+    amortised=(--amortised_targets "$AMORTISED_TARGETS" --amortised_weight "$AMORTISED_WEIGHT"
+               --amortised_fraction "$AMORTISED_FRACTION")
+fi
 init=()
 if [ -n "$INIT" ]; then  # the network of INIT's card with its weights, in training mode
     init=(--network "\$__import__('elastic_hypermorph_bundle.model_card').model_card.load_trained_network('$INIT', device='cpu').train()")
@@ -118,13 +152,13 @@ python -m monai.bundle run training --meta_file configs/metadata.json --config_f
     --dataset_dir "$DATA" --ckpt_dir "$WORK/models" --output_dir "$WORK/eval" \
     --spatial_size "[48,48,64]" --pixdim "[7.0,5.0,7.0]" --learning_rate "$LR" --epochs "$EPOCHS" \
     --val_interval "$VAL_INTERVAL" --hyper_sampling "$HYPER_SAMPLING" --num_workers 0 --seed "$SEED" --device cpu \
-    "${init[@]}"
+    "${split[@]}" "${amortised[@]}" "${init[@]}"
 echo "train_release.sh: trained in $(( $(date +%s) - start )) s (data included)"
 
 # held-out accuracy: the test split (never trained on, not used for model selection), at the validation (lam, mu),
 # the network alone (+ instance optimisation, and the held-out anatomy: scripts/score_release.sh)
 python -m monai.bundle run --config_file "['configs/inference.json','configs/evaluate.json']" \
-    --dataset_dir "$DATA" --ckpt_dir "$WORK/models" --split test --output_dir "$WORK/test" \
+    --dataset_dir "$DATA" --ckpt_dir "$WORK/models" --split test --output_dir "$WORK/test" "${split[@]}" \
     --lam 0.083 --mu 0.03 --instance_steps 0 --num_workers 0 --device cpu
 echo "train_release.sh: done in $(( $(date +%s) - start )) s; metrics in $WORK/test"
 

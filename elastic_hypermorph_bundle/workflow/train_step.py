@@ -16,6 +16,7 @@ from monai.utils import convert_to_tensor
 
 from ..hyperparams import HyperSpace
 from ..forward import training_terms
+from ..losses.amortised import AmortisedTargets
 
 __all__ = ["TrainStep", "TrainingDivergedError", "diverged_message", "loss_terms", "LOSS_TERMS"]
 
@@ -37,17 +38,33 @@ class TrainStep:
        displacement field (checked on the CPU), loss or updated weights (one device sync per batch) raises
        :class:`TrainingDivergedError`, naming the iteration and what to try.
 
+    With ``amortised`` (amortised optimisation, :mod:`~elastic_hypermorph_bundle.losses.amortised`), a batch whose
+    pairs all have cached targets is, with the cache's probability, trained at one of its grid points (drawn per
+    sample, replacing step 1's rows) with the term ``amortised(ddf, targets)`` added to the loss (and logged as
+    ``"amortised"``).
+
     Returns (and stores in ``engine.state.output``): ``"image"`` (network input), ``"pred"`` (DDF), ``"hyper"``, and
     the scalars ``"loss"``, ``"similarity"`` (LNCC, unweighted) and ``"regularization"`` (weighted).
 
     Args:
         hyper_space: the hyperparameters the network is conditioned on.
         seed: base seed of the hyperparameter draws.
+        amortised: the cached targets and their term (``None``: off).
+
+    Raises:
+        ValueError: ``amortised`` has grid points outside ``hyper_space``'s trained ranges, or the model is not
+            conditioned on ``(lam, mu)``.
     """
 
-    def __init__(self, hyper_space: HyperSpace, seed: int = 0) -> None:
+    def __init__(self, hyper_space: HyperSpace, seed: int = 0, amortised: AmortisedTargets | None = None) -> None:
         self.hyper_space = hyper_space
         self.seed = int(seed)
+        if amortised is not None:
+            if tuple(hyper_space.names) != ("lam", "mu"):
+                raise ValueError(f"amortised targets are (lam, mu) grid points; the {hyper_space.regularizer!r} "
+                                 f"regularizer's rows are {list(hyper_space.names)}.")
+            hyper_space.check(amortised.hyper)  # raises for a grid point outside the trained ranges
+        self.amortised = amortised
 
     def _generator(self, iteration: int) -> torch.Generator:
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -62,7 +79,11 @@ class TrainStep:
             convert_to_tensor(batchdata[key], track_meta=False).to(device, non_blocking=engine.non_blocking)
             for key in ("moving_image", "fixed_image")
         )
-        hyper = self.hyper_space.sample(moving.shape[0], self._generator(engine.state.iteration), device)
+        generator = self._generator(engine.state.iteration)
+        hyper = self.hyper_space.sample(moving.shape[0], generator, device)
+        drawn = None if self.amortised is None else self.amortised.draw(batchdata.get("pair_id"), generator, device)
+        if drawn is not None:
+            hyper, targets = drawn
         engine.state.output = {"hyper": hyper}
 
         engine.network.train()
@@ -80,7 +101,11 @@ class TrainStep:
             amp_kwargs=engine.amp_kwargs, on_forward=forward_completed,
         )
         engine.state.output["image"] = terms.pop("image")
-        terms.pop("pred"), terms.pop("warped")
+        ddf = terms.pop("pred")
+        terms.pop("warped")
+        if drawn is not None:
+            terms["amortised"] = self.amortised(ddf.float(), targets)
+            terms["loss"] = terms["loss"] + terms["amortised"]
         engine.state.output.update(terms)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
@@ -104,8 +129,9 @@ class TrainStep:
                     values = ", ".join(f"{key}={float(terms[key]):.4g}" for key in LOSS_TERMS)
                     what = f"the training loss is not finite ({values})"
                 raise TrainingDivergedError(diverged_message(engine, what))
-        for key in LOSS_TERMS:
-            engine.state.output[key] = terms[key].detach()
+        for key in (*LOSS_TERMS, "amortised"):
+            if key in terms:
+                engine.state.output[key] = terms[key].detach()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # the trainer decollates on this event
         return engine.state.output
 
