@@ -22,7 +22,7 @@ from elastic_hypermorph_bundle.optimize import instance_optimize
 from elastic_hypermorph_bundle.simulation.dataset import make_synthetic_dataset
 from elastic_hypermorph_bundle.workflow.amortised import build_targets, default_grid
 from elastic_hypermorph_bundle.workflow.datalists import pair_datalist
-from elastic_hypermorph_bundle.workflow.train_step import TrainStep
+from elastic_hypermorph_bundle.workflow.train_step import TrainStep, loss_terms
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*Using PyTorch native grid_sample")
 
@@ -85,7 +85,7 @@ def test_a_cached_batch_trains_at_grid_points_with_the_term_and_its_gradient_rea
     assert float(cached["loss"]) == pytest.approx(
         float(cached["similarity"] + cached["regularization"] + cached["amortised"]), rel=1e-5)
     # a batch with a pair the cache does not hold keeps its sampled rows and the unsupervised loss
-    assert "amortised" not in uncached
+    assert "amortised" not in uncached and set(loss_terms(cached)) == {"loss", "similarity", "regularization", "amortised"}
     assert not any(torch.equal(row, torch.tensor(point)) for row in uncached["hyper"] for point in GRID)
     # the term's gradient reaches the hypernetwork (the part that maps (lam, mu) to the weights)
     network.zero_grad()

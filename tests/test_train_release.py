@@ -43,3 +43,11 @@ def test_train_release_builds_data_trains_and_scores_without_touching_models(tmp
     # a second run refuses to replace the first one's work folder
     again = subprocess.run(["bash", "scripts/train_release.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
     assert again.returncode != 0 and "exists" in again.stderr
+
+
+@pytest.mark.parametrize("name", ["AMORTISED_TARGETS", "SPLIT_FILE"])
+def test_train_release_refuses_a_missing_cache_or_split_before_any_work(tmp_path, name):
+    env = {**os.environ, "WORK": str(tmp_path / "release"), name: str(tmp_path / "missing.npz")}
+    completed = subprocess.run(["bash", "scripts/train_release.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert completed.returncode != 0 and f"{name}={tmp_path / 'missing.npz'} is not a file" in completed.stderr
+    assert not (tmp_path / "release").exists()

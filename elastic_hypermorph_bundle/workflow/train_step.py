@@ -20,8 +20,9 @@ from ..losses.amortised import AmortisedTargets
 
 __all__ = ["TrainStep", "TrainingDivergedError", "diverged_message", "loss_terms", "LOSS_TERMS"]
 
-#: the scalars of a training step's output, logged by the Stats/TensorBoard handlers
-LOSS_TERMS = ("loss", "similarity", "regularization")
+#: the scalars of a training step's output, logged by the Stats/TensorBoard handlers ("amortised" only on the
+#: batches trained with amortised optimisation's term)
+LOSS_TERMS = ("loss", "similarity", "regularization", "amortised")
 
 
 class TrainStep:
@@ -126,10 +127,10 @@ class TrainStep:
                 if torch.isfinite(loss):
                     what = "the network's weights are not finite (NaN/inf) after this step"
                 else:
-                    values = ", ".join(f"{key}={float(terms[key]):.4g}" for key in LOSS_TERMS)
+                    values = ", ".join(f"{key}={float(terms[key]):.4g}" for key in LOSS_TERMS if key in terms)
                     what = f"the training loss is not finite ({values})"
                 raise TrainingDivergedError(diverged_message(engine, what))
-        for key in (*LOSS_TERMS, "amortised"):
+        for key in LOSS_TERMS:
             if key in terms:
                 engine.state.output[key] = terms[key].detach()
         engine.fire_event(IterationEvents.MODEL_COMPLETED)  # the trainer decollates on this event
