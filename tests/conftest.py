@@ -1,5 +1,6 @@
 """Shared test setup: the measurement code under ``scripts/`` (``bench``) is importable, as ``scripts/benchmark.py``
-makes it, without being part of the installed package."""
+makes it, without being part of the installed package; the one way tests write a trained model; the one way they
+find the shared real chest CTs."""
 
 import sys
 from pathlib import Path
@@ -40,3 +41,24 @@ def save_model():
     """The one way tests write a trained model (weights + model card): ``save_model(folder, network, space,
     network_kwargs, spatial_size=..., pixdim=..., hu_window=...) -> model.pt path``."""
     return _save_trained_model
+
+
+#: the shared real chest CTs: ``../shared/data/real_ct`` next to the bundle root (CI); a git worktree may sit deeper,
+#: so the nearest ancestor's ``shared/`` counts
+REAL_CT_DIR = next((parent / "shared" / "data" / "real_ct" for parent in SCRIPTS.parents[1].parents
+                    if (parent / "shared" / "data" / "real_ct").is_dir()),
+                   SCRIPTS.parents[1].parent / "shared" / "data" / "real_ct")
+
+
+@pytest.fixture(scope="session")
+def real_ct():
+    """``real_ct(name="chest_ct_cropped.nii.gz") -> Path`` of a shared real chest CT (never copied into the
+    repository); the test that asks for one that is absent is skipped, naming it."""
+
+    def path(name: str = "chest_ct_cropped.nii.gz") -> Path:
+        found = REAL_CT_DIR / name
+        if not found.is_file():
+            pytest.skip(f"no real chest CT at {found}")
+        return found
+
+    return path

@@ -5,7 +5,6 @@ shared real CTs)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,13 +16,7 @@ from elastic_hypermorph_bundle.simulation.followup import followup_geometry
 from elastic_hypermorph_bundle.simulation.dataset import make_synthetic_dataset
 from elastic_hypermorph_bundle.simulation.generator import simulate_pair
 
-REPO = Path(__file__).resolve().parents[1]
-REAL_CT = next(
-    (p / "shared" / "data" / "real_ct" / "lidc_idri_0001.nii.gz" for p in REPO.parents
-     if (p / "shared" / "data" / "real_ct" / "lidc_idri_0001.nii.gz").is_file()),
-    REPO.parent / "shared" / "data" / "real_ct" / "lidc_idri_0001.nii.gz",
-)
-needs_real_ct = pytest.mark.skipif(not REAL_CT.is_file(), reason=f"no real chest CT at {REAL_CT}")
+BASELINE = "lidc_idri_0001.nii.gz"  # the real CT of the baseline scans (the conftest's real_ct skips without it)
 SIZE, SPACING = (48, 48, 52), (7.0, 5.0, 7.0)
 
 
@@ -45,9 +38,8 @@ def test_followup_geometry_draws_the_stated_ranges():
         followup_geometry(SIZE, SPACING, rng, offset=3)
 
 
-@needs_real_ct
-def test_followup_pair_ground_truth_maps_points_and_images(tmp_path):
-    pair = simulate_pair(SIZE, SPACING, seed=3, preset="followup", real_ct=REAL_CT)
+def test_followup_pair_ground_truth_maps_points_and_images(real_ct):
+    pair = simulate_pair(SIZE, SPACING, seed=3, preset="followup", real_ct=real_ct(BASELINE))
     assert pair.moving_image.shape != SIZE and not np.allclose(pair.moving_affine, pair.affine)
     # points: x + u(x), written in the follow-up's world, is the moving point of the follow-up's own grid
     u = np.stack([ndimage.map_coordinates(c, pair.fixed_keypoints.T, order=1) for c in pair.displacement], 1)
@@ -69,12 +61,11 @@ def test_followup_pair_ground_truth_maps_points_and_images(tmp_path):
     assert after > 0.85 and after > before + 0.1, (before, after)
 
 
-@needs_real_ct
-def test_followup_dataset_loads_onto_the_fixed_grid(tmp_path):
+def test_followup_dataset_loads_onto_the_fixed_grid(tmp_path, real_ct):
     with pytest.raises(ValueError, match="real_ct_fraction 1"):
         make_synthetic_dataset(tmp_path / "x", num_pairs=1, spatial_size=SIZE, preset="followup")
     out = make_synthetic_dataset(tmp_path / "data", num_pairs=1, seed=4, spatial_size=SIZE, spacing=SPACING,
-                                 preset="followup", real_ct=REAL_CT, real_ct_fraction=1.0)
+                                 preset="followup", real_ct=real_ct(BASELINE), real_ct_fraction=1.0)
     spec = json.loads((out / "LungCT_dataset.json").read_text())
     assert "tensorImageShape" not in spec and spec["generator"]["preset"] == "followup"
     (pair,) = discover_pairs(out).pairs
@@ -90,11 +81,10 @@ def test_followup_dataset_loads_onto_the_fixed_grid(tmp_path):
     assert torch.allclose(fixed + u, loaded["moving_keypoints"].double(), atol=1e-3)
 
 
-@needs_real_ct
-def test_on_fixed_grid_is_what_the_bundle_sees():
+def test_on_fixed_grid_is_what_the_bundle_sees(real_ct):
     from elastic_hypermorph_bundle.simulation.followup import on_fixed_grid
 
-    pair = on_fixed_grid(simulate_pair(SIZE, SPACING, seed=5, preset="followup", real_ct=REAL_CT))
+    pair = on_fixed_grid(simulate_pair(SIZE, SPACING, seed=5, preset="followup", real_ct=real_ct(BASELINE)))
     assert pair.moving_image.shape == pair.fixed_image.shape == SIZE and pair.moving_grid_affine is None
     u = np.stack([ndimage.map_coordinates(c, pair.fixed_keypoints.T, order=1) for c in pair.displacement], 1)
     assert np.abs(pair.fixed_keypoints + u - pair.moving_keypoints).max() < 1e-3

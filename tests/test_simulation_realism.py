@@ -21,13 +21,6 @@ from elastic_hypermorph_bundle.simulation.generator import simulate_pair
 from elastic_hypermorph_bundle.simulation.options import PRESETS, resolve_options
 
 REPO = Path(__file__).resolve().parents[1]
-# ../shared next to the bundle root (CI); a git worktree may sit deeper, so the nearest ancestor's shared/ counts
-REAL_CT = next(
-    (p / "shared" / "data" / "real_ct" / "chest_ct_cropped.nii.gz" for p in REPO.parents
-     if (p / "shared" / "data" / "real_ct" / "chest_ct_cropped.nii.gz").is_file()),
-    REPO.parent / "shared" / "data" / "real_ct" / "chest_ct_cropped.nii.gz",
-)
-needs_real_ct = pytest.mark.skipif(not REAL_CT.is_file(), reason=f"no real chest CT at {REAL_CT}")
 SIZE = (40, 40, 40)
 
 
@@ -187,15 +180,14 @@ def test_preset_resolution_and_validation(tmp_path):
     assert PRESETS["realistic"]["mass_conservation"] is True
 
 
-@needs_real_ct
-def test_real_ct_exhale_anatomy_gives_a_consistent_pair():
+def test_real_ct_exhale_anatomy_gives_a_consistent_pair(real_ct):
     from elastic_hypermorph_bundle.simulation.real_ct import load_real_ct, segment_lungs
 
     size, spacing = (40, 42, 55), (4.5, 4.5, 4.5)
-    image, box = load_real_ct(REAL_CT, size, spacing)
+    image, box = load_real_ct(real_ct(), size, spacing)
     lungs, body = segment_lungs(image, box)
     assert 0.15 < lungs.sum() / box.sum() < 0.6 and image[lungs].mean() < -600 and body.sum() > lungs.sum()
-    pair = simulate_pair(size, spacing, seed=1, noise_std=0.0, real_ct=REAL_CT, volume_change_range=(0.15, 0.15))
+    pair = simulate_pair(size, spacing, seed=1, noise_std=0.0, real_ct=real_ct(), volume_change_range=(0.15, 0.15))
     assert pair.simulation["anatomy"] == "real_ct"
     np.testing.assert_array_equal(pair.fixed_mask.astype(bool), lungs)
     assert set(np.unique(pair.fixed_labels)) >= {2, 3, 4}  # both lungs and their vessels
@@ -218,12 +210,11 @@ def test_real_ct_exhale_anatomy_gives_a_consistent_pair():
     assert 0.08 < pair.moving_mask.sum() / pair.fixed_mask.sum() - 1 < 0.3
 
 
-@pytest.mark.skipif(not (REAL_CT.parent / "lidc_idri_0001.nii.gz").is_file(), reason="no full real chest CT")
-def test_several_real_cts_share_the_real_ct_cases_in_turn(tmp_path):
+def test_several_real_cts_share_the_real_ct_cases_in_turn(tmp_path, real_ct):
     folder = tmp_path / "cts"  # a folder means its NIfTI files in name order
     folder.mkdir()
     for name in ("lidc_idri_0001.nii.gz", "chest_ct_cropped.nii.gz"):
-        (folder / name).symlink_to(REAL_CT.parent / name)
+        (folder / name).symlink_to(real_ct(name))
     (folder / "README.md").write_text("not a CT")
     out = make_synthetic_dataset(tmp_path / "data", num_pairs=4, seed=5, spatial_size=(20, 20, 22),
                                  preset="realistic", real_ct=folder, real_ct_fraction=0.75)
@@ -238,17 +229,16 @@ def test_several_real_cts_share_the_real_ct_cases_in_turn(tmp_path):
         make_synthetic_dataset(tmp_path / "x", num_pairs=1, real_ct=tmp_path / "data" / "keypointsTr",
                                real_ct_fraction=1.0)
     with pytest.raises(FileNotFoundError, match="missing.nii.gz"):
-        make_synthetic_dataset(tmp_path / "x", num_pairs=1, real_ct=[REAL_CT, folder / "missing.nii.gz"],
+        make_synthetic_dataset(tmp_path / "x", num_pairs=1, real_ct=[real_ct(), folder / "missing.nii.gz"],
                                real_ct_fraction=1.0)
     assert not (tmp_path / "x").exists()
 
 
-@needs_real_ct
 @pytest.mark.slow
-def test_cli_mixes_phantom_and_real_ct_pairs(tmp_path):
+def test_cli_mixes_phantom_and_real_ct_pairs(tmp_path, real_ct):
     out = tmp_path / "mixed"
     command = [sys.executable, "scripts/make_synthetic.py", "--output_dir", str(out), "--num_pairs", "2",
-               "--spatial_size", "[24,24,26]", "--seed", "3", "--preset", "realistic", "--real_ct", str(REAL_CT),
+               "--spatial_size", "[24,24,26]", "--seed", "3", "--preset", "realistic", "--real_ct", str(real_ct()),
                "--real_ct_fraction", "0.5"]
     completed = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-3000:]
@@ -256,7 +246,7 @@ def test_cli_mixes_phantom_and_real_ct_pairs(tmp_path):
     pairs = spec["training_paired_images"] + spec["registration_val"] + spec["registration_test"]
     assert [p["simulation"]["anatomy"] for p in pairs] == ["phantom", "real_ct"]
     assert spec["generator"]["preset"] == "realistic" and spec["generator"]["real_ct_fraction"] == 0.5
-    assert not any(p.suffix == ".nii" or p.name == REAL_CT.name for p in out.rglob("*"))
+    assert not any(p.suffix == ".nii" or p.name == real_ct().name for p in out.rglob("*"))
 
 
 def test_pleural_load_makes_the_volume_change_follow_the_material():
