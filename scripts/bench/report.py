@@ -93,10 +93,14 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _section_head(index: int, intro: str, columns: list[str]) -> list[str]:
+    """The first lines of section ``SECTIONS[index]``: its heading, the introduction, the head of its table."""
+    return [f"## {SECTIONS[index]}", "", intro, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+
+
 def _section1(rows: list[dict]) -> list[str]:
-    lines = [
-        f"## {SECTIONS[0]}",
-        "",
+    lines = _section_head(
+        0,
         "HyperUNet / HyperLocalNet (hypernetwork-generated kernels) versus their plain twins: the same modules with "
         "every `HyperConv` replaced by an `nn.Conv3d` of the same shape and no hypernetwork "
         "(`scripts/bench/nets.py`). Training step = forward, warp, elastic registration loss, "
@@ -106,10 +110,9 @@ def _section1(rows: list[dict]) -> list[str]:
         "weights; the baseline after setup is in the JSON). Spread = largest (max - min) / median of the timed runs "
         "of either variant: a ratio closer to 1 than that is within this machine's noise. Goal: hyper within 10% of "
         "plain (ratio <= 1.10).",
-        "",
-        "| network | mode | device | batch | size | warmup/repeats | hyper s | plain s | spread | ratio | goal | peak RSS hyper / plain MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+        ["network", "mode", "device", "batch", "size", "warmup/repeats", "hyper s", "plain s", "spread", "ratio",
+         "goal", "peak RSS hyper / plain MiB"],
+    )
     for row in rows:
         memory = row.get("peak_memory_mib") or {}
         lines.append(
@@ -138,16 +141,14 @@ def _section1(rows: list[dict]) -> list[str]:
 
 
 def _section2(rows: list[dict]) -> list[str]:
-    lines = [
-        f"## {SECTIONS[1]}",
-        "",
+    lines = _section_head(
+        1,
         "Forward + backward of the regularizer alone on a smooth random DDF `(1, 3, *size)`: the package's "
         "`ElasticLoss` (lam = mu = 0.5) versus MONAI `DiffusionLoss` and `BendingEnergyLoss`. Goal: elastic within "
         "1.5x of diffusion.",
-        "",
-        "| size | device | warmup/repeats | elastic s | diffusion s | bending energy s | elastic / diffusion | goal | bending / diffusion |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+        ["size", "device", "warmup/repeats", "elastic s", "diffusion s", "bending energy s", "elastic / diffusion",
+         "goal", "bending / diffusion"],
+    )
     for row in rows:
         t, r = row["times"], row["ratio_to_diffusion"]
         lines.append(
@@ -576,9 +577,8 @@ def _closing_note(result: dict, goals: list[dict]) -> list[str]:
 def _section6(result: dict) -> list[str]:
     setup, rows = result["setup"], result["rows"]
     lam, mu = setup["default_hyper"]
-    lines = [
-        f"## {SECTIONS[5]}",
-        "",
+    lines = _section_head(
+        5,
         "How (lam, mu) conditions the convolutions, everything else equal (`scripts/bench/capacity.py`): each variant "
         f"of the default HyperUNet is trained {setup['steps']} Adam steps (batch 1, learning rate "
         f"{setup['learning_rate']:g}, `[lam, mu]` uniform in [0, 1]^2; the same pairs in the same order, the same rows "
@@ -594,10 +594,8 @@ def _section6(result: dict) -> list[str]:
         "seed: differences in the third decimal of the objective are within what another seed could change. The "
         "variants run one after another, so their step times (in the JSON) are not comparable on a shared machine; "
         "section 1 times the default against its plain twin interleaved.",
-        "",
-        "| variant | parameters | held-out objective | TRE mm | Dice | field change mm | final training loss |",
-        "|---|---|---|---|---|---|---|",
-    ]
+        ["variant", "parameters", "held-out objective", "TRE mm", "Dice", "field change mm", "final training loss"],
+    )
     for row in rows:
         lines.append(
             f"| {row['name']} | {row['parameters']:,} | {row['heldout_objective']:.4f} | {row['tre_mm']:.2f} | "
