@@ -6,6 +6,7 @@ in the engine goes (per stage). Writes docs/benchmarks.md and docs/benchmarks.js
     python scripts/benchmark.py            # default settings (~1.5 h on 2 CPU cores; section 6 alone ~45 min)
     python scripts/benchmark.py --sections "[8]"   # the per-stage profile alone (~10 min, once its pairs exist)
     python scripts/benchmark.py --sections "[9]"   # section 6b: the model's (lam, mu) response and start
+    python scripts/benchmark.py --sections "[9]" --response_size "[48,48,54]"   # the same on a coarser grid
     python scripts/benchmark.py --quick    # a few minutes: tiny sizes, few repeats (checks the script only)
     python scripts/benchmark.py --sections "[1,2]" --output_dir /tmp/bench   # a subset, elsewhere
 """
@@ -36,7 +37,23 @@ def _config(network, size, batch, modes, warmup, repeats):
             "repeats": repeats}
 
 
-def settings_for(quick: bool, cuda: bool) -> dict:
+def settings_for(quick: bool, cuda: bool, response_size=None) -> dict:
+    """Every section's settings: ``quick`` tiny sizes and few repeats; ``cuda`` adds the CUDA rows of section 1;
+    ``response_size`` replaces section 9's grid of voxels.
+
+    Raises:
+        ValueError: ``response_size`` not three positive whole numbers.
+    """
+    settings = _settings(quick, cuda)
+    if response_size is not None:
+        size = list(response_size) if isinstance(response_size, (list, tuple)) else [response_size]
+        if len(size) != 3 or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in size):
+            raise ValueError(f"--response_size must be three positive whole numbers [X, Y, Z], got {response_size!r}.")
+        settings["response"] = {**settings["response"], "spatial_size": size}
+    return settings
+
+
+def _settings(quick: bool, cuda: bool) -> dict:
     both = ["inference", "training"]
     if quick:
         s = [32, 32, 32]
@@ -433,7 +450,8 @@ def _write_results(results: dict, json_path: Path, md_path: Path) -> None:
 
 
 def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir: str = "models",
-         pair_cache: str | None = None, rows=None, groups=None, real_cts=None, remeasure=None) -> str:
+         pair_cache: str | None = None, rows=None, groups=None, real_cts=None, remeasure=None,
+         response_size=None) -> str:
     """Run the benchmark; write ``benchmarks.md`` and ``benchmarks.json`` into ``output_dir``; return the md path.
 
     Args:
@@ -460,6 +478,11 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
             every row already measured with the same settings, so rerunning a killed run resumes it.
         pair_cache: where sections 5 and 6's simulated pairs are cached (default
             ``$XDG_CACHE_HOME/elastic_hypermorph_bundle/benchmark_pairs``).
+        response_size: section 9's grid of voxels ``[X, Y, Z]`` (default 64 x 64 x 72; the field of view stays the
+            Learn2Reg lung's, so a smaller grid has larger voxels), e.g. when the full run does not fit the time.
+
+    Raises:
+        ValueError: ``response_size`` not three positive whole numbers.
     """
     start = time.perf_counter()
     root = Path(__file__).resolve().parents[1]
@@ -469,8 +492,10 @@ def main(quick: bool = False, output_dir: str = "docs", sections=None, model_dir
     model_dir = str(Path(model_dir) if Path(model_dir).is_absolute() else root / model_dir)
     pair_cache = pair_cache or str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
                                    / "elastic_hypermorph_bundle" / "benchmark_pairs")
-    settings = settings_for(quick, cuda)
+    settings = settings_for(quick, cuda, response_size)
     settings["command"] = "python scripts/benchmark.py" + (" --quick" if quick else "")
+    if response_size is not None:
+        settings["command"] += f' --response_size "[{",".join(map(str, settings["response"]["spatial_size"]))}]"'
     if real_cts is not None:
         real_cts = [real_cts] if isinstance(real_cts, str) else list(real_cts)
         settings["accuracy_real"]["cases"] = [case for case in settings["accuracy_real"]["cases"]

@@ -357,3 +357,13 @@ def test_response_section_measures_the_shipped_model_against_the_optimisation():
     assert identity["steps_to_identity_tre"] == 1
     assert all(np.isfinite(v) for start in result["starts"].values() for v in start["tre_mm"].values())
     assert "### 6b." in "\n".join(report._section6b(result))
+
+
+def test_response_size_sets_section_9_grid_and_refuses_other_shapes():
+    import benchmark
+
+    assert benchmark.settings_for(False, False, [48, 48, 54])["response"]["spatial_size"] == [48, 48, 54]
+    assert benchmark.settings_for(False, False)["response"]["spatial_size"] == [64, 64, 72]  # the default
+    for bad in ([48, 48], [48, 0, 54], [48.5, 48, 54], 48):
+        with pytest.raises(ValueError, match="--response_size must be three positive whole numbers"):
+            benchmark.settings_for(False, False, bad)

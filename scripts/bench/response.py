@@ -84,12 +84,14 @@ def run(options: dict, model_path: str, pairs: list, log) -> dict:
         spacing = list(pair.spacing)
         fields = {}
         optimiser = InstanceOptimization(steps=options["steps"], select_start=False)
-        prepared = optimiser.prepare(fixed, moving, spacing)  # the pre-alignment (affine, or None), once per pair
+        # the pre-alignment (affine, or None) and the MIND features, once per pair
+        prepared = optimiser.prepare(fixed, moving, spacing)
         prealigned.append(prepared.affine is not None)
         for lam, mu in itertools.product(lams, mus):
             hyper = torch.tensor([[lam, mu]], dtype=torch.float32)
             ddf = predictor(fixed, spacing, hyper)(prepared.network_moving)
-            optimised = optimiser.refine(fixed, moving, hyper, ddf, prepared.affine).detach()
+            optimised = optimiser.refine(fixed, moving, hyper, ddf, prepared.affine,
+                                         features=prepared.features).detach()
             ddf = compose_affine(prepared.affine, ddf)  # the network alone, as inference gives it
             for mode, field in (("network", ddf), ("optimised", optimised)):
                 rows.append({"seed": seed, "lam": lam, "mu": mu, "mode": mode, **_metrics(field, pair)})
