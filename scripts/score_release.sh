@@ -41,19 +41,9 @@ if [ -e "$OUT" ]; then
     echo "score_release.sh: $OUT exists; remove it or name another output folder." >&2
     exit 1
 fi
-if [ -z "${REAL_CT_DIR:-}" ]; then  # the nearest ancestor folder holding shared/data/real_ct/, as train_release.sh
-    REAL_CT_DIR=""
-    dir=$PWD
-    while [ "$dir" != / ]; do
-        dir=$(dirname "$dir")
-        if [ -d "$dir/shared/data/real_ct" ]; then
-            REAL_CT_DIR=$dir/shared/data/real_ct
-            break
-        fi
-    done
-fi
-REAL_CT=${REAL_CT_DIR:+$REAL_CT_DIR/chest_ct_cropped.nii.gz}
-HELDOUT_CT=${HELDOUT_CT:-${REAL_CT_DIR:+$REAL_CT_DIR/nsclc_r01_001.nii.gz}}
+source scripts/real_ct_dir.sh  # REAL_CT_DIR: the nearest ancestor's shared/data/real_ct unless set, as train_release.sh
+REAL_CT=$REAL_CT_DIR/chest_ct_cropped.nii.gz
+HELDOUT_CT=${HELDOUT_CT:-$REAL_CT_DIR/nsclc_r01_001.nii.gz}
 SETS=${SETS:-heldout_anatomy realistic default real_ct}
 MODES=${MODES:-network optimised}
 for mode in $MODES; do

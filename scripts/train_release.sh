@@ -44,17 +44,7 @@ WORK=${WORK:-release_work}
 PAIRS=${PAIRS:-80}
 EPOCHS=${EPOCHS:-6}
 SEED=${SEED:-0}
-if [ -z "${REAL_CT_DIR:-}" ]; then  # ../shared next to the bundle root; a git worktree may sit deeper: nearest ancestor
-    REAL_CT_DIR=../shared/data/real_ct
-    dir=$PWD
-    while [ "$dir" != / ]; do
-        dir=$(dirname "$dir")
-        if [ -d "$dir/shared/data/real_ct" ]; then
-            REAL_CT_DIR=$dir/shared/data/real_ct
-            break
-        fi
-    done
-fi
+source scripts/real_ct_dir.sh  # REAL_CT_DIR: the nearest ancestor's shared/data/real_ct unless set
 REAL_CTS=${REAL_CTS:-lidc_idri_0001 lidc_idri_0002 fourdlung_113_phase40 chest_ct_cropped}
 REAL_CT_FRACTION=${REAL_CT_FRACTION:-0.5}
 HYPER_SAMPLING=${HYPER_SAMPLING:-log_uniform}
