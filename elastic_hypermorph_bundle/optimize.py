@@ -311,6 +311,7 @@ def auto_prealign(
     shifts_mm: Sequence[float] = AUTO_PREALIGN_SHIFTS_MM,
     body_axis: int = 2,
     features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    transform: str = "affine",
 ) -> tuple[Affine | None, dict[str, torch.Tensor]]:
     """Pre-alignment decided by what it achieves (``prealign="auto"``).
 
@@ -328,6 +329,8 @@ def auto_prealign(
         shifts_mm: translations along ``body_axis`` tried as starts.
         body_axis: the array axis along the body (2: inferior-superior in the Learn2Reg layout).
         features: as :func:`prealign`.
+        transform: ``"affine"`` (the kept rigid map refined to an affine one) or ``"rigid"`` (kept as it is: no
+            scaling, which on a follow-up of another breathing depth can absorb part of the breathing).
 
     Returns:
         ``(affine, record)``: the map (``None`` when no pair keeps one; the identity for pairs that do not, in a
@@ -344,6 +347,8 @@ def auto_prealign(
     mask = _check_mask(mask, fixed)
     if not 0.0 <= float(margin) < 1.0:
         raise ValueError(f"margin must be in [0, 1), got {margin}.")
+    if transform not in ("rigid", "affine"):
+        raise ValueError(f"transform of the auto pre-alignment must be 'rigid' or 'affine', got {transform!r}.")
     batch = fixed.shape[0]
     identity = Affine.identity(batch, spacing, fixed.device)
     prepared = (row.prepare(fixed), row.prepare(moving)) if features is None else features
@@ -371,11 +376,11 @@ def auto_prealign(
     for i in range(batch):
         logger.info("pre-alignment auto: similarity %.4f at the identity, %.4f after a rigid fit (from %s): %s", 
                     value_identity[i].item(), value_rigid[i].item(), names[int(best[i])],
-                    "kept, refined to an affine map" if applied[i] else
+                    ("kept, refined to an affine map" if transform == "affine" else "kept") if applied[i] else
                     f"not kept (gain below {100 * float(margin):.0f} %)")
     if not applied.any():
         return None, record
-    affine = _fit(_level(row, prepared, mask, max(factor / 2, 1.0)), "affine", rigid, steps, 0.01, similarity)
+    affine = rigid if transform == "rigid" else _fit(_level(row, prepared, mask, max(factor / 2, 1.0)), "affine", rigid, steps, 0.01, similarity)
     keep = applied[:, None]
     return Affine(torch.where(keep[..., None], affine.matrix, identity.matrix),
                   torch.where(keep, affine.translation, identity.translation), spacing), record

@@ -387,8 +387,11 @@ def run_real_anatomy(options: dict, model_dir: str, pair_cache: str, log, kinds=
 
 def _took_network_start(row: dict) -> bool | None:
     """Whether the start selection of a measured ``optimize`` row took the network's start on every pair (True),
-    the identity on every pair (False), or neither / not recorded (None)."""
+    the identity on every pair (False), or neither / not recorded (None). None too where ``prealign auto`` decided
+    a proposed map by the best start's objective: a row with one start decides it by that start's, maybe otherwise."""
     records = (row.get("details") or {}).get("records") or []
+    if any("start_objective_without_map" in r for r in records):
+        return None
     starts = [float(v) > 0.5 for r in records for v in r.get("start_network", [])]
     if not starts or len(records) != row.get("pairs", len(records)):
         return None

@@ -36,13 +36,14 @@ def _tre(ddf: torch.Tensor, fixed_points, moving_points, spacing) -> float:
     return float(np.linalg.norm((fixed_points + u - moving_points) * spacing, axis=1).mean())
 
 
-@pytest.mark.slow
-def test_a_large_offset_and_rotation_is_captured(breathing):
+@pytest.fixture(scope="module")
+def followup(breathing):
+    """The breathing pair's moving image seen through a rigid motion of 35 mm (mostly along the body) and 8 deg,
+    and its keypoints moved likewise."""
     pair, fixed, moving = breathing
     spacing = pair.spacing
     angle = math.radians(8.0)
     rotation = torch.tensor([[1.0, 0, 0], [0, math.cos(angle), -math.sin(angle)], [0, math.sin(angle), math.cos(angle)]])
-    # the follow-up: the breathing moving image seen through a rigid motion of 35 mm (mostly along the body) and 8 deg
     motion = Affine(rotation[None], torch.tensor([[6.0, -8.0, 33.0]]), spacing)
     moved = warp_image(moving, affine_ddf(motion, SIZE))  # moved(x) = moving(T(x)): T^-1 maps the anatomy
     # a fixed point x sits at T^-1(x + u(x)) in the moved image; the map found must bring it back
@@ -51,13 +52,64 @@ def test_a_large_offset_and_rotation_is_captured(breathing):
     # T(p) = R (p - c) + c + t, so T^-1(q) = R^T (q - c - t) + c (row vectors: (q - c - t) @ R)
     moving_mm = pair.moving_keypoints * voxels
     moving_points = ((moving_mm - centre - motion.translation[0].numpy()) @ rotation.numpy() + centre) / voxels
-    affine, record = auto_prealign(fixed, moved, spacing, steps=40)
+    return moved, moving_points
+
+
+@pytest.mark.slow
+def test_a_large_offset_and_rotation_is_captured(breathing, followup):
+    pair, fixed, moving = breathing
+    moved, moving_points = followup
+    voxels = np.asarray(pair.spacing)
+    affine, record = auto_prealign(fixed, moved, pair.spacing, steps=40)
     assert record["prealign_applied"].item() == 1.0 and affine is not None
     assert record["prealign_similarity_rigid"].item() < 0.75 * record["prealign_similarity_identity"].item()
     before = _tre(torch.zeros(1, 3, *SIZE), pair.fixed_keypoints, moving_points, voxels)
     after = _tre(affine_ddf(affine, SIZE), pair.fixed_keypoints, moving_points, voxels)
     breathing_only = _tre(torch.zeros(1, 3, *SIZE), pair.fixed_keypoints, pair.moving_keypoints, voxels)
     assert before > 30.0 and after < breathing_only + 3.0, (before, after, breathing_only)
+
+
+@pytest.mark.slow
+def test_the_stages_keep_the_rigid_map_of_a_large_offset_by_their_start_objective(breathing, followup):
+    """``prealign auto`` in the stages: the rigid map (no scaling) is kept because the optimisation's start
+    objective with it is lower than without it, and the registration brings the keypoints back."""
+    pair, fixed, moving = breathing
+    moved, moving_points = followup
+    voxels = np.asarray(pair.spacing)
+    stages = InstanceOptimization(steps=5, levels=2, prealign="auto", prealign_steps=40)
+    ddf = stages.register(None, fixed, moved, torch.tensor([[0.083, 0.03]]), pair.spacing)
+    record = stages.record
+    assert record["prealign_applied"].item() == 1.0
+    assert record["start_objective_with_map"].item() < record["start_objective_without_map"].item()
+    stages.register(lambda m: torch.zeros(1, 3, *SIZE), fixed, moved, torch.tensor([[0.083, 0.03]]), pair.spacing)
+    assert {"start_network", "start_objective_with_map"} <= set(stages.record)  # both decisions recorded
+    breathing_only = _tre(torch.zeros(1, 3, *SIZE), pair.fixed_keypoints, pair.moving_keypoints, voxels)
+    assert _tre(ddf, pair.fixed_keypoints, moving_points, voxels) < breathing_only + 3.0
+
+
+def test_a_proposed_map_that_does_not_lower_the_start_objective_is_dropped(breathing, monkeypatch):
+    """A breathing-only pair for which ``auto`` proposes a global map that absorbs part of the breathing (here a
+    cranio-caudal scaling of 6 % plus 8 mm): the network's start from the moving image as it is has the lower
+    objective, so the map is dropped and the result is the registration without pre-alignment."""
+    from elastic_hypermorph_bundle.workflow import instance
+
+    pair, fixed, moving = breathing
+    hyper = torch.tensor([[0.083, 0.03]])
+    truth = torch.from_numpy(pair.displacement)[None]
+    scaling = Affine(torch.diag(torch.tensor([1.0, 1.0, 0.94]))[None], torch.tensor([[0.0, 0.0, 8.0]]), pair.spacing)
+    proposed = {"prealign_similarity_identity": torch.ones(1), "prealign_similarity_rigid": torch.full((1,), 0.5),
+                "prealign_applied": torch.ones(1)}
+    monkeypatch.setattr(instance, "auto_prealign", lambda *args, **kwargs: (scaling, dict(proposed)))
+    # the network reads each candidate's moving image: on the image as it is, it gives the true field
+    predict = lambda m: truth if m is moving else torch.zeros_like(truth)  # noqa: E731
+    stages = InstanceOptimization(steps=5, levels=2, prealign="auto")
+    ddf = stages.register(predict, fixed, moving, hyper, pair.spacing)
+    record = stages.record
+    assert record["prealign_applied"].item() == 0.0 and record["start_network"].item() == 1.0
+    assert record["start_objective_without_map"].item() < record["start_objective_with_map"].item()
+    expected = InstanceOptimization(steps=5, levels=2, prealign="none").register(predict, fixed, moving, hyper,
+                                                                                 pair.spacing)
+    assert torch.equal(ddf, expected)
 
 
 @pytest.mark.slow

@@ -37,6 +37,10 @@ class PairStages(NamedTuple):
         record: the pre-alignment's decisions (``prealign auto``), merged into :attr:`InstanceOptimization.record`.
         features: what the optimisation's similarity compares, of both images
             (:func:`~elastic_hypermorph_bundle.optimize.similarity_features`), else None (no optimisation).
+        tentative: ``prealign auto`` proposed ``affine``, which :meth:`InstanceOptimization.register` keeps only
+            where the optimisation's start objective with it is lower than without it (that objective depends on
+            ``(lam, mu)``, so it is decided there, per ``(lam, mu)``).
+        unaligned_start: with ``tentative``, the discrete search's field of the moving image as it is (else None).
     """
 
     affine: Affine | None
@@ -44,6 +48,8 @@ class PairStages(NamedTuple):
     start: torch.Tensor | None
     record: dict
     features: tuple[torch.Tensor, torch.Tensor] | None = None
+    tentative: bool = False
+    unaligned_start: torch.Tensor | None = None
 
 
 class InstanceOptimization:
@@ -61,9 +67,11 @@ class InstanceOptimization:
     Args:
         steps: Adam steps per level (0: no instance optimisation).
         similarity, levels, grid, lr, smooth: see :func:`~elastic_hypermorph_bundle.optimize.instance_optimize`.
-        prealign: ``"auto"`` (a global map only when it clearly improves the similarity over the identity,
-            :func:`~elastic_hypermorph_bundle.optimize.auto_prealign`: a follow-up scan in another position is
-            aligned, a breathing-only pair is left as it is), ``"none"``, ``"translation"``, ``"rigid"`` or
+        prealign: ``"auto"`` (a rigid map proposed when it clearly improves the similarity over the identity,
+            :func:`~elastic_hypermorph_bundle.optimize.auto_prealign`, and kept only when the optimisation's start
+            objective with it, from its best start, is lower than without it: a follow-up scan in another position
+            is aligned, a breathing-only pair is left as it is; rigid, as an affine map's scaling absorbed part
+            of a follow-up's breathing, free of elastic energy, in the benchmark's section 5b), ``"none"``, ``"translation"``, ``"rigid"`` or
             ``"affine"`` (see :func:`~elastic_hypermorph_bundle.optimize.prealign`).
         prealign_steps: Adam steps of the pre-alignment.
         use_mask: restrict both stages' similarity to the fixed mask (the batch must have ``fixed_mask``).
@@ -170,11 +178,11 @@ class InstanceOptimization:
 
     def align(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None,
               features=None) -> Affine | None:
-        """The pre-alignment of the pair, ``None`` when off (or, with ``"auto"``, not needed); ``features``: the
+        """The pre-alignment of the pair, ``None`` when off (or, with ``"auto"``, not proposed); ``features``: the
         pair's similarity features when already computed."""
         if self.prealign == "auto":
             affine, record = auto_prealign(fixed, moving, spacing, self.similarity, mask, self.prealign_steps,
-                                           features=features)
+                                           features=features, transform="rigid")
             self.record.update(record)
             return affine
         if self.prealign == "none":
@@ -204,8 +212,12 @@ class InstanceOptimization:
             features = similarity_features(fixed, moving, self.similarity)
         affine = self.align(fixed, moving, spacing, mask, features)
         network_moving = moving if affine is None else warp_image(moving, affine_ddf(affine, moving.shape[2:]))
-        start = discrete_search(fixed, network_moving) if self.discrete and self.steps > 0 else None
-        return PairStages(affine, network_moving, start, dict(self.record), features if self.steps > 0 else None)
+        search = self.discrete and self.steps > 0
+        start = discrete_search(fixed, network_moving) if search else None
+        tentative = self.prealign == "auto" and affine is not None and self.steps > 0
+        unaligned_start = discrete_search(fixed, moving) if search and tentative else None
+        return PairStages(affine, network_moving, start, dict(self.record), features if self.steps > 0 else None,
+                          tentative, unaligned_start)
 
     def register(self, predict, fixed, moving, hyper, spacing: Sequence[float], mask=None,
                  prepared: PairStages | None = None) -> torch.Tensor:
@@ -224,44 +236,85 @@ class InstanceOptimization:
         """
         stages = self.prepare(fixed, moving, spacing, mask) if prepared is None else prepared
         self.record = dict(stages.record)
-        affine, network_moving, start = stages.affine, stages.network_moving, stages.start
-        # the similarity's descriptors of both images, once per pair for the start's choice and the optimisation
+        # the similarity's descriptors of both images, once per pair for the choices below and the optimisation
         # (``prepared`` by an instance without optimisation has none)
         features = stages.features
         if self.steps > 0 and features is None:
             features = similarity_features(fixed, moving, self.similarity)
-        if predict is None:
-            ddf = torch.zeros(fixed.shape[0], 3, *fixed.shape[2:], dtype=fixed.dtype, device=fixed.device) \
-                if start is None else start
-        else:
-            ddf = predict(network_moving)
-            ddf = plain(ddf).float()
-            if self.select_start and self.steps > 0:
-                ddf = self._better_start(fixed, moving, hyper, ddf, start, affine, mask, features)
-        if self.steps > 0:
-            return self.refine(fixed, moving, hyper, ddf, affine, mask, features)
-        return compose_affine(affine, ddf)
+        if self.steps == 0:
+            ddf = None if predict is None else plain(predict(stages.network_moving)).float()
+            return compose_affine(stages.affine, self._zeros(fixed) if ddf is None else ddf)
+        lam_mu = self.elastic_parameters(hyper)
+        ddf, value, record = self._start(predict, fixed, moving, lam_mu, stages.network_moving, stages.start,
+                                         stages.affine, mask, features, stages.tentative)
+        affine = stages.affine
+        if stages.tentative:  # the proposed map against the moving image as it is, each from its best start
+            ddf_none, value_none, record_none = self._start(predict, fixed, moving, lam_mu, moving,
+                                                            stages.unaligned_start, None, mask, features, True)
+            ddf, affine, record = self._keep_map(ddf, value, record, ddf_none, value_none, record_none, affine)
+        self.record.update(record)
+        return self.refine(fixed, moving, hyper, ddf, affine, mask, features)
 
-    def _better_start(self, fixed, moving, hyper, network_ddf, other, affine, mask, features=None) -> torch.Tensor:
+    @staticmethod
+    def _zeros(fixed: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(fixed.shape[0], 3, *fixed.shape[2:], dtype=fixed.dtype, device=fixed.device)
+
+    def _objective(self, fixed, moving, lam_mu, ddf, affine, mask, features) -> torch.Tensor:
+        """``(B,)`` the optimisation's objective on its finest grid for the start ``ddf`` (None: the identity)."""
+        return start_objective(fixed, moving, *lam_mu, ddf, similarity=self.similarity, levels=1, grid=self.grid,
+                               mask=mask, affine=affine, features=features)
+
+    def _start(self, predict, fixed, moving, lam_mu, network_moving, other, affine, mask, features, value=False):
+        """The start of the optimisation behind ``affine`` (None: no map): the network's field of
+        ``network_moving`` or, with ``select_start``, the better of it and ``other`` (the identity when None,
+        :meth:`_better_start`), else ``other``; returns ``(ddf, objective (B,) or None, record)``, the objective
+        computed when ``value`` (or for the start's choice)."""
+        if predict is None:
+            ddf = self._zeros(fixed) if other is None else other
+        else:
+            ddf = plain(predict(network_moving)).float()
+            if self.select_start:
+                return self._better_start(fixed, moving, lam_mu, ddf, other, affine, mask, features)
+        return ddf, self._objective(fixed, moving, lam_mu, ddf, affine, mask, features) if value else None, {}
+
+    @staticmethod
+    def _keep_map(ddf, value, record, ddf_none, value_none, record_none, affine):
+        """Per pair, the proposed map (with its start) where its start objective ``value`` is lower than
+        ``value_none`` without it, else no map; both values and the choice go to the log and the record."""
+        keep = value < value_none
+        for i in range(keep.shape[0]):
+            logger.info("pre-alignment auto: start objective %.5f with the rigid map, %.5f without: %s",
+                        value[i].item(), value_none[i].item(), "map kept" if keep[i] else "map dropped")
+        pick = lambda a, b: torch.where(keep.view(-1, *[1] * (a.dim() - 1)), a, b)  # noqa: E731
+        merged = {key: pick(record[key], record_none[key]) for key in record if key in record_none}
+        merged.update(start_objective_with_map=value, start_objective_without_map=value_none,
+                      prealign_applied=keep.to(ddf.dtype))
+        if not keep.any():
+            return ddf_none, None, merged
+        identity = Affine.identity(keep.shape[0], affine.spacing, ddf.device)
+        kept = Affine(pick(affine.matrix, identity.matrix), pick(affine.translation, identity.translation),
+                      affine.spacing)
+        return pick(ddf, ddf_none), kept, merged
+
+    def _better_start(self, fixed, moving, lam_mu, network_ddf, other, affine, mask, features=None):
         """Per pair, the start (the network's field or ``other``: the identity when None) with the lower objective
-        on the optimisation's finest grid; both values and the choice go to the log and :attr:`record`.
+        on the optimisation's finest grid; returns ``(ddf, objective (B,), record)``, both values and the choice
+        logged and recorded.
 
         The finest grid, not the first (coarsest) level: 8x coarser, a network's field (whose elastic energy the
         identity does not pay) lost to the identity on both real follow-ups of the benchmark (section 5b), where
         it gave the lower error after the optimisation (2.05 against 2.91 mm, 3.00 against 6.42 mm)."""
-        lam, mu = self.elastic_parameters(hyper)
-        kwargs = {"similarity": self.similarity, "levels": 1, "grid": self.grid, "mask": mask,
-                  "affine": affine, "features": features}
-        network_value = start_objective(fixed, moving, lam, mu, network_ddf, **kwargs)
-        other_value = start_objective(fixed, moving, lam, mu, other, **kwargs)
+        network_value = self._objective(fixed, moving, lam_mu, network_ddf, affine, mask, features)
+        other_value = self._objective(fixed, moving, lam_mu, other, affine, mask, features)
         take_network = network_value <= other_value
         other_name = "the identity" if other is None else "the discrete search"
         for i in range(fixed.shape[0]):
-            logger.info("start of the optimisation: objective %.5f from the network, %.5f from %s: %s",
-                        network_value[i].item(), other_value[i].item(), other_name,
-                        "the network's" if take_network[i] else other_name)
-        self.record.update(start_objective_network=network_value, start_objective_identity=other_value,
-                           start_network=take_network.to(fixed.dtype))
+            logger.info("start of the optimisation%s: objective %.5f from the network, %.5f from %s: %s",
+                        "" if affine is None else " (rigid map)", network_value[i].item(), other_value[i].item(),
+                        other_name, "the network's" if take_network[i] else other_name)
+        record = {"start_objective_network": network_value, "start_objective_identity": other_value,
+                  "start_network": take_network.to(fixed.dtype)}
         if other is None:
             other = torch.zeros_like(network_ddf)
-        return torch.where(take_network[:, None, None, None, None], network_ddf, other)
+        ddf = torch.where(take_network[:, None, None, None, None], network_ddf, other)
+        return ddf, torch.minimum(network_value, other_value), record
