@@ -77,7 +77,8 @@ def _settings(quick: bool, cuda: bool) -> dict:
             # sections 5 and 8 (rendered as 7) are checked here, not measured: no pre-alignment (its auto check took
             # 217 s of a 290 s stage-profile path at 32^3 on the shared 2-core machine; test_auto_stages.py tests it)
             # and, in the stage profile, 3 steps per level
-            "stages": {**stages_settings(s), "convex_adam": False, "overrides": {"prealign": "none", "instance_steps": 3}},
+            "stages": {**stages_settings(s), "convex_adam": False, "overhead_run": False,
+                       "overrides": {"prealign": "none", "instance_steps": 3}},
             "response": response.response_settings(s, None, seeds=[9001], points=2, steps=2, start_steps=[1, 2]),
         }
     m64, m96 = [64] * 3, [96] * 3
@@ -183,7 +184,7 @@ def stages_settings(spatial_size, pairs=2, seed=21) -> dict:
     is run a second time without the profiler when ``overhead_run`` is set, and ConvexAdam registers the single
     path's pair in the same run when ``convex_adam`` is set (and installed)."""
     return {"spatial_size": list(spatial_size), "pairs": pairs, "seed": seed, "simulation": {"preset": "realistic"},
-            "real_ct": held_out_real_ct(), "overhead_run": False, "convex_adam": True}
+            "real_ct": held_out_real_ct(), "overhead_run": True, "convex_adam": True}
 
 
 def run_stages(options: dict, model_dir: str, pair_cache: str, log) -> dict:

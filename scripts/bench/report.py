@@ -90,6 +90,8 @@ def render(results: dict) -> str:
         lines += _section7(results["stages"], runs.get("stages"))
     if "speed_candidates" in results:
         lines += _speed_candidates(results["speed_candidates"])
+    if "processes" in results:
+        lines += _processes(results["processes"])
     return "\n".join(lines) + "\n"
 
 
@@ -705,6 +707,8 @@ def _section7(result: dict, run: dict | None = None) -> list[str]:
         "tests and benchmarks, a training run"
         + (f"; load average {load['before'][0]:.1f} before and {load['after'][0]:.1f} after, on "
            f"{setup.get('cpus', '?')} cores" if load else "")
+        + ("; the benchmark ran in a cpu cgroup of 10x the default share (`/sys/fs/cgroup/cpu/bench`), the other "
+           "jobs niced, so it had the cores most of the time" if "/bench" in str(setup.get("cgroup") or "") else "")
         + "), so every time is an upper bound of what the code needs on an idle machine and the ratios between "
         "rows are rough; " + overhead,
         "",
@@ -777,7 +781,58 @@ def _section7(result: dict, run: dict | None = None) -> list[str]:
         "sensitive to the load than the seconds, say where cutting pays. Raw figures: `stages` in benchmarks.json.",
         "",
     ]
+    if plain:  # the defaults as a user runs them: no profiler, outputs written in the background
+        lines += [
+            f"Without the profiler and with the default background writing, the split path took "
+            f"**{plain['run_s'] / pairs:.1f} s per pair** in `monai.bundle run` (checks, engine and the last pair's "
+            f"files; {plain['run_s']:.1f} s for its {pairs} pairs, {plain['wall_s']:.1f} s for the whole process with "
+            f"its start-up), against {split['run_s'] / pairs:.1f} s per pair profiled with the writing in place.",
+            "",
+        ]
+    peer = result.get("convex_adam")
+    if peer:
+        ours = (plain or split)["run_s"] / pairs
+        tre = (f" at {peer['tre_mm']:.2f} mm TRE" if "tre_mm" in peer else "")
+        lines += [
+            f"ConvexAdam (its defaults, {peer['threads']} threads) on the single path's pair `{peer['pair']}` in the same "
+            f"run, timed from the images in memory to its field: **{peer['seconds']:.1f} s**{tre}; the bundle's "
+            f"{'default' if plain else 'profiled'} split path took {ours / peer['seconds']:.2f}x of that per pair "
+            "(goal: at most 0.3x)"
+            + (f", at {split['tre_mm']:.2f} mm mean TRE of its {pairs} pairs (before registration "
+               f"{split['tre_before_mm']:.2f} mm)" if "tre_mm" in split else "") + ".",
+            "",
+        ]
     return lines
+
+
+def _processes(measured: dict) -> list[str]:
+    """Section 7c: 2 Gloo processes of 1 thread against 1 process of 2 threads (``scripts/bench/processes.py``)."""
+    result = measured["result"]
+    one, two = result["1 process x 2 threads"], result["2 processes x 1 thread"]
+    differences = ", ".join(f"{key} {value:.1e}" for key, value in result["max_abs_difference"].items() if value)
+    return [
+        "### 7c. A cohort across processes on 2 cores (issue 21)",
+        "",
+        f"Evaluation (`inference.json` + `evaluate.json`, defaults) of the same {result['pairs']} full-size pairs "
+        f"(`{Path(result['dataset_dir']).parent.name}`), one fresh command each, in turn: one process of 2 threads, "
+        "then `torchrun --nproc_per_node 2` with `multi_gpu_evaluate.json` (Gloo, 1 thread a process); the whole "
+        f"command's wall time, start-up included (`python -m bench.processes`, {measured['date_utc']}, "
+        f"{result['cpus']} cores, in the benchmark's cpu cgroup; load average {result['load_before']:.1f} before, "
+        f"{one['load_after']:.1f} and {two['load_after']:.1f} after each).",
+        "",
+        "| run | wall s | pairs per minute |",
+        "|---|---|---|",
+        f"| 1 process x 2 threads | {one['wall_s']:.1f} | {one['pairs_per_minute']:.2f} |",
+        f"| 2 processes x 1 thread (Gloo) | {two['wall_s']:.1f} | {two['pairs_per_minute']:.2f} |",
+        "",
+        f"Throughput of 2 processes: {one['wall_s'] / two['wall_s']:.2f}x of one process's (goal: no worse, 1.00x). "
+        + ("Metrics identical pair by pair (runtime left out)." if result["identical"] else
+           "Metrics pair by pair " + ("differ at most by " + differences if differences else "")
+           + (" (the same pairs)" if result["same_pairs"] else " (different pairs!)")
+           + ": threads change the order of floating-point sums, so one process of 2 threads and 2 of 1 thread are "
+           "not bit-identical; a one-process run of 1 thread is what 2 processes of 1 thread reproduce."),
+        "",
+    ]
 
 
 def _speed_candidates(measured: dict) -> list[str]:
