@@ -168,9 +168,10 @@ def capacity_settings(spatial_size, train_seeds=tuple(range(2000, 2012)), test_s
             "learning_rate": 1e-3, "seed": 0}
 
 
-def held_out_real_ct(name: str = "lidc_idri_0002.nii.gz") -> str | None:
-    """A real chest CT that no released model trained on (they use ``chest_ct_cropped``), from
-    ``shared/data/real_ct`` in the nearest ancestor of the bundle root that has it; None when absent."""
+def held_out_real_ct(name: str = "nsclc_r01_001.nii.gz") -> str | None:
+    """A real chest CT that the release model did not train on (0.5.0 trained on lidc_idri_0001/0002 and
+    fourdlung_113, model card), from ``shared/data/real_ct`` in the nearest ancestor of the bundle root that has
+    it; None when absent."""
     for folder in Path(__file__).resolve().parents[1].parents:
         path = folder / "shared" / "data" / "real_ct" / name
         if path.is_file():

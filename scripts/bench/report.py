@@ -794,45 +794,61 @@ def _section7(result: dict, run: dict | None = None) -> list[str]:
         ours = (plain or split)["run_s"] / pairs
         tre = (f" at {peer['tre_mm']:.2f} mm TRE" if "tre_mm" in peer else "")
         lines += [
-            f"ConvexAdam (its defaults, {peer['threads']} threads) on the single path's pair `{peer['pair']}` in the same "
-            f"run, timed from the images in memory to its field: **{peer['seconds']:.1f} s**{tre}; the bundle's "
+            f"ConvexAdam (its defaults, {peer['threads']} threads) on the single path's pair `{peer['pair']}` in the "
+            f"same run, timed from the images in memory to its field: **{peer['seconds']:.1f} s**{tre}; the bundle's "
             f"{'default' if plain else 'profiled'} split path took {ours / peer['seconds']:.2f}x of that per pair "
             "(goal: at most 0.3x)"
-            + (f", at {split['tre_mm']:.2f} mm mean TRE of its {pairs} pairs (before registration "
-               f"{split['tre_before_mm']:.2f} mm)" if "tre_mm" in split else "") + ".",
+            + (f"; on that pair the bundle (single path) reached {single['tre_mm']:.2f} mm (before registration "
+               f"{single['tre_before_mm']:.2f} mm)" if "tre_mm" in single else "")
+            + (f", {split['tre_mm']:.2f} mm mean TRE on the split path's {pairs} pairs" if "tre_mm" in split else "")
+            + ".",
             "",
         ]
     return lines
 
 
 def _processes(measured: dict) -> list[str]:
-    """Section 7c: 2 Gloo processes of 1 thread against 1 process of 2 threads (``scripts/bench/processes.py``)."""
+    """Section 7c: 2 Gloo processes of 1 thread against one process of 2 and of 1 thread
+    (``scripts/bench/processes.py``)."""
     result = measured["result"]
-    one, two = result["1 process x 2 threads"], result["2 processes x 1 thread"]
-    differences = ", ".join(f"{key} {value:.1e}" for key, value in result["max_abs_difference"].items() if value)
-    return [
+    legs = ("1 process x 2 threads", "2 processes x 1 thread", "1 process x 1 thread")
+    legs = [name for name in legs if name in result]
+    two, one = result["2 processes x 1 thread"], result["1 process x 2 threads"]
+    lines = [
         "### 7c. A cohort across processes on 2 cores (issue 21)",
         "",
         f"Evaluation (`inference.json` + `evaluate.json`, defaults) of the same {result['pairs']} full-size pairs "
-        f"(`{Path(result['dataset_dir']).parent.name}`), one fresh command each, in turn: one process of 2 threads, "
-        "then `torchrun --nproc_per_node 2` with `multi_gpu_evaluate.json` (Gloo, 1 thread a process); the whole "
-        f"command's wall time, start-up included (`python -m bench.processes`, {measured['date_utc']}, "
-        f"{result['cpus']} cores, in the benchmark's cpu cgroup; load average {result['load_before']:.1f} before, "
-        f"{one['load_after']:.1f} and {two['load_after']:.1f} after each).",
+        f"(section 7's dataset), one fresh command each, in turn: one process of 2 threads, "
+        "`torchrun --nproc_per_node 2` with `multi_gpu_evaluate.json` (Gloo, 1 thread a process), one process of 1 "
+        "thread; the whole command's wall time, start-up included (`python -m bench.processes`, "
+        f"{measured['date_utc']}, {result['cpus']} cores, in the benchmark's cpu cgroup; load average "
+        f"{result['load_before']:.1f} before, " + ", ".join(f"{result[name]['load_after']:.1f}" for name in legs)
+        + " after each).",
         "",
-        "| run | wall s | pairs per minute |",
-        "|---|---|---|",
-        f"| 1 process x 2 threads | {one['wall_s']:.1f} | {one['pairs_per_minute']:.2f} |",
-        f"| 2 processes x 1 thread (Gloo) | {two['wall_s']:.1f} | {two['pairs_per_minute']:.2f} |",
+        "| run | wall s | pairs per minute | metrics against the 2 processes' |",
+        "|---|---|---|---|",
+    ]
+    for name in legs:
+        leg = result[name]
+        if "max_abs_difference" not in leg:
+            match = "-"
+        elif leg["identical"]:
+            match = "identical, pair by pair"
+        else:
+            largest = sorted(leg["max_abs_difference"].items(), key=lambda item: -item[1])[:3]
+            match = ("differ at most by " + ", ".join(f"{key} {value:.1e}" for key, value in largest if value)
+                     + ("" if leg["same_pairs"] else " (other pairs!)"))
+        lines.append(f"| {name}{' (Gloo)' if name.startswith('2') else ''} | {leg['wall_s']:.1f} | "
+                     f"{leg['pairs_per_minute']:.2f} | {match} |")
+    lines += [
         "",
-        f"Throughput of 2 processes: {one['wall_s'] / two['wall_s']:.2f}x of one process's (goal: no worse, 1.00x). "
-        + ("Metrics identical pair by pair (runtime left out)." if result["identical"] else
-           "Metrics pair by pair " + ("differ at most by " + differences if differences else "")
-           + (" (the same pairs)" if result["same_pairs"] else " (different pairs!)")
-           + ": threads change the order of floating-point sums, so one process of 2 threads and 2 of 1 thread are "
-           "not bit-identical; a one-process run of 1 thread is what 2 processes of 1 thread reproduce."),
+        f"Throughput of 2 processes of 1 thread: {one['wall_s'] / two['wall_s']:.2f}x of one process of 2 threads "
+        "(goal: no worse, 1.00x). A one-process run with the same threads per process is what the split across "
+        "processes must reproduce: 2 threads change the order of floating-point sums, so its metrics differ from "
+        "the 1-thread runs' in the last digits.",
         "",
     ]
+    return lines
 
 
 def _speed_candidates(measured: dict) -> list[str]:
@@ -884,6 +900,32 @@ def _speed_candidates(measured: dict) -> list[str]:
                          f"{row['network_tre_mm']:.2f} | {row['coarse_tre_mm']:.2f} | "
                          + " | ".join(f"{row[f'finest_{n}_tre_mm']:.2f}, {row[f'finest_{n}_s']:.0f}"
                                       if f"finest_{n}_tre_mm" in row else "-" for n in steps) + " |")
+        lines.append("")
+    versions = measured.get("pipeline")
+    if versions:
+        result = versions["result"]
+        names = result["codes"]
+        lines += [
+            "The whole default optimisation (MIND-SSC of both images, 25 steps on each of 3 levels) from the release "
+            "model's start at the inference defaults, of two code versions in turn in fresh processes "
+            f"(`python -m bench.speed_candidates pipeline`, {len(result['runs'])} runs, order "
+            + " / ".join(run["code"] for run in result["runs"]) + f"), on full-size realistic pairs of real CTs, "
+            f"{versions['date_utc']}, in the benchmark's cpu cgroup on 2 shared cores (load average "
+            f"{min(run['load'] for run in result['runs']):.1f}-{max(run['load'] for run in result['runs']):.1f}): "
+            + "; ".join(f"`{code}` {text}" for code, text in names.items()) + ".",
+            "",
+            "| pair (real CT) | " + " | ".join(f"{code}: s (runs)" for code in names) + " | "
+            + " | ".join(f"{code}: TRE mm" for code in names) + " |",
+            "|---|" + "---|" * (2 * len(names)),
+        ]
+        for ct in dict.fromkeys(row["real_ct"] for run in result["runs"] for row in run["rows"]):
+            cells, tres = [], []
+            for code in names:
+                rows = [row for run in result["runs"] if run["code"] == code for row in run["rows"]
+                        if row["real_ct"] == ct]
+                cells.append(", ".join(f"{row['optimisation_s']:.1f}" for row in rows))
+                tres.append("/".join(sorted({f"{row['tre_mm']:.4f}" for row in rows})))
+            lines.append(f"| {ct} | " + " | ".join(cells) + " | " + " | ".join(tres) + " |")
         lines.append("")
     if measured.get("summary"):
         lines += [measured["summary"], ""]

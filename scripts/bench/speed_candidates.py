@@ -8,7 +8,8 @@ recorded in ``docs/benchmarks.json`` (``speed_candidates``, rendered in benchmar
   field after the same steps is compared with the default's (max abs difference, voxels).
 * ``tre PAIR.npz ...`` (``FINEST=25,15``): from the release model's start at the inference defaults
   (lam 0.083, mu 0.03), the two coarse levels of the default schedule once (25 steps each), then the finest level
-  with each number of steps in ``FINEST``: keypoint TRE and seconds of each, the variants' order alternating by pair.
+  with each number of steps in ``FINEST``: keypoint TRE and seconds of each, the variants' order alternating by pair;
+  ``COARSE=25,50`` repeats it after each number of steps on the two coarse levels (keys ``coarse_<n>_...``).
 * ``pipeline PAIR.npz ...``: the whole default optimisation (MIND-SSC of both images, 25 steps on each of 3 levels)
   from the release model's start, keypoint TRE and seconds, of the code on ``PYTHONPATH``: run for two commits in
   turn (``git archive`` of the older one) to compare code versions on the same pairs.
@@ -119,7 +120,7 @@ def micro(path: str, rounds: int = 3, compile_step: bool = False) -> dict:
     return result
 
 
-def tre(paths: list[str], finest_steps=(25, 15)) -> list[dict]:
+def tre(paths: list[str], finest_steps=(25, 15), coarse_steps_list=(25,)) -> list[dict]:
     from bench.register_probe import load_model, network_ddf
     from elastic_hypermorph_bundle import optimize
     from elastic_hypermorph_bundle.metrics import target_registration_error
@@ -145,16 +146,20 @@ def tre(paths: list[str], finest_steps=(25, 15)) -> list[dict]:
         begin = time.perf_counter()
         features = optimize.similarity_features(fixed, moving)
         row["mind_s"] = time.perf_counter() - begin
-        begin = time.perf_counter()  # levels 1-2 of the default (control grids 8 and 4 times coarser), 25 steps each
-        coarse = optimize.instance_optimize(fixed, moving, 0.083, 0.03, start, steps=25, levels=2, grid=4.0,
-                                            features=features)
-        row["coarse_s"], row["coarse_tre_mm"] = time.perf_counter() - begin, error(coarse)
-        for steps in finest_steps if index % 2 == 0 else finest_steps[::-1]:
+        for coarse_steps in coarse_steps_list:
+            # levels 1-2 of the default (control grids 8 and 4 times coarser), 25 steps each unless COARSE says
             begin = time.perf_counter()
-            ddf = optimize.instance_optimize(fixed, moving, 0.083, 0.03, coarse, steps=steps, levels=1, grid=2.0,
-                                             features=features)
-            row[f"finest_{steps}_s"], row[f"finest_{steps}_tre_mm"] = time.perf_counter() - begin, error(ddf)
-            print(json.dumps(row), flush=True)
+            coarse = optimize.instance_optimize(fixed, moving, 0.083, 0.03, start, steps=coarse_steps, levels=2,
+                                                grid=4.0, features=features)
+            tag = "" if coarse_steps == 25 else f"coarse_{coarse_steps}_"
+            row[f"{tag}coarse_s"], row[f"{tag}coarse_tre_mm"] = time.perf_counter() - begin, error(coarse)
+            for steps in finest_steps if index % 2 == 0 else finest_steps[::-1]:
+                begin = time.perf_counter()
+                ddf = optimize.instance_optimize(fixed, moving, 0.083, 0.03, coarse, steps=steps, levels=1,
+                                                 grid=2.0, features=features)
+                row[f"{tag}finest_{steps}_s"], row[f"{tag}finest_{steps}_tre_mm"] = (time.perf_counter() - begin,
+                                                                                   error(ddf))
+                print(json.dumps(row), flush=True)
         row["load_after"] = os.getloadavg()[0]
         rows.append(row)
     return rows
@@ -209,7 +214,8 @@ if __name__ == "__main__":
     elif kind == "pipeline":
         measured = pipeline(arguments)
     else:
-        measured = tre(arguments, tuple(int(s) for s in os.environ.get("FINEST", "25,15").split(",")))
+        measured = tre(arguments, tuple(int(s) for s in os.environ.get("FINEST", "25,15").split(",")),
+                       tuple(int(s) for s in os.environ.get("COARSE", "25").split(",")))
     print(json.dumps(measured), flush=True)
     if "--record" in sys.argv:
         record(kind, measured)

@@ -235,6 +235,10 @@ def run(options: dict, log) -> dict:
     masks = [Path(str(p).replace("imagesTr", "masksTr")) for p in (single["fixed"], single["moving"])]
     if all(m.is_file() for m in masks):
         single.update(fixed_mask=str(masks[0]), moving_mask=str(masks[1]))
+    points = [dataset / "keypointsTr" / Path(image).name.replace(".nii.gz", ".csv")
+              for image in (single["fixed"], single["moving"])]
+    if all(p.is_file() for p in points):  # so that its summary line gives its TRE, beside ConvexAdam's on the pair
+        single.update(fixed_points=str(points[0]), moving_points=str(points[1]))
     paths = [
         {"name": "split", "config_file": config,
          "overrides": {**split, "write_background": False, "output_dir": str(out / "split")}},
@@ -256,7 +260,6 @@ def run(options: dict, log) -> dict:
 
     if options.get("convex_adam") and convex_adam_available():  # the peer on the single path's pair, in the same run (issue 21: 0.3x its time)
         name = Path(single["fixed"]).name.replace("_0000.nii.gz", "")
-        points = [dataset / "keypointsTr" / f"{name}_{phase}.csv" for phase in ("0000", "0001")]
         result["convex_adam"] = {"pair": name, "load_before": list(os.getloadavg()), **convex_adam_pair(
             single["fixed"], single["moving"], tuple(map(str, points)) if all(p.is_file() for p in points) else None)}
         log(f"  ConvexAdam on {name}: {result['convex_adam']['seconds']:.1f} s")
