@@ -73,7 +73,8 @@ class InvalidOverrideError(ValueError):
 
 #: ids that count something: an override must be a whole number (``--instance_steps 2.5`` is refused, not cut to 2)
 INTEGER_IDS = frozenset(
-    {"seed", "epochs", "val_interval", "batch_size", "num_workers", "instance_steps", "instance_levels", "hyper_rank"}
+    {"seed", "epochs", "val_interval", "batch_size", "num_workers", "instance_steps", "instance_coarse_steps",
+     "instance_levels", "hyper_rank"}
 )
 #: the hyperparameter ids; a model uses those of its regularizer only (``HyperSpace.names``)
 HYPER_IDS = ("lam", "mu", "alpha")

@@ -452,6 +452,7 @@ def instance_optimize(
     smooth: int = 3,
     log_every: int = 0,
     features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    coarse_steps: int | None = None,
 ) -> torch.Tensor:
     """Optimise each pair's displacement field at its ``(lam, mu)``; see the module docstring for the objective.
 
@@ -478,6 +479,8 @@ def instance_optimize(
         log_every: log step and loss terms every this many steps per level (0: first and last step only).
         features: :func:`similarity_features` of ``fixed`` and ``moving`` when already computed (e.g. for
             :func:`start_objective`), so that a pair's descriptors are computed once.
+        coarse_steps: Adam steps on each level but the finest (``None``: ``steps``, every level alike); a coarse
+            step costs 1/8 of the next finer level's, so more coarse and fewer finest steps are cheaper.
 
     Returns:
         the total DDF ``(B, 3, X, Y, Z)`` in voxels (pre-alignment composed with the optimised non-rigid field).
@@ -492,6 +495,8 @@ def instance_optimize(
     spacing = _check_spacing(spacing, "spacing")
     if steps < 0 or levels < 1 or not grid >= 1 or not lr > 0:
         raise ValueError(f"need steps >= 0, levels >= 1, grid >= 1 and lr > 0, got {steps}, {levels}, {grid}, {lr}.")
+    if coarse_steps is not None and coarse_steps < 0:
+        raise ValueError(f"coarse_steps must be >= 0 or None, got {coarse_steps}.")
     batch, shape = fixed.shape[0], tuple(fixed.shape[2:])
     lam = _per_sample(lam, "lam", batch, fixed)
     mu = _per_sample(mu, "mu", batch, fixed)
@@ -544,13 +549,14 @@ def instance_optimize(
         # the loss is summed over the level's voxels, and Adam's eps set on that scale, so that the rounding noise of
         # warping with a zero field (gradients of about 1e-6 per voxel) is not magnified into full steps by Adam's normalisation
         voxels = math.prod(level)
+        level_steps = steps if coarse_steps is None or level_index == levels - 1 else int(coarse_steps)
         optimizer = torch.optim.Adam([correction], lr=lr, eps=1e-4)
         logged = time.perf_counter()
         with torch.enable_grad():
-            for step in range(steps):
+            for step in range(level_steps):
                 # cosine decay: Adam's steps are about lr in size whatever the gradient, so without it the field
                 # would keep jittering by about lr around the optimum
-                optimizer.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+                optimizer.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / level_steps))
                 optimizer.zero_grad(set_to_none=True)
                 field = non_rigid(correction, init_l)
                 similarity_value = measure(compose_affine(affine_l, field, affine_field_l))
@@ -559,13 +565,13 @@ def instance_optimize(
                 (loss * voxels).backward()
                 optimizer.step()
                 # a line at least every PROGRESS_SECONDS, so that a long level (the finest, at full size) shows progress
-                if step in (0, steps - 1) or (log_every and (step + 1) % log_every == 0) or (
+                if step in (0, level_steps - 1) or (log_every and (step + 1) % log_every == 0) or (
                     time.perf_counter() - logged >= PROGRESS_SECONDS
                 ):
                     logged = time.perf_counter()
                     logger.info(
                         "instance optimisation level %d/%d (%s) step %d/%d: loss %.5f, %s %.5f, elastic %.5f",
-                        level_index + 1, levels, "x".join(map(str, level)), step + 1, steps,
+                        level_index + 1, levels, "x".join(map(str, level)), step + 1, level_steps,
                         loss.item() / batch, similarity, similarity_value.mean().item(), energy.mean().item(),
                     )
     with torch.no_grad():

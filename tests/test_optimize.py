@@ -105,6 +105,19 @@ def test_box_filter_is_the_replicate_padded_3d_box_mean():
     torch.testing.assert_close(_box_filter(torch.full((1, 2, 4, 4, 4), 2.5)), torch.full((1, 2, 4, 4, 4), 2.5))
 
 
+def test_coarse_steps_change_the_coarse_levels_only(simulated_pair):
+    """``coarse_steps`` runs that many steps on every level but the finest: equal to ``steps`` it is the default
+    schedule, bit for bit; on one level it changes nothing; other counts give another field; negative is refused."""
+    fixed, moving = simulated_pair["fixed"], simulated_pair["moving"]
+    run = lambda **kw: instance_optimize(fixed, moving, 0.083, 0.03, steps=3, levels=2, **kw)  # noqa: E731
+    assert torch.equal(run(coarse_steps=3), run())
+    assert not torch.equal(run(coarse_steps=6), run())
+    one = lambda **kw: instance_optimize(fixed, moving, 0.083, 0.03, steps=3, levels=1, **kw)  # noqa: E731
+    assert torch.equal(one(coarse_steps=9), one())
+    with pytest.raises(ValueError, match="coarse_steps must be >= 0"):
+        run(coarse_steps=-1)
+
+
 def test_affine_ddf_translation_and_identity():
     spacing = (2.0, 1.0, 4.0)
     identity = Affine.identity(1, spacing)

@@ -160,8 +160,9 @@ class ParameterSweep:
             if instance_steps is not None and int(instance_steps) < 0:
                 raise ValueError(f"sweep_instance_steps must be >= 0 or null, got {instance_steps}.")
             self.pipeline = copy.copy(self.instance)
-            if instance_steps is not None:
+            if instance_steps is not None:  # the sweep's steps on every level
                 self.pipeline.steps = min(int(instance_steps), self.instance.steps)
+                self.pipeline.coarse_steps = None
         if registration_grid not in REGISTRATION_GRIDS:
             raise ValueError(f"registration_grid must be one of {REGISTRATION_GRIDS}, got {registration_grid!r}.")
         self.registration_grid = registration_grid

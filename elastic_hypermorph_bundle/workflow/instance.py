@@ -65,7 +65,7 @@ class InstanceOptimization:
     (with a warning); the pre-alignment stays.
 
     Args:
-        steps: Adam steps per level (0: no instance optimisation).
+        steps: Adam steps per level, or of the finest level with ``coarse_steps`` (0: no instance optimisation).
         similarity, levels, grid, lr, smooth: see :func:`~elastic_hypermorph_bundle.optimize.instance_optimize`.
         prealign: ``"auto"`` (a rigid map proposed when it clearly improves the similarity over the identity,
             :func:`~elastic_hypermorph_bundle.optimize.auto_prealign`, and kept only when the optimisation's start
@@ -89,6 +89,8 @@ class InstanceOptimization:
         discrete: start the optimisation without a network from a coarse discrete displacement search
             (:func:`~elastic_hypermorph_bundle.losses.discrete.discrete_search`, quarter resolution) instead of the
             identity.
+        coarse_steps: Adam steps on each level but the finest (``None``: ``steps`` on every level; see
+            :func:`~elastic_hypermorph_bundle.optimize.instance_optimize`).
 
     After :meth:`register`, :attr:`record` holds per-pair ``(B,)`` values of the stages' decisions (pre-alignment
     similarities, start objectives, the start taken) for the run's record.
@@ -114,8 +116,12 @@ class InstanceOptimization:
         fixed_mu: float | None = None,
         select_start: bool | str = True,
         discrete: bool | str = False,
+        coarse_steps: int | None = None,
     ) -> None:
         steps, levels, prealign_steps = int(steps), int(levels), int(prealign_steps)
+        if coarse_steps is not None and int(coarse_steps) < 0:
+            raise ValueError(f"instance_coarse_steps must be >= 0 or null, got {coarse_steps}.")
+        self.coarse_steps = None if coarse_steps is None else int(coarse_steps)
         regularizer = "elastic" if hyper_space is None else hyper_space.regularizer
         get_similarity(similarity)
         if prealign not in ("auto", *PREALIGNMENTS):
@@ -198,7 +204,7 @@ class InstanceOptimization:
         return instance_optimize(
             fixed, moving, lam, mu, init_ddf, similarity=self.similarity, steps=self.steps, levels=self.levels,
             grid=self.grid, lr=self.lr, mask=mask, diffeomorphic=self.diffeomorphic, affine=affine,
-            smooth=self.smooth, features=features,
+            smooth=self.smooth, features=features, coarse_steps=self.coarse_steps,
         )
 
     def prepare(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None,

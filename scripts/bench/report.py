@@ -818,7 +818,8 @@ def _processes(measured: dict) -> list[str]:
         "### 7c. A cohort across processes on 2 cores (issue 21)",
         "",
         f"Evaluation (`inference.json` + `evaluate.json`, defaults) of the same {result['pairs']} full-size pairs "
-        f"(section 7's dataset), one fresh command each, in turn: one process of 2 threads, "
+        f"(`{Path(result['dataset_dir']).parent.name}`: realistic breath-hold pairs of a stage-profile dataset), "
+        "one fresh command each, in turn: one process of 2 threads, "
         "`torchrun --nproc_per_node 2` with `multi_gpu_evaluate.json` (Gloo, 1 thread a process), one process of 1 "
         "thread; the whole command's wall time, start-up included (`python -m bench.processes`, "
         f"{measured['date_utc']}, {result['cpus']} cores, in the benchmark's cpu cgroup; load average "
@@ -900,6 +901,30 @@ def _speed_candidates(measured: dict) -> list[str]:
                          f"{row['network_tre_mm']:.2f} | {row['coarse_tre_mm']:.2f} | "
                          + " | ".join(f"{row[f'finest_{n}_tre_mm']:.2f}, {row[f'finest_{n}_s']:.0f}"
                                       if f"finest_{n}_tre_mm" in row else "-" for n in steps) + " |")
+        lines.append("")
+    schedule = measured.get("schedule")
+    if schedule:
+        rows = schedule["result"]
+        variants = [(coarse, finest) for coarse in (25, 50) for finest in (25, 20, 15)
+                    if f"{'' if coarse == 25 else f'coarse_{coarse}_'}finest_{finest}_tre_mm" in rows[0]]
+        lines += [
+            "Schedules per level from the network's start (same start and MIND features for every variant; "
+            "`COARSE=25,50 FINEST=25,20,15 python -m bench.speed_candidates tre`, "
+            f"{schedule['date_utc']}, in the benchmark's cpu cgroup, load average "
+            f"{min(r['load_before'] for r in rows):.1f}-{max(r['load_after'] for r in rows):.1f}): steps on the two "
+            "coarse levels / on the finest, keypoint TRE (mm) and seconds of the optimisation's levels (MIND-SSC "
+            "apart), on full-size realistic pairs of real CTs (nsclc_r01_001: not in the release model's training).",
+            "",
+            "| pair (real CT) | network start | " + " | ".join(f"{c}/{c}/{f}: TRE, s" for c, f in variants) + " |",
+            "|---|---|" + "---|" * len(variants),
+        ]
+        for row in rows:
+            cells = []
+            for coarse, finest in variants:
+                tag = "" if coarse == 25 else f"coarse_{coarse}_"
+                cells.append(f"{row[f'{tag}finest_{finest}_tre_mm']:.2f}, "
+                             f"{row[f'{tag}coarse_s'] + row[f'{tag}finest_{finest}_s']:.1f}")
+            lines.append(f"| {row['real_ct']} | {row['network_tre_mm']:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
     versions = measured.get("pipeline")
     if versions:
