@@ -253,12 +253,7 @@ def test_inference_writes_the_field_of_the_requested_hyperparameters(dataset, mo
         assert (out / pair_id / "preview.png").stat().st_size > 0 and (out / pair_id / "warped_mask.nii.gz").is_file()
         fields[lam] = ddf
     assert (fields[0.05] - fields[0.9]).abs().max() > 1e-3  # the hyperparameters reach the network
-
-    # a second run into the same folder refuses and leaves the earlier outputs untouched
-    before = (tmp_path / "lam0.05" / pair_id / "ddf.nii.gz").read_bytes()
-    again = _bundle(*_common(dataset, model, tmp_path / "lam0.05"), "--lam", "0.9", "--mu", "0.8")
-    assert again.returncode != 0 and "--overwrite true" in again.stderr
-    assert (tmp_path / "lam0.05" / pair_id / "ddf.nii.gz").read_bytes() == before
+    # (a second run into the same folder is refused: test_evaluation_writes_plausible_metrics)
 
 
 SMALL_NET = {"encoder_features": [8, 8, 8], "decoder_features": [8, 8, 8, 8]}
@@ -333,11 +328,19 @@ def test_inference_failures_are_clear_and_leave_nothing(dataset, model, tmp_path
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
-def test_evaluation_writes_plausible_metrics(dataset, model, tmp_path):
-    out = tmp_path / "eval"
+@pytest.fixture(scope="module")
+def network_evaluation(dataset, model, tmp_path_factory) -> Path:
+    """The output folder of one evaluation of the network alone (the test-time stages off), run once and read by
+    the tests of its metrics and of the instance optimisation's gain over it."""
+    out = tmp_path_factory.mktemp("evaluation") / "eval"
     result = _bundle(*_common(dataset, model, out), configs=("inference.json", "evaluate.json"))
     assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_evaluation_writes_plausible_metrics(dataset, model, network_evaluation, tmp_path):
+    out = network_evaluation
     record = json.loads((out / "metrics.json").read_text())
     rows = list(csv.DictReader(open(out / "metrics.csv")))
     assert record["num_pairs"] == 1 and [r["pair_id"] for r in rows] == [record["pairs"][0]["pair_id"], "mean"]
@@ -348,23 +351,27 @@ def test_evaluation_writes_plausible_metrics(dataset, model, tmp_path):
     assert mean["elastic_energy"] == pytest.approx(0.083 * mean["energy_volume"] + 0.03 * mean["energy_shear"])
     assert list(rows[0]) == ["pair_id", *metric_columns([1], with_points=True, before=True), "runtime_s"]
     assert record["info"]["hyper"] == pytest.approx([0.083, 0.03])
-    assert _bundle(*_common(dataset, model, out), configs=("inference.json", "evaluate.json")).returncode != 0
+    # a second run into the same folder (at other hyperparameters) refuses and leaves the earlier outputs untouched
+    before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    again = _bundle(*_common(dataset, model, out), "--lam", "0.9", "--mu", "0.8",
+                    configs=("inference.json", "evaluate.json"))
+    assert again.returncode != 0 and "--overwrite true" in again.stderr
+    assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
     other = _bundle(*_common(dataset, model, tmp_path / "eval64"), "--spatial_size", "[64, 64, 64]",
                     configs=("inference.json", "evaluate.json"))
     assert other.returncode != 0 and "(trained: [32, 32, 32])" in other.stderr
 
 
 @pytest.mark.slow
-def test_evaluation_with_instance_optimisation_beats_the_network_alone(dataset, model, tmp_path):
+def test_evaluation_with_instance_optimisation_beats_the_network_alone(dataset, model, network_evaluation, tmp_path):
     """The default inference/evaluation runs pre-alignment + instance optimisation after the network; on a random
     network's field it must end far better than the network alone (and than no registration)."""
-    means = {}
-    for name, network_alone in (("alone", True), ("optimised", False)):
-        out = tmp_path / name
-        steps = [] if network_alone else ["--instance_steps", "30"]
-        result = _bundle(*_common(dataset, model, out, network_alone), *steps, configs=("inference.json", "evaluate.json"))
-        assert result.returncode == 0, result.stderr[-3000:]
-        means[name] = json.loads((out / "metrics.json").read_text())["mean"]
+    out = tmp_path / "optimised"
+    result = _bundle(*_common(dataset, model, out, network_alone=False), "--instance_steps", "30",
+                     configs=("inference.json", "evaluate.json"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    means = {name: json.loads((folder / "metrics.json").read_text())["mean"]
+             for name, folder in (("alone", network_evaluation), ("optimised", out))}
     assert means["optimised"]["tre_mm"] < 0.7 * means["alone"]["tre_mm"]
     assert means["optimised"]["tre_mm"] < 0.7 * means["optimised"]["tre_before_mm"]
     assert means["optimised"]["dice_mean"] > means["alone"]["dice_mean"]
