@@ -315,34 +315,6 @@ def test_importing_discovery_leaves_the_matplotlib_backend_alone():
     assert done.stdout.strip() == "pdf"
 
 
-@pytest.mark.slow
-def test_sweep_runs_from_the_bundle_config(setup, tmp_path):
-    output_dir = tmp_path / "sweep"
-    command = [
-        sys.executable, "-m", "monai.bundle", "run", "sweep",
-        "--config_file", f"['{ROOT / 'configs/inference.json'}','{ROOT / 'configs/sweep.json'}']",
-        "--bundle_root", str(ROOT),
-        "--dataset_dir", str(setup["dataset"]),
-        "--split", "all",
-        "--ckpt_dir", str(setup["ckpt"].parent),
-        "--output_dir", str(output_dir),
-        "--spatial_size", str(list(SIZE)),
-        "--grid_size", "2",
-        "--refine_steps", "1",
-        "--progress", "False",
-    ]
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads((output_dir / "summary.json").read_text())
-    assert summary["criterion"]["name"] == "dice" and summary["num_grid_points"] == 4 and summary["num_pairs"] == 3
-    assert len(_rows(output_dir / "sweep.csv")) == 12
-    # instance optimisation is on by default, so the sweep scores the pipeline (network columns beside it), and the
-    # gradient refinement, which differentiates the network alone, says why it did not run
-    assert "network_dice_mean" in _rows(output_dir / "sweep.csv")[0]
-    assert "pipeline" in summary["refinement"]["skipped"]
-
-
 def _pipeline_model(setup, save_model):
     """The setup's network with a card whose network grid differs from the images' (resampled to 1.5 x their voxel
     size, then padded to 16^3), so pairs registered on their own grid go through NetworkGrid, as with a real model."""

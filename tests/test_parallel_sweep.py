@@ -63,9 +63,9 @@ def _sweep(dataset: Path, ckpt: Path, output_dir: Path, processes: int) -> subpr
     command = [
         *launcher, "run", "sweep", "--config_file", str([str(ROOT / "configs" / name) for name in configs]),
         "--bundle_root", str(ROOT), "--meta_file", str(ROOT / "configs" / "metadata.json"),
-        "--dataset_dir", str(dataset), "--split", "all", "--ckpt_path", str(ckpt), "--output_dir", str(output_dir),
-        "--spatial_size", "[16, 16, 16]", "--grid_size", "2", "--refine_steps", "0", "--progress", "false",
-        "--sweep_instance_steps", "1", "--prealign", "none",
+        "--dataset_dir", str(dataset), "--split", "all", "--ckpt_dir", str(ckpt.parent), "--output_dir",
+        str(output_dir), "--spatial_size", "[16, 16, 16]", "--grid_size", "2", "--refine_steps", "1",
+        "--progress", "false", "--sweep_instance_steps", "1", "--prealign", "none",
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     return subprocess.run(command, cwd=output_dir.parent, env=env, capture_output=True, text=True, timeout=600)
@@ -79,6 +79,8 @@ def _rows(path: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_processes_write_the_table_and_summary_of_one_and_resume_from_their_parts(tmp_path, save_model):
+    """Also the sweep from the bundle config (``monai.bundle run sweep``, one process): its summary, its table, and
+    the pipeline it scores (instance optimisation is on by default in ``sweep.json``)."""
     dataset = make_synthetic_dataset(tmp_path / "LungCT", num_pairs=3, spatial_size=(16, 16, 16), seed=3)
     kwargs = {"spatial_dims": 3, "in_channels": 2, "hyper_dims": 2, "encoder_features": [4, 8, 8],
               "decoder_features": [8, 8, 8, 4], "hyper_hidden": 16, "hyper_layers": 2}
@@ -91,6 +93,13 @@ def test_two_processes_write_the_table_and_summary_of_one_and_resume_from_their_
         assert done.returncode == 0, done.stderr[-3000:]
         runs[processes] = out
     one, two = runs[1], runs[2]
+    summary = json.loads((one / "summary.json").read_text())
+    assert summary["criterion"]["name"] == "dice" and summary["num_grid_points"] == 4 and summary["num_pairs"] == 3
+    # the sweep scores the pipeline (network columns beside it), as by default, and the gradient refinement, which
+    # differentiates the network alone, says why it did not run
+    assert json.loads((ROOT / "configs" / "sweep.json").read_text())["sweep_instance_steps"] > 0
+    assert "network_dice_mean" in _rows(one / "sweep.csv")[0]
+    assert "pipeline" in summary["refinement"]["skipped"]
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # no part left
     assert len(_rows(one / "sweep.csv")) == 12 and _rows(two / "sweep.csv") == _rows(one / "sweep.csv")
     summaries = [json.loads((out / "summary.json").read_text()) for out in (one, two)]
