@@ -431,7 +431,10 @@ def _decisions(row: dict) -> str:
         if "prealign_applied" in record:
             parts.append(f"pre-alignment {'kept' if record['prealign_applied'][0] > 0.5 else 'not kept'} "
                          f"(similarity {record['prealign_similarity_identity'][0]:.4f} at the identity, "
-                         f"{record['prealign_similarity_rigid'][0]:.4f} rigid)")
+                         f"{record['prealign_similarity_rigid'][0]:.4f} rigid"
+                         + (f"; start objective {record['start_objective_with_map'][0]:.4f} with the rigid map, "
+                            f"{record['start_objective_without_map'][0]:.4f} without"
+                            if "start_objective_with_map" in record else "") + ")")
         if {"start_network", "start_objective_network", "start_objective_identity"} <= set(record):
             parts.append(f"start {'network' if record['start_network'][0] > 0.5 else 'identity'} (objective "
                          f"{record['start_objective_network'][0]:.4f} network, "
@@ -457,14 +460,19 @@ def _section5_real(result: dict | None, runs: list[dict] = ()) -> list[str]:
               f"iterations per level (an affine stage first for the follow-ups); the bundle at lam = {setup['lam']}, "
               f"mu = {setup['mu']}, pre-alignment `{setup.get('prealign')}`, {setup['network_optimize_steps'][0]} "
               f"steps per level, model `{Path(setup['model']).name}` (sha1 {setup.get('model_sha')}, trained at "
-              f"{_size(card.get('spatial_size') or ['?'])}). **defaults** = the bundle with no flags (the network's "
-              "start taken only when its objective at the first, coarsest level was lower than the identity's: the "
-              "rule when these rows were measured; it now judges on the finest grid, see below each pair); "
-              "**network "
-              "start forced** = the same without that selection. Where the selection took the network's start "
+              f"{_size(card.get('spatial_size') or ['?'])}). **defaults** = the bundle with no flags (`prealign auto` "
+              "proposes a rigid map when it lowers the coarse similarity by 25 %, kept only when the optimisation's "
+              "start objective on its finest grid, from the better of the network's start and the identity, is "
+              "lower with it than without it; the network's start taken when its objective is lower than the "
+              "identity's); **network "
+              "start forced** = the same without the start's selection. When a run re-measured the bundle's rows "
+              "(`--rows \"[optimize]\"` below), the defaults, the row from identity and the forced row are all "
+              "from it, the peers and the network alone from the first run. Where the selection took the network's start "
               "the forced row is the defaults' computation, and where it took the identity the row from identity "
-              "is (bit-identical, checked on the first follow-up): those rows are not run again and are marked "
-              "(= defaults). Rows not yet measured are not shown.", ""]
+              "is (bit-identical, checked on the first follow-up; not where a map was decided: a row with one start "
+              "may decide it otherwise): those rows are not run again and are marked "
+              "(= defaults). Seconds per pair were taken on 2 cores shared with other jobs (load 5-8 during "
+              "the re-measurement): compare them within one run only. Rows not yet measured are not shown.", ""]
     planned = setup.get("cases", [])
     measured = {row["case"] for row in result["rows"]}
     titles = {"breath_hold": "realistic breath-hold pair (`--preset realistic`)",
