@@ -59,7 +59,8 @@ def _settings(quick: bool, cuda: bool) -> dict:
         s = [32, 32, 32]
         return {
             "preset": "quick", "full_size": s,
-            "conditioning": [_config("HyperUNet", s, 1, both, 1, 2), _config("HyperUNet", s, 2, ["training"], 1, 2),
+            # both networks, both modes, two rows per batch (the grouped per-sample convolution)
+            "conditioning": [_config("HyperUNet", s, 2, both, 1, 2),
                              _config("HyperLocalNet", s, 1, ["inference"], 1, 2)],
             "memory_probes": True,
             "regularizer_sizes": [s], "regularizer_warmup": 1, "regularizer_repeats": 3,
@@ -67,7 +68,7 @@ def _settings(quick: bool, cuda: bool) -> dict:
             "accuracy": accuracy_settings(s, seeds=[9000], elastix_iterations=30, demons_iterations=[20, 10],
                                           convex_adam={"grid_sp": 4, "disp_hw": 3, "selected_niter": 20},
                                           optimize_steps=[10], network_optimize_steps=[10], prealign="none",
-                                          tiny_model_seconds=5.0, tiny_model_seeds=[100, 101]),
+                                          tiny_model_seconds=2.0, tiny_model_seeds=[100]),
             "accuracy_real": real_anatomy_settings(s, cts=REAL_CTS[:1], followups=FOLLOWUPS[:1],
                                                    elastix_iterations=30, demons_iterations=[20, 10],
                                                    convex_adam={"grid_sp": 4, "disp_hw": 3, "selected_niter": 20},
