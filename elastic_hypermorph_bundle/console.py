@@ -82,10 +82,11 @@ USER_IDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
      "coarse-to-fine levels (each twice as fine), the finest control grid's coarsening (2 = half resolution), Adam "
      "step in voxels of each level", "3, 2, 0.2"),
     (("prealign",),
-     "global pre-alignment before the network: `auto` (rigid fits from a few starts on a coarse grid, kept and "
-     "refined to an affine map only when they lower the similarity by 25 % of the identity's: a follow-up in another "
-     "position is aligned, a breathing-only pair is left as it is; both similarities logged and in `metrics.json`), "
-     "`none`, `translation`, `rigid`, `affine`", "`auto`"),
+     "global pre-alignment before the network: `auto` (rigid fits from a few starts on a coarse grid, proposed "
+     "only when they lower the similarity by 25 % of the identity's, then kept only when the optimisation's start "
+     "objective with the rigid map, from its best start, is lower than without it: a follow-up in another position "
+     "is aligned, a breathing-only pair is left as it is; the similarities, both objectives and the choice logged "
+     "and in `metrics.json`), `none`, `translation`, `rigid`, `affine`", "`auto`"),
     (("instance_select_start",),
      "the optimisation continues from the better of the network's prediction and the identity, by its own objective "
      "at its first level (both values and the start taken logged and in `metrics.json`)", "true"),
