@@ -358,7 +358,8 @@ def run_real_anatomy(options: dict, model_dir: str, pair_cache: str, log, kinds=
         key = row_key(spec, accuracy.pair_path(options["spatial_size"], case[2], simulation(case), pair_cache),
                       model_sha)
         wanted = (kinds is None or spec["kind"] in kinds) and (groups is None or case[0] in groups)
-        if key in earlier_rows and spec["row"] not in remeasure:
+        # a row this run does not measure (another kind or group) keeps its earlier value, even one named in remeasure
+        if key in earlier_rows and (spec["row"] not in remeasure or not wanted):
             result["rows"].append(earlier_rows[key])
             if case_id in (earlier or {}).get("cases", {}):
                 result["cases"].setdefault(case_id, earlier["cases"][case_id])

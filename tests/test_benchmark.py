@@ -324,6 +324,13 @@ def test_real_anatomy_saves_every_row_and_resumes_where_it_stopped(tmp_path, mon
     calls.clear()
     changed = run(measure, earlier=resumed, settings={**options, "elastix_iterations": 7})
     assert [row for row, _ in calls] == ["elastix", "elastix"] and len(changed["rows"]) == 16
+    calls.clear()  # a re-measurement limited to one group re-measures its rows and keeps the other group's
+    again = benchmark.run_real_anatomy({**options, "elastix_iterations": 7}, str(tmp_path / "model"), str(tmp_path / "pairs"), lambda message: None,
+                                       earlier=changed, groups=["breath_hold"], remeasure=["defaults"], measure=measure)
+    assert [row for row, _ in calls] == ["defaults"] and len(again["rows"]) == 16
+    followup_defaults = lambda result: [r for r in result["rows"] if r["group"] == "followup" and  # noqa: E731
+                                        r["row_id"] == "defaults"]
+    assert followup_defaults(again) == followup_defaults(changed)
     calls.clear()
     fresh = run(lambda *a, **k: measure(*a, **k, took_network=True))
     forced = [row for row in fresh["rows"] if row["row_id"] == "network_forced"]
