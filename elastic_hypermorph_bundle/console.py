@@ -83,7 +83,7 @@ USER_IDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
      "step in voxels of each level", "3, 2, 0.2"),
     (("prealign",),
      "global pre-alignment before the network: `auto` (rigid fits from a few starts on a coarse grid, proposed "
-     "only when they lower the similarity by 25 % of the identity's, then kept only when the optimisation's start "
+     "only when they lower the similarity by 45 % of the identity's, then kept only when the optimisation's start "
      "objective with the rigid map, from its best start, is lower than without it: a follow-up in another position "
      "is aligned, a breathing-only pair is left as it is; the similarities, both objectives and the choice logged "
      "and in `metrics.json`), `none`, `translation`, `rigid`, `affine`", "`auto`"),
