@@ -45,9 +45,9 @@ def save_model():
 
 #: the shared real chest CTs: ``../shared/data/real_ct`` next to the bundle root (CI); a git worktree may sit deeper,
 #: so the nearest ancestor's ``shared/`` counts
-REAL_CT_DIR = next((parent / "shared" / "data" / "real_ct" for parent in SCRIPTS.parents[1].parents
+REAL_CT_DIR = next((parent / "shared" / "data" / "real_ct" for parent in SCRIPTS.parent.parents
                     if (parent / "shared" / "data" / "real_ct").is_dir()),
-                   SCRIPTS.parents[1].parent / "shared" / "data" / "real_ct")
+                   SCRIPTS.parent.parent / "shared" / "data" / "real_ct")
 
 
 @pytest.fixture(scope="session")
