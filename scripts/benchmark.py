@@ -346,6 +346,8 @@ def run_real_anatomy(options: dict, model_dir: str, pair_cache: str, log, kinds=
     earlier_rows = {row["key"]: row for row in (earlier or {}).get("rows", []) if "key" in row}
     result = {"setup": {**options, "model": str(model_path), "model_sha": model_sha, "model_card": card},
               "cases": {}, "rows": []}
+    if (earlier or {}).get("notes"):  # hand-written notes on the pairs (report._paragraphs) outlive a re-measurement
+        result["notes"] = earlier["notes"]
 
     def record_case(case, path):
         loaded = accuracy.load_pair(path)

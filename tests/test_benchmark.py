@@ -322,8 +322,10 @@ def test_real_anatomy_saves_every_row_and_resumes_where_it_stopped(tmp_path, mon
     assert len(calls) == 16 - 6 - 1 and not set(calls) & set(first)  # only the rows not saved
     assert resumed["rows"][:6] == killed["rows"]  # kept as measured
     calls.clear()
-    changed = run(measure, earlier=resumed, settings={**options, "elastix_iterations": 7})
+    notes = {"breath_hold/a.nii.gz/1101": ["measured outside the runner: ..."]}
+    changed = run(measure, earlier={**resumed, "notes": notes}, settings={**options, "elastix_iterations": 7})
     assert [row for row, _ in calls] == ["elastix", "elastix"] and len(changed["rows"]) == 16
+    assert changed["notes"] == notes  # what a person wrote on a pair outlives the re-measurement
     calls.clear()  # a re-measurement limited to one group re-measures its rows and keeps the other group's
     again = benchmark.run_real_anatomy({**options, "elastix_iterations": 7}, str(tmp_path / "model"), str(tmp_path / "pairs"), lambda message: None,
                                        earlier=changed, groups=["breath_hold"], remeasure=["defaults"], measure=measure)
@@ -344,6 +346,24 @@ def test_real_anatomy_saves_every_row_and_resumes_where_it_stopped(tmp_path, mon
     fresh["setup"]["lam"], fresh["setup"]["mu"] = 0.083, 0.03
     text = "\n".join(_section5_real(fresh))
     assert text.count("| bundle: defaults") == 2 and "Not measured yet" not in text  # every pair's table
+    case_id = "/".join(map(str, plan[0][0]))
+    text = "\n".join(_section5_real({**fresh, "notes": {case_id: ["A note on the first pair."]}}))
+    first_goals = text.index("Goals of issue 18 on this pair")
+    assert text.index("A note on the first pair.") > first_goals  # after that pair's goals,
+    assert text.index("A note on the first pair.") < text.index("Goals of issue 18", first_goals + 1)  # not later
+
+
+def test_committed_benchmarks_md_is_the_render_of_benchmarks_json():
+    """docs/benchmarks.md is exactly what ``bench.report.render`` makes of docs/benchmarks.json, hand-written notes
+    included (stored with their section's figures): a re-render after a new measurement deletes nothing. Compared
+    section by section, so that a failure names the section edited by hand."""
+    import re
+
+    from bench import report
+
+    results = json.loads((ROOT / "docs" / "benchmarks.json").read_text())
+    sections = lambda text: re.split(r"(?m)^(?=#{2,3} )", text)  # noqa: E731
+    assert sections(report.render(results)) == sections((ROOT / "docs" / "benchmarks.md").read_text())
 
 
 @pytest.mark.slow

@@ -1,4 +1,9 @@
-"""Markdown rendering of the benchmark results (``docs/benchmarks.md``) from the raw figures (``benchmarks.json``)."""
+"""Markdown rendering of the benchmark results (``docs/benchmarks.md``) from the raw figures (``benchmarks.json``).
+
+The markdown is never edited by hand: a re-render replaces it whole. What a section's figures cannot say (the
+machine's state, a measurement made outside the runner, a discussion) is stored in the json as ``notes`` of that
+section's record (``response.notes``; ``accuracy_real.notes[<case id>]``; ``response_amortised.notes.before_table``
+/ ``after_table``; ``speed_candidates.summary``) and rendered in its place."""
 
 from __future__ import annotations
 
@@ -86,6 +91,8 @@ def render(results: dict) -> str:
     lines += _section6(results["capacity"])
     if "response" in results:
         lines += _section6b(results["response"], runs.get("response"))
+    if "response_amortised" in results:
+        lines += _amortised(results["response_amortised"])
     if "stages" in results:
         lines += _section7(results["stages"], runs.get("stages"))
     if "speed_candidates" in results:
@@ -93,6 +100,13 @@ def render(results: dict) -> str:
     if "processes" in results:
         lines += _processes(results["processes"])
     return "\n".join(lines) + "\n"
+
+
+def _paragraphs(notes) -> list[str]:
+    """Hand-written paragraphs kept with a section's figures in benchmarks.json (``notes``: a string, a list of them or
+    None), each followed by a blank line: what a measurement's figures cannot say (the machine's state, a
+    measurement outside the runner) is stored as data, so that a re-render from the json keeps it."""
+    return [line for text in ([notes] if isinstance(notes, str) else notes or ()) for line in (text, "")]
 
 
 def _section_head(index: int, intro: str, columns: list[str]) -> list[str]:
@@ -524,6 +538,7 @@ def _section5_real(result: dict | None, runs: list[dict] = ()) -> list[str]:
             f"{name}: " + ("n/a (row missing)" if met is None else
                            f"{'met' if met else '**NOT met**'} ({_fmt(value, 3)} vs {_fmt(limit, 3)})")
             for name, value, limit, met in goals) + ".", ""]
+        lines += _paragraphs((result.get("notes") or {}).get(case_id))
     missing = [f"{'/'.join(map(str, c))}" for c in planned if "/".join(map(str, c)) not in measured]
     if missing:
         lines += [f"Not measured yet: {', '.join(missing)}.", ""]
@@ -674,7 +689,28 @@ def _section6b(result: dict, run: dict | None = None) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(f"{start['tre_mm'][str(s)]:.2f}" for s in setup["start_steps"])
                      + f" | {reached if reached is not None else 'not reached'} |")
     lines.append("")
-    return lines
+    return lines + _paragraphs(result.get("notes"))
+
+
+def _amortised(result: dict) -> list[str]:
+    """Section 6b's amortised-optimisation candidates (issue 19): the network columns of the response for each model
+    (``models``: field change, Spearman of TRE and SDlogJ against the recorded optimisation, the network's TRE range
+    over the grid, the validation TRE and Dice), between the notes before and after the table."""
+    setup, notes = result["setup"], result.get("notes") or {}
+    lines = _paragraphs(notes.get("before_table")) + [
+        "| model | network field change (0, 0) -> (1, 1), mm (of the optimisation's "
+        f"{setup['optimisation_field_change_mm']:.2f}) | Spearman TRE | Spearman SDlogJ | network TRE over the grid, mm "
+        f"| validation ({setup['validation']}): TRE mm, Dice |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, model in result["models"].items():
+        tre, dice = model["validation_tre_mm_dice"]
+        lines.append(f"| {model.get('label', name)} | {model['field_change_mm']:.2f} "
+                     f"({model['ratio_to_recorded_optimisation'] * 100:.0f} %) | "
+                     f"{model['spearman_tre_vs_recorded']:.2f} | {model['spearman_sdlogj_vs_recorded']:.2f} | "
+                     f"{model['tre_range'][0]:.2f}-{model['tre_range'][1]:.2f} | {tre:.2f}, {dice:.3f}"
+                     + (f" ({model['validation_note']})" if model.get("validation_note") else "") + " |")
+    return lines + [""] + _paragraphs(notes.get("after_table"))
 
 
 def _write_kind(name: str) -> str:
