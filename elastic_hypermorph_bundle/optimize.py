@@ -43,7 +43,8 @@ from monai.networks.blocks import DVF2DDF
 
 from .losses.elastic import elastic_energy
 from .losses.similarity import LNCC_WINDOW, Similarity, get_similarity
-from .networks.spatial import Affine, affine_ddf, compose_affine, field_scale, level_shape, resize_field, resize_image
+from .networks.spatial import (Affine, affine_ddf, box_mean, compose_affine, field_scale, level_shape, resize_field,
+                               resize_image)
 from .networks.warp import warp_image
 
 __all__ = ["PREALIGNMENTS", "AUTO_PREALIGN_MARGIN", "AUTO_PREALIGN_SHIFTS_MM", "centre_of_mass_offset",
@@ -175,18 +176,6 @@ def lung_centroid_offset(fixed: torch.Tensor, moving: torch.Tensor, spacing: Seq
         return weight @ points.T / weight.sum(1, keepdim=True).clamp_min(1.0)
 
     return centre(moving) - centre(fixed)
-
-
-def _box_filter(field: torch.Tensor) -> torch.Tensor:
-    """``(B, C, *spatial)`` through a 3^D box filter (the mean of each voxel's 3^D neighbourhood, edge values
-    repeated beyond the border), as one 3-voxel mean along each axis in turn: the same filter as ``avg_pool3d`` of
-    the replicate-padded field, with 3 instead of 27 terms per voxel (a third of the optimisation's finest-level
-    smoothing time, forward and backward, on 2 CPU cores)."""
-    for axis in range(2, field.ndim):
-        n = field.shape[axis]
-        padded = torch.cat([field.narrow(axis, 0, 1), field, field.narrow(axis, n - 1, 1)], axis)
-        field = (padded.narrow(axis, 0, n) + padded.narrow(axis, 1, n) + padded.narrow(axis, 2, n)) / 3
-    return field
 
 
 class _Level(NamedTuple):
@@ -521,7 +510,7 @@ def instance_optimize(
         # the control values pass through `smooth` 3^3 box filters: a B-spline-like basis, so the field between
         # control points is smooth even where the images hold no information
         for _ in range(smooth):
-            correction = _box_filter(correction)
+            correction = box_mean(correction)
         return correction
 
     def non_rigid(correction: torch.Tensor, init: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -12,8 +13,8 @@ from elastic_hypermorph_bundle.losses.elastic import elastic_energy
 from elastic_hypermorph_bundle.losses.mind import MINDSSCLoss, mind_ssc
 from elastic_hypermorph_bundle.metrics import folding_percent, target_registration_error
 from elastic_hypermorph_bundle.networks import warp_image
-from elastic_hypermorph_bundle.networks.spatial import Affine, affine_ddf, compose_affine
-from elastic_hypermorph_bundle.optimize import _box_filter, instance_optimize, prealign
+from elastic_hypermorph_bundle.networks.spatial import Affine, affine_ddf, box_mean, compose_affine
+from elastic_hypermorph_bundle.optimize import instance_optimize, prealign
 
 torch.set_num_threads(1)
 
@@ -82,6 +83,29 @@ def test_mind_follows_the_image():
     assert torch.allclose(torch.roll(mind_ssc(image), shifts=3, dims=2)[inner], mind_ssc(shifted)[inner], atol=2e-3)
 
 
+def test_mind_is_the_formula_with_and_without_gradients():
+    """The descriptors (computed a channel at a time, in place when no gradient is needed) equal the module
+    docstring's formula written out on all 12 channels at once with avg_pool3d, to float rounding; with a gradient
+    the same values, and the gradient flows to the image."""
+    image = blobs()[:, :, :16, :16, :16].double()
+    padded = torch.nn.functional.pad(image, (2,) * 6, mode="replicate")
+    at = lambda offset: padded[(slice(None), slice(None), *(slice(2 + 2 * o, 18 + 2 * o) for o in offset))]  # noqa: E731
+    faces = [tuple(sign if axis == a else 0 for a in range(3)) for axis in range(3) for sign in (-1, 1)]  # x-, x+, y-, ..
+    pairs = [(a, b) for a, b in itertools.combinations(faces, 2) if sum((p - q) ** 2 for p, q in zip(a, b)) == 2]
+    squared = torch.cat([(at(a) - at(b)).square() for a, b in pairs], dim=1)
+    distance = torch.nn.functional.avg_pool3d(torch.nn.functional.pad(squared, (1,) * 6, mode="replicate"), 3, stride=1)
+    distance = distance - distance.amin(dim=1, keepdim=True)
+    variance = distance.mean(dim=1, keepdim=True)
+    scale = variance.mean()
+    expected = torch.exp(-distance / variance.clamp(scale * 1e-3 + 1e-12, scale * 1e3))
+    torch.testing.assert_close(mind_ssc(image), expected)
+    leaf = image.clone().requires_grad_(True)
+    with_gradient = mind_ssc(leaf)
+    torch.testing.assert_close(with_gradient.detach(), expected)
+    with_gradient.square().sum().backward()
+    assert leaf.grad is not None and leaf.grad.abs().sum() > 0
+
+
 def test_mind_refuses_bad_input():
     with pytest.raises(ValueError, match="3D single-channel"):
         mind_ssc(torch.zeros(1, 2, 8, 8, 8))
@@ -94,15 +118,19 @@ def test_mind_refuses_bad_input():
 # ---------------------------------------------------------------------------- affine maps
 
 
-def test_box_filter_is_the_replicate_padded_3d_box_mean():
-    """The optimisation's smoothing, 3-voxel means along each axis in turn, is the 3^3 box mean of the field with its
-    edge values repeated; a linear field is kept inside and a constant one everywhere."""
+@pytest.mark.parametrize("radius", [1, 2])
+def test_box_mean_is_the_replicate_padded_3d_box_mean(radius):
+    """The box filter (the optimisation's smoothing, MIND-SSC's patch mean), means along each axis in turn, is the
+    (2 radius + 1)^3 box mean of the field with its edge values repeated; a linear field is kept inside and a
+    constant one everywhere."""
     field = torch.randn(1, 3, 5, 6, 7, dtype=torch.float64)
-    padded = torch.nn.functional.pad(field, (1,) * 6, mode="replicate")
-    torch.testing.assert_close(_box_filter(field), torch.nn.functional.avg_pool3d(padded, 3, stride=1))
-    ramp = torch.arange(5, dtype=torch.float64).view(1, 1, 5, 1, 1).expand(1, 1, 5, 6, 7)
-    torch.testing.assert_close(_box_filter(ramp)[:, :, 1:-1], ramp[:, :, 1:-1])
-    torch.testing.assert_close(_box_filter(torch.full((1, 2, 4, 4, 4), 2.5)), torch.full((1, 2, 4, 4, 4), 2.5))
+    padded = torch.nn.functional.pad(field, (radius,) * 6, mode="replicate")
+    torch.testing.assert_close(box_mean(field, radius), torch.nn.functional.avg_pool3d(padded, 2 * radius + 1, stride=1))
+    ramp = torch.arange(7, dtype=torch.float64).view(1, 1, 7, 1, 1).expand(1, 1, 7, 6, 7)
+    inner = slice(radius, 7 - radius)
+    torch.testing.assert_close(box_mean(ramp, radius)[:, :, inner], ramp[:, :, inner])
+    constant = torch.full((1, 2, 4, 4, 4), 2.5)
+    torch.testing.assert_close(box_mean(constant, radius), constant)
 
 
 def test_coarse_steps_change_the_coarse_levels_only(simulated_pair):

@@ -8,7 +8,7 @@ is unchanged by a global or slowly varying intensity change, such as the lung's 
 For the six face neighbours ``n_1..n_6`` of a voxel, at ``dilation`` voxels, the 12 pairs ``(n_a, n_b)`` that are
 not opposite (at distance ``sqrt(2) * dilation``) give the patch distances::
 
-    D_k(x) = box_r * (I(x + n_a) - I(x + n_b))²        (a box mean over a (2 radius + 1)^3 patch)
+    D_k(x) = box_r * (I(x + n_a) - I(x + n_b))²        (a box mean over a (2 radius + 1)^3 patch, edges repeated)
     MIND_k(x) = exp(-(D_k(x) - min_k D_k(x)) / V(x)),  V(x) = mean_k (D_k(x) - min_k D_k(x))
 
 with ``V`` clipped to ``[1e-3, 1e3]`` times its image mean, so flat regions neither divide by zero nor dominate.
@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from monai.utils import LossReduction
 from torch.nn.modules.loss import _Loss
+
+from ..networks.spatial import box_mean
 
 __all__ = ["mind_ssc", "MINDSSCLoss"]
 
@@ -62,22 +64,26 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
         raise ValueError("mind_ssc: image contains non-finite values (nan or inf).")
     shape = tuple(image.shape[2:])
     padded = F.pad(image, (dilation,) * 6, mode="replicate")
-    differences = torch.cat(
-        [
-            _shift(padded, tuple(dilation * o for o in a), dilation, shape)
-            - _shift(padded, tuple(dilation * o for o in b), dilation, shape)
-            for a, b in _PAIRS
-        ],
-        dim=1,
-    )
-    distance = F.avg_pool3d(
-        F.pad(differences.square(), (radius,) * 6, mode="replicate"), kernel_size=2 * radius + 1, stride=1
-    )
-    distance = distance - distance.amin(dim=1, keepdim=True)
+    # one channel at a time into the result: the 12-channel intermediates of a full-size image (368 MB each) cost
+    # more in memory traffic than the arithmetic (3.7 s against 0.9 s per 192x192x208 image on 2 CPU cores)
+    distance = image.new_empty(image.shape[0], len(_PAIRS), *shape)
+    for channel, (a, b) in enumerate(_PAIRS):
+        difference = (_shift(padded, tuple(dilation * o for o in a), dilation, shape)
+                      - _shift(padded, tuple(dilation * o for o in b), dilation, shape))
+        distance[:, channel : channel + 1] = box_mean(difference.square(), radius)
+    if torch.is_grad_enabled() and image.requires_grad:  # e.g. a training loss: autograd needs the intermediates
+        distance = distance - distance.amin(dim=1, keepdim=True)
+        return torch.exp(-distance / _variance(distance))
+    distance -= distance.amin(dim=1, keepdim=True)  # in place: the same values without three more 368 MB tensors
+    return distance.div_(_variance(distance).neg_()).exp_()
+
+
+def _variance(distance: torch.Tensor) -> torch.Tensor:
+    """``V`` ``(B, 1, *spatial)``: the mean of ``distance`` ``(B, 12, *spatial)`` over its channels, clipped to
+    ``[1e-3, 1e3]`` times its image mean (``+ 1e-12``: a flat image)."""
     variance = distance.mean(dim=1, keepdim=True)
     scale = variance.mean(dim=(1, 2, 3, 4), keepdim=True)
-    variance = torch.maximum(torch.minimum(variance, scale * 1e3), scale * 1e-3 + 1e-12)
-    return torch.exp(-distance / variance)
+    return torch.maximum(torch.minimum(variance, scale * 1e3), scale * 1e-3 + 1e-12)
 
 
 class MINDSSCLoss(_Loss):
