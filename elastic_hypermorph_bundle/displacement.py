@@ -88,14 +88,20 @@ def itk_grid(affine) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float,
     return tuple(origin.tolist()), tuple(spacing.tolist()), tuple(direction.reshape(-1).tolist())
 
 
-def physical_displacement(ddf: torch.Tensor, affine, dtype=torch.float32) -> np.ndarray:
-    """``(3, X, Y, Z)`` voxel DDF -> ``(Z, Y, X, 3)`` displacement in mm, LPS, ``d = F A[:3, :3] u``, in ITK's
-    (and SimpleITK's numpy) index order, computed in one matrix product into a contiguous array."""
+def _lps_millimetres(ddf: torch.Tensor, affine, dtype=torch.float32) -> torch.Tensor:
+    """``(3, X, Y, Z)`` voxel DDF -> ``(3, X, Y, Z)`` displacement in mm, LPS, ``d = F A[:3, :3] u`` (one 3x3 matrix
+    product over the contiguous channels)."""
     if ddf.ndim != 4 or ddf.shape[0] != 3:
         raise ValueError(f"ddf must have shape (3, X, Y, Z) in voxels, got {tuple(ddf.shape)}.")
     affine = np.asarray(torch.as_tensor(affine, dtype=torch.float64).cpu())
     linear = torch.as_tensor(RAS_TO_LPS @ affine[:3, :3], dtype=dtype)
-    return (ddf.detach().to("cpu", dtype).permute(3, 2, 1, 0) @ linear.T).numpy()
+    return (linear @ ddf.detach().to("cpu", dtype).reshape(3, -1)).view(ddf.shape)
+
+
+def physical_displacement(ddf: torch.Tensor, affine, dtype=torch.float32) -> np.ndarray:
+    """``(3, X, Y, Z)`` voxel DDF -> ``(Z, Y, X, 3)`` displacement in mm, LPS, ``d = F A[:3, :3] u``, in ITK's
+    (and SimpleITK's numpy) index order, a contiguous array."""
+    return _lps_millimetres(ddf, affine, dtype).permute(3, 2, 1, 0).contiguous().numpy()
 
 
 def _set_grid(image, affine) -> None:
@@ -137,8 +143,10 @@ def write_displacement_field(path: str | os.PathLike, ddf: torch.Tensor, affine,
     if not path.name.endswith((".nii", ".nii.gz")):
         _sitk().WriteImage(displacement_image(ddf, affine), str(path), True)
         return path
-    vectors = physical_displacement(ddf, affine)  # (Z, Y, X, 3)
-    image = nib.Nifti1Image(vectors.transpose(2, 1, 0, 3)[:, :, :, None, :], np.asarray(affine, dtype=np.float64))
+    # (3, Z, Y, X) contiguous is the file's own order (NIfTI stores x fastest, the vector component slowest): its
+    # transpose is the (X, Y, Z, 1, 3) array in Fortran order, which nibabel writes without another copy
+    vectors = _lps_millimetres(ddf, affine).permute(0, 3, 2, 1).contiguous().numpy().T
+    image = nib.Nifti1Image(vectors[:, :, :, None, :], np.asarray(affine, dtype=np.float64))
     image.header.set_intent("vector")
     if path.name.endswith(".nii"):
         nib.save(image, str(path))

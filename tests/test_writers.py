@@ -3,6 +3,7 @@ moving file as the bundle does; the other layouts on request; warped images in t
 
 from __future__ import annotations
 
+import gzip
 import math
 
 import nibabel as nib
@@ -105,11 +106,24 @@ def test_the_other_layouts_on_request(tmp_path, pair):
     assert det.shape == SHAPE
 
 
+def test_fields_are_stored_and_images_compressed_by_default_one_level_for_all_on_request(tmp_path, pair):
+    """Without a level the transform (float32 vectors, which deflate little) is a stored gzip stream, at least the
+    size of its data, while the mask is deflated; ``compression_level`` sets every file's level."""
+    def sizes(root):
+        files = {name: root / "0001_0001" / f"{name}.nii.gz" for name in ("transform", "warped_mask")}
+        return {name: (path.stat().st_size, len(gzip.decompress(path.read_bytes()))) for name, path in files.items()}
+
+    default = sizes(_write(tmp_path / "default", pair, preview=False).root)
+    level_1 = sizes(_write(tmp_path / "level_1", pair, preview=False, compression_level=1).root)
+    assert default["transform"][0] >= default["transform"][1] > level_1["transform"][0]
+    assert default["warped_mask"][0] < default["warped_mask"][1] / 2 and level_1["warped_mask"] == default["warped_mask"]
+
+
 def test_bad_options_are_refused(tmp_path):
     files = OutputFiles(tmp_path / "out")
     with pytest.raises(ValueError, match="submission_dtype must be one of"):
         InferenceWriter(files, submission_dtype="float16")
-    with pytest.raises(ValueError, match="compression_level must be an integer from 0 to 9, got 11"):
+    with pytest.raises(ValueError, match="compression_level must be an integer from 0 to 9 \\(or null\\), got 11"):
         InferenceWriter(files, compression_level=11)
     with pytest.raises(ValueError, match="write_jacobian must be true or false"):
         InferenceWriter(files, jacobian="maybe")
