@@ -400,8 +400,9 @@ def start_objective(
 ) -> torch.Tensor:
     """``(B,)`` the objective :func:`instance_optimize` minimises (similarity + elastic energy at ``(lam, mu)``), at
     its first (coarsest) level, for the start field ``init_ddf`` (``None``: the identity), with the same arguments
-    (``features`` too: :func:`similarity_features`): what the optimisation would start from, so two starts can be
-    compared on its own terms."""
+    (``features`` too: :func:`similarity_features`, on the image grid or already resized to that level, which
+    several starts can then share): what the optimisation would start from, so two starts can be compared on its
+    own terms."""
     _check_images(fixed, moving)
     row = get_similarity(similarity)
     spacing = _check_spacing(spacing, "spacing")
