@@ -998,5 +998,30 @@ def _speed_candidates(measured: dict) -> list[str]:
         lines.append("")
     if measured.get("summary"):
         lines += [measured["summary"], ""]
+    cuts = measured.get("outputs")
+    if cuts:
+        result = cuts["result"]
+        lines += [
+            "Cuts outside the optimisation's levels, each against the code before it (`git archive` of "
+            f"{result.get('before_commit', 'the earlier commit')}), interleaved in one process (`python -m "
+            f"bench.output_cuts`, {result['rounds']} rounds, order reversed every other round, median seconds) on the "
+            f"pair `{result['pair']}` of section 7's dataset ({_size(result['shape'])} voxels), {cuts['date_utc']}, "
+            f"{result['threads']} torch threads in the benchmark's cpu cgroup on {result['cpus']} shared cores (load "
+            f"average {result['load_before']:.1f} before, {result['load_after']:.1f} after).",
+            "",
+            "| cut | before, s | after, s | ratio | values |",
+            "|---|---|---|---|---|",
+        ]
+        for name, row in result["rows"].items():
+            if "max_abs_difference" in row:
+                same = ("bit-identical" if row["max_abs_difference"] == 0
+                        else f"max abs difference {row['max_abs_difference']:.1e}")
+            elif "same_file" in row:
+                same = "the same file, byte for byte" if row["same_file"] else "another file"
+            else:
+                same = f"{row['mb']['before']:.1f} -> {row['mb']['after']:.1f} MB, the same field"
+            lines.append(f"| {name} | {row['before']:.2f} | {row['after']:.2f} | {row['after'] / row['before']:.2f} "
+                         f"| {same} |")
+        lines += [""] + _paragraphs(cuts.get("notes"))
     return lines
 

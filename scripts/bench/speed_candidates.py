@@ -191,12 +191,13 @@ def pipeline(paths: list[str]) -> list[dict]:
     return rows
 
 
-def record(key: str, value, json_path: Path = ROOT / "docs" / "benchmarks.json") -> None:
-    """Store ``value`` as ``speed_candidates[key]`` (with the date and command) in ``benchmarks.json``."""
+def record(key: str, value, json_path: Path = ROOT / "docs" / "benchmarks.json", module: str = "speed_candidates") -> None:
+    """Store ``value`` as ``speed_candidates[key]`` (with the date and the command of ``bench.<module>``) in
+    ``benchmarks.json``."""
     results = json.loads(json_path.read_text())
     results.setdefault("speed_candidates", {})[key] = {
         "date_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "command": "python -m bench.speed_candidates " + " ".join(sys.argv[1:]), "cpus": len(os.sched_getaffinity(0)),
+        "command": f"python -m bench.{module} " + " ".join(sys.argv[1:]), "cpus": len(os.sched_getaffinity(0)),
         "torch_threads": torch.get_num_threads(), "result": value,
     }
     partial = json_path.with_name(json_path.name + ".partial")
