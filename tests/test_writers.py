@@ -106,6 +106,22 @@ def test_the_other_layouts_on_request(tmp_path, pair):
     assert det.shape == SHAPE
 
 
+def test_the_mask_is_warped_once_where_its_file_holds_the_loaded_voxels(tmp_path, pair):
+    """The registration step's warp of the loaded mask is written as it is when the file on the fixed grid holds the
+    voxels that were loaded (a stand-in result shows it was taken); a file whose voxels differ from the loaded ones
+    is warped from the file."""
+    stand_in = torch.zeros_like(pair["warped_mask"])
+    stand_in[0, :4] = 1
+    taken = _array(_write(tmp_path / "taken", {**pair, "warped_mask": stand_in}, preview=False).root
+                   / "0001_0001" / "warped_mask.nii.gz")
+    assert np.array_equal(taken, stand_in[0].numpy().astype(np.uint8))
+    other = pair["moving_mask"].clone()
+    other[0, 0, 0, 0] = 1 - other[0, 0, 0, 0]
+    warped = _array(_write(tmp_path / "file", {**pair, "moving_mask": other, "warped_mask": stand_in}, preview=False).root
+                    / "0001_0001" / "warped_mask.nii.gz")
+    assert np.array_equal(warped, pair["warped_mask"][0].numpy().astype(np.uint8))
+
+
 def test_fields_are_stored_and_images_compressed_by_default_one_level_for_all_on_request(tmp_path, pair):
     """Without a level the transform (float32 vectors, which deflate little) is a stored gzip stream, at least the
     size of its data, while the mask is deflated; ``compression_level`` sets every file's level."""
