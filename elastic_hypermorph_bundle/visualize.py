@@ -226,5 +226,7 @@ def save_pair_png(path: str | os.PathLike, *args, dpi: int = 100, **kwargs) -> P
     """Render :func:`plot_pair` (same arguments) to a PNG file (parent folders created); return its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    plot_pair(*args, **kwargs).savefig(path, dpi=dpi, format="png", metadata={"Software": None})
+    # zlib level 1 (Pillow's default is 6): a full-size pair's figure encodes in 0.6 instead of 0.84 s, 12 % larger
+    plot_pair(*args, **kwargs).savefig(path, dpi=dpi, format="png", metadata={"Software": None},
+                                       pil_kwargs={"compress_level": 1})
     return path

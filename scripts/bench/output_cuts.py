@@ -98,7 +98,11 @@ def run(before_dir: str, pair_dir: str, rounds: int = 3) -> dict:
         if isinstance(outputs[0], torch.Tensor):
             row["max_abs_difference"] = float((outputs[0].float() - outputs[1].float()).abs().max())
         elif name.startswith("preview"):
-            row["same_file"] = (folder / "before.png").read_bytes() == (folder / "after.png").read_bytes()
+            from PIL import Image
+
+            pictures = [np.asarray(Image.open(folder / f"{which}.png")) for which in ("before", "after")]
+            row["same_pixels"] = bool(pictures[0].shape == pictures[1].shape and (pictures[0] == pictures[1]).all())
+            row["mb"] = {which: (folder / f"{which}.png").stat().st_size / 1e6 for which in ("before", "after")}
         else:
             row["mb"] = {"before": (folder / "level1.nii.gz").stat().st_size / 1e6,
                          "after": (folder / "level0.nii.gz").stat().st_size / 1e6}

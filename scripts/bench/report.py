@@ -1018,6 +1018,9 @@ def _speed_candidates(measured: dict) -> list[str]:
                         else f"max abs difference {row['max_abs_difference']:.1e}")
             elif "same_file" in row:
                 same = "the same file, byte for byte" if row["same_file"] else "another file"
+            elif "same_pixels" in row:
+                same = (f"{row['mb']['before']:.2f} -> {row['mb']['after']:.2f} MB, "
+                        + ("the same picture, pixel for pixel" if row["same_pixels"] else "another picture"))
             else:
                 same = f"{row['mb']['before']:.1f} -> {row['mb']['after']:.1f} MB, the same field"
             lines.append(f"| {name} | {row['before']:.2f} | {row['after']:.2f} | {row['after'] / row['before']:.2f} "
