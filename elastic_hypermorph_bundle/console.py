@@ -55,11 +55,12 @@ USER_IDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("lam_range", "mu_range", "alpha_range", "hyper_sampling"),
      "trained ranges and how training samples them (`uniform`, `log_uniform`, `endpoints`)",
      "[0,1], [0,1], [0,1], `uniform`"),
-    (("amortised_targets", "amortised_weight", "amortised_fraction"),
+    (("amortised_targets", "amortised_weight", "amortised_fraction", "amortised_mask"),
      "amortised optimisation (training): a cache of the instance optimisation's fields of the training pairs at a "
      "few (λ, μ) (`scripts/amortised_targets.py`); on this fraction of the batches a cached (λ, μ) is trained with "
      "the weight times the mean squared difference (voxels²) of the network's field to the cached one added to the "
-     "loss; none: off", "none, 1, 0.5"),
+     "loss, over the whole grid or, with the mask on, over the fixed lung mask (the dataset's masks); none: off",
+     "none, 1, 0.5, false"),
     (("lam", "mu", "alpha"), "the hyperparameters used by validation, inference, evaluation", "0.083, 0.03, 0.05"),
     (("allow_extrapolation",), "accept (λ, μ) outside the trained range (with a warning)", "false"),
     (("registration_grid",),

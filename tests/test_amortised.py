@@ -20,7 +20,7 @@ from elastic_hypermorph_bundle.losses.amortised import AmortisedTargets, amortis
 from elastic_hypermorph_bundle.networks import HyperUNet
 from elastic_hypermorph_bundle.optimize import instance_optimize
 from elastic_hypermorph_bundle.simulation.dataset import make_synthetic_dataset
-from elastic_hypermorph_bundle.workflow.amortised import build_targets, default_grid
+from elastic_hypermorph_bundle.workflow.amortised import build_targets, default_grid, training_keys
 from elastic_hypermorph_bundle.workflow.datalists import pair_datalist
 from elastic_hypermorph_bundle.workflow.train_step import TrainStep, loss_terms
 
@@ -29,6 +29,12 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*Using PyTorch native grid_samp
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_NET = dict(encoder_features=(4,), decoder_features=(4, 4), hyper_hidden=8, hyper_layers=2)
 GRID = [[0.0, 0.0], [1.0, 1.0]]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    """Three simulated pairs at 16^3 (with lung masks), shared by the tests that read a dataset."""
+    return make_synthetic_dataset(tmp_path_factory.mktemp("amortised") / "data", num_pairs=3, spatial_size=(16, 16, 16), seed=0)
 
 
 def _cache(path: Path, pairs=("p0", "p1"), size: int = 16) -> Path:
@@ -44,6 +50,39 @@ def test_the_error_is_zero_at_the_target_and_the_mean_squared_difference_in_voxe
     assert torch.allclose(amortised_error(target + offset, target), torch.full((2,), 3.0))
     with pytest.raises(ValueError, match="another grid"):
         amortised_error(target, target[..., :4])
+
+
+def test_the_masked_error_is_the_mean_over_the_mask():
+    generator = torch.Generator().manual_seed(2)
+    ddf, target = torch.randn(2, 3, 6, 6, 6, generator=generator), torch.randn(2, 3, 6, 6, 6, generator=generator)
+    # a mask of ones is the unmasked error
+    assert torch.allclose(amortised_error(ddf, target, torch.ones(2, 1, 6, 6, 6)), amortised_error(ddf, target))
+    # fields that differ only outside the mask: 0
+    mask = torch.zeros(2, 1, 6, 6, 6)
+    mask[:, :, 1:4, 2:5, :3] = 1
+    outside = target + torch.randn(2, 3, 6, 6, 6, generator=generator) * (1 - mask)
+    assert torch.equal(amortised_error(outside, target, mask), torch.zeros(2))
+    # a shift (1, 2, 2) voxels inside the mask and anything outside it: (1 + 4 + 4) / 3 voxels² per sample
+    offset = torch.tensor([1.0, 2.0, 2.0]).view(1, 3, 1, 1, 1)
+    assert torch.allclose(amortised_error(outside + offset * mask, target, mask), torch.full((2,), 3.0))
+    with pytest.raises(ValueError, match="does not fit"):
+        amortised_error(ddf, target, mask[..., :3])
+    mask[1] = 0
+    with pytest.raises(ValueError, match=r"sample\(s\) \[1\] is empty"):
+        amortised_error(ddf, target, mask)
+
+
+def test_a_masked_term_refuses_a_batch_without_a_mask_and_needs_the_fixed_mask_loaded(tmp_path):
+    path = _cache(tmp_path / "targets.npz")
+    masked = AmortisedTargets(path, mask="true")
+    ddf, target = torch.zeros(1, 3, 4, 4, 4), torch.ones(1, 3, 4, 4, 4)
+    with pytest.raises(ValueError, match="no 'fixed_mask'"):
+        masked(ddf, target)
+    assert float(masked(ddf, target, torch.ones(1, 1, 4, 4, 4))) == pytest.approx(1.0)
+    assert training_keys(masked) == ["fixed_image", "moving_image", "fixed_mask"]
+    assert training_keys(AmortisedTargets(path)) == training_keys(None) == ["fixed_image", "moving_image"]
+    with pytest.raises(ValueError, match="--amortised_mask"):
+        amortised_targets(None, mask="maybe")
 
 
 def test_the_cache_is_checked_and_off_by_default(tmp_path):
@@ -111,10 +150,46 @@ def test_train_config_wires_the_term(tmp_path):
     parser.parse()
     step = parser.get_parsed_content("train#iteration_update")
     assert (step.amortised.path, step.amortised.weight, step.amortised.fraction) == (str(path), 0.3, 0.25)
+    assert not step.amortised.masked and parser.get_parsed_content("train#datalist#keys") == ["fixed_image", "moving_image"]
 
 
-def test_the_targets_are_the_instance_optimisation_of_each_training_pair_on_the_network_grid(tmp_path):
-    data = make_synthetic_dataset(tmp_path / "data", num_pairs=3, spatial_size=(16, 16, 16), seed=0)
+def test_the_masked_term_trains_on_the_datasets_fixed_mask_and_refuses_a_batch_without_one(tmp_path, dataset):
+    """train.json with --amortised_mask true loads the fixed (lung) mask into the batches, and the term is the
+    error over it; a batch without its mask (a dataset without masks) stops training, naming the option."""
+    data = dataset
+    pair = pair_datalist(data, "train")[0]
+    fields = torch.randn(1, 1, 3, 16, 16, 16, generator=torch.Generator().manual_seed(3))
+    np.savez(tmp_path / "targets.npz", pair_ids=np.array([pair["pair_id"]]), hyper=np.array([[0.5, 0.5]], np.float32),
+             fields=fields.numpy())
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "configs" / "train.json"))
+    parser.update({"dataset_dir": str(data), "spatial_size": [16, 16, 16], "amortised_targets": str(tmp_path / "targets.npz"),
+                   "amortised_fraction": 1.0, "amortised_mask": "true", "num_workers": 0, "train#datalist#split": "all"})
+    parser.parse()
+    datalist = [p for p in parser.get_parsed_content("train#datalist") if p["pair_id"] == pair["pair_id"]]
+    assert set(datalist[0]) == {"pair_id", "fixed_image", "moving_image", "fixed_mask"}
+    loaded = parser.get_parsed_content("train#preprocessing")(datalist[0])
+    batch = {key: loaded[key][None] for key in ("fixed_image", "moving_image", "fixed_mask")} | {"pair_id": [pair["pair_id"]]}
+    assert 0 < float(batch["fixed_mask"].sum()) < batch["fixed_mask"].numel()
+    step = parser.get_parsed_content("train#iteration_update")
+    torch.manual_seed(0)
+    network = HyperUNet(spatial_dims=3, hyper_dims=2, **SMALL_NET)
+    outputs = []
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=[batch, {k: v for k, v in batch.items() if k != "fixed_mask"}],
+        network=network, optimizer=torch.optim.SGD(network.parameters(), lr=0.0),
+        loss_function=RegistrationLoss(kernel_size=3), iteration_update=step, decollate=False)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: outputs.append(dict(engine.state.output)))
+    with pytest.raises(ValueError, match="no 'fixed_mask'"):
+        trainer.run()
+    (masked,) = outputs  # the first batch trained, the one without its mask was refused
+    expected = amortised_error(masked["pred"].detach(), fields[:, 0], batch["fixed_mask"].as_tensor())
+    assert float(masked["amortised"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(masked["amortised"]) != pytest.approx(float(amortised_error(masked["pred"].detach(), fields[:, 0])), rel=1e-3)
+
+
+def test_the_targets_are_the_instance_optimisation_of_each_training_pair_on_the_network_grid(tmp_path, dataset):
+    data = dataset
     grid = [(0.0, 0.0), (0.5, 0.25)]
     path = build_targets(data, tmp_path / "targets.npz", spatial_size=[16, 16, 16], grid=grid, max_pairs=1, steps=2,
                          dtype="float32")

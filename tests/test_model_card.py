@@ -164,7 +164,7 @@ def test_every_id_of_the_readme_table_is_defined_by_the_configs_it_names():
     defined = {name: config_ids(ConfigParser.load_config_files(str(ROOT / "configs" / f"{name}.json")))
                for name in ("train", "inference", "apply")}
     training_only = {"epochs", "val_interval", "batch_size", "learning_rate", "resume", "hyper_sampling", "similarity",
-                     "amortised_targets", "amortised_weight", "amortised_fraction"}
+                     "amortised_targets", "amortised_weight", "amortised_fraction", "amortised_mask"}
     assert len(documented) > 25
     missing = {name for name in documented if name not in defined["train"] | defined["inference"] | defined["apply"]}
     assert not missing, missing

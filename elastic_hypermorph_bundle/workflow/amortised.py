@@ -22,10 +22,11 @@ import torch
 from ..atomic import atomic_write
 from ..data.transforms import registration_transforms
 from ..forward import plain
+from ..losses.amortised import AmortisedTargets
 from ..optimize import instance_optimize, similarity_features
 from .datalists import pair_datalist
 
-__all__ = ["DEFAULT_POINTS", "default_grid", "build_targets"]
+__all__ = ["DEFAULT_POINTS", "default_grid", "build_targets", "training_keys"]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
 
@@ -37,6 +38,13 @@ DEFAULT_POINTS = (0.05, 0.2236, 1.0)
 def default_grid(points: Sequence[float] = DEFAULT_POINTS) -> list[tuple[float, float]]:
     """``(0, 0)`` and every ``(lam, mu)`` of ``points`` x ``points``."""
     return [(0.0, 0.0), *itertools.product((float(p) for p in points), repeat=2)]
+
+
+def training_keys(amortised: AmortisedTargets | None = None) -> list[str]:
+    """The pair keys training loads (``train#datalist#keys`` of ``configs/train.json``): the two images, and the
+    fixed mask when amortised optimisation's term is masked (other keys stay out, so that masks are neither loaded
+    nor cached when nothing reads them)."""
+    return ["fixed_image", "moving_image", *(() if amortised is None else amortised.batch_keys)]
 
 
 def build_targets(

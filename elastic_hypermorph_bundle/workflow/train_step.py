@@ -42,7 +42,8 @@ class TrainStep:
     With ``amortised`` (amortised optimisation, :mod:`~elastic_hypermorph_bundle.losses.amortised`), a batch whose
     pairs all have cached targets is, with the cache's probability, trained at one of its grid points (drawn per
     sample, replacing step 1's rows) with the term ``amortised(ddf, targets)`` added to the loss (and logged as
-    ``"amortised"``).
+    ``"amortised"``); a masked term averages over the batch's ``"fixed_mask"`` ``(B, 1, *spatial)`` and refuses a
+    batch without one.
 
     Returns (and stores in ``engine.state.output``): ``"image"`` (network input), ``"pred"`` (DDF), ``"hyper"``, and
     the scalars ``"loss"``, ``"similarity"`` (LNCC, unweighted) and ``"regularization"`` (weighted).
@@ -105,7 +106,10 @@ class TrainStep:
         ddf = terms.pop("pred")
         terms.pop("warped")
         if drawn is not None:
-            terms["amortised"] = self.amortised(ddf.float(), targets)
+            mask = batchdata.get("fixed_mask") if self.amortised.masked else None
+            if mask is not None:
+                mask = convert_to_tensor(mask, track_meta=False).to(device, non_blocking=engine.non_blocking)
+            terms["amortised"] = self.amortised(ddf.float(), targets, mask)
             terms["loss"] = terms["loss"] + terms["amortised"]
         engine.state.output.update(terms)
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
