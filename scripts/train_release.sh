@@ -33,8 +33,8 @@
 #   SPLIT_FILE (none: the seeded split; else a split.json to train, validate and test on, e.g. a smaller train split)
 #   AMORTISED_PAIRS (0: off; N: build the amortised optimisation's targets of the first N training pairs into
 #     $WORK/targets.npz, scripts/amortised_targets.py at its default 10 (lam, mu), about 3 s per pair and point)
-#     AMORTISED_TARGETS (a cache built before, instead)  AMORTISED_WEIGHT (1)  AMORTISED_FRACTION (0.5): the
-#     --amortised_* ids of configs/train.json
+#     AMORTISED_TARGETS (a cache built before, instead)  AMORTISED_WEIGHT (1)  AMORTISED_FRACTION (0.5)
+#     AMORTISED_MASK (false; true: the error over the fixed lung mask): the --amortised_* ids of configs/train.json
 # The grid: images of 48 x 48 x 52 voxels of 7 x 5 x 7 mm (the Learn2Reg lung field of view), padded to 48 x 48 x 64
 # for the network (multiples of 16); inference resamples any input to that grid (the card's pixdim).
 set -euo pipefail
@@ -60,6 +60,7 @@ AMORTISED_PAIRS=${AMORTISED_PAIRS:-0}
 AMORTISED_TARGETS=${AMORTISED_TARGETS:-}
 AMORTISED_WEIGHT=${AMORTISED_WEIGHT:-1.0}
 AMORTISED_FRACTION=${AMORTISED_FRACTION:-0.5}
+AMORTISED_MASK=${AMORTISED_MASK:-false}
 INIT=${INIT:-0.4.0}
 if [ "$INIT" = none ]; then INIT=""; fi
 INIT_COMMIT=f7cc9a0  # the commit of release 0.4.0
@@ -131,7 +132,7 @@ fi
 amortised=()
 if [ -n "$AMORTISED_TARGETS" ]; then
     amortised=(--amortised_targets "$AMORTISED_TARGETS" --amortised_weight "$AMORTISED_WEIGHT"
-               --amortised_fraction "$AMORTISED_FRACTION")
+               --amortised_fraction "$AMORTISED_FRACTION" --amortised_mask "$AMORTISED_MASK")
 fi
 init=()
 if [ -n "$INIT" ]; then  # the network of INIT's card with its weights, in training mode
