@@ -395,3 +395,24 @@ def test_response_size_sets_section_9_grid_and_refuses_other_shapes():
     for bad in ([48, 48], [48, 0, 54], [48.5, 48, 54], 48):
         with pytest.raises(ValueError, match="--response_size must be three positive whole numbers"):
             benchmark.settings_for(False, False, bad)
+
+
+def test_defaults_screen_rule_takes_the_most_accurate_candidate_that_costs_no_pair_and_no_time():
+    from bench.defaults_screen import decide
+
+    def row(candidate, case, tre, seconds=10.0, folding=0.1):
+        return {"candidate": candidate, "case": case, "tre_mm": tre, "folding_percent": folding,
+                "sd_log_jacobian": 0.5, "prepare_s": 0.0, "register_s": seconds}
+
+    rows = [row("defaults", "a", 1.0), row("defaults", "b", 2.0),
+            row("better", "a", 0.9), row("better", "b", 2.05),  # mean lower, pair b 2.5 % worse: passes
+            row("best_mean", "a", 0.5), row("best_mean", "b", 2.2),  # pair b 10 % worse: fails
+            row("slow", "a", 0.8), row("slow", "b", 1.9, seconds=12.0),  # 10 % slower on average: fails
+            row("folds", "a", 0.8, folding=0.5), row("folds", "b", 1.9),  # folds more: fails
+            row("partial", "a", 0.1)]  # not measured on every pair: not judged
+    decision = decide(rows)
+    assert decision["winner"] == "better"
+    assert {name for name, entry in decision["candidates"].items() if entry["passes"]} == {"better"}
+    assert "partial" not in decision["candidates"]
+    assert decision["candidates"]["best_mean"]["worst_pair_ratio"] == pytest.approx(1.1)
+    assert decide([r for r in rows if r["candidate"] in ("defaults", "best_mean")])["winner"] is None
