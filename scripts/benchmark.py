@@ -133,9 +133,12 @@ def real_anatomy_settings(spatial_size, breath_hold_seed=1101, cts=REAL_CTS, fol
     folder = Path(real_ct_dir) if real_ct_dir else next(
         (p / "shared" / "data" / "real_ct" for p in root.parents if (p / "shared" / "data" / "real_ct").is_dir()),
         root.parent / "shared" / "data" / "real_ct")
-    base = accuracy_settings(spatial_size, **{"elastix_iterations": 150, "optimize_steps": (25,),
-                                              "network_optimize_steps": (25,), "method_timeout_s": 1800.0,
-                                              **overrides})
+    schedule = inference_schedule()  # the bundle's rows run its inference schedule, whatever it is
+    base = accuracy_settings(spatial_size, **{"elastix_iterations": 150, "optimize_steps": (schedule["steps"],),
+                                              "network_optimize_steps": (schedule["steps"],),
+                                              "method_timeout_s": 1800.0, **overrides})
+    if schedule["coarse_steps"] is not None and not {"optimize_kwargs", "network_optimize_steps"} & set(overrides):
+        base["optimize_kwargs"] = {"coarse_steps": schedule["coarse_steps"]}
     for unused in ("seeds", "simulation"):  # the pairs are the cases below
         base.pop(unused)
     cases = [["breath_hold", name, breath_hold_seed] for name in cts] + [["followup", name, int(seed)]
@@ -227,6 +230,20 @@ def run_response(options: dict, model_dir: str, pair_cache: str, log) -> dict:
     return response.run(options, str(Path(model_dir) / "model.pt"), pairs, log)
 
 
+def inference_schedule() -> dict:
+    """The instance optimisation's steps of ``configs/inference.json``: ``steps`` (the finest level's, or every
+    level's) and ``coarse_steps`` (the other levels', None: ``steps``)."""
+    config = json.loads((Path(__file__).resolve().parents[1] / "configs" / "inference.json").read_text())
+    return {"steps": int(config["instance_steps"]), "coarse_steps": config.get("instance_coarse_steps")}
+
+
+def schedule_name(steps: int, coarse_steps: int | None = None, levels: int = 3) -> str:
+    """Steps per level, coarse to fine: ``"25 steps"`` when every level runs ``steps``, else e.g. ``"50/50/15 steps"``."""
+    if coarse_steps is None or int(coarse_steps) == int(steps):
+        return f"{steps} steps"
+    return "/".join([str(int(coarse_steps))] * (levels - 1) + [str(int(steps))]) + " steps"
+
+
 def inference_defaults() -> dict:
     """The bundle's inference defaults (``configs/inference.json``): the (lam, mu) a user gets without choosing."""
     config = json.loads((Path(__file__).resolve().parents[1] / "configs" / "inference.json").read_text())
@@ -266,15 +283,16 @@ def real_anatomy_methods(options: dict, model_path: str, group: str) -> list[dic
     lam_mu = {"lam": options["lam"], "mu": options["mu"]}
     optimize = {**lam_mu, "use_mask": options["use_mask"], "prealign": options["prealign"],
                 "optimize_kwargs": options["optimize_kwargs"], "steps": steps}
+    steps = schedule_name(steps, options["optimize_kwargs"].get("coarse_steps"))
     forced = {**optimize, "optimize_kwargs": {**options["optimize_kwargs"], "select_start": False}}
     return [
         {"row": "identity", "name": "identity (no registration)", "kind": "identity"},
         {"row": "network", "name": "bundle: network alone", "kind": "network", "options": {**lam_mu, "model": model_path}},
-        {"row": "defaults", "name": f"bundle: defaults (start selected, {steps} steps)", "kind": "optimize",
+        {"row": "defaults", "name": f"bundle: defaults (start selected, {steps})", "kind": "optimize",
          "options": {**optimize, "init": "network", "model": model_path}},
-        {"row": "from_identity", "name": f"bundle: optimisation from identity, {steps} steps", "kind": "optimize",
+        {"row": "from_identity", "name": f"bundle: optimisation from identity, {steps}", "kind": "optimize",
          "options": {**optimize, "init": "identity"}},
-        {"row": "network_forced", "name": f"bundle: network start forced, {steps} steps", "kind": "optimize",
+        {"row": "network_forced", "name": f"bundle: network start forced, {steps}", "kind": "optimize",
          "options": {**forced, "init": "network", "model": model_path}},
         {"row": "convex_adam", "name": "ConvexAdam (MIND-SSC, convex + Adam)", "kind": "convex_adam",
          "options": {"convex_adam_kwargs": options["convex_adam"]}},

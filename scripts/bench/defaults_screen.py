@@ -161,6 +161,13 @@ def table(rows: list[dict]) -> list[str]:
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {entry['tre_mm']:.3f} | "
                      f"{entry['folding_percent']:.3f} | {entry['sd_log_jacobian']:.2f} | {entry['seconds']:.1f} | "
                      f"{entry['worst_pair_ratio']:.2f} | {'yes' if entry['passes'] else 'no'} |")
+    for name in dict.fromkeys(r["candidate"] for r in rows):  # stopped before every pair: shown, not judged
+        if name not in decision["candidates"]:
+            cells = [f"{cell[(name, c)]['tre_mm']:.2f} ({cell[(name, c)]['folding_percent']:.2f} %, "
+                     f"{cell[(name, c)]['sd_log_jacobian']:.2f}, "
+                     f"{cell[(name, c)]['prepare_s'] + cell[(name, c)]['register_s']:.0f} s)"
+                     if (name, c) in cell else "-" for c in cases]
+            lines.append(f"| {name} | " + " | ".join(cells) + " | - | - | - | - | - | not on every pair |")
     return lines
 
 

@@ -12,6 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bench import defaults_screen
+from elastic_hypermorph_bundle.optimize import AUTO_PREALIGN_MARGIN
+
 SECTIONS = (
     "1. Hyper-conditioning cost",
     "2. Regularizer cost",
@@ -472,10 +475,14 @@ def _section5_real(result: dict | None, runs: list[dict] = ()) -> list[str]:
     lines += [f"Each pair registered by every method, one pair and one method at a time in a fresh process "
               f"({_size(setup['spatial_size'])} voxels). Peers as above, elastix with {setup['elastix_iterations']} "
               f"iterations per level (an affine stage first for the follow-ups); the bundle at lam = {setup['lam']}, "
-              f"mu = {setup['mu']}, pre-alignment `{setup.get('prealign')}`, {setup['network_optimize_steps'][0]} "
-              f"steps per level, model `{Path(setup['model']).name}` (sha1 {setup.get('model_sha')}, trained at "
+              f"mu = {setup['mu']}, pre-alignment `{setup.get('prealign')}`, "
+              + (f"{setup['optimize_kwargs']['coarse_steps']} steps on each coarse level and "
+                 f"{setup['network_optimize_steps'][0]} on the finest"
+                 if (setup.get('optimize_kwargs') or {}).get('coarse_steps') is not None
+                 else f"{setup['network_optimize_steps'][0]} steps per level")
+              + f", model `{Path(setup['model']).name}` (sha1 {setup.get('model_sha')}, trained at "
               f"{_size(card.get('spatial_size') or ['?'])}). **defaults** = the bundle with no flags (`prealign auto` "
-              "proposes a rigid map when it lowers the coarse similarity by 25 %, kept only when the optimisation's "
+              f"proposes a rigid map when it lowers the coarse similarity by {100 * AUTO_PREALIGN_MARGIN:.0f} %, kept only when the optimisation's "
               "start objective on its finest grid, from the better of the network's start and the identity, is "
               "lower with it than without it; the network's start taken when its objective is lower than the "
               "identity's); **network "
@@ -996,6 +1003,27 @@ def _speed_candidates(measured: dict) -> list[str]:
                 tres.append("/".join(sorted({f"{row['tre_mm']:.4f}" for row in rows})))
             lines.append(f"| {ct} | " + " | ".join(cells) + " | " + " | ".join(tres) + " |")
         lines.append("")
+    screened = measured.get("defaults")
+    if screened:
+        result = screened["result"]
+        rows = result["rows"]
+        lines += [
+            "The pipeline's defaults screened on the 6 real-anatomy pairs of section 5b (`python -m "
+            "bench.defaults_screen`, the bundle's whole register path: pre-alignment `auto`, the start's choice, "
+            f"the optimisation, each candidate's overrides; {screened['date_utc']}, one process, the candidates "
+            f"interleaved, order reversed every other pair, on 2 shared cores at load average "
+            f"{min(r['load_before'] for r in rows):.1f}-{max(r['load_after'] for r in rows):.1f}: the seconds "
+            "(pre-alignment and MIND-SSC, shared by candidates that agree on them, plus the start's choice and "
+            "the optimisation) mean little). Per pair: keypoint TRE mm (% det J <= 0, SDlogJ, seconds). The rule, "
+            "stated before the screen ran: a candidate replaces the defaults when its mean keypoint TRE is lower, "
+            "no pair is more than 5 % worse than with the defaults, its mean % det J <= 0 is not higher and its "
+            "mean seconds at most 5 % higher; among several, the lowest mean TRE.",
+            "",
+            *defaults_screen.table(rows),
+            "",
+            f"Decision by the rule: {result['decision']['winner'] or 'no candidate passes; the defaults stay'}.",
+            "",
+        ]
     if measured.get("summary"):
         lines += [measured["summary"], ""]
     cuts = measured.get("outputs")
