@@ -1023,7 +1023,7 @@ def _speed_candidates(measured: dict) -> list[str]:
             "",
             f"Decision by the rule: {result['decision']['winner'] or 'no candidate passes; the defaults stay'}.",
             "",
-        ]
+        ] + _paragraphs(result.get("notes"))
     if measured.get("summary"):
         lines += [measured["summary"], ""]
     cuts = measured.get("outputs")
