@@ -27,6 +27,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 from bench import accuracy, capacity, cost, report, response, stages  # noqa: E402
 from bench.timing import machine_description  # noqa: E402
 from elastic_hypermorph_bundle.networks.hyper import DEFAULT_HYPER_RANK  # noqa: E402
+from elastic_hypermorph_bundle.optimize import AUTO_PREALIGN_MARGIN  # noqa: E402
 
 FULL_SIZE = [192, 192, 208]  # Learn2Reg LungCT grid
 BREATH_HOLD = {"max_displacement_range": [20.0, 30.0]}  # simulate_pair settings: breath-hold inhale/exhale motion
@@ -362,7 +363,8 @@ def run_real_anatomy(options: dict, model_dir: str, pair_cache: str, log, kinds=
 
     plan = real_anatomy_plan(options, str(model_path))
     earlier_rows = {row["key"]: row for row in (earlier or {}).get("rows", []) if "key" in row}
-    result = {"setup": {**options, "model": str(model_path), "model_sha": model_sha, "model_card": card},
+    result = {"setup": {**options, "model": str(model_path), "model_sha": model_sha, "model_card": card,
+                        "prealign_margin": AUTO_PREALIGN_MARGIN},  # what `prealign auto` used
               "cases": {}, "rows": []}
     if (earlier or {}).get("notes"):  # hand-written notes on the pairs (report._paragraphs) outlive a re-measurement
         result["notes"] = earlier["notes"]

@@ -482,7 +482,8 @@ def _section5_real(result: dict | None, runs: list[dict] = ()) -> list[str]:
                  else f"{setup['network_optimize_steps'][0]} steps per level")
               + f", model `{Path(setup['model']).name}` (sha1 {setup.get('model_sha')}, trained at "
               f"{_size(card.get('spatial_size') or ['?'])}). **defaults** = the bundle with no flags (`prealign auto` "
-              f"proposes a rigid map when it lowers the coarse similarity by {100 * AUTO_PREALIGN_MARGIN:.0f} %, kept only when the optimisation's "
+              f"proposes a rigid map when it lowers the coarse similarity by "
+              f"{100 * setup.get('prealign_margin', AUTO_PREALIGN_MARGIN):.0f} %, kept only when the optimisation's "
               "start objective on its finest grid, from the better of the network's start and the identity, is "
               "lower with it than without it; the network's start taken when its objective is lower than the "
               "identity's); **network "
