@@ -85,7 +85,8 @@ USER_IDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("prealign",),
      "global pre-alignment before the network: `auto` (rigid fits from a few starts on a coarse grid, proposed "
      "only when they lower the similarity by 45 % of the identity's, then kept only when the optimisation's start "
-     "objective with the rigid map, from its best start, is lower than without it: a follow-up in another position "
+     "objective with the rigid map, from its best start (`--instance_steps 0`: the network's field, the same check), "
+     "is lower than without it: a follow-up in another position "
      "is aligned, a breathing-only pair is left as it is; the similarities, both objectives and the choice logged "
      "and in `metrics.json`), `none`, `translation`, `rigid`, `affine`", "`auto`"),
     (("instance_select_start",),

@@ -48,8 +48,8 @@ from .networks.spatial import (Affine, affine_ddf, box_mean, compose_affine, fie
 from .networks.warp import warp_image
 
 __all__ = ["PREALIGNMENTS", "AUTO_PREALIGN_MARGIN", "AUTO_PREALIGN_SHIFTS_MM", "centre_of_mass_offset",
-           "lung_centroid_offset", "prealign", "auto_prealign", "similarity_features", "start_objective",
-           "instance_optimize"]
+           "lung_centroid_offset", "prealign", "auto_prealign", "similarity_features", "identity_field",
+           "start_objective", "instance_optimize"]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
 
@@ -383,6 +383,13 @@ def similarity_features(fixed: torch.Tensor, moving: torch.Tensor, similarity: s
     return row.prepare(fixed), row.prepare(moving)
 
 
+def identity_field(like: torch.Tensor, shape: Sequence[int] | None = None) -> torch.Tensor:
+    """The identity's DDF ``(B, 3, *shape)`` (zeros, voxels), ``B``, dtype and device of ``like`` ``(B, C, ...)``;
+    ``shape`` defaults to ``like``'s spatial shape: the start of a stage given no field (``init_ddf=None``)."""
+    shape = tuple(like.shape[2:]) if shape is None else tuple(shape)
+    return torch.zeros(like.shape[0], 3, *shape, dtype=like.dtype, device=like.device)
+
+
 def start_objective(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -414,8 +421,7 @@ def start_objective(
     features = similarity_features(fixed, moving, similarity) if features is None else features
     measure = _LevelSimilarity(row, *(resize_image(t, level) for t in features),
                                None if mask is None else resize_image(mask, level), factor)
-    field = torch.zeros(batch, 3, *level, dtype=fixed.dtype, device=fixed.device) if init_ddf is None else \
-        resize_field(init_ddf.detach().to(fixed.dtype), level)
+    field = identity_field(fixed, level) if init_ddf is None else resize_field(init_ddf.detach().to(fixed.dtype), level)
     scale = field_scale(shape, level, torch.as_tensor(spacing or (1.0, 1.0, 1.0), dtype=fixed.dtype)).flatten()
     base_spacing = torch.as_tensor(spacing or (1.0, 1.0, 1.0), dtype=fixed.dtype)
     affine_l = None if affine is None else affine._replace(spacing=tuple((torch.tensor(affine.spacing) / scale).tolist()))
@@ -493,7 +499,7 @@ def instance_optimize(
     mu = _per_sample(mu, "mu", batch, fixed)
     mask = _check_mask(mask, fixed)
     if init_ddf is None:
-        init_ddf = torch.zeros(batch, 3, *shape, dtype=fixed.dtype, device=fixed.device)
+        init_ddf = identity_field(fixed)
     elif init_ddf.shape != (batch, 3, *shape):
         raise ValueError(f"init_ddf must have shape {(batch, 3, *shape)}, got {tuple(init_ddf.shape)}.")
     elif not torch.isfinite(init_ddf).all():
@@ -533,7 +539,7 @@ def instance_optimize(
         affine_field_l = None if affine is None else affine_ddf(affine, level, shape)
         # the level's voxel, in voxels of the image grid per axis (times the training spacing)
         level_spacing = (base_spacing / scale).tolist()
-        start = torch.zeros(batch, 3, *level, dtype=fixed.dtype, device=fixed.device)
+        start = identity_field(fixed, level)
         # the next level starts from this level's (smoothed) field
         previous = None if correction is None else resize_field(smoothed(correction.detach()), level)
         correction = torch.nn.Parameter(start if previous is None else previous)

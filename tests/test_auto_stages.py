@@ -112,6 +112,38 @@ def test_a_proposed_map_that_does_not_lower_the_start_objective_is_dropped(breat
     assert torch.equal(ddf, expected)
 
 
+def test_the_network_alone_keeps_a_proposed_map_by_the_same_start_objective(breathing, monkeypatch):
+    """``--instance_steps 0`` (the network alone) decides ``auto``'s proposed map by the same rule as with the
+    optimisation: the network's field with the map against the network's field of the moving image as it is, by
+    the start objective at (lam, mu); the network's field is the result (no start selection: the identity is not
+    taken even where its objective is lower). Here the map only absorbs part of the breathing, so it is dropped;
+    where the network's field of the image as it is is rough (a high elastic energy), the map is kept and composed."""
+    from elastic_hypermorph_bundle.networks.spatial import compose_affine
+    from elastic_hypermorph_bundle.workflow import instance
+
+    pair, fixed, moving = breathing
+    hyper = torch.tensor([[0.083, 0.03]])
+    truth = torch.from_numpy(pair.displacement)[None]
+    scaling = Affine(torch.diag(torch.tensor([1.0, 1.0, 0.94]))[None], torch.tensor([[0.0, 0.0, 8.0]]), pair.spacing)
+    proposed = {"prealign_similarity_identity": torch.ones(1), "prealign_similarity_rigid": torch.full((1,), 0.5),
+                "prealign_applied": torch.ones(1)}
+    monkeypatch.setattr(instance, "auto_prealign", lambda *args, **kwargs: (scaling, dict(proposed)))
+    stages = InstanceOptimization(steps=0, prealign="auto")
+    predict = lambda m: truth if m is moving else 0.5 * truth  # noqa: E731  (true on the image as it is)
+    ddf = stages.register(predict, fixed, moving, hyper, pair.spacing)
+    record = stages.record
+    assert record["prealign_applied"].item() == 0.0 and "start_network" not in record
+    assert record["start_objective_without_map"].item() < record["start_objective_with_map"].item()
+    assert torch.equal(ddf, truth)  # the network alone on the moving image as it is
+    rough = 3.0 * torch.randn(truth.shape, generator=torch.Generator().manual_seed(0))  # much elastic energy
+    predict = lambda m: rough if m is moving else torch.zeros_like(truth)  # noqa: E731
+    kept = stages.register(predict, fixed, moving, hyper, pair.spacing)
+    record = stages.record
+    assert record["prealign_applied"].item() == 1.0
+    assert record["start_objective_with_map"].item() < record["start_objective_without_map"].item()
+    assert torch.equal(kept, compose_affine(scaling, torch.zeros_like(truth)))
+
+
 @pytest.mark.slow
 def test_a_breathing_only_pair_is_not_moved(breathing):
     pair, fixed, moving = breathing

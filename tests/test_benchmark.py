@@ -367,17 +367,27 @@ def test_committed_benchmarks_md_is_the_render_of_benchmarks_json():
 
 
 @pytest.mark.slow
-def test_response_section_measures_the_shipped_model_against_the_optimisation():
+def test_response_section_measures_the_shipped_model_against_the_optimisation(monkeypatch):
     """Section 6b on one small phantom pair: every (lam, mu) of the grid has a network and an optimised row, the
     corners' fields differ for both (the conditioning and the objective act), the identity start reaches its own
-    TRE at its (only) step count, and the section renders."""
+    TRE at its (only) step count, and the section renders. ``prealign auto`` proposes a map here (a 40 mm shift
+    along the body, made up) that the start objective rejects: every registration of the section, the network
+    alone included, goes through the stages' decision and drops it, as inference would."""
     from bench import report, response
+    from elastic_hypermorph_bundle.networks.spatial import Affine
     from elastic_hypermorph_bundle.simulation import simulate_pair
+    from elastic_hypermorph_bundle.workflow import instance
 
     options = {**response.response_settings([24, 24, 24], None, seeds=[9002], points=2, steps=1, start_steps=[1]),
                "default_hyper": [0.083, 0.03]}
     pair = simulate_pair([24, 24, 24], seed=9002, preset="realistic")
+    shift = Affine(torch.eye(3)[None], torch.tensor([[0.0, 0.0, 40.0]]), pair.spacing)
+    monkeypatch.setattr(instance, "auto_prealign", lambda *args, **kwargs: (shift, {
+        "prealign_similarity_identity": torch.ones(1), "prealign_similarity_rigid": torch.full((1,), 0.5),
+        "prealign_applied": torch.ones(1)}))
     result = response.run(options, str(ROOT / "models" / "model.pt"), [pair], print)
+    assert result["setup"]["prealigned"] == [True]  # proposed ...
+    assert [row["prealign_kept"] for row in result["rows"]] == [0.0] * 8  # ... and dropped by every registration
     assert len(result["rows"]) == 2 * 2 * 2 and {row["mode"] for row in result["rows"]} == {"network", "optimised"}
     assert result["field_change_mm"]["network"] > 0 and result["field_change_mm"]["optimised"] > 0
     assert -1 <= result["spearman_tre"] <= 1 or np.isnan(result["spearman_tre"])

@@ -18,8 +18,8 @@ from ..losses.similarity import get_similarity
 from ..networks.spatial import Affine, affine_ddf, compose_affine, level_shape, resize_image
 from ..networks.warp import warp_image
 from ..losses.discrete import discrete_search
-from ..optimize import (PREALIGNMENTS, auto_prealign, instance_optimize, prealign, similarity_features,
-                        start_objective)
+from ..optimize import (PREALIGNMENTS, auto_prealign, identity_field, instance_optimize, prealign,
+                        similarity_features, start_objective)
 
 __all__ = ["InstanceOptimization", "PairStages"]
 
@@ -39,7 +39,9 @@ class PairStages(NamedTuple):
             (:func:`~elastic_hypermorph_bundle.optimize.similarity_features`), else None (no optimisation).
         tentative: ``prealign auto`` proposed ``affine``, which :meth:`InstanceOptimization.register` keeps only
             where the optimisation's start objective with it is lower than without it (that objective depends on
-            ``(lam, mu)``, so it is decided there, per ``(lam, mu)``).
+            ``(lam, mu)``, so it is decided there, per ``(lam, mu)``), with or without the optimisation after it
+            (``steps`` 0: the network's field is the start); never for a regularizer without ``(lam, mu)`` (no
+            such objective: the proposed map stands).
         unaligned_start: with ``tentative``, the discrete search's field of the moving image as it is (else None).
     """
 
@@ -69,8 +71,8 @@ class InstanceOptimization:
         similarity, levels, grid, lr, smooth: see :func:`~elastic_hypermorph_bundle.optimize.instance_optimize`.
         prealign: ``"auto"`` (a rigid map proposed when it clearly improves the similarity over the identity,
             :func:`~elastic_hypermorph_bundle.optimize.auto_prealign`, and kept only when the optimisation's start
-            objective with it, from its best start, is lower than without it: a follow-up scan in another position
-            is aligned, a breathing-only pair is left as it is; rigid, as an affine map's scaling absorbed part
+            objective with it, from its best start, is lower than without it (one rule: with ``steps`` 0 the start
+            is the network's field, which is then the result): a follow-up scan in another position is aligned, a breathing-only pair is left as it is; rigid, as an affine map's scaling absorbed part
             of a follow-up's breathing, free of elastic energy, in the benchmark's section 5b), ``"none"``, ``"translation"``, ``"rigid"`` or
             ``"affine"`` (see :func:`~elastic_hypermorph_bundle.optimize.prealign`).
         prealign_steps: Adam steps of the pre-alignment.
@@ -214,15 +216,19 @@ class InstanceOptimization:
         (``features`` when the caller has them, e.g. a sweep's cached pair, else computed here); other arguments
         as :meth:`register`."""
         self.record = {}
-        if self.steps > 0 and features is None:  # before the pre-alignment, which compares the same features
+        # what the optimisation and the auto pre-alignment's proposal and check compare, once, before the
+        # pre-alignment (which compares the same features)
+        compares = self.steps > 0 or self.prealign == "auto"
+        if compares and features is None:
             features = similarity_features(fixed, moving, self.similarity)
         affine = self.align(fixed, moving, spacing, mask, features)
         network_moving = moving if affine is None else warp_image(moving, affine_ddf(affine, moving.shape[2:]))
         search = self.discrete and self.steps > 0
         start = discrete_search(fixed, network_moving) if search else None
-        tentative = self.prealign == "auto" and affine is not None and self.steps > 0
+        # a proposed map is checked by the start objective at (lam, mu), with or without the optimisation after it
+        tentative = self.prealign == "auto" and affine is not None and self.has_elastic_parameters
         unaligned_start = discrete_search(fixed, moving) if search and tentative else None
-        return PairStages(affine, network_moving, start, dict(self.record), features if self.steps > 0 else None,
+        return PairStages(affine, network_moving, start, dict(self.record), features if compares else None,
                           tentative, unaligned_start)
 
     def register(self, predict, fixed, moving, hyper, spacing: Sequence[float], mask=None,
@@ -245,11 +251,11 @@ class InstanceOptimization:
         # the similarity's descriptors of both images, once per pair for the choices below and the optimisation
         # (``prepared`` by an instance without optimisation has none)
         features = stages.features
-        if self.steps > 0 and features is None:
+        if (self.steps > 0 or stages.tentative) and features is None:
             features = similarity_features(fixed, moving, self.similarity)
-        if self.steps == 0:
+        if self.steps == 0 and not stages.tentative:
             ddf = None if predict is None else plain(predict(stages.network_moving)).float()
-            return compose_affine(stages.affine, self._zeros(fixed) if ddf is None else ddf)
+            return compose_affine(stages.affine, identity_field(fixed) if ddf is None else ddf)
         lam_mu = self.elastic_parameters(hyper)
         # the start objectives compare on the optimisation's finest grid: its features resized there once for all
         # of them (2 starts, 4 with a proposed map; 0.14 s per resize of a full-size image's 12 descriptors)
@@ -264,11 +270,9 @@ class InstanceOptimization:
                                                             stages.unaligned_start, None, mask, finest, True)
             ddf, affine, record = self._keep_map(ddf, value, record, ddf_none, value_none, record_none, affine)
         self.record.update(record)
+        if self.steps == 0:  # the network alone (or the identity), behind the map where it was kept
+            return compose_affine(affine, ddf)
         return self.refine(fixed, moving, hyper, ddf, affine, mask, features)
-
-    @staticmethod
-    def _zeros(fixed: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(fixed.shape[0], 3, *fixed.shape[2:], dtype=fixed.dtype, device=fixed.device)
 
     def _objective(self, fixed, moving, lam_mu, ddf, affine, mask, features) -> torch.Tensor:
         """``(B,)`` the optimisation's objective on its finest grid for the start ``ddf`` (None: the identity)."""
@@ -281,10 +285,10 @@ class InstanceOptimization:
         :meth:`_better_start`), else ``other``; returns ``(ddf, objective (B,) or None, record)``, the objective
         computed when ``value`` (or for the start's choice)."""
         if predict is None:
-            ddf = self._zeros(fixed) if other is None else other
+            ddf = identity_field(fixed) if other is None else other
         else:
             ddf = plain(predict(network_moving)).float()
-            if self.select_start:
+            if self.select_start and self.steps > 0:  # without the optimisation, the network's field is the result
                 return self._better_start(fixed, moving, lam_mu, ddf, other, affine, mask, features)
         return ddf, self._objective(fixed, moving, lam_mu, ddf, affine, mask, features) if value else None, {}
 
@@ -326,6 +330,6 @@ class InstanceOptimization:
         record = {"start_objective_network": network_value, "start_objective_identity": other_value,
                   "start_network": take_network.to(fixed.dtype)}
         if other is None:
-            other = torch.zeros_like(network_ddf)
+            other = identity_field(network_ddf)
         ddf = torch.where(take_network[:, None, None, None, None], network_ddf, other)
         return ddf, torch.minimum(network_value, other_value), record

@@ -656,6 +656,7 @@ def _section6b(result: dict, run: dict | None = None) -> list[str]:
                if setup["simulation"].get("real_ct") else "the phantom")
     lam, mu = setup["default_hyper"]
     net_grid = setup["network_grid"]
+    kept = [row["prealign_kept"] for row in result.get("rows", []) if row.get("prealign_kept") is not None]
     lines = [
         "### 6b. The release model's (lam, mu) response and the start it gives the optimisation",
         "",
@@ -665,7 +666,10 @@ def _section6b(result: dict, run: dict | None = None) -> list[str]:
         f"{' x '.join(f'{s:.2f}' for s in setup['spacing'])} mm; the network reads them as inference does (its card's "
         f"{_size(net_grid['spatial_size'])} grid of {' x '.join(f'{p:g}' for p in net_grid['pixdim'] or [])} mm, "
         "anti-aliased), the stages have the inference defaults (`prealign auto`, once per pair: "
-        f"{sum(setup['prealigned'])} of {len(setup['prealigned'])} pairs pre-aligned; MIND, 3 levels). "
+        + (f"{sum(setup['prealigned'])} of {len(setup['prealigned'])} pairs pre-aligned" if not kept else
+           f"a map proposed on {sum(setup['prealigned'])} of {len(setup['prealigned'])} pairs, kept in {sum(kept):.0f} "
+           f"of the {len(kept)} registrations (pair, lam, mu, network or optimisation) by the start objective")
+        + "; MIND, 3 levels). "
         + (f"Measured on {run['date_utc']} with " if run else "Measured with ")
         + f"{setup['torch_threads']} torch threads on a shared machine ({setup['seconds'] / 60:.0f} min).",
         "",

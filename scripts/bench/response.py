@@ -4,8 +4,10 @@ make the optimisation faster (issue 19, items 3 and 4)?
 On held-out simulated pairs (realistic breath-hold preset, by default on the real CT that no release trained on),
 with the bundle's model read as inference reads it (its card's grid through
 :class:`~elastic_hypermorph_bundle.networks.grid.NetworkGrid`, anti-aliased) and the instance optimisation with the
-inference defaults (:class:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`, ``prealign auto``
-computed once per pair and shared by every start and every (lam, mu), as the pipeline sweep does):
+inference defaults (:class:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`, ``prealign auto``'s
+proposal and the MIND features computed once per pair and shared by every start and every (lam, mu), every field
+through :meth:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization.register`, which keeps or drops a
+proposed map per (lam, mu) as inference does, as the pipeline sweep does):
 
 * **response**: over a ``points`` x ``points`` grid of (lam, mu) spanning the card's trained range, the network's
   field alone and the optimisation started from it (``steps`` per level) at the same (lam, mu). ``field_change_mm``:
@@ -31,7 +33,6 @@ from scipy.stats import spearmanr
 
 from elastic_hypermorph_bundle.forward import network_input, weighted_ddf
 from elastic_hypermorph_bundle.model_card import ModelCard, load_trained_network, network_grid
-from elastic_hypermorph_bundle.networks.spatial import compose_affine
 from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
 
 from .accuracy import evaluate_ddf, normalise
@@ -84,17 +85,19 @@ def run(options: dict, model_path: str, pairs: list, log) -> dict:
         spacing = list(pair.spacing)
         fields = {}
         optimiser = InstanceOptimization(steps=options["steps"], select_start=False)
-        # the pre-alignment (affine, or None) and the MIND features, once per pair
+        network_alone = InstanceOptimization(steps=0)  # --instance_steps 0, as inference runs it
+        # the pre-alignment's proposal (affine, or None) and the MIND features, once per pair; register decides
+        # per (lam, mu) whether a proposed map is kept (by the start objective, the one rule of prealign auto)
         prepared = optimiser.prepare(fixed, moving, spacing)
         prealigned.append(prepared.affine is not None)
         for lam, mu in itertools.product(lams, mus):
             hyper = torch.tensor([[lam, mu]], dtype=torch.float32)
-            ddf = predictor(fixed, spacing, hyper)(prepared.network_moving)
-            optimised = optimiser.refine(fixed, moving, hyper, ddf, prepared.affine,
-                                         features=prepared.features).detach()
-            ddf = compose_affine(prepared.affine, ddf)  # the network alone, as inference gives it
-            for mode, field in (("network", ddf), ("optimised", optimised)):
-                rows.append({"seed": seed, "lam": lam, "mu": mu, "mode": mode, **_metrics(field, pair)})
+            predict = predictor(fixed, spacing, hyper)
+            for mode, stages in (("network", network_alone), ("optimised", optimiser)):
+                field = stages.register(predict, fixed, moving, hyper, spacing, prepared=prepared).detach()
+                kept = stages.record.get("prealign_applied")
+                rows.append({"seed": seed, "lam": lam, "mu": mu, "mode": mode, **_metrics(field, pair),
+                             "prealign_kept": None if kept is None else float(kept[0])})
                 if (lam, mu) in ((lams[0], mus[0]), (lams[-1], mus[-1])):
                     fields[mode, lam, mu] = field
         lung = torch.from_numpy(pair.fixed_mask > 0)
