@@ -16,10 +16,12 @@ keypoint TRE over the pairs is lower than the defaults', no pair's TRE is more t
 its mean folding (% det J <= 0) is not higher, and its mean seconds per pair (prepare + register) are at most 5 %
 above the defaults' (the load's noise); among several, the lowest mean TRE.
 
-Run from ``scripts/`` with the bundle root on the path: ``PYTHONPATH=.. python -m bench.defaults_screen OUT.jsonl [candidate ...]`` (default: every candidate of
+Run from ``scripts/`` with the bundle root on the path:
+``PYTHONPATH=.. python -m bench.defaults_screen OUT.jsonl [candidate ...]`` (default: every candidate of
 :data:`CANDIDATES`); one JSON line per (pair, candidate) is appended to ``OUT.jsonl``, and a rerun skips the lines
-already there (resume). ``python -m bench.defaults_screen OUT.jsonl --summary [--record]`` prints the table and the
-decision (and stores them in ``docs/benchmarks.json``, ``speed_candidates["defaults"]``, rendered in section 7b).
+already there (resume); ``GROUPS=followup`` limits it to those pairs.
+``python -m bench.defaults_screen OUT.jsonl --summary [--record]`` prints the table and the decision (and stores
+them in ``docs/benchmarks.json``, ``speed_candidates["defaults"]``, rendered in section 7b).
 """
 
 from __future__ import annotations
@@ -48,11 +50,17 @@ CANDIDATES = {
     "25/25/50": {"steps": 50},
     "lr 0.4": {"lr": 0.4},
     "lam, mu x3": {"lam": 0.25, "mu": 0.09},
+    # the follow-ups' diagnosis: the similarity restricted to where the moving scan has data (not the resampling's
+    # fill, exactly -1000 HU, outside a follow-up's field of view), for the pre-alignment and the optimisation
+    "fov mask": {"fov_mask": True},
+    "fov mask 50/50/20": {"fov_mask": True, "coarse_steps": 50, "steps": 20},
 }
+#: the value :func:`elastic_hypermorph_bundle.simulation.followup.on_fixed_grid` fills outside a follow-up's scan
+FILL_HU = -1000
 #: the inference defaults the candidates override (configs/inference.json)
 DEFAULTS = {"lam": 0.083, "mu": 0.03}
 #: what a candidate's :meth:`InstanceOptimization.prepare` depends on (candidates that agree share it)
-PREPARE_KEYS = ("discrete", "prealign", "similarity", "prealign_steps")
+PREPARE_KEYS = ("discrete", "prealign", "similarity", "prealign_steps", "use_mask")
 
 
 def pair_files() -> dict[str, str]:
@@ -74,7 +82,9 @@ def screen(out: Path, names: list[str]) -> None:
     network, space, card = load_model(ROOT / "models" / "model.pt", "cpu")
     grid = card["spatial_size"]
     weights = {}
-    for index, (case, path) in enumerate(pair_files().items()):
+    groups = os.environ.get("GROUPS")  # e.g. GROUPS=followup: only those pairs
+    files = {case: path for case, path in pair_files().items() if not groups or case.split("/")[0] in groups.split(",")}
+    for index, (case, path) in enumerate(files.items()):
         todo = [n for n in (names if index % 2 == 0 else names[::-1]) if (case, n) not in done]
         if not todo:
             continue
@@ -86,18 +96,22 @@ def screen(out: Path, names: list[str]) -> None:
         for name in todo:
             options = {**DEFAULTS, **CANDIDATES[name]}
             lam, mu = options.pop("lam"), options.pop("mu")
+            mask = None
+            if options.pop("fov_mask", False):
+                options["use_mask"] = True
+                mask = torch.from_numpy(pair.moving_image != FILL_HU)[None, None].float()
             if (lam, mu) not in weights:
                 weights[(lam, mu)] = network.generate_weights(space.point(lam, mu))
             stages = InstanceOptimization(**options)
             key = tuple(getattr(stages, k) for k in PREPARE_KEYS)
             if key not in prepared:
                 begin = time.perf_counter()
-                prepared[key] = (stages.prepare(fixed, moving, pair.spacing), time.perf_counter() - begin)
+                prepared[key] = (stages.prepare(fixed, moving, pair.spacing, mask), time.perf_counter() - begin)
             ready, prepare_s = prepared[key]
             predict = lambda m, w=weights[(lam, mu)]: network_ddf(network, w, fixed, m, grid)  # noqa: E731
             load = os.getloadavg()[0]
             begin = time.perf_counter()
-            ddf = stages.register(predict, fixed, moving, torch.tensor([[lam, mu]]), pair.spacing, None, ready)
+            ddf = stages.register(predict, fixed, moving, torch.tensor([[lam, mu]]), pair.spacing, mask, ready)
             register_s = time.perf_counter() - begin
             metrics = evaluate_ddf(ddf[0].detach().numpy(), pair)
             row = {"case": case, "candidate": name, "options": CANDIDATES[name], "prepare_s": prepare_s,

@@ -1026,7 +1026,9 @@ def _speed_candidates(measured: dict) -> list[str]:
             "",
             *defaults_screen.table(rows),
             "",
-            f"Decision by the rule: {result['decision']['winner'] or 'no candidate passes; the defaults stay'}.",
+            "By the rule: " + (f"{result['decision']['winner']} passes with the lowest mean TRE (whether it became the "
+                               "default: below)." if result["decision"]["winner"]
+                               else "no candidate passes; the defaults stay."),
             "",
         ] + _paragraphs(result.get("notes"))
     if measured.get("summary"):
