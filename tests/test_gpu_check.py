@@ -18,11 +18,13 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
 
 
 @pytest.mark.slow
-def test_cpu_dry_run_writes_report(tmp_path):
+def test_cpu_dry_run_writes_report(tmp_path, capsys):
+    """The dry run in this process (its bundle runs are subprocesses either way; an interpreter of its own would
+    only add its start-up), its exit status from ``main``; the refusal to overwrite through the script itself."""
     out = tmp_path / "check"
-    completed = subprocess.run([sys.executable, str(SCRIPT), "--output_dir", str(out), "--device", "cpu", "--tiny"],
-                               capture_output=True, text=True, timeout=900)
-    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    code = gpu_check.main(["--output_dir", str(out), "--device", "cpu", "--tiny"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.out[-3000:] + printed.err[-3000:]
     report = json.loads((out / "gpu_check.json").read_text())
     assert report["passed"] and report["device"] == "cpu" and report["spatial_size"] == gpu_check.TINY_SIZE
     assert list(report["steps"]) == gpu_check.STEP_NAMES

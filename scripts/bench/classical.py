@@ -62,8 +62,12 @@ def _itk_image(volume_xyz: np.ndarray, spacing: Sequence[float]):
     return image
 
 
+#: the image pyramids of :func:`elastix_lung_parameters`' two B-spline stages (Par0011-like)
+LUNG_PYRAMIDS = ((8, 4, 2, 1), (2, 1))
+
+
 def elastix_lung_parameters(iterations: int = 250, bending_weight: float = 0.05, samples: int = 2000,
-                            final_grid_voxels: float = 3.0, affine_stage: bool = False):
+                            final_grid_voxels: float = 3.0, affine_stage: bool = False, pyramids=LUNG_PYRAMIDS):
     """Parameter maps for intra-patient lung CT after the elastix model zoo's Par0011 (Staring et al., EMPIRE10):
     two B-spline stages, each normalized correlation + bending energy penalty at a relative weight of
     ``bending_weight`` (Par0011's 0.05: relative to the similarity's gradient, not an absolute weight, whose scale
@@ -83,7 +87,9 @@ def elastix_lung_parameters(iterations: int = 250, bending_weight: float = 0.05,
     capture a 15-30 mm motion) gave 6.92 mm in 422 s at 500 iterations.
 
     ``affine_stage``: an affine stage first (elastix's default affine map, 3 resolutions, normalized correlation,
-    ``iterations`` on random samples), as for a follow-up scan in another position."""
+    ``iterations`` on random samples), as for a follow-up scan in another position. ``pyramids``: the B-spline
+    stages' image pyramids, the last stage's grid ``final_grid_voxels``, each earlier stage's twice as coarse (e.g.
+    ``((2, 1),)``: one 2-resolution stage, for a quick check of the runner, not for a figure)."""
     import itk
 
     parameters = itk.ParameterObject.New()
@@ -96,7 +102,8 @@ def elastix_lung_parameters(iterations: int = 250, bending_weight: float = 0.05,
                            "AutomaticTransformInitializationMethod": ["CenterOfGravity"]}.items():
             affine[key] = value
         parameters.AddParameterMap(affine)
-    for pyramid, grid in (((8, 4, 2, 1), 2.0 * final_grid_voxels), ((2, 1), float(final_grid_voxels))):
+    for index, pyramid in enumerate(pyramids):
+        grid = float(final_grid_voxels) * 2.0 ** (len(pyramids) - 1 - index)
         parameter_map = parameters.GetDefaultParameterMap("bspline", len(pyramid))
         del parameter_map["FinalGridSpacingInPhysicalUnits"]
         settings = {

@@ -11,8 +11,8 @@ Kinds (``spec["kind"]``; options in ``spec["options"]``):
 
 * ``identity``: zero field.
 * ``elastix``: :func:`bench.classical.elastix_register` with :func:`bench.classical.elastix_lung_parameters`
-  (``iterations``); ``demons``: :func:`bench.classical.demons_register` (``iterations``); both on the bundle's
-  intensity window scaled to [0, 1].
+  (``iterations``, ``affine_stage``, ``pyramids``); ``demons``: :func:`bench.classical.demons_register`
+  (``iterations``); both on the bundle's intensity window scaled to [0, 1].
 * ``convex_adam``: :func:`bench.classical.convex_adam_register` on the HU images (``options`` go to
   ``convex_adam_pt``).
 * ``network``: the bundle's model (``model``: path of ``model.pt`` with ``model.json`` next to it) at ``lam``,
@@ -110,7 +110,8 @@ def register_pairs(spec: dict, pair_paths: list[str], scratch: str) -> dict:
             ddf = classical.elastix_register(fixed, moving, pair.spacing,
                                              classical.elastix_lung_parameters(
                                                  iterations=options["iterations"],
-                                                 affine_stage=bool(options.get("affine_stage"))))
+                                                 affine_stage=bool(options.get("affine_stage")),
+                                                 pyramids=options.get("pyramids", classical.LUNG_PYRAMIDS)))
         elif kind == "demons":
             ddf = classical.demons_register(fixed, moving, pair.spacing, iterations=options["iterations"])
         elif kind == "convex_adam":
