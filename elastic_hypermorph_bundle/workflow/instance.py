@@ -72,7 +72,8 @@ class InstanceOptimization:
         prealign: ``"auto"`` (a rigid map proposed when it clearly improves the similarity over the identity,
             :func:`~elastic_hypermorph_bundle.optimize.auto_prealign`, and kept only when the optimisation's start
             objective with it, from its best start, is lower than without it (one rule: with ``steps`` 0 the start
-            is the network's field, which is then the result): a follow-up scan in another position is aligned, a breathing-only pair is left as it is; rigid, as an affine map's scaling absorbed part
+            is the network's field, which is then the result): a follow-up scan in another position is aligned,
+            a breathing-only pair is left as it is; rigid, as an affine map's scaling absorbed part
             of a follow-up's breathing, free of elastic energy, in the benchmark's section 5b), ``"none"``, ``"translation"``, ``"rigid"`` or
             ``"affine"`` (see :func:`~elastic_hypermorph_bundle.optimize.prealign`).
         prealign_steps: Adam steps of the pre-alignment.
