@@ -65,7 +65,7 @@ def _settings(quick: bool, cuda: bool) -> dict:
             "conditioning": [_config("HyperUNet", s, 2, both, 1, 2)],
             "memory_probes": True,
             "regularizer_sizes": [s], "regularizer_warmup": 1, "regularizer_repeats": 3,
-            "sweep": {"network": "HyperUNet", "spatial_size": s, "pairs": 2, "grid": 3, "warmup": 1, "repeats": 2},
+            "sweep": {"network": "HyperUNet", "spatial_size": s, "pairs": 2, "grid": 2, "warmup": 1, "repeats": 2},
             # elastix: one 2-resolution B-spline stage instead of the Par0011-like 4 + 2 (the runner is checked, the
             # figure is not)
             "accuracy": accuracy_settings(s, seeds=[9000], elastix_iterations=30, demons_iterations=[20, 10],
