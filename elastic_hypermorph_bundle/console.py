@@ -98,6 +98,10 @@ USER_IDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("use_mask",),
      "restrict the optimisation's similarity to the fixed mask (lungs); needs `--fixed_mask` or dataset masks",
      "false"),
+    (("instance_coverage_mask",),
+     "a moving image on another grid: both stages compare only where it has data after its resampling into the "
+     "fixed grid (not the zero fill outside its field of view; the covered fraction in `metrics.json`); pairs on "
+     "one grid are unaffected", "true"),
     (("fixed", "moving", "fixed_mask", "moving_mask", "fixed_points", "moving_points"),
      "single-pair inference and evaluation (points: corresponding CSVs in the Learn2Reg voxel convention, scored by "
      "TRE)", "none"),

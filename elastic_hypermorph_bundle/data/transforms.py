@@ -42,6 +42,7 @@ __all__ = [
     "PAIR_KEYS",
     "IMAGE_KEYS",
     "MASK_KEYS",
+    "COVERAGE_KEY",
     "KEYPOINT_KEYS",
     "LANDMARK_KEYS",
     "detect_hu_offset",
@@ -63,6 +64,8 @@ IMAGE_KEYS = ("fixed_image", "moving_image")
 MASK_KEYS = ("fixed_mask", "moving_mask")
 KEYPOINT_KEYS = ("fixed_keypoints", "moving_keypoints")
 LANDMARK_KEYS = ("fixed_landmarks", "moving_landmarks")
+#: where the resampled moving image has data (:class:`ResampleToFixedd`); absent when both images share a grid
+COVERAGE_KEY = "moving_coverage"
 #: every file key of a pair dict that the transforms load
 PAIR_KEYS = IMAGE_KEYS + MASK_KEYS + KEYPOINT_KEYS + LANDMARK_KEYS
 
@@ -211,7 +214,8 @@ class MapPointsToGridd(MapTransform):
 
 
 class ResampleToFixedd(MapTransform):
-    """Resample the moving image and its mask into the fixed image's grid, through both affines (physical space).
+    """Resample the moving image and its mask into the fixed image's grid, through both affines (physical space),
+    and record where the moving image has data there.
 
     Fixed and moving images of one patient are often on different grids (another session: another field of view,
     spacing, shape, origin or orientation). Each moving volume ``m`` becomes ``m(A_m^-1 A_f x)`` on the fixed grid
@@ -219,18 +223,26 @@ class ResampleToFixedd(MapTransform):
     windowed to [0, 1]), so everything after this runs on one grid and the outputs are on the fixed grid
     (Learn2Reg convention). The moving volume keeps its file affine as ``meta["original_affine"]``, so
     :class:`MapPointsToGridd` maps moving points from the moving file's voxels into the fixed grid. A moving volume
-    already on the fixed grid (:func:`~.grids.same_grid`) is left as it is.
+    already on the fixed grid (:func:`~.grids.same_grid`) is left as it is, and no coverage is written.
+
+    Coverage ``coverage_key`` ``(1, *fixed spatial)``: ``c(x) = 1`` where ``A_m^-1 A_f x`` lies within the hull of
+    the moving voxel centres, else 0 (a ones volume resampled bilinearly with zero padding, kept where it is 1
+    within 1e-3): the voxels whose resampled value owes nothing to the zero fill. The fill is not anatomy: a
+    follow-up with a smaller field of view leaves ~28 % of the baseline's grid as "air" that a similarity would
+    match the baseline's tissue against (most of the folded voxels of the benchmark's follow-ups lay there), so
+    :class:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization` compares only where ``c = 1``.
 
     Args:
-        keys: moving volumes, e.g. ``("moving_image", "moving_mask")``.
+        keys: moving volumes on one grid, e.g. ``("moving_image", "moving_mask")``.
         fixed_key: the image whose grid they are resampled into.
         modes: interpolation per key (``"bilinear"`` images, ``"nearest"`` masks).
+        coverage_key: where to write the coverage of the moving grid (``None``: not written).
     """
 
     def __init__(self, keys: KeysCollection, fixed_key: str = "fixed_image", modes: Sequence[str] | str = "bilinear",
-                 allow_missing_keys: bool = False) -> None:
+                 allow_missing_keys: bool = False, coverage_key: str | None = COVERAGE_KEY) -> None:
         super().__init__(keys, allow_missing_keys)
-        self.fixed_key = fixed_key
+        self.fixed_key, self.coverage_key = fixed_key, coverage_key
         self.modes = [modes] * len(self.keys) if isinstance(modes, str) else list(modes)
         if len(self.modes) != len(self.keys):
             raise ValueError(f"need one mode per key, got {self.modes} for {self.keys}.")
@@ -243,6 +255,11 @@ class ResampleToFixedd(MapTransform):
             if same_grid(moving.shape[1:], moving.affine, fixed.shape[1:], fixed.affine):
                 continue
             file_affine, filename = moving.meta["original_affine"], moving.meta.get("filename_or_obj")
+            if self.coverage_key is not None and self.coverage_key not in d:
+                ones = MetaTensor(torch.ones((1, *moving.shape[1:]), dtype=torch.float32), affine=moving.affine)
+                covered = ResampleToMatch(mode="bilinear", padding_mode="zeros")(ones, img_dst=fixed)
+                covered.array = (covered.as_tensor() >= 1.0 - 1e-3).float()
+                d[self.coverage_key] = covered
             resampled = ResampleToMatch(mode=mode, padding_mode="zeros")(moving, img_dst=fixed)
             resampled.meta["original_affine"], resampled.meta["filename_or_obj"] = file_affine, filename
             d[key] = resampled
@@ -296,7 +313,8 @@ def registration_transforms(
 
     Output: images and masks ``(1, *spatial)`` MetaTensors (masks 0/1 float); points ``(N, 3)`` voxel xyz of
     the network grid; ``fixed_image.meta["original_affine"]``, ``.affine`` and ``["spatial_shape"]`` give what
-    :func:`ddf_to_original_grid` needs; the moving image, its mask and points follow the fixed grid.
+    :func:`ddf_to_original_grid` needs; the moving image, its mask and points follow the fixed grid; a moving
+    image on another grid adds ``moving_coverage`` (:class:`ResampleToFixedd`), which follows it.
 
     Args:
         spatial_size: network grid shape; None keeps the (resampled) shape.
@@ -334,8 +352,12 @@ def registration_transforms(
         modes = ["bilinear"] * len(IMAGE_KEYS) + ["nearest"] * len(masks)
         transforms.append(AntiAliasd(IMAGE_KEYS, pixdim=pixdim))
         transforms.append(Spacingd(volumes, pixdim=pixdim, mode=modes, allow_missing_keys=optional))
+        transforms.append(Spacingd(COVERAGE_KEY, pixdim=pixdim, mode="nearest", allow_missing_keys=True))
     if spatial_size is not None:
         transforms.append(ResizeWithPadOrCropd(volumes, spatial_size=spatial_size, mode="constant", allow_missing_keys=optional))
+        # padding is no data of the moving image either
+        transforms.append(ResizeWithPadOrCropd(COVERAGE_KEY, spatial_size=spatial_size, mode="constant",
+                                               allow_missing_keys=True))
     for points, flag in ((KEYPOINT_KEYS, with_keypoints), (LANDMARK_KEYS, with_landmarks)):
         if flag is not False:
             references = [f"{key.split('_')[0]}_image" for key in points]
@@ -344,6 +366,7 @@ def registration_transforms(
                 MapPointsToGridd(points, reference_keys=references, allow_missing_keys=flag is None),
             ]
     transforms.append(EnsureTyped(volumes, dtype=torch.float32, track_meta=True, allow_missing_keys=optional))
+    transforms.append(EnsureTyped(COVERAGE_KEY, dtype=torch.float32, track_meta=True, allow_missing_keys=True))
     return Compose(transforms)
 
 

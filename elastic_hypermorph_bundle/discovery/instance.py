@@ -45,7 +45,8 @@ def instance_gain(
     return {
         "point": named,
         "settings": {"steps": instance.steps, "similarity": instance.similarity, "levels": instance.levels,
-                     "grid": instance.grid, "prealign": instance.prealign, "use_mask": instance.use_mask},
+                     "grid": instance.grid, "prealign": instance.prealign, "use_mask": instance.use_mask,
+                     "coverage_mask": instance.coverage_mask},
         "network": alone_mean,
         "optimized": optimised_mean,
         "gain": {key: optimised_mean[key] - alone_mean[key] for key in alone_mean},

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from monai.data.utils import affine_to_spacing
 
+from ..data.transforms import COVERAGE_KEY
 from ..forward import network_input, plain, weighted_ddf
 from ..metrics import metric_columns, pair_metrics
 from ..networks.grid import NetworkGrid
@@ -63,6 +64,8 @@ class PreparedPair:
     spacing: tuple[float, ...] = ()
     truth: dict | None = None
     network_grid: NetworkGrid | None = None
+    #: ``(1, 1, *spatial)`` where the moving image has data, when it came on another grid (``moving_coverage``)
+    coverage: torch.Tensor | None = None
     _features: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def features(self, similarity: str = "mind") -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,6 +151,7 @@ def prepare_pairs(
                 spacing=spacing,
                 truth=case.get("simulation") if isinstance(case, dict) else None,
                 network_grid=network_grid,
+                coverage=batched(COVERAGE_KEY),
             )
         )
     ids = [pair.pair_id for pair in prepared]
@@ -198,11 +202,11 @@ def field_metrics(
 
 
 def _stage_mask(pair: PreparedPair, instance) -> torch.Tensor | None:
-    if not instance.use_mask:
-        return None
-    if pair.fixed_mask is None:
+    """The similarity's mask of the pair's stages (:meth:`~elastic_hypermorph_bundle.workflow.instance.
+    InstanceOptimization.similarity_mask`: the fixed mask with ``use_mask``, times the moving image's coverage)."""
+    if instance.use_mask and pair.fixed_mask is None:
         raise ValueError(f"--use_mask true needs fixed masks for every pair; pair {pair.pair_id} has none.")
-    return pair.fixed_mask
+    return instance.similarity_mask(pair.fixed_mask if instance.use_mask else None, pair.coverage)
 
 
 def prepare_stages(pair: PreparedPair, instance):

@@ -78,6 +78,7 @@ def _settings(instance: InstanceOptimization | None) -> dict | None:
     return {"steps": instance.steps, "similarity": instance.similarity, "levels": instance.levels,
             "grid": instance.grid, "lr": instance.lr, "smooth": instance.smooth, "prealign": instance.prealign,
             "prealign_steps": instance.prealign_steps, "use_mask": instance.use_mask,
+            "coverage_mask": instance.coverage_mask,
             "diffeomorphic": instance.diffeomorphic, "select_start": instance.select_start,
             "discrete": instance.discrete}
 

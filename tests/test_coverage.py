@@ -1,0 +1,114 @@
+"""A moving image on another grid covers only part of the fixed grid (a follow-up's smaller field of view): its
+resampling records where it has data (``moving_coverage``), and the test-time stages compare only there, so the
+zero fill outside it draws no field; pairs on one grid are registered exactly as before."""
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from elastic_hypermorph_bundle.data.transforms import COVERAGE_KEY, registration_transforms
+from elastic_hypermorph_bundle.discovery.sweep import _stage_mask, prepare_pairs
+from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
+
+FIXED_AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
+FIXED_SHAPE = (20, 20, 20)
+#: a smaller field of view, finer voxels, shifted by a fraction of a fixed voxel
+MOVING_SPACING, MOVING_ORIGIN, MOVING_SHAPE = 1.5, np.array([10.3, 6.1, -3.7]), (12, 14, 16)
+HYPER = torch.tensor([[0.1, 0.05]])
+
+
+def write(path, array, affine):
+    nib.save(nib.Nifti1Image(np.asarray(array, np.float32), affine), str(path))
+    return str(path)
+
+
+def smooth(shape, seed):
+    volume = gaussian_filter(np.random.default_rng(seed).random(shape), 2.0)
+    return ((volume - volume.min()) / np.ptp(volume) * 1500 - 1000).astype(np.float32)  # HU
+
+
+@pytest.fixture()
+def followup(tmp_path):
+    moving_affine = np.diag([MOVING_SPACING] * 3 + [1.0])
+    moving_affine[:3, 3] = MOVING_ORIGIN
+    return {"fixed_image": write(tmp_path / "fixed.nii.gz", smooth(FIXED_SHAPE, 0), FIXED_AFFINE),
+            "moving_image": write(tmp_path / "moving.nii.gz", smooth(MOVING_SHAPE, 1), moving_affine)}
+
+
+def analytic_box(margin: float = 0.0) -> torch.Tensor:
+    """1 where a fixed voxel centre lies within the moving voxel centres' box (world mm) grown by ``margin`` mm."""
+    world = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float64) * 2.0 for n in FIXED_SHAPE],
+                                       indexing="ij"))
+    low = torch.tensor(MOVING_ORIGIN).view(3, 1, 1, 1)
+    high = low + (torch.tensor(MOVING_SHAPE, dtype=torch.float64) - 1).view(3, 1, 1, 1) * MOVING_SPACING
+    return ((world >= low - margin) & (world <= high + margin)).all(0).float()
+
+
+def test_the_coverage_of_a_smaller_shifted_field_of_view_is_its_box(followup):
+    out = registration_transforms(hu_offset=0)(followup)
+    coverage = out[COVERAGE_KEY]
+    assert coverage.shape == (1, *FIXED_SHAPE) and np.allclose(coverage.affine, FIXED_AFFINE)
+    assert torch.equal(coverage[0].as_tensor(), analytic_box())
+    assert 0 < coverage.mean() < 0.5
+    # beyond one moving voxel of it the moving image is the zero fill (air); in between it blends data and fill
+    assert float(out["moving_image"][0][analytic_box(MOVING_SPACING) == 0].abs().max()) == 0.0
+
+
+def test_a_moving_image_on_the_fixed_grid_gets_no_coverage_and_the_same_field(followup, tmp_path):
+    same = dict(followup, moving_image=write(tmp_path / "same.nii.gz", smooth(FIXED_SHAPE, 2), FIXED_AFFINE))
+    out = registration_transforms(hu_offset=0)(same)
+    assert COVERAGE_KEY not in out
+    batch = {key: out[key][None] for key in ("fixed_image", "moving_image")}
+    fields = []
+    for on in (True, False):
+        stages = InstanceOptimization(steps=5, levels=2, coverage_mask=on)
+        fields.append(stages.register(None, batch["fixed_image"].as_tensor(), batch["moving_image"].as_tensor(),
+                                      HYPER, (2.0, 2.0, 2.0), stages.mask(batch)))
+        assert "moving_coverage" not in stages.record
+    assert fields[0].abs().max() > 0.01 and torch.equal(fields[0], fields[1])
+
+
+def test_the_field_does_not_depend_on_the_moving_image_outside_its_field_of_view():
+    """Fill 0 against noise outside the covered part (beyond the similarity's reach, 12 voxels: MIND-SSC's patches,
+    the coarse levels' averaging, the field's displacement): with the coverage mask the same field, bit for bit,
+    through the auto pre-alignment, the start choice and three levels; without it another field."""
+    fixed = torch.from_numpy(gaussian_filter(np.random.default_rng(0).random((40, 24, 24)), 2.0)).float()[None, None]
+    fixed = (fixed - fixed.min()) / (fixed.max() - fixed.min())
+    coverage = torch.zeros_like(fixed)
+    coverage[:, :, :24] = 1
+    filled = torch.roll(fixed, 2, dims=2)
+    filled[:, :, 24:] = 0
+    noisy = filled.clone()
+    noisy[:, :, 36:] = torch.rand_like(noisy[:, :, 36:])
+    for on, same in ((True, True), (False, False)):
+        fields = []
+        for moving in (filled, noisy):
+            stages = InstanceOptimization(steps=6, coverage_mask=on)
+            batch = {"fixed_image": fixed, "moving_image": moving, COVERAGE_KEY: coverage}
+            fields.append(stages.register(lambda m: torch.full((1, 3, *m.shape[2:]), 0.5), fixed, moving,
+                                          HYPER, (1.0, 1.0, 1.0), stages.mask(batch)))
+        assert fields[0].abs().max() > 0.5  # the optimisation moved
+        assert torch.equal(fields[0], fields[1]) == same
+        if on:
+            assert stages.record["moving_coverage"].tolist() == pytest.approx([24 / 40])
+        else:
+            assert "moving_coverage" not in stages.record
+
+
+def test_the_fixed_mask_and_the_coverage_multiply_and_the_sweep_carries_the_coverage(followup, tmp_path):
+    lower_half = np.pad(np.ones((10, 20, 20)), ((10, 0), (0, 0), (0, 0)))
+    followup = dict(followup, fixed_mask=write(tmp_path / "mask.nii.gz", lower_half, FIXED_AFFINE))
+    out = registration_transforms(hu_offset=0)(followup)
+    stages = InstanceOptimization(use_mask=True)
+    mask = stages.mask({key: out[key][None] for key in ("fixed_mask", COVERAGE_KEY)})
+    expected = analytic_box().clone()
+    expected[:10] = 0
+    assert torch.equal(mask[0, 0], expected)
+    # the sweep's cached pair keeps the coverage, and its stages' mask is the same
+    (pair,) = prepare_pairs([dict(followup, pair_id="p")], registration_transforms(hu_offset=0))
+    assert torch.equal(pair.coverage[0, 0], analytic_box())
+    assert torch.equal(_stage_mask(pair, stages)[0, 0], expected)
+    assert torch.equal(_stage_mask(pair, InstanceOptimization())[0, 0], analytic_box())
+    assert _stage_mask(pair, InstanceOptimization(coverage_mask="false")) is None
