@@ -248,6 +248,9 @@ class InstanceOptimization:
         self.record = {}
         if self._coverage is not None and self._coverage[0] is mask:
             self.record["moving_coverage"] = self._coverage[1]
+            for fraction in self._coverage[1].tolist():
+                logger.info("the moving image covers %.1f %% of the fixed grid: the similarity compares there only "
+                            "(--instance_coverage_mask false: everywhere)", 100 * fraction)
         # what the optimisation and the auto pre-alignment's proposal and check compare, once, before the
         # pre-alignment (which compares the same features)
         compares = self.steps > 0 or self.prealign == "auto"
