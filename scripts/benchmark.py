@@ -142,6 +142,7 @@ def real_anatomy_settings(spatial_size, breath_hold_seed=1101, cts=REAL_CTS, fol
                                               "method_timeout_s": 1800.0, **overrides})
     if schedule["coarse_steps"] is not None and not {"optimize_kwargs", "network_optimize_steps"} & set(overrides):
         base["optimize_kwargs"] = {"coarse_steps": schedule["coarse_steps"]}
+    base["coverage_mask"] = schedule["coverage_mask"]  # the follow-ups' (bench.accuracy.moving_coverage)
     for unused in ("seeds", "simulation"):  # the pairs are the cases below
         base.pop(unused)
     cases = [["breath_hold", name, breath_hold_seed] for name in cts] + [["followup", name, int(seed)]
@@ -235,9 +236,11 @@ def run_response(options: dict, model_dir: str, pair_cache: str, log) -> dict:
 
 def inference_schedule() -> dict:
     """The instance optimisation's steps of ``configs/inference.json``: ``steps`` (the finest level's, or every
-    level's) and ``coarse_steps`` (the other levels', None: ``steps``)."""
+    level's) and ``coarse_steps`` (the other levels', None: ``steps``); ``coverage_mask``: whether a moving image
+    on another grid is compared only where it has data (``instance_coverage_mask``)."""
     config = json.loads((Path(__file__).resolve().parents[1] / "configs" / "inference.json").read_text())
-    return {"steps": int(config["instance_steps"]), "coarse_steps": config.get("instance_coarse_steps")}
+    return {"steps": int(config["instance_steps"]), "coarse_steps": config.get("instance_coarse_steps"),
+            "coverage_mask": bool(config.get("instance_coverage_mask", False))}
 
 
 def schedule_name(steps: int, coarse_steps: int | None = None, levels: int = 3) -> str:
@@ -285,10 +288,15 @@ def real_anatomy_methods(options: dict, model_path: str, group: str) -> list[dic
     demons, elastix (an affine stage first for the follow-ups)."""
     steps = options["network_optimize_steps"][0]
     lam_mu = {"lam": options["lam"], "mu": options["mu"]}
+    kwargs = options["optimize_kwargs"]
+    if group == "followup" and options.get("coverage_mask"):
+        # as inference compares a follow-up (another grid) only where its scan has data; breath-hold pairs share one
+        # grid and have no coverage, so their rows (and row keys) stay as they were
+        kwargs = {**kwargs, "coverage_mask": True}
     optimize = {**lam_mu, "use_mask": options["use_mask"], "prealign": options["prealign"],
-                "optimize_kwargs": options["optimize_kwargs"], "steps": steps}
-    steps = schedule_name(steps, options["optimize_kwargs"].get("coarse_steps"))
-    forced = {**optimize, "optimize_kwargs": {**options["optimize_kwargs"], "select_start": False}}
+                "optimize_kwargs": kwargs, "steps": steps}
+    steps = schedule_name(steps, kwargs.get("coarse_steps"))
+    forced = {**optimize, "optimize_kwargs": {**kwargs, "select_start": False}}
     return [
         {"row": "identity", "name": "identity (no registration)", "kind": "identity"},
         {"row": "network", "name": "bundle: network alone", "kind": "network", "options": {**lam_mu, "model": model_path}},

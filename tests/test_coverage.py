@@ -112,3 +112,47 @@ def test_the_fixed_mask_and_the_coverage_multiply_and_the_sweep_carries_the_cove
     assert torch.equal(_stage_mask(pair, stages)[0, 0], expected)
     assert torch.equal(_stage_mask(pair, InstanceOptimization())[0, 0], analytic_box())
     assert _stage_mask(pair, InstanceOptimization(coverage_mask="false")) is None
+
+
+def test_the_benchmark_gives_a_cached_followup_the_coverage_of_its_own_grid(real_ct):
+    """The benchmark caches a follow-up resampled into the fixed grid (for the peers); the bundle's rows get the
+    coverage the bundle's transforms compute from the scan's own grid, the simulation's draw replayed."""
+    from bench.accuracy import moving_coverage
+
+    from elastic_hypermorph_bundle.data.transforms import ResampleToFixedd
+    from elastic_hypermorph_bundle.simulation.followup import on_fixed_grid
+    from elastic_hypermorph_bundle.simulation.generator import simulate_pair
+
+    from monai.data import MetaTensor
+
+    pair = simulate_pair((48, 48, 52), (7.0, 5.0, 7.0), seed=5, preset="followup",
+                         real_ct=real_ct("lidc_idri_0001.nii.gz"))
+    fixed = MetaTensor(torch.as_tensor(pair.fixed_image, dtype=torch.float32)[None], affine=torch.as_tensor(pair.affine))
+    moving = MetaTensor(torch.as_tensor(pair.moving_image, dtype=torch.float32)[None],
+                        affine=torch.as_tensor(pair.moving_grid_affine))
+    moving.meta["original_affine"] = pair.moving_grid_affine
+    own_grid = ResampleToFixedd("moving_image")({"fixed_image": fixed, "moving_image": moving})[COVERAGE_KEY][0]
+    cached = moving_coverage(on_fixed_grid(pair))
+    assert 0.2 < cached.mean() < 0.95 and np.array_equal(cached, own_grid.numpy())
+    assert moving_coverage(simulate_pair((48, 48, 52), (7.0, 5.0, 7.0), seed=5, preset="realistic",
+                                         real_ct=real_ct("lidc_idri_0001.nii.gz"))) is None
+
+
+def test_section_5b_gives_the_followup_rows_the_coverage_and_leaves_the_breath_hold_rows_alone():
+    """The bundle's rows of a follow-up run with the coverage, as inference does (configs/inference.json); their
+    options are their row keys, so those rows are measured again; the breath-hold rows (one grid) keep theirs."""
+    import benchmark
+
+    options = benchmark.real_anatomy_settings([8, 8, 8], cts=["a.nii.gz"], followups=[("a.nii.gz", 5)],
+                                              real_ct_dir="/nonexistent")
+    assert options["coverage_mask"] is True
+
+    def kwargs(group, settings):
+        return {spec["row"]: spec["options"]["optimize_kwargs"]
+                for spec in benchmark.real_anatomy_methods(settings, "model.pt", group) if spec["kind"] == "optimize"}
+
+    off = {**options, "coverage_mask": False}
+    assert len(kwargs("followup", options)) == 3
+    assert all(k["coverage_mask"] is True for k in kwargs("followup", options).values())
+    assert not any("coverage_mask" in k for k in kwargs("followup", off).values())
+    assert kwargs("breath_hold", options) == kwargs("breath_hold", off)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from elastic_hypermorph_bundle.simulation.followup import on_fixed_grid
+from elastic_hypermorph_bundle.simulation.followup import followup_geometry, on_fixed_grid
 from elastic_hypermorph_bundle.simulation.case import SimulatedPair
 from elastic_hypermorph_bundle.simulation.generator import simulate_pair
 from elastic_hypermorph_bundle.hyperparams import HyperSpace
@@ -38,7 +38,8 @@ from elastic_hypermorph_bundle.metrics import pair_metrics
 from elastic_hypermorph_bundle.networks import HyperUNet
 
 __all__ = [
-    "HU_WINDOW", "KINDS", "normalise", "cached_pairs", "load_pair", "evaluate_ddf", "train_tiny_model",
+    "HU_WINDOW", "KINDS", "normalise", "cached_pairs", "load_pair", "moving_coverage", "evaluate_ddf",
+    "train_tiny_model",
     "run_method", "summarise", "pair_path",
 ]
 
@@ -96,6 +97,41 @@ def load_pair(path: str | Path) -> SimulatedPair:
     fields["simulation"] = json.loads(text) if text.startswith("{\"") else ast.literal_eval(text)
     fields["spacing"] = tuple(float(s) for s in fields["spacing"])
     return SimulatedPair(**fields)
+
+
+def moving_coverage(pair: SimulatedPair) -> np.ndarray | None:
+    """Where a follow-up's moving scan has data on the fixed grid, ``(X, Y, Z)`` 0/1, as the bundle computes it from
+    the scan's own grid (:class:`~elastic_hypermorph_bundle.data.transforms.ResampleToFixedd`'s
+    ``moving_coverage``); ``None`` for a pair on one grid (a breath-hold pair), which the bundle gives none.
+
+    The cache holds the follow-up already resampled into the fixed grid (:func:`on_fixed_grid`, for the peers), not
+    its own grid; that grid is the simulation's draw, replayed here (:func:`followup_geometry` with the case's seed
+    and the fixed grid's size and spacing, as :func:`~elastic_hypermorph_bundle.simulation.followup.
+    simulate_followup_pair` drew it) and checked against the shape and voxel size the case recorded.
+
+    Raises:
+        ValueError: when the replayed grid is not the recorded one (the simulation changed since the pair was
+            cached: simulate it again).
+    """
+    from monai.data import MetaTensor
+
+    from elastic_hypermorph_bundle.data.transforms import COVERAGE_KEY, ResampleToFixedd
+
+    record = pair.simulation or {}
+    if record.get("preset") != "followup":
+        return None
+    rng = np.random.default_rng([int(record["seed"]), 2])
+    _, affine, shape, drawn = followup_geometry(pair.fixed_image.shape, pair.spacing, rng)
+    if list(shape) != list(record["followup_shape"]) or not np.allclose(drawn["followup_spacing"],
+                                                                          record["followup_spacing"]):
+        raise ValueError(f"the follow-up grid replayed for seed {record['seed']} ({list(shape)}, "
+                         f"{drawn['followup_spacing']} mm) is not the recorded one ({record['followup_shape']}, "
+                         f"{record['followup_spacing']} mm): simulate the pair again.")
+    fixed = MetaTensor(torch.zeros(1, *pair.fixed_image.shape), affine=torch.as_tensor(pair.affine))
+    moving = MetaTensor(torch.zeros(1, *shape), affine=torch.as_tensor(affine))
+    moving.meta["original_affine"] = affine
+    covered = ResampleToFixedd("moving_image")({"fixed_image": fixed, "moving_image": moving})
+    return covered[COVERAGE_KEY][0].numpy()
 
 
 def evaluate_ddf(ddf: np.ndarray | torch.Tensor, pair) -> dict:

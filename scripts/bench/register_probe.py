@@ -22,6 +22,9 @@ Kinds (``spec["kind"]``; options in ``spec["options"]``):
   ``RegisterStep`` runs them: pre-alignment, then the network on the pre-aligned pair (``init: "network"``, with
   ``model``) or the identity (``init: "identity"``), then the instance optimisation; what the pre-alignment and
   the start selection decided on each pair (their similarity and objective values) goes to ``details.records``.
+  With ``optimize_kwargs`` ``{"coverage_mask": true}`` (section 5b's follow-up rows, as inference runs them) a
+  follow-up's similarity is restricted to where its scan has data (:func:`bench.accuracy.moving_coverage`, the
+  bundle's ``moving_coverage`` of the scan's own grid).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import classical
-from bench.accuracy import load_pair, normalise
+from bench.accuracy import load_pair, moving_coverage, normalise
 from bench.timing import max_rss_mib, synchronize
 
 __all__ = ["load_model", "network_ddf", "register_pairs"]
@@ -124,7 +127,12 @@ def register_pairs(spec: dict, pair_paths: list[str], scratch: str) -> dict:
             if kind == "network":
                 init = network_ddf(net, weights, fixed_t, moving_t, grid)
             else:
-                mask = torch.from_numpy(pair.fixed_mask > 0)[None, None].to(device).float() if stages.use_mask else None
+                fixed_mask = torch.from_numpy(pair.fixed_mask > 0)[None, None].to(device).float() if stages.use_mask else None
+                # a follow-up's coverage as the bundle's transforms give it (the cache holds the resampled scan)
+                # (only where the row's options say so: they are its key in section 5b)
+                coverage = moving_coverage(pair) if options.get("optimize_kwargs", {}).get("coverage_mask") else None
+                coverage = None if coverage is None else torch.from_numpy(coverage)[None, None].to(device)
+                mask = stages.similarity_mask(fixed_mask, coverage)
                 predict = None if net is None else (lambda m: network_ddf(net, weights, fixed_t, m, grid))
                 init = stages.register(predict, fixed_t, moving_t, row, tuple(pair.spacing), mask)
                 # what the pre-alignment and the start selection decided (section 5b's diagnosis)

@@ -480,6 +480,11 @@ def _section5_real(result: dict | None, runs: list[dict] = ()) -> list[str]:
                  f"{setup['network_optimize_steps'][0]} on the finest"
                  if (setup.get('optimize_kwargs') or {}).get('coarse_steps') is not None
                  else f"{setup['network_optimize_steps'][0]} steps per level")
+              + (", on the follow-ups the similarity compared only where the follow-up scan has data "
+                 "(`instance_coverage_mask`: its coverage of the baseline's grid as the bundle's transforms compute it "
+                 "from the scan's own grid, that grid being the simulation's draw replayed, "
+                 "`bench.accuracy.moving_coverage`; the peers get the scan resampled into the baseline's grid with air "
+                 "outside)" if setup.get("coverage_mask") else "")
               + f", model `{Path(setup['model']).name}` (sha1 {setup.get('model_sha')}, trained at "
               f"{_size(card.get('spatial_size') or ['?'])}). **defaults** = the bundle with no flags (`prealign auto` "
               f"proposes a rigid map when it lowers the coarse similarity by "
