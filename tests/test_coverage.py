@@ -127,7 +127,8 @@ def test_the_benchmark_gives_a_cached_followup_the_coverage_of_its_own_grid(real
 
     pair = simulate_pair((48, 48, 52), (7.0, 5.0, 7.0), seed=5, preset="followup",
                          real_ct=real_ct("lidc_idri_0001.nii.gz"))
-    fixed = MetaTensor(torch.as_tensor(pair.fixed_image, dtype=torch.float32)[None], affine=torch.as_tensor(pair.affine))
+    fixed = MetaTensor(torch.as_tensor(pair.fixed_image, dtype=torch.float32)[None],
+                       affine=torch.as_tensor(pair.affine))
     moving = MetaTensor(torch.as_tensor(pair.moving_image, dtype=torch.float32)[None],
                         affine=torch.as_tensor(pair.moving_grid_affine))
     moving.meta["original_affine"] = pair.moving_grid_affine

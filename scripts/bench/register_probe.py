@@ -127,7 +127,8 @@ def register_pairs(spec: dict, pair_paths: list[str], scratch: str) -> dict:
             if kind == "network":
                 init = network_ddf(net, weights, fixed_t, moving_t, grid)
             else:
-                fixed_mask = torch.from_numpy(pair.fixed_mask > 0)[None, None].to(device).float() if stages.use_mask else None
+                fixed_mask = (torch.from_numpy(pair.fixed_mask > 0)[None, None].to(device).float()
+                              if stages.use_mask else None)
                 # a follow-up's coverage as the bundle's transforms give it (the cache holds the resampled scan)
                 # (only where the row's options say so: they are its key in section 5b)
                 coverage = moving_coverage(pair) if options.get("optimize_kwargs", {}).get("coverage_mask") else None
