@@ -54,6 +54,11 @@ def test_the_coverage_of_a_smaller_shifted_field_of_view_is_its_box(followup):
     assert 0 < coverage.mean() < 0.5
     # beyond one moving voxel of it the moving image is the zero fill (air); in between it blends data and fill
     assert float(out["moving_image"][0][analytic_box(MOVING_SPACING) == 0].abs().max()) == 0.0
+    # on the network's grid (pixdim, pad/crop) the coverage follows the images, 0/1, padding uncovered
+    coarse = registration_transforms(hu_offset=0, pixdim=(3.0, 3.0, 3.0), spatial_size=(16, 16, 16))(followup)
+    assert coarse[COVERAGE_KEY].shape == coarse["moving_image"].shape == (1, 16, 16, 16)
+    assert np.allclose(coarse[COVERAGE_KEY].affine, coarse["fixed_image"].affine)
+    assert set(coarse[COVERAGE_KEY].unique().tolist()) == {0.0, 1.0}
 
 
 def test_a_moving_image_on_the_fixed_grid_gets_no_coverage_and_the_same_field(followup, tmp_path):
