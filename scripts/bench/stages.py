@@ -222,9 +222,10 @@ def run(options: dict, log) -> dict:
     if not dataset.is_dir():
         begin = time.perf_counter()
         real_ct = options.get("real_ct")
+        real_ct = real_ct if real_ct and Path(real_ct).is_file() else None  # absent: the phantom's anatomy
         make_synthetic_dataset(dataset, num_pairs=options["pairs"], spatial_size=tuple(options["spatial_size"]),
-                               seed=options["seed"], real_ct=real_ct if real_ct and Path(real_ct).is_file() else None,
-                               real_ct_fraction=1.0, **options["simulation"])
+                               seed=options["seed"], real_ct=real_ct, real_ct_fraction=1.0 if real_ct else 0.0,
+                               **options["simulation"])
         log(f"  simulated {options['pairs']} pairs at {options['spatial_size']} in {time.perf_counter() - begin:.0f} s")
     config = str(ROOT / "configs" / "inference.json")
     out = Path(options["output_dir"])
