@@ -87,19 +87,26 @@ def test_the_stages_keep_the_rigid_map_of_a_large_offset_by_their_start_objectiv
     assert _tre(ddf, pair.fixed_keypoints, moving_points, voxels) < breathing_only + 3.0
 
 
+def _propose_scaling_map(monkeypatch, spacing) -> Affine:
+    """Make ``auto`` propose a global map that absorbs part of the breathing (a cranio-caudal scaling of 6 % plus
+    8 mm, its coarse similarity half the identity's); return the map."""
+    from elastic_hypermorph_bundle.workflow import instance
+
+    scaling = Affine(torch.diag(torch.tensor([1.0, 1.0, 0.94]))[None], torch.tensor([[0.0, 0.0, 8.0]]), spacing)
+    proposed = {"prealign_similarity_identity": torch.ones(1), "prealign_similarity_rigid": torch.full((1,), 0.5),
+                "prealign_applied": torch.ones(1)}
+    monkeypatch.setattr(instance, "auto_prealign", lambda *args, **kwargs: (scaling, dict(proposed)))
+    return scaling
+
+
 def test_a_proposed_map_that_does_not_lower_the_start_objective_is_dropped(breathing, monkeypatch):
     """A breathing-only pair for which ``auto`` proposes a global map that absorbs part of the breathing (here a
     cranio-caudal scaling of 6 % plus 8 mm): the network's start from the moving image as it is has the lower
     objective, so the map is dropped and the result is the registration without pre-alignment."""
-    from elastic_hypermorph_bundle.workflow import instance
-
     pair, fixed, moving = breathing
     hyper = torch.tensor([[0.083, 0.03]])
     truth = torch.from_numpy(pair.displacement)[None]
-    scaling = Affine(torch.diag(torch.tensor([1.0, 1.0, 0.94]))[None], torch.tensor([[0.0, 0.0, 8.0]]), pair.spacing)
-    proposed = {"prealign_similarity_identity": torch.ones(1), "prealign_similarity_rigid": torch.full((1,), 0.5),
-                "prealign_applied": torch.ones(1)}
-    monkeypatch.setattr(instance, "auto_prealign", lambda *args, **kwargs: (scaling, dict(proposed)))
+    _propose_scaling_map(monkeypatch, pair.spacing)
     # the network reads each candidate's moving image: on the image as it is, it gives the true field
     predict = lambda m: truth if m is moving else torch.zeros_like(truth)  # noqa: E731
     stages = InstanceOptimization(steps=5, levels=2, prealign="auto")
@@ -119,15 +126,11 @@ def test_the_network_alone_keeps_a_proposed_map_by_the_same_start_objective(brea
     taken even where its objective is lower). Here the map only absorbs part of the breathing, so it is dropped;
     where the network's field of the image as it is is rough (a high elastic energy), the map is kept and composed."""
     from elastic_hypermorph_bundle.networks.spatial import compose_affine
-    from elastic_hypermorph_bundle.workflow import instance
 
     pair, fixed, moving = breathing
     hyper = torch.tensor([[0.083, 0.03]])
     truth = torch.from_numpy(pair.displacement)[None]
-    scaling = Affine(torch.diag(torch.tensor([1.0, 1.0, 0.94]))[None], torch.tensor([[0.0, 0.0, 8.0]]), pair.spacing)
-    proposed = {"prealign_similarity_identity": torch.ones(1), "prealign_similarity_rigid": torch.full((1,), 0.5),
-                "prealign_applied": torch.ones(1)}
-    monkeypatch.setattr(instance, "auto_prealign", lambda *args, **kwargs: (scaling, dict(proposed)))
+    scaling = _propose_scaling_map(monkeypatch, pair.spacing)
     stages = InstanceOptimization(steps=0, prealign="auto")
     predict = lambda m: truth if m is moving else 0.5 * truth  # noqa: E731  (true on the image as it is)
     ddf = stages.register(predict, fixed, moving, hyper, pair.spacing)
