@@ -69,8 +69,10 @@ def test_a_moving_image_on_the_fixed_grid_gets_no_coverage_and_the_same_field(fo
     fields = []
     for on in (True, False):
         stages = InstanceOptimization(steps=5, levels=2, coverage_mask=on)
+        mask, covered = stages.mask(batch)
+        assert mask is None and covered is None
         fields.append(stages.register(None, batch["fixed_image"].as_tensor(), batch["moving_image"].as_tensor(),
-                                      HYPER, (2.0, 2.0, 2.0), stages.mask(batch)))
+                                      HYPER, (2.0, 2.0, 2.0), mask, covered=covered))
         assert "moving_coverage" not in stages.record
     assert fields[0].abs().max() > 0.01 and torch.equal(fields[0], fields[1])
 
@@ -92,8 +94,9 @@ def test_the_field_does_not_depend_on_the_moving_image_outside_its_field_of_view
         for moving in (filled, noisy):
             stages = InstanceOptimization(steps=6, coverage_mask=on)
             batch = {"fixed_image": fixed, "moving_image": moving, COVERAGE_KEY: coverage}
+            mask, covered = stages.mask(batch)
             fields.append(stages.register(lambda m: torch.full((1, 3, *m.shape[2:]), 0.5), fixed, moving,
-                                          HYPER, (1.0, 1.0, 1.0), stages.mask(batch)))
+                                          HYPER, (1.0, 1.0, 1.0), mask, covered=covered))
         assert fields[0].abs().max() > 0.5  # the optimisation moved
         assert torch.equal(fields[0], fields[1]) == same
         if on:
@@ -107,16 +110,37 @@ def test_the_fixed_mask_and_the_coverage_multiply_and_the_sweep_carries_the_cove
     followup = dict(followup, fixed_mask=write(tmp_path / "mask.nii.gz", lower_half, FIXED_AFFINE))
     out = registration_transforms(hu_offset=0)(followup)
     stages = InstanceOptimization(use_mask=True)
-    mask = stages.mask({key: out[key][None] for key in ("fixed_mask", COVERAGE_KEY)})
+    mask, covered = stages.mask({key: out[key][None] for key in ("fixed_mask", COVERAGE_KEY)})
     expected = analytic_box().clone()
     expected[:10] = 0
     assert torch.equal(mask[0, 0], expected)
+    # the covered fraction is the moving image's, not the fixed mask's share of it
+    assert covered.tolist() == [float(analytic_box().mean())]
     # the sweep's cached pair keeps the coverage, and its stages' mask is the same
     (pair,) = prepare_pairs([dict(followup, pair_id="p")], registration_transforms(hu_offset=0))
     assert torch.equal(pair.coverage[0, 0], analytic_box())
-    assert torch.equal(_stage_mask(pair, stages)[0, 0], expected)
-    assert torch.equal(_stage_mask(pair, InstanceOptimization())[0, 0], analytic_box())
-    assert _stage_mask(pair, InstanceOptimization(coverage_mask="false")) is None
+    assert torch.equal(_stage_mask(pair, stages)[0][0, 0], expected)
+    assert torch.equal(_stage_mask(pair, stages)[1], covered)
+    assert torch.equal(_stage_mask(pair, InstanceOptimization())[0][0, 0], analytic_box())
+    assert _stage_mask(pair, InstanceOptimization(coverage_mask="false")) == (None, None)
+
+
+def test_the_covered_fraction_travels_with_its_mask_not_with_the_instance():
+    """Two pairs' masks taken from one instance before either is registered: each registration records its own
+    pair's covered fraction (no state of the instance between the calls); no fraction, no record."""
+    fixed = torch.rand(1, 1, 16, 12, 12)
+    stages = InstanceOptimization(steps=0, prealign="none")
+    taken = []
+    for covered_planes in (4, 12):
+        coverage = torch.zeros_like(fixed)
+        coverage[:, :, :covered_planes] = 1
+        taken.append(stages.mask({COVERAGE_KEY: coverage}))
+    for (mask, covered), fraction in reversed(list(zip(taken, (4 / 16, 12 / 16)))):
+        assert covered.tolist() == [fraction] and mask.mean().item() == fraction
+        stages.register(None, fixed, fixed, HYPER, (1.0, 1.0, 1.0), mask, covered=covered)
+        assert stages.record["moving_coverage"].tolist() == [fraction]
+        stages.register(None, fixed, fixed, HYPER, (1.0, 1.0, 1.0), mask)
+        assert "moving_coverage" not in stages.record
 
 
 def test_the_benchmark_gives_a_cached_followup_the_coverage_of_its_own_grid(real_ct):

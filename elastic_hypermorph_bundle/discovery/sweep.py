@@ -201,9 +201,10 @@ def field_metrics(
     return row
 
 
-def _stage_mask(pair: PreparedPair, instance) -> torch.Tensor | None:
-    """The similarity's mask of the pair's stages (:meth:`~elastic_hypermorph_bundle.workflow.instance.
-    InstanceOptimization.similarity_mask`: the fixed mask with ``use_mask``, times the moving image's coverage)."""
+def _stage_mask(pair: PreparedPair, instance) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``(mask, covered)``: the similarity's mask of the pair's stages and the moving image's covered fraction
+    (:meth:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization.similarity_mask`: the fixed mask with
+    ``use_mask``, times the moving image's coverage)."""
     if instance.use_mask and pair.fixed_mask is None:
         raise ValueError(f"--use_mask true needs fixed masks for every pair; pair {pair.pair_id} has none.")
     return instance.similarity_mask(pair.fixed_mask if instance.use_mask else None, pair.coverage)
@@ -216,8 +217,8 @@ def prepare_stages(pair: PreparedPair, instance):
     :meth:`PreparedPair.features`), computed once per pair by a sweep and passed to :func:`register_pair` at every
     grid point."""
     features = pair.features(instance.similarity) if instance.steps > 0 else None
-    return instance.prepare(pair.fixed.float(), pair.moving.float(), pair.spacing, _stage_mask(pair, instance),
-                            features)
+    mask, covered = _stage_mask(pair, instance)
+    return instance.prepare(pair.fixed.float(), pair.moving.float(), pair.spacing, mask, features, covered)
 
 
 def register_pair(network: torch.nn.Module, weights, row: torch.Tensor, pair: PreparedPair, instance,
@@ -234,7 +235,7 @@ def register_pair(network: torch.nn.Module, weights, row: torch.Tensor, pair: Pr
     Raises:
         ValueError: ``instance.use_mask`` and the pair has no fixed mask.
     """
-    mask = _stage_mask(pair, instance)
+    mask, _ = _stage_mask(pair, instance)  # its covered fraction is in the prepared stages' record
     if prepared is None:
         prepared = prepare_stages(pair, instance)
 

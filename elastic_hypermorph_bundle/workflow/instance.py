@@ -162,7 +162,6 @@ class InstanceOptimization:
         # booleans from the command line are parsed once, here
         self.use_mask = parse_flag("use_mask", use_mask)
         self.coverage_mask = parse_flag("instance_coverage_mask", coverage_mask)
-        self._coverage: tuple[torch.Tensor, torch.Tensor] | None = None  # (mask, covered fraction) of similarity_mask
         self.diffeomorphic = parse_flag("diffeomorphic", diffeomorphic)
         self.select_start = parse_flag("instance_select_start", select_start)
         self.discrete = parse_flag("instance_discrete", discrete)
@@ -189,9 +188,8 @@ class InstanceOptimization:
             raise ValueError(f"the {self.regularizer!r} regularizer has no elastic parameters (lam, mu) to optimise at.")
         return self._lame(hyper, self._constants)
 
-    def mask(self, batch: dict) -> torch.Tensor | None:
-        """The similarity's mask ``(B, 1, *spatial)`` of a batch (:meth:`similarity_mask` of its fixed mask and
-        moving coverage), ``None`` for all voxels.
+    def mask(self, batch: dict) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(mask, covered)`` of a batch: :meth:`similarity_mask` of its fixed mask and moving coverage.
 
         Raises:
             ValueError: ``use_mask`` and the batch has no ``fixed_mask``.
@@ -200,19 +198,21 @@ class InstanceOptimization:
             raise ValueError("--use_mask true needs a fixed mask for every pair (--fixed_mask, or masksTr in the dataset).")
         return self.similarity_mask(batch["fixed_mask"] if self.use_mask else None, batch.get(COVERAGE_KEY))
 
-    def similarity_mask(self, fixed_mask: torch.Tensor | None, coverage: torch.Tensor | None) -> torch.Tensor | None:
-        """The voxels both stages compare, ``(B, 1, *spatial)`` 0/1 or ``None`` (all): ``fixed_mask`` (when
-        ``use_mask``; the caller passes ``None`` otherwise) times ``coverage`` (when ``coverage_mask`` and the moving
-        image has one: it came on another grid). The covered fraction goes to :attr:`record` in :meth:`prepare`."""
-        self._coverage = None
+    def similarity_mask(self, fixed_mask: torch.Tensor | None,
+                        coverage: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(mask, covered)``: the voxels both stages compare, ``(B, 1, *spatial)`` 0/1 or ``None`` (all), i.e.
+        ``fixed_mask`` (when ``use_mask``; the caller passes ``None`` otherwise) times ``coverage > 0`` (when
+        ``coverage_mask`` and the moving image has one: it came on another grid); and ``covered``, ``(B,)`` the
+        fraction of the fixed grid the moving image covers, ``mean(coverage > 0)`` over the voxels, where the
+        coverage entered the mask (else ``None``). Pass both to :meth:`register` (or :meth:`prepare`), which records
+        and logs ``covered``."""
         if fixed_mask is not None:
             fixed_mask = plain(fixed_mask).float()
         if coverage is None or not self.coverage_mask:
-            return fixed_mask
+            return fixed_mask, None
         coverage = (plain(coverage).float() > 0).float()
         mask = coverage if fixed_mask is None else fixed_mask * coverage
-        self._coverage = (mask, coverage.flatten(1).mean(1))
-        return mask
+        return mask, coverage.flatten(1).mean(1)
 
     def align(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None,
               features=None) -> Affine | None:
@@ -240,15 +240,15 @@ class InstanceOptimization:
         )
 
     def prepare(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None,
-                features=None) -> PairStages:
+                features=None, covered: torch.Tensor | None = None) -> PairStages:
         """The stages' part that does not depend on ``(lam, mu)``: the pre-alignment, the moving image the network
         reads, the discrete search's start (``None``: the identity), the similarity's features of both images
         (``features`` when the caller has them, e.g. a sweep's cached pair, else computed here); other arguments
         as :meth:`register`."""
         self.record = {}
-        if self._coverage is not None and self._coverage[0] is mask:
-            self.record["moving_coverage"] = self._coverage[1]
-            for fraction in self._coverage[1].tolist():
+        if covered is not None:
+            self.record["moving_coverage"] = covered
+            for fraction in covered.tolist():
                 logger.info("the moving image covers %.1f %% of the fixed grid: the similarity compares there only "
                             "(--instance_coverage_mask false: everywhere)", 100 * fraction)
         # what the optimisation and the auto pre-alignment's proposal and check compare, once, before the
@@ -267,7 +267,7 @@ class InstanceOptimization:
                           tentative, unaligned_start)
 
     def register(self, predict, fixed, moving, hyper, spacing: Sequence[float], mask=None,
-                 prepared: PairStages | None = None) -> torch.Tensor:
+                 prepared: PairStages | None = None, covered: torch.Tensor | None = None) -> torch.Tensor:
         """One registration with every stage: pre-alignment, ``predict(network_moving) -> ddf`` (the network on
         the pre-aligned moving image; ``None``: the identity), instance optimisation; returns the total DDF.
 
@@ -277,11 +277,14 @@ class InstanceOptimization:
             hyper: ``(B, H)`` the network's hyperparameter rows (they give ``(lam, mu)``, see
                 :meth:`elastic_parameters`).
             spacing: voxel size (mm) of the grid, for the pre-alignment's rotations and scalings.
-            mask: the fixed mask ``(B, 1, *spatial)`` when ``use_mask`` (see :meth:`mask`).
+            mask: the similarity's mask ``(B, 1, *spatial)`` (:meth:`mask` or :meth:`similarity_mask`), ``None``: all
+                voxels.
             prepared: :meth:`prepare` of this pair with these settings (computed here when None), e.g. kept by a
                 sweep that registers one pair at many ``(lam, mu)``.
+            covered: ``(B,)`` the moving image's covered fraction that came with ``mask`` (:meth:`similarity_mask`),
+                recorded as ``moving_coverage`` and logged by :meth:`prepare` (with ``prepared``, its record has it).
         """
-        stages = self.prepare(fixed, moving, spacing, mask) if prepared is None else prepared
+        stages = self.prepare(fixed, moving, spacing, mask, covered=covered) if prepared is None else prepared
         self.record = dict(stages.record)
         # the similarity's descriptors of both images, once per pair for the choices below and the optimisation
         # (``prepared`` by an instance without optimisation has none)

@@ -112,11 +112,10 @@ class RegisterStep:
             ddf = plain(predict(moving)).float()
         else:
             # one spacing for the batch: inference and evaluation register one pair per batch
+            mask, covered = self.instance.mask(batch)
             ddf = self.instance.register(
                 predict if self.use_network else None, plain(fixed).float(), plain(moving).float(),
-                hyper.expand(fixed.shape[0], -1),
-                spacing,
-                self.instance.mask(batch),
+                hyper.expand(fixed.shape[0], -1), spacing, mask, covered=covered,
             )
         with torch.no_grad():
             warped = warp_image(moving.float(), ddf)

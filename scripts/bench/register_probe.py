@@ -133,9 +133,9 @@ def register_pairs(spec: dict, pair_paths: list[str], scratch: str) -> dict:
                 # (only where the row's options say so: they are its key in section 5b)
                 coverage = moving_coverage(pair) if options.get("optimize_kwargs", {}).get("coverage_mask") else None
                 coverage = None if coverage is None else torch.from_numpy(coverage)[None, None].to(device)
-                mask = stages.similarity_mask(fixed_mask, coverage)
+                mask, covered = stages.similarity_mask(fixed_mask, coverage)
                 predict = None if net is None else (lambda m: network_ddf(net, weights, fixed_t, m, grid))
-                init = stages.register(predict, fixed_t, moving_t, row, tuple(pair.spacing), mask)
+                init = stages.register(predict, fixed_t, moving_t, row, tuple(pair.spacing), mask, covered=covered)
                 # what the pre-alignment and the start selection decided (section 5b's diagnosis)
                 report.setdefault("details", {}).setdefault("records", []).append(
                     {k: torch.as_tensor(v).flatten().tolist() for k, v in stages.record.items()})
