@@ -12,7 +12,8 @@ from collections.abc import Sequence
 
 import torch
 from monai.utils import LossReduction
-from torch.nn.modules.loss import _Loss
+
+from .reduction import ReducedLoss
 
 __all__ = ["elastic_energy", "ElasticLoss", "NonFiniteFieldError"]
 
@@ -115,7 +116,7 @@ def elastic_energy(
     return mu / 4 * shear + lam / 2 * volume
 
 
-class ElasticLoss(_Loss):
+class ElasticLoss(ReducedLoss):
     """Linear elastic regularization loss ``R(u; lam, mu)``, see :func:`elastic_energy` for formula and
     discretisation. ``lam`` and ``mu`` are given per call, as numbers or per-sample ``(B,)`` tensors, so that a
     hypernetwork can sample them per batch element.
@@ -137,9 +138,7 @@ class ElasticLoss(_Loss):
         reduction: LossReduction | str = LossReduction.MEAN,
         spacing: Sequence[float] | None = None,
     ) -> None:
-        if reduction not in list(LossReduction):
-            raise ValueError(f'Unsupported reduction: {reduction}, available options are ["mean", "sum", "none"].')
-        super().__init__(reduction=LossReduction(reduction).value)
+        super().__init__(reduction)
         if spatial_dims not in (1, 2, 3):
             raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims}.")
         if spacing is not None and (len(spacing) != spatial_dims or min(spacing) <= 0):
@@ -161,9 +160,4 @@ class ElasticLoss(_Loss):
             raise ValueError(
                 f"expecting ddf with {self.spatial_dims} spatial dimensions, got ddf of shape {tuple(ddf.shape)}."
             )
-        energy = elastic_energy(ddf, lam, mu, self.spacing)
-        if self.reduction == LossReduction.MEAN.value:
-            return energy.mean()
-        if self.reduction == LossReduction.SUM.value:
-            return energy.sum()
-        return energy
+        return self.reduce(elastic_energy(ddf, lam, mu, self.spacing))

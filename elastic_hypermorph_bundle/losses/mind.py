@@ -21,9 +21,9 @@ import itertools
 import torch
 import torch.nn.functional as F
 from monai.utils import LossReduction
-from torch.nn.modules.loss import _Loss
 
 from ..networks.spatial import box_mean
+from .reduction import ReducedLoss
 
 __all__ = ["mind_ssc", "MINDSSCLoss"]
 
@@ -86,7 +86,7 @@ def _variance(distance: torch.Tensor) -> torch.Tensor:
     return torch.maximum(torch.minimum(variance, scale * 1e3), scale * 1e-3 + 1e-12)
 
 
-class MINDSSCLoss(_Loss):
+class MINDSSCLoss(ReducedLoss):
     """Mean squared difference of the MIND-SSC descriptors (:func:`mind_ssc`) of two 3D images; 0 for images that
     differ by a global affine intensity change, in ``[0, 1]`` otherwise.
 
@@ -98,9 +98,7 @@ class MINDSSCLoss(_Loss):
     """
 
     def __init__(self, radius: int = 1, dilation: int = 2, reduction: LossReduction | str = LossReduction.MEAN):
-        if reduction not in list(LossReduction):
-            raise ValueError(f'Unsupported reduction: {reduction}, available options are ["mean", "sum", "none"].')
-        super().__init__(reduction=LossReduction(reduction).value)
+        super().__init__(reduction)
         self.radius = radius
         self.dilation = dilation
 
@@ -116,9 +114,4 @@ class MINDSSCLoss(_Loss):
         if pred.shape != target.shape:
             raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} and {tuple(target.shape)}.")
         difference = (mind_ssc(pred, self.radius, self.dilation) - mind_ssc(target, self.radius, self.dilation))
-        value = difference.square().mean(dim=1, keepdim=True)
-        if self.reduction == LossReduction.MEAN.value:
-            return value.mean()
-        if self.reduction == LossReduction.SUM.value:
-            return value.sum()
-        return value
+        return self.reduce(difference.square().mean(dim=1, keepdim=True))

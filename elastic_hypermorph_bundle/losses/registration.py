@@ -8,9 +8,9 @@ from collections.abc import Sequence
 
 import torch
 from monai.utils import LossReduction
-from torch.nn.modules.loss import _Loss
 
 from ..physics import LameParameters
+from .reduction import ReducedLoss
 from .regularizers import FIXED_LAME, REGULARIZERS, get_regularizer
 from .similarity import LNCC_WINDOW, get_similarity
 
@@ -20,7 +20,7 @@ WEIGHTINGS = ("paper", "hypermorph")
 REGULARIZED_FIELDS = ("displacement", "velocity")
 
 
-class RegistrationLoss(_Loss):
+class RegistrationLoss(ReducedLoss):
     """Similarity of the warped moving image to the fixed image plus a regularizer of the deformation, with every
     weight taken per sample from its row of ``hyper`` (Reithmeir et al., arXiv:2311.08239; HyperMorph, Hoopes et al.,
     IPMI 2021).
@@ -73,9 +73,7 @@ class RegistrationLoss(_Loss):
         reduction: LossReduction | str = LossReduction.MEAN,
         similarity: str = "lncc",
     ) -> None:
-        if reduction not in list(LossReduction):
-            raise ValueError(f'Unsupported reduction: {reduction}, available options are ["mean", "sum", "none"].')
-        super().__init__(reduction=LossReduction(reduction).value)
+        super().__init__(reduction)
         row = get_regularizer(regularizer)
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}.")
@@ -143,13 +141,6 @@ class RegistrationLoss(_Loss):
         row = self._similarity
         return row.compare(row.prepare(warped), row.prepare(fixed), self.kernel_size)
 
-    def _reduce(self, values: torch.Tensor) -> torch.Tensor:
-        if self.reduction == LossReduction.MEAN.value:
-            return values.mean()
-        if self.reduction == LossReduction.SUM.value:
-            return values.sum()
-        return values
-
     def forward(
         self,
         warped: torch.Tensor,
@@ -197,11 +188,11 @@ class RegistrationLoss(_Loss):
         similarity_weight = 1 - hyper.sum(1).to(similarity) if self.weighting == "hypermorph" else 1.0
         loss = similarity_weight * similarity + regularization
         if not return_components:
-            return self._reduce(loss)
+            return self.reduce(loss)
         return {
-            "loss": self._reduce(loss),
-            "similarity": self._reduce(similarity),
-            "regularization": self._reduce(regularization),
+            "loss": self.reduce(loss),
+            "similarity": self.reduce(similarity),
+            "regularization": self.reduce(regularization),
         }
 
 
