@@ -2,6 +2,8 @@
 makes it, without being part of the installed package; the one way tests write a trained model; the one way they
 find the shared real chest CTs."""
 
+import io
+import subprocess
 import sys
 from pathlib import Path
 
@@ -62,3 +64,39 @@ def real_ct():
         return found
 
     return path
+
+
+def _bundle_run_in_process(args) -> subprocess.CompletedProcess:
+    """``python -m monai.bundle run *args`` for a run that is to fail, in this process (a fresh interpreter spends
+    seconds importing MONAI): ``sys.argv`` is that command's (the bundle reads its overrides from it), python-fire
+    parses the arguments as ``monai.bundle``'s ``__main__`` does, and an error is written to ``stderr`` by the hook
+    the package installs for the command line; ``returncode`` 1 when the run raised, else 0. MONAI's logging file is
+    not applied (it would re-route this process's logging). The command line as a process of its own (the hook
+    installed at import, the exit status) is tested by test_reliability's subprocess runs."""
+    import fire
+    from monai.bundle import scripts
+
+    from elastic_hypermorph_bundle import cli
+
+    args = [str(a) for a in args]
+    argv, stderr = sys.argv, io.StringIO()
+    sys.argv = [scripts.__file__.replace("scripts.py", "__main__.py"), "run", *args]
+    try:
+        fire.Fire({"run": scripts.run}, command=["run", *args, "--logging_file", "False"])
+    except Exception as error:  # noqa: BLE001 (printed as the command line prints it)
+        real, sys.stderr = sys.stderr, stderr
+        try:
+            cli._clean_excepthook(type(error), error, error.__traceback__)
+        finally:
+            sys.stderr = real
+        return subprocess.CompletedProcess(["monai.bundle", "run", *args], 1, "", stderr.getvalue())
+    finally:
+        sys.argv = argv
+    return subprocess.CompletedProcess(["monai.bundle", "run", *args], 0, "", "")
+
+
+@pytest.fixture(scope="session")
+def bundle_run_in_process():
+    """``bundle_run_in_process(args) -> CompletedProcess``: a refused ``python -m monai.bundle run`` in this process
+    (:func:`_bundle_run_in_process`)."""
+    return _bundle_run_in_process

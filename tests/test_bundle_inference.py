@@ -76,10 +76,15 @@ def _bundle(*args: str, configs: tuple[str, ...] = ("inference.json",), processe
         env["OMP_NUM_THREADS"] = "1"
     if processes > 1:
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "monai.bundle"]
-    config = str([str(ROOT / "configs" / name) for name in configs])
-    cmd = [*launcher, "run", "--config_file", config, "--bundle_root", str(ROOT),
-           "--meta_file", str(ROOT / "configs" / "metadata.json"), *args]
+    cmd = [*launcher, "run", *_run_args(args, configs)]
     return subprocess.run(cmd, cwd=ROOT.parent, env=env, capture_output=True, text=True, timeout=600)
+
+
+def _run_args(args, configs: tuple[str, ...] = ("inference.json",)) -> list[str]:
+    """The arguments after ``monai.bundle run``: absolute config paths, the bundle root, then ``args``."""
+    config = str([str(ROOT / "configs" / name) for name in configs])
+    return ["--config_file", config, "--bundle_root", str(ROOT), "--meta_file", str(ROOT / "configs" / "metadata.json"),
+            *args]
 
 
 def _common(dataset: Path, model: Path, output_dir: Path, network_alone: bool = True) -> list[str]:
@@ -315,7 +320,8 @@ def test_stiffer_hyperparameters_give_a_smoother_field_of_a_trained_model(datase
         (["--diffeomorphic", "maybe"], "--diffeomorphic must be true or false"),
     ],
 )
-def test_inference_failures_are_clear_and_leave_nothing(dataset, model, tmp_path, args, message):
+def test_inference_failures_are_clear_and_leave_nothing(dataset, model, tmp_path, args, message,
+                                                       bundle_run_in_process):
     mismatch = tmp_path / "moving.nii.gz"
     fixed = dataset / "imagesTr" / "LungCT_0001_0000.nii.gz"
     image = nib.load(fixed)
@@ -323,7 +329,7 @@ def test_inference_failures_are_clear_and_leave_nothing(dataset, model, tmp_path
     far[:3, 3] += 1000.0  # mm: nowhere near the fixed image
     nib.save(nib.Nifti1Image(image.get_fdata(dtype=np.float32), far), mismatch)
     args = [{"FIXED": str(fixed), "MISMATCH": str(mismatch)}.get(a, a) for a in args]
-    result = _bundle(*_common(dataset, model, tmp_path / "out"), *args)
+    result = bundle_run_in_process(_run_args([*_common(dataset, model, tmp_path / "out"), *args]))
     assert result.returncode != 0 and message in result.stderr
     assert not (tmp_path / "out").exists()
 
@@ -339,7 +345,7 @@ def network_evaluation(dataset, model, tmp_path_factory) -> Path:
 
 
 @pytest.mark.slow
-def test_evaluation_writes_plausible_metrics(dataset, model, network_evaluation, tmp_path):
+def test_evaluation_writes_plausible_metrics(dataset, model, network_evaluation, tmp_path, bundle_run_in_process):
     out = network_evaluation
     record = json.loads((out / "metrics.json").read_text())
     rows = list(csv.DictReader(open(out / "metrics.csv")))
@@ -353,12 +359,12 @@ def test_evaluation_writes_plausible_metrics(dataset, model, network_evaluation,
     assert record["info"]["hyper"] == pytest.approx([0.083, 0.03])
     # a second run into the same folder (at other hyperparameters) refuses and leaves the earlier outputs untouched
     before = {path: path.read_bytes() for path in out.rglob("*") if path.is_file()}
-    again = _bundle(*_common(dataset, model, out), "--lam", "0.9", "--mu", "0.8",
-                    configs=("inference.json", "evaluate.json"))
+    again = bundle_run_in_process(_run_args([*_common(dataset, model, out), "--lam", "0.9", "--mu", "0.8"],
+                                            configs=("inference.json", "evaluate.json")))
     assert again.returncode != 0 and "--overwrite true" in again.stderr
     assert {path: path.read_bytes() for path in out.rglob("*") if path.is_file()} == before
-    other = _bundle(*_common(dataset, model, tmp_path / "eval64"), "--spatial_size", "[64, 64, 64]",
-                    configs=("inference.json", "evaluate.json"))
+    other = bundle_run_in_process(_run_args([*_common(dataset, model, tmp_path / "eval64"), "--spatial_size",
+                                             "[64, 64, 64]"], configs=("inference.json", "evaluate.json")))
     assert other.returncode != 0 and "(trained: [32, 32, 32])" in other.stderr
 
 
@@ -413,7 +419,7 @@ def test_two_processes_register_each_pair_once_and_match_one_process(dataset, mo
 
 
 @pytest.mark.slow
-def test_registration_without_a_model_by_instance_optimisation_alone(dataset, tmp_path):
+def test_registration_without_a_model_by_instance_optimisation_alone(dataset, tmp_path, bundle_run_in_process):
     out = tmp_path / "no_model"
     args = ["--dataset_dir", str(dataset), "--ckpt_path", str(tmp_path / "none" / "model.pt"), "--output_dir",
             str(out), "--num_workers", "0", "--init", "identity", "--instance_steps", "30"]
@@ -421,7 +427,8 @@ def test_registration_without_a_model_by_instance_optimisation_alone(dataset, tm
     assert result.returncode == 0, result.stderr[-3000:]
     mean = json.loads((out / "metrics.json").read_text())["mean"]
     assert mean["tre_mm"] < 0.6 * mean["tre_before_mm"]
-    refused = _bundle(*args[:-1], "0", "--output_dir", str(tmp_path / "refused"), configs=("inference.json", "evaluate.json"))
+    refused = bundle_run_in_process(_run_args([*args[:-1], "0", "--output_dir", str(tmp_path / "refused")],
+                                              configs=("inference.json", "evaluate.json")))
     assert refused.returncode != 0 and "needs --instance_steps > 0" in refused.stderr.strip().splitlines()[-1]
 
 

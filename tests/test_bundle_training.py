@@ -242,6 +242,13 @@ def _bundle(*args: str, run_id: str | None = "training", cwd: Path | None = None
     return result.returncode, result.stdout + result.stderr
 
 
+def _refused(run_in_process, *args: str) -> tuple[int, str]:
+    """A training run that is to fail, as :func:`_bundle` runs it but in this process (conftest's
+    ``bundle_run_in_process``): its exit status and what it printed."""
+    result = run_in_process(["training", *args, "--bundle_root", str(BUNDLE_ROOT)])
+    return result.returncode, result.stdout + result.stderr
+
+
 def _train_args(dataset: Path, root: Path, epochs: int = 1, *extra: str) -> list[str]:
     return [
         "--config_file", TRAIN,
@@ -257,7 +264,7 @@ def _train_args(dataset: Path, root: Path, epochs: int = 1, *extra: str) -> list
 
 
 @pytest.mark.slow
-def test_training_writes_checkpoints_refuses_to_overwrite_and_resumes(dataset, tmp_path):
+def test_training_writes_checkpoints_refuses_to_overwrite_and_resumes(dataset, tmp_path, bundle_run_in_process):
     models = tmp_path / "models"
     rc, log = _bundle(*_train_args(dataset, tmp_path, 1), cwd=tmp_path)
     assert rc == 0, log[-3000:]
@@ -274,7 +281,7 @@ def test_training_writes_checkpoints_refuses_to_overwrite_and_resumes(dataset, t
     assert list((tmp_path / "eval").glob("events.out.tfevents.*")), "TensorBoard logs expected"
     first = torch.load(models / "checkpoint_epoch=1.pt", weights_only=True)
 
-    rc, log = _bundle(*_train_args(dataset, tmp_path, 2), cwd=tmp_path)
+    rc, log = _refused(bundle_run_in_process, *_train_args(dataset, tmp_path, 2))
     assert rc != 0 and "--resume true" in log and "--overwrite true" in log
 
     rc, log = _bundle(*_train_args(dataset, tmp_path, 2, "--resume", "true"), cwd=tmp_path)
@@ -322,16 +329,16 @@ def test_two_process_gloo_training(dataset, tmp_path):
 
 
 @pytest.mark.slow
-def test_missing_dataset_dir_fails_clearly_and_writes_nothing(tmp_path):
-    rc, log = _bundle(*_train_args(tmp_path / "no_such_dataset", tmp_path / "out"))
+def test_missing_dataset_dir_fails_clearly_and_writes_nothing(tmp_path, bundle_run_in_process):
+    rc, log = _refused(bundle_run_in_process, *_train_args(tmp_path / "no_such_dataset", tmp_path / "out"))
     assert rc != 0
     assert "dataset_dir" in log and "no_such_dataset" in log and "is not a folder" in log
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.slow
-def test_out_of_range_validation_hyper_fails_before_writing(dataset, tmp_path):
-    rc, log = _bundle(*_train_args(dataset, tmp_path / "out", 1, "--lam", "3.0"))
+def test_out_of_range_validation_hyper_fails_before_writing(dataset, tmp_path, bundle_run_in_process):
+    rc, log = _refused(bundle_run_in_process, *_train_args(dataset, tmp_path / "out", 1, "--lam", "3.0"))
     assert rc != 0 and "outside the trained range" in log
     assert not (tmp_path / "out").exists()
 
