@@ -114,7 +114,7 @@ def test_bad_requests_are_refused_before_anything_is_written(case, tmp_path, opt
 
 
 @pytest.mark.slow
-def test_apply_config_runs_from_the_command_line(case, tmp_path):
+def test_apply_config_runs_from_the_command_line(case, tmp_path, bundle_run_in_process):
     folder = case["folder"]
     command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", "configs/apply.json",
                "--transform", str(folder / "transform.nii.gz"), "--image", str(folder / "moving.nii.gz"),
@@ -124,6 +124,5 @@ def test_apply_config_runs_from_the_command_line(case, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         ".output_files.json", "fixed_points_in_moving.csv", "moving_warped.nii.gz"]
-    again = subprocess.run(command, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
-                           text=True, timeout=300)
+    again = bundle_run_in_process([str(ROOT / a) if a.startswith("configs/") else a for a in command[4:]])
     assert again.returncode != 0 and "--overwrite true" in again.stderr.strip().splitlines()[-1]
