@@ -73,9 +73,12 @@ class InvalidOverrideError(ValueError):
 
 #: ids that count something: an override must be a whole number (``--instance_steps 2.5`` is refused, not cut to 2)
 INTEGER_IDS = frozenset(
-    {"seed", "epochs", "val_interval", "batch_size", "num_workers", "instance_steps", "instance_coarse_steps",
-     "instance_levels", "hyper_rank"}
+    {"seed", "epochs", "val_interval", "batch_size", "num_workers", "instance_levels", "hyper_rank"}
 )
+#: ids of the instance optimisation's steps: a whole number (every level) or a list of them (one per level, coarsest
+#: first: ``--instance_steps "[50,50,20]"``); the list's length is checked against the levels where they are known
+#: (:func:`~elastic_hypermorph_bundle.optimize.level_steps`)
+LEVEL_STEP_IDS = frozenset({"instance_steps", "sweep_instance_steps"})
 #: the hyperparameter ids; a model uses those of its regularizer only (``HyperSpace.names``)
 HYPER_IDS = ("lam", "mu", "alpha")
 
@@ -186,7 +189,7 @@ def _is_reference(value) -> bool:
 def invalid_override(config_id: str, value, default) -> str | None:
     """Why ``--<config_id> <value>`` cannot be used, judged by the id and the config's ``default`` for it; None
     if it can. MONAI's ``run`` drops a null override without a word (the default would run); integer ids
-    (:data:`INTEGER_IDS`) take whole numbers; an id whose default is a number takes a number, one whose default
+    (:data:`INTEGER_IDS`) take whole numbers, the steps' ids (:data:`LEVEL_STEP_IDS`) a whole number or a list of them; an id whose default is a number takes a number, one whose default
     is a boolean ``true``/``false``."""
     name = f"--{config_id}"
     if value is None:
@@ -197,7 +200,13 @@ def invalid_override(config_id: str, value, default) -> str | None:
     if _is_reference(value):
         return None
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if config_id in INTEGER_IDS:
+    if config_id in LEVEL_STEP_IDS:
+        counts = value if isinstance(value, (list, tuple)) else [value]
+        if not counts or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and float(c).is_integer()
+                                 for c in counts):
+            return (f"{name} must be a whole number or a list of whole numbers (one per level, coarsest first, e.g. "
+                    f"\"[50,50,20]\"), got {value!r}")
+    elif config_id in INTEGER_IDS:
         if not (number and float(value).is_integer()):
             return f"{name} must be a whole number, got {value!r}"
     elif isinstance(default, bool):

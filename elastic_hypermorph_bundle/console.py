@@ -72,10 +72,9 @@ USER_IDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
      "trained model at all: the bundle as a pure optimisation method; `--ckpt_path` is then not read)", "`network`"),
     (("instance_steps",),
      "test-time instance optimisation of each pair's field at the same (λ, μ), started from the network's prediction "
-     "(inference, evaluation, and the sweep's selected point): Adam steps per level; 0 = network alone", "25"),
-    (("instance_coarse_steps",),
-     "Adam steps on each level but the finest, which then runs `instance_steps` (none: `instance_steps` on every "
-     "level); e.g. `--instance_coarse_steps 50 --instance_steps 15` (benchmarks.md section 7b)", "none"),
+     "(inference, evaluation, and the sweep's selected point): Adam steps of every level (a number) or of each level, "
+     "coarsest first (a list, one per level: `--instance_steps \"[50,50,20]\"`, benchmarks.md section 7b); 0 = "
+     "network alone", "25"),
     (("instance_similarity",),
      "its similarity (a row of `losses/similarity.py`): `mind` (MIND-SSC descriptors compared by SSD, insensitive "
      "to the lung's density change) or `lncc`", "`mind`"),

@@ -21,7 +21,8 @@ pipeline that runs them around the network is :class:`~elastic_hypermorph_bundle
   (:class:`~elastic_hypermorph_bundle.losses.RegistrationLoss`, ``weighting="paper"``: similarity + R), so
   ``(lam, mu)`` mean the same as for the network. ``u_N`` = the initial field (e.g. the network's prediction on the
   pre-aligned pair) plus a correction on a control grid ``grid`` times coarser than the image, optimised coarse to
-  fine over ``levels`` (each level twice as fine as the one before), upsampled (trilinear) to the image grid.
+  fine over ``levels`` (each level twice as fine as the one before), upsampled (trilinear) to the image grid; the
+  Adam steps of each level are :func:`level_steps` of ``steps`` (one number for every level, or one per level).
   With ``diffeomorphic=True`` the correction is a stationary velocity, integrated by scaling and squaring and
   composed with the initial field.
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 import time
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -49,7 +51,7 @@ from .networks.warp import warp_image
 
 __all__ = ["PREALIGNMENTS", "AUTO_PREALIGN_MARGIN", "AUTO_PREALIGN_SHIFTS_MM", "centre_of_mass_offset",
            "lung_centroid_offset", "prealign", "auto_prealign", "similarity_features", "identity_field",
-           "start_objective", "instance_optimize"]
+           "start_objective", "level_steps", "instance_optimize"]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
 
@@ -430,6 +432,37 @@ def start_objective(
         return measure(total) + elastic_energy(field, lam, mu, (base_spacing / scale).tolist())
 
 
+def level_steps(steps: int | Sequence[int], levels: int, name: str = "steps") -> tuple[int, ...]:
+    """The Adam steps of each level of :func:`instance_optimize`, coarsest first: ``steps`` on every level when it
+    is one number, else ``steps`` itself, one count per level (e.g. ``[50, 50, 20]`` for 3 levels: more steps on
+    the cheap coarse levels, fewer on the finest). All zero: no optimisation.
+
+    Args:
+        steps: a whole number >= 0, or a sequence of ``levels`` of them.
+        levels: number of levels of the optimisation.
+        name: the setting's name in the error messages (e.g. ``"instance_steps"``, the config id).
+
+    Raises:
+        ValueError: a count that is not a whole number, a negative count, or a sequence of another length than
+            ``levels``.
+    """
+    per_level = isinstance(steps, Sequence) and not isinstance(steps, str)
+    counts = list(steps) if per_level else [steps]
+    if not all(isinstance(c, numbers.Real) and not isinstance(c, bool) and float(c).is_integer() for c in counts):
+        raise ValueError(f"{name} must be a whole number or a list of whole numbers (one per level, coarsest "
+                         f"first), got {steps!r}.")
+    counts = [int(count) for count in counts]
+    if any(count < 0 for count in counts):
+        raise ValueError(f"{name} must be >= 0 on every level, got {steps!r}.")
+    if not per_level:
+        counts = counts * levels
+    elif len(counts) != levels:
+        raise ValueError(f"{name} {steps!r} gives {len(counts)} levels' steps, but the optimisation has {levels} "
+                         f"levels: give one number for every level or {levels} numbers, coarsest "
+                         "first.")
+    return tuple(counts)
+
+
 def instance_optimize(
     fixed: torch.Tensor,
     moving: torch.Tensor,
@@ -449,7 +482,6 @@ def instance_optimize(
     smooth: int = 3,
     log_every: int = 0,
     features: tuple[torch.Tensor, torch.Tensor] | None = None,
-    coarse_steps: int | None = None,
 ) -> torch.Tensor:
     """Optimise each pair's displacement field at its ``(lam, mu)``; see the module docstring for the objective.
 
@@ -459,7 +491,9 @@ def instance_optimize(
         init_ddf: the starting non-rigid field ``(B, 3, X, Y, Z)`` in voxels (e.g. the network's prediction on the
             pre-aligned pair); ``None`` starts from the identity (pure optimisation, no trained model needed).
         similarity: ``"mind"`` or ``"lncc"``.
-        steps: Adam steps per level (0 returns the initial field, composed with ``affine``).
+        steps: Adam steps of every level, or one count per level, coarsest first (:func:`level_steps`); 0 on every
+            level returns the initial field, composed with ``affine``. A step of a level costs about 1/8 of the next
+            finer level's (its grid has 1/8 of the voxels), so more coarse and fewer finest steps are cheaper.
         levels: number of coarse-to-fine levels; level ``l`` (0 = coarsest) works on images and a control grid
             ``grid * 2^(levels - 1 - l)`` times coarser than the image grid.
         grid: coarsening of the finest level's control grid (2 = half resolution).
@@ -476,24 +510,21 @@ def instance_optimize(
         log_every: log step and loss terms every this many steps per level (0: first and last step only).
         features: :func:`similarity_features` of ``fixed`` and ``moving`` when already computed (e.g. for
             :func:`start_objective`), so that a pair's descriptors are computed once.
-        coarse_steps: Adam steps on each level but the finest (``None``: ``steps``, every level alike); a coarse
-            step costs 1/8 of the next finer level's, so more coarse and fewer finest steps are cheaper.
 
     Returns:
         the total DDF ``(B, 3, X, Y, Z)`` in voxels (pre-alignment composed with the optimised non-rigid field).
 
     Raises:
         ValueError: for images, masks or ``init_ddf`` of the wrong shape or with non-finite values, an unknown
-            similarity, ``steps`` < 0, ``levels`` < 1, ``grid`` < 1, ``lr`` <= 0, a non-positive spacing, or
-            negative or non-finite ``lam``/``mu``.
+            similarity, ``steps`` that :func:`level_steps` refuses, ``levels`` < 1, ``grid`` < 1, ``lr`` <= 0, a
+            non-positive spacing, or negative or non-finite ``lam``/``mu``.
     """
     _check_images(fixed, moving)
     row = get_similarity(similarity)
     spacing = _check_spacing(spacing, "spacing")
-    if steps < 0 or levels < 1 or not grid >= 1 or not lr > 0:
-        raise ValueError(f"need steps >= 0, levels >= 1, grid >= 1 and lr > 0, got {steps}, {levels}, {grid}, {lr}.")
-    if coarse_steps is not None and coarse_steps < 0:
-        raise ValueError(f"coarse_steps must be >= 0 or None, got {coarse_steps}.")
+    if levels < 1 or not grid >= 1 or not lr > 0:
+        raise ValueError(f"need levels >= 1, grid >= 1 and lr > 0, got {levels}, {grid}, {lr}.")
+    steps = level_steps(steps, levels)
     batch, shape = fixed.shape[0], tuple(fixed.shape[2:])
     lam = _per_sample(lam, "lam", batch, fixed)
     mu = _per_sample(mu, "mu", batch, fixed)
@@ -505,7 +536,7 @@ def instance_optimize(
     elif not torch.isfinite(init_ddf).all():
         raise ValueError("init_ddf contains non-finite values (nan or inf).")
     init_ddf = init_ddf.detach().to(fixed.dtype)
-    if steps == 0:
+    if not any(steps):
         return compose_affine(affine, init_ddf)
 
     compared = similarity_features(fixed, moving, similarity) if features is None else features
@@ -546,14 +577,14 @@ def instance_optimize(
         # the loss is summed over the level's voxels, and Adam's eps set on that scale, so that the rounding noise of
         # warping with a zero field (gradients of about 1e-6 per voxel) is not magnified into full steps by Adam's normalisation
         voxels = math.prod(level)
-        level_steps = steps if coarse_steps is None or level_index == levels - 1 else int(coarse_steps)
+        count = steps[level_index]
         optimizer = torch.optim.Adam([correction], lr=lr, eps=1e-4)
         logged = time.perf_counter()
         with torch.enable_grad():
-            for step in range(level_steps):
+            for step in range(count):
                 # cosine decay: Adam's steps are about lr in size whatever the gradient, so without it the field
                 # would keep jittering by about lr around the optimum
-                optimizer.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / level_steps))
+                optimizer.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / count))
                 optimizer.zero_grad(set_to_none=True)
                 field = non_rigid(correction, init_l)
                 similarity_value = measure(compose_affine(affine_l, field, affine_field_l))
@@ -562,13 +593,13 @@ def instance_optimize(
                 (loss * voxels).backward()
                 optimizer.step()
                 # a line at least every PROGRESS_SECONDS, so that a long level (the finest, at full size) shows progress
-                if step in (0, level_steps - 1) or (log_every and (step + 1) % log_every == 0) or (
+                if step in (0, count - 1) or (log_every and (step + 1) % log_every == 0) or (
                     time.perf_counter() - logged >= PROGRESS_SECONDS
                 ):
                     logged = time.perf_counter()
                     logger.info(
                         "instance optimisation level %d/%d (%s) step %d/%d: loss %.5f, %s %.5f, elastic %.5f",
-                        level_index + 1, levels, "x".join(map(str, level)), step + 1, level_steps,
+                        level_index + 1, levels, "x".join(map(str, level)), step + 1, count,
                         loss.item() / batch, similarity, similarity_value.mean().item(), energy.mean().item(),
                     )
     with torch.no_grad():

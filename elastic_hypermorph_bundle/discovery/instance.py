@@ -44,7 +44,7 @@ def instance_gain(
     alone_mean, optimised_mean = _mean(alone), _mean(optimised)
     return {
         "point": named,
-        "settings": {"steps": instance.steps, "similarity": instance.similarity, "levels": instance.levels,
+        "settings": {"steps": list(instance.steps), "similarity": instance.similarity, "levels": instance.levels,
                      "grid": instance.grid, "prealign": instance.prealign, "use_mask": instance.use_mask,
                      "coverage_mask": instance.coverage_mask},
         "network": alone_mean,

@@ -145,7 +145,7 @@ def plot_pipeline_heatmaps(
     best: Mapping,
     path: str | Path,
     network_best: Mapping | None = None,
-    steps: int | None = None,
+    steps: Sequence[int] | None = None,
 ) -> Path:
     """The network alone (``network_<metric>``) and the pipeline (``<metric>``: network + instance optimisation) over a
     ``[lam, mu]`` grid side by side, on one colour range (both panels' values), brighter = better; the selected
@@ -154,7 +154,7 @@ def plot_pipeline_heatmaps(
     Args:
         grid: the summary's ``grid`` (mean metrics of every point, ``network_`` columns included).
         names: ``("lam", "mu")``.
-        steps: the sweep's optimisation steps per level (shown in the right title).
+        steps: the sweep's optimisation steps of each level, coarsest first (shown in the right title).
     """
     fig = Figure(figsize=(10.4, 4.4), layout="constrained")
     panels = fig.subplots(1, 2, sharey=True)
@@ -165,7 +165,7 @@ def plot_pipeline_heatmaps(
     low, high = (finite.min(), finite.max()) if finite.size else (0.0, 1.0)
     norm = LogNorm(low, high) if log else matplotlib.colors.Normalize(low, high)
     cmap, better = _colormap(metric)
-    titles = ["network alone", "network + instance optimisation" + (f" ({steps} steps/level)" if steps else "")]
+    titles = ["network alone", "network + instance optimisation" + (f" ({'/'.join(map(str, steps))} steps)" if steps and any(steps) else "")]
     for ax, (axes, image), title in zip(panels, images, titles):
         mesh = ax.pcolormesh(_edges(axes[0]), _edges(axes[1]), image.T, cmap=cmap, shading="flat", norm=norm)
         below = 0.3 * np.diff(_edges(axes[1]))  # the values sit in the lower part of each cell, the markers centred

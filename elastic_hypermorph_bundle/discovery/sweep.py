@@ -216,7 +216,7 @@ def prepare_stages(pair: PreparedPair, instance):
     image the network reads, the discrete start, the similarity's features: the pair's own,
     :meth:`PreparedPair.features`), computed once per pair by a sweep and passed to :func:`register_pair` at every
     grid point."""
-    features = pair.features(instance.similarity) if instance.steps > 0 else None
+    features = pair.features(instance.similarity) if instance.optimizes else None
     mask, covered = _stage_mask(pair, instance)
     return instance.prepare(pair.fixed.float(), pair.moving.float(), pair.spacing, mask, features, covered)
 

@@ -30,6 +30,7 @@ from ..metrics import POINT_KINDS
 from ..model_card import ModelCard, preprocessing
 from ..model_card import network_grid as model_network_grid
 from ..flags import parse_flag
+from ..optimize import level_steps
 from ..workflow.instance import InstanceOptimization
 from ..workflow.datalists import pair_datalist
 from .instance import instance_gain
@@ -75,7 +76,7 @@ def _settings(instance: InstanceOptimization | None) -> dict | None:
     """The test-time stages' settings (None when off), as recorded in the sweep's identity and summary."""
     if instance is None:
         return None
-    return {"steps": instance.steps, "similarity": instance.similarity, "levels": instance.levels,
+    return {"steps": list(instance.steps), "similarity": instance.similarity, "levels": instance.levels,
             "grid": instance.grid, "lr": instance.lr, "smooth": instance.smooth, "prealign": instance.prealign,
             "prealign_steps": instance.prealign_steps, "use_mask": instance.use_mask,
             "coverage_mask": instance.coverage_mask,
@@ -105,13 +106,14 @@ class ParameterSweep:
             ``"dice"`` or ``"tre"`` criterion.
         instance: the test-time stages of inference (:class:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`).
             When on, every grid row scores the pipeline (pre-alignment, network, instance optimisation at the row's
-            ``(lam, mu)``, warm-started from the network's field) with ``instance_steps`` steps per level, the
+            ``(lam, mu)``, warm-started from the network's field) with ``instance_steps`` steps, the
             network alone beside it (``network_<metric>`` columns); and at the selected point the stages run once
             more with inference's own settings, reported in the summary's ``instance_optimization``. ``None`` or
             all stages off: the sweep scores the network alone.
-        instance_steps: Adam steps per level of the sweep's rows (a short optimisation whose ranking follows the
-            full one's, docs/discovery.md); ``None``: inference's ``instance.steps``; never more than those (with
-            ``instance.steps`` 0 the rows have no optimisation, as inference).
+        instance_steps: Adam steps of the sweep's rows, one number for every level or one per level, as
+            inference's (:func:`~elastic_hypermorph_bundle.optimize.level_steps`; a short optimisation whose ranking
+            follows the full one's, docs/discovery.md); ``None``: inference's ``instance.steps``; on each level never
+            more than inference's (with no steps there the rows have no optimisation, as inference).
         registration_grid: where the pairs are registered and scored, as inference: ``"image"`` (the images' own
             grid; the network reads its trained grid through
             :class:`~elastic_hypermorph_bundle.networks.grid.NetworkGrid`) or ``"network"`` (the training
@@ -149,7 +151,7 @@ class ParameterSweep:
         device: torch.device | str | None = None,
         progress: bool = True,
         instance: InstanceOptimization | None = None,
-        instance_steps: int | None = None,
+        instance_steps: int | Sequence[int] | None = None,
         registration_grid: str = "image",
         max_sd_log_jacobian: float | None = None,
         unsupervised_score: str = "lncc",
@@ -158,12 +160,10 @@ class ParameterSweep:
         self.instance = instance if instance is not None and instance.enabled else None
         self.pipeline = None  # the stages of the sweep's rows: inference's, with the sweep's (fewer) steps
         if self.instance is not None:
-            if instance_steps is not None and int(instance_steps) < 0:
-                raise ValueError(f"sweep_instance_steps must be >= 0 or null, got {instance_steps}.")
             self.pipeline = copy.copy(self.instance)
-            if instance_steps is not None:  # the sweep's steps on every level
-                self.pipeline.steps = min(int(instance_steps), self.instance.steps)
-                self.pipeline.coarse_steps = None
+            if instance_steps is not None:  # the sweep's steps of each level, never more than inference's
+                steps = level_steps(instance_steps, self.instance.levels, "sweep_instance_steps")
+                self.pipeline.steps = tuple(min(own, full) for own, full in zip(steps, self.instance.steps))
         if registration_grid not in REGISTRATION_GRIDS:
             raise ValueError(f"registration_grid must be one of {REGISTRATION_GRIDS}, got {registration_grid!r}.")
         self.registration_grid = registration_grid

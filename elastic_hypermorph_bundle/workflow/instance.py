@@ -19,7 +19,7 @@ from ..losses.similarity import get_similarity
 from ..networks.spatial import Affine, affine_ddf, compose_affine, level_shape, resize_image
 from ..networks.warp import warp_image
 from ..losses.discrete import discrete_search
-from ..optimize import (PREALIGNMENTS, auto_prealign, identity_field, instance_optimize, prealign,
+from ..optimize import (PREALIGNMENTS, auto_prealign, identity_field, instance_optimize, level_steps, prealign,
                         similarity_features, start_objective)
 
 __all__ = ["InstanceOptimization", "PairStages"]
@@ -68,7 +68,9 @@ class InstanceOptimization:
     (with a warning); the pre-alignment stays.
 
     Args:
-        steps: Adam steps per level, or of the finest level with ``coarse_steps`` (0: no instance optimisation).
+        steps: Adam steps of every level (a number), or of each level, coarsest first (a list of ``levels``
+            numbers, e.g. ``[50, 50, 20]``; :func:`~elastic_hypermorph_bundle.optimize.level_steps`); 0 (on every
+            level): no instance optimisation. Kept as :attr:`steps`, one count per level.
         similarity, levels, grid, lr, smooth: see :func:`~elastic_hypermorph_bundle.optimize.instance_optimize`.
         prealign: ``"auto"`` (a rigid map proposed when it clearly improves the similarity over the identity,
             :func:`~elastic_hypermorph_bundle.optimize.auto_prealign`, and kept only when the optimisation's start
@@ -99,20 +101,19 @@ class InstanceOptimization:
         discrete: start the optimisation without a network from a coarse discrete displacement search
             (:func:`~elastic_hypermorph_bundle.losses.discrete.discrete_search`, quarter resolution) instead of the
             identity.
-        coarse_steps: Adam steps on each level but the finest (``None``: ``steps`` on every level; see
-            :func:`~elastic_hypermorph_bundle.optimize.instance_optimize`).
 
     After :meth:`register`, :attr:`record` holds per-pair ``(B,)`` values of the stages' decisions (pre-alignment
     similarities, start objectives, the start taken; ``moving_coverage``: the fraction of the fixed grid the
     moving image covers, where its coverage restricted the similarity) for the run's record.
 
     Raises:
-        ValueError: for an unknown similarity or pre-alignment, negative steps, levels < 1, grid < 1, lr <= 0.
+        ValueError: for an unknown similarity or pre-alignment, ``steps`` that are not whole numbers >= 0 (one, or
+            one per level), negative ``prealign_steps``, levels < 1, grid < 1, lr <= 0.
     """
 
     def __init__(
         self,
-        steps: int = 25,
+        steps: int | Sequence[int] = 25,
         similarity: str = "mind",
         levels: int = 3,
         grid: float = 2.0,
@@ -128,29 +129,26 @@ class InstanceOptimization:
         fixed_mu: float | None = None,
         select_start: bool | str = True,
         discrete: bool | str = False,
-        coarse_steps: int | None = None,
     ) -> None:
-        steps, levels, prealign_steps = int(steps), int(levels), int(prealign_steps)
-        if coarse_steps is not None and int(coarse_steps) < 0:
-            raise ValueError(f"instance_coarse_steps must be >= 0 or null, got {coarse_steps}.")
-        self.coarse_steps = None if coarse_steps is None else int(coarse_steps)
+        levels, prealign_steps = int(levels), int(prealign_steps)
         regularizer = "elastic" if hyper_space is None else hyper_space.regularizer
         get_similarity(similarity)
         if prealign not in ("auto", *PREALIGNMENTS):
             raise ValueError(f"prealign must be one of {('auto', *PREALIGNMENTS)}, got {prealign!r}.")
-        if steps < 0 or prealign_steps < 0:
-            raise ValueError(f"instance_steps and prealign_steps must be >= 0, got {steps} and {prealign_steps}.")
+        if prealign_steps < 0:
+            raise ValueError(f"prealign_steps must be >= 0, got {prealign_steps}.")
         if levels < 1 or not float(grid) >= 1 or not float(lr) > 0 or int(smooth) < 0:
             raise ValueError(f"need instance_levels >= 1, instance_grid >= 1, instance_lr > 0 and smooth >= 0, got "
                              f"{levels}, {grid}, {lr}, {smooth}.")
+        steps = level_steps(steps, levels, "instance_steps")
         row = get_regularizer(regularizer)
-        if steps > 0 and row.lame is None:
+        if any(steps) and row.lame is None:
             logger.warning(
                 "instance optimisation optimises the elastic energy at the network's (lam, mu), which the %s "
                 "regularizer does not have: it registers with its network alone (--instance_steps 0 says so).",
                 regularizer,
             )
-            steps = 0
+            steps = (0,) * levels
         constants = None
         if row.needs_constants:  # the model's own (its card's), else the training loss's defaults
             fixed_lam = FIXED_LAME.lam if fixed_lam is None else float(fixed_lam)
@@ -170,8 +168,13 @@ class InstanceOptimization:
         self._lame, self._constants = row.lame, constants
 
     @property
+    def optimizes(self) -> bool:
+        """Whether the instance optimisation runs (some level has steps)."""
+        return any(self.steps)
+
+    @property
     def enabled(self) -> bool:
-        return self.steps > 0 or self.prealign != "none"
+        return self.optimizes or self.prealign != "none"
 
     @property
     def has_elastic_parameters(self) -> bool:
@@ -236,7 +239,7 @@ class InstanceOptimization:
         return instance_optimize(
             fixed, moving, lam, mu, init_ddf, similarity=self.similarity, steps=self.steps, levels=self.levels,
             grid=self.grid, lr=self.lr, mask=mask, diffeomorphic=self.diffeomorphic, affine=affine,
-            smooth=self.smooth, features=features, coarse_steps=self.coarse_steps,
+            smooth=self.smooth, features=features,
         )
 
     def prepare(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None,
@@ -253,12 +256,12 @@ class InstanceOptimization:
                             "(--instance_coverage_mask false: everywhere)", 100 * fraction)
         # what the optimisation and the auto pre-alignment's proposal and check compare, once, before the
         # pre-alignment (which compares the same features)
-        compares = self.steps > 0 or self.prealign == "auto"
+        compares = self.optimizes or self.prealign == "auto"
         if compares and features is None:
             features = similarity_features(fixed, moving, self.similarity)
         affine = self.align(fixed, moving, spacing, mask, features)
         network_moving = moving if affine is None else warp_image(moving, affine_ddf(affine, moving.shape[2:]))
-        search = self.discrete and self.steps > 0
+        search = self.discrete and self.optimizes
         start = discrete_search(fixed, network_moving) if search else None
         # a proposed map is checked by the start objective at (lam, mu), with or without the optimisation after it
         tentative = self.prealign == "auto" and affine is not None and self.has_elastic_parameters
@@ -289,9 +292,9 @@ class InstanceOptimization:
         # the similarity's descriptors of both images, once per pair for the choices below and the optimisation
         # (``prepared`` by an instance without optimisation has none)
         features = stages.features
-        if (self.steps > 0 or stages.tentative) and features is None:
+        if (self.optimizes or stages.tentative) and features is None:
             features = similarity_features(fixed, moving, self.similarity)
-        if self.steps == 0 and not stages.tentative:
+        if not self.optimizes and not stages.tentative:
             ddf = None if predict is None else plain(predict(stages.network_moving)).float()
             return compose_affine(stages.affine, identity_field(fixed) if ddf is None else ddf)
         lam_mu = self.elastic_parameters(hyper)
@@ -308,7 +311,7 @@ class InstanceOptimization:
                                                             stages.unaligned_start, None, mask, finest, True)
             ddf, affine, record = self._keep_map(ddf, value, record, ddf_none, value_none, record_none, affine)
         self.record.update(record)
-        if self.steps == 0:  # the network alone (or the identity), behind the map where it was kept
+        if not self.optimizes:  # the network alone (or the identity), behind the map where it was kept
             return compose_affine(affine, ddf)
         return self.refine(fixed, moving, hyper, ddf, affine, mask, features)
 
@@ -326,7 +329,7 @@ class InstanceOptimization:
             ddf = identity_field(fixed) if other is None else other
         else:
             ddf = plain(predict(network_moving)).float()
-            if self.select_start and self.steps > 0:  # without the optimisation, the network's field is the result
+            if self.select_start and self.optimizes:  # without the optimisation, the network's field is the result
                 return self._better_start(fixed, moving, lam_mu, ddf, other, affine, mask, features)
         return ddf, self._objective(fixed, moving, lam_mu, ddf, affine, mask, features) if value else None, {}
 

@@ -48,7 +48,7 @@ class RegisterStep:
         network_grid: the grid the network was trained on; a pair registered on another grid (e.g. the images'
             own, ``registration_grid="image"``) is brought onto it for the network and the field back.
         init: ``"network"`` (the network's prediction starts the optimisation) or ``"identity"`` (no model: the
-            registration is the instance optimisation's alone, which then needs ``instance.steps > 0``).
+            registration is the instance optimisation's alone, which then needs steps on some level, ``instance.optimizes``).
     """
 
     def __init__(
@@ -73,7 +73,7 @@ class RegisterStep:
                 f"--init identity registers by the elastic instance optimisation alone, which the "
                 f"{instance.regularizer} regularizer does not have: pass --regularizer elastic (or elastic_fixed)."
             )
-        if init == "identity" and (self.instance is None or self.instance.steps == 0):
+        if init == "identity" and (self.instance is None or not self.instance.optimizes):
             raise ValueError("--init identity registers by instance optimisation alone: it needs --instance_steps > 0.")
         self.use_network = init == "network"
         self._weights: dict | None = None
