@@ -125,6 +125,7 @@ def screen(out: Path, names: list[str]) -> None:
     if out.is_file():
         done = {(r["case"], r["candidate"]) for r in map(json.loads, out.read_text().splitlines()) if r}
     network, space, card = load_model(ROOT / "models" / "model.pt", "cpu")
+    defaults = inference_defaults()  # once: the config may change while the screen runs
     grid = card["spatial_size"]
     weights = {}
     groups = os.environ.get("GROUPS")  # e.g. GROUPS=followup: only those pairs
@@ -143,7 +144,7 @@ def screen(out: Path, names: list[str]) -> None:
         fixed_mask = torch.from_numpy(pair.fixed_mask > 0)[None, None].float()
         prepared = {}
         for name in todo:
-            options = {**inference_defaults(), **CANDIDATES[name]}
+            options = {**defaults, **CANDIDATES[name]}
             lam, mu = options.pop("lam"), options.pop("mu")
             if (lam, mu) not in weights:
                 weights[(lam, mu)] = network.generate_weights(space.point(lam, mu))
