@@ -28,8 +28,8 @@ Run from ``scripts/`` with the bundle root on the path:
 :data:`CANDIDATES`); one JSON line per (pair, candidate) is appended to ``OUT.jsonl``, and a rerun skips the lines
 already there (resume); ``GROUPS=followup`` limits it to those pairs.
 ``python -m bench.defaults_screen OUT.jsonl --summary [--record]`` prints the table and the decision (and stores
-them with the rule in ``docs/benchmarks.json``, ``speed_candidates["schedules"]``, rendered in section 7b). The
-pairs are simulated into the benchmark's cache first where it lacks them (as section 5b simulates them).
+them with the rule in ``docs/benchmarks.json``, ``speed_candidates["schedules"]``, rendered in section 7b). Each
+pair is simulated into the benchmark's cache where it lacks it (as section 5b simulates it) when its turn comes.
 """
 
 from __future__ import annotations
@@ -96,22 +96,31 @@ def level_cost(steps, levels: int = 3) -> float:
 
 
 def pair_files() -> dict[str, str]:
-    """``{case id: cached .npz}`` of section 5b's pairs (its cases and settings as ``docs/benchmarks.json`` records
-    them), simulated into the benchmark's cache where it lacks them."""
+    """``{case id: cached .npz}`` of section 5b's pairs, as ``docs/benchmarks.json`` records them (simulated or not:
+    :func:`simulated`)."""
+    cases = json.loads((ROOT / "docs" / "benchmarks.json").read_text())["accuracy_real"]["cases"]
+    return {case: record["pair_file"] for case, record in cases.items()}
+
+
+def simulated(case: str) -> str:
+    """The cached .npz of section 5b's pair ``case``, simulated into the benchmark's cache (as 5b simulates it, with
+    its recorded settings) when the cache lacks it.
+
+    Raises:
+        ValueError: the simulation's path is not the recorded one (the settings' hash differs).
+    """
     from bench.accuracy import cached_pairs
 
     real = json.loads((ROOT / "docs" / "benchmarks.json").read_text())["accuracy_real"]
-    setup, files = real["setup"], {}
-    for case, record in real["cases"].items():
-        if not Path(record["pair_file"]).is_file():
-            simulation = {"preset": "followup" if record["group"] == "followup" else "realistic",
-                          "real_ct": str(Path(setup["real_ct_dir"]) / record["ct"])}
-            path = cached_pairs(setup["spatial_size"], [record["seed"]], simulation,
-                                Path(record["pair_file"]).parents[1], print)[0]
-            if str(path) != record["pair_file"]:
-                raise ValueError(f"{case}: simulated into {path}, not the recorded {record['pair_file']}.")
-        files[case] = record["pair_file"]
-    return files
+    setup, record = real["setup"], real["cases"][case]
+    if not Path(record["pair_file"]).is_file():
+        simulation = {"preset": "followup" if record["group"] == "followup" else "realistic",
+                      "real_ct": str(Path(setup["real_ct_dir"]) / record["ct"])}
+        path = cached_pairs(setup["spatial_size"], [record["seed"]], simulation, Path(record["pair_file"]).parents[1],
+                            print)[0]
+        if str(path) != record["pair_file"]:
+            raise ValueError(f"{case}: simulated into {path}, not the recorded {record['pair_file']}.")
+    return record["pair_file"]
 
 
 def screen(out: Path, names: list[str]) -> None:
@@ -134,7 +143,7 @@ def screen(out: Path, names: list[str]) -> None:
         todo = [n for n in (names if index % 2 == 0 else names[::-1]) if (case, n) not in done]
         if not todo:
             continue
-        pair = load_pair(path)
+        pair = load_pair(simulated(case))
         fixed = torch.from_numpy(normalise(pair.fixed_image))[None, None]
         moving = torch.from_numpy(normalise(pair.moving_image))[None, None]
         points = [torch.as_tensor(p, dtype=torch.float32) for p in (pair.fixed_keypoints, pair.moving_keypoints)]
