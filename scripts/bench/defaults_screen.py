@@ -171,7 +171,7 @@ def screen(out: Path, names: list[str]) -> None:
             register_s = time.perf_counter() - begin
             metrics = evaluate_ddf(ddf[0].detach().numpy(), pair)
             row = {"case": case, "candidate": name, "options": CANDIDATES[name], "steps": list(stages.steps),
-                   "prepare_s": prepare_s,
+                   "torch_threads": torch.get_num_threads(), "prepare_s": prepare_s,
                    "register_s": register_s, "load_before": load, "load_after": os.getloadavg()[0],
                    "record": {k: torch.as_tensor(v).flatten().tolist() for k, v in stages.record.items()},
                    **{k: metrics[k] for k in ("tre_mm", "tre_dense_mm", "dice_mean", "folding_percent",
