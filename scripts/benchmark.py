@@ -140,8 +140,6 @@ def real_anatomy_settings(spatial_size, breath_hold_seed=1101, cts=REAL_CTS, fol
     base = accuracy_settings(spatial_size, **{"elastix_iterations": 150, "optimize_steps": (schedule["steps"],),
                                               "network_optimize_steps": (schedule["steps"],),
                                               "method_timeout_s": 1800.0, **overrides})
-    if schedule["coarse_steps"] is not None and not {"optimize_kwargs", "network_optimize_steps"} & set(overrides):
-        base["optimize_kwargs"] = {"coarse_steps": schedule["coarse_steps"]}
     base["coverage_mask"] = schedule["coverage_mask"]  # the follow-ups' (bench.accuracy.moving_coverage)
     for unused in ("seeds", "simulation"):  # the pairs are the cases below
         base.pop(unused)
@@ -235,19 +233,11 @@ def run_response(options: dict, model_dir: str, pair_cache: str, log) -> dict:
 
 
 def inference_schedule() -> dict:
-    """The instance optimisation's steps of ``configs/inference.json``: ``steps`` (the finest level's, or every
-    level's) and ``coarse_steps`` (the other levels', None: ``steps``); ``coverage_mask``: whether a moving image
-    on another grid is compared only where it has data (``instance_coverage_mask``)."""
+    """The instance optimisation's steps of ``configs/inference.json``: ``steps`` (``instance_steps`` as the config
+    holds it: one number for every level, or one per level); ``coverage_mask``: whether a moving image on another
+    grid is compared only where it has data (``instance_coverage_mask``)."""
     config = json.loads((Path(__file__).resolve().parents[1] / "configs" / "inference.json").read_text())
-    return {"steps": int(config["instance_steps"]), "coarse_steps": config.get("instance_coarse_steps"),
-            "coverage_mask": bool(config.get("instance_coverage_mask", False))}
-
-
-def schedule_name(steps: int, coarse_steps: int | None = None, levels: int = 3) -> str:
-    """Steps per level, coarse to fine: ``"25 steps"`` when every level runs ``steps``, else e.g. ``"50/50/15 steps"``."""
-    if coarse_steps is None or int(coarse_steps) == int(steps):
-        return f"{steps} steps"
-    return "/".join([str(int(coarse_steps))] * (levels - 1) + [str(int(steps))]) + " steps"
+    return {"steps": config["instance_steps"], "coverage_mask": bool(config.get("instance_coverage_mask", False))}
 
 
 def inference_defaults() -> dict:
@@ -273,10 +263,10 @@ def section5_methods(options: dict, model_path: str) -> list[dict]:
         {"name": "bundle: network alone", "kind": "network", "options": {**lam_mu, "model": model_path}},
     ]
     for steps in options["optimize_steps"]:
-        methods.append({"name": f"bundle: optimisation from identity, {steps} steps", "kind": "optimize",
+        methods.append({"name": f"bundle: optimisation from identity, {report.schedule_name(steps)}", "kind": "optimize",
                         "options": {**optimize, "steps": steps, "init": "identity"}})
     for steps in options["network_optimize_steps"]:
-        methods.append({"name": f"bundle: network + optimisation, {steps} steps", "kind": "optimize",
+        methods.append({"name": f"bundle: network + optimisation, {report.schedule_name(steps)}", "kind": "optimize",
                         "options": {**optimize, "steps": steps, "init": "network", "model": model_path}})
     return methods
 
@@ -295,7 +285,7 @@ def real_anatomy_methods(options: dict, model_path: str, group: str) -> list[dic
         kwargs = {**kwargs, "coverage_mask": True}
     optimize = {**lam_mu, "use_mask": options["use_mask"], "prealign": options["prealign"],
                 "optimize_kwargs": kwargs, "steps": steps}
-    steps = schedule_name(steps, kwargs.get("coarse_steps"))
+    steps = report.schedule_name(steps)
     forced = {**optimize, "optimize_kwargs": {**kwargs, "select_start": False}}
     return [
         {"row": "identity", "name": "identity (no registration)", "kind": "identity"},

@@ -251,7 +251,7 @@ class Check:
             if self.device == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
-        return {"per_pair_s": times[-1], "times_s": times, "steps_per_level": stages.steps,
+        return {"per_pair_s": times[-1], "times_s": times, "steps_per_level": list(stages.steps),
                 "levels": stages.levels, "ddf_finite": bool(torch.isfinite(field).all())}
 
     def hyper_vs_plain(self) -> list:

@@ -407,22 +407,31 @@ def test_response_size_sets_section_9_grid_and_refuses_other_shapes():
             benchmark.settings_for(False, False, bad)
 
 
-def test_defaults_screen_rule_takes_the_most_accurate_candidate_that_costs_no_pair_and_no_time():
-    from bench.defaults_screen import decide
+def test_schedule_screen_rule_takes_the_cheapest_schedule_that_costs_no_accuracy():
+    """Issue 21's rule: the accuracy part of issue 18's (mean TRE lower, no pair > 5 % worse, no more folding)
+    decides who may replace the defaults; the least modelled level cost among them wins, ties by TRE; measured
+    seconds are reported, not judged."""
+    from bench.defaults_screen import decide, level_cost
 
-    def row(candidate, case, tre, seconds=10.0, folding=0.1):
-        return {"candidate": candidate, "case": case, "tre_mm": tre, "folding_percent": folding,
+    assert level_cost(25) == level_cost([25, 25, 25]) == pytest.approx(25 + 25 / 8 + 25 / 64)
+    assert level_cost([50, 50, 20]) == pytest.approx(20 + 50 / 8 + 50 / 64)
+    assert level_cost([4, 2], levels=2) == pytest.approx(2 + 4 / 8)
+
+    def row(candidate, case, tre, steps, seconds=10.0, folding=0.1):
+        return {"candidate": candidate, "case": case, "tre_mm": tre, "folding_percent": folding, "steps": steps,
                 "sd_log_jacobian": 0.5, "prepare_s": 0.0, "register_s": seconds}
 
-    rows = [row("defaults", "a", 1.0), row("defaults", "b", 2.0),
-            row("better", "a", 0.9), row("better", "b", 2.05),  # mean lower, pair b 2.5 % worse: passes
-            row("best_mean", "a", 0.5), row("best_mean", "b", 2.2),  # pair b 10 % worse: fails
-            row("slow", "a", 0.8), row("slow", "b", 1.9, seconds=12.0),  # 10 % slower on average: fails
-            row("folds", "a", 0.8, folding=0.5), row("folds", "b", 1.9),  # folds more: fails
-            row("partial", "a", 0.1)]  # not measured on every pair: not judged
+    rows = [row("defaults", "a", 1.0, [25] * 3), row("defaults", "b", 2.0, [25] * 3),
+            row("better", "a", 0.9, [50, 50, 20]), row("better", "b", 2.05, [50, 50, 20]),  # b 2.5 % worse: passes
+            row("cheaper", "a", 0.95, [60, 60, 12], 14.0), row("cheaper", "b", 2.0, [60, 60, 12], 14.0),  # passes
+            row("tied", "a", 0.97, [60, 60, 12]), row("tied", "b", 2.0, [60, 60, 12]),  # same cost, worse TRE
+            row("best_mean", "a", 0.5, [50, 50, 15]), row("best_mean", "b", 2.2, [50, 50, 15]),  # b 10 % worse: fails
+            row("folds", "a", 0.8, [50, 50, 10], folding=0.5), row("folds", "b", 1.9, [50, 50, 10]),  # fails
+            row("partial", "a", 0.1, [1, 1, 1])]  # not measured on every pair: not judged
     decision = decide(rows)
-    assert decision["winner"] == "better"
-    assert {name for name, entry in decision["candidates"].items() if entry["passes"]} == {"better"}
+    assert decision["winner"] == "cheaper"
+    assert {name for name, entry in decision["candidates"].items() if entry["passes"]} == {"better", "cheaper", "tied"}
     assert "partial" not in decision["candidates"]
+    assert decision["candidates"]["cheaper"]["register_s"] == 14.0  # slower as measured: reported, not judged
     assert decision["candidates"]["best_mean"]["worst_pair_ratio"] == pytest.approx(1.1)
     assert decide([r for r in rows if r["candidate"] in ("defaults", "best_mean")])["winner"] is None

@@ -373,7 +373,8 @@ def test_evaluation_with_instance_optimisation_beats_the_network_alone(dataset, 
     """The default inference/evaluation runs pre-alignment + instance optimisation after the network; on a random
     network's field it must end far better than the network alone (and than no registration)."""
     out = tmp_path / "optimised"
-    result = _bundle(*_common(dataset, model, out, network_alone=False), "--instance_steps", "30",
+    # the steps as a list, one per level (30 on each of the 3: the command line's list syntax, end to end)
+    result = _bundle(*_common(dataset, model, out, network_alone=False), "--instance_steps", "[30,30,30]",
                      configs=("inference.json", "evaluate.json"))
     assert result.returncode == 0, result.stderr[-3000:]
     means = {name: json.loads((folder / "metrics.json").read_text())["mean"]

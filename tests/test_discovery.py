@@ -357,7 +357,7 @@ def test_pipeline_sweep_row_equals_a_single_inference_at_that_point(setup, save_
     rows = _rows(tmp_path / "sweep" / "sweep.csv")
     assert len(rows) == 6 and len(features) == 3  # 2 points x 3 pairs, features once per pair
     assert list(rows[0]) == sweep_columns(("lam", "mu"), [1], with_points=True, pipeline=True)
-    assert summary["registration"]["pipeline"]["steps"] == 3 and summary["refinement"]["skipped"]
+    assert summary["registration"]["pipeline"]["steps"] == [3] and summary["refinement"]["skipped"]
 
     # the user's inference at grid point 1 for the first pair: the evaluator's RegisterStep, same settings
     datalist = pair_datalist(setup["dataset"], "all")[:1]
@@ -457,11 +457,12 @@ def test_sweep_reports_the_instance_optimisation_gain_at_the_selected_point(setu
     grid = {"grid_size": [2, 1], "grid_low": [0.0, 0.5], "grid_high": [1.0, 0.5]}
     summary = ParameterSweep(setup["network"], setup["space"], setup["dataset"], tmp_path / "sweep", split="all",
                              ckpt_path=setup["ckpt"], criterion="tre", progress=False, spatial_size=SIZE,
-                             instance=InstanceOptimization(steps=30, levels=1, grid=1), instance_steps=2, **grid).run()
+                             instance=InstanceOptimization(steps=30, levels=1, grid=1), instance_steps=[2], **grid).run()
     result = summary["instance_optimization"]
     best = summary["best"]
     assert result["point"] == pytest.approx({"lam": best["lam"], "mu": best["mu"]})
-    assert summary["registration"]["pipeline"]["steps"] == 2 and result["settings"]["steps"] == 30
+    # the sweep's rows ran its steps, the selected point inference's (one count per level, as they ran)
+    assert summary["registration"]["pipeline"]["steps"] == [2] and result["settings"]["steps"] == [30]
     # the network alone at the point is the sweep's own network column; inference's 30 steps improve on it (on 16^3
     # voxels of about 20 mm the network is already within a fifth of a voxel)
     assert result["network"]["tre_mm"] == pytest.approx(best["mean"]["network_tre_mm"], rel=1e-4)

@@ -293,8 +293,9 @@ EVALUATE = f"['{INFERENCE}','{ROOT / 'configs' / 'evaluate.json'}']"
     [
         (["--lam", "None"], r"--lam None: monai.bundle run ignores a null override.*0\.083"),
         (["--seed", "abc"], r"--seed must be a whole number, got 'abc'"),
-        (["--instance_steps", "true"], r"--instance_steps must be a whole number, got 'true'"),
-        (["--instance_steps", "2.5"], r"--instance_steps must be a whole number, got 2\.5"),
+        (["--instance_steps", "true"], r"--instance_steps must be a whole number or a list of whole numbers.*got 'true'"),
+        (["--instance_steps", "2.5"], r"--instance_steps must be a whole number or a list .*got 2\.5"),
+        (["--instance_steps", "[50,50,2.5]"], r"--instance_steps must be a whole number or a list .*got \[50, 50, 2\.5\]"),
         (["--mu", "soft"], r"--mu must be a number, got 'soft'"),
         (["--write_outputs", "maybe"], r"^--write_outputs must be true or false, got 'maybe'"),
     ],
@@ -309,9 +310,26 @@ def test_override_values_an_id_cannot_take_are_refused_naming_the_id(args, messa
 def test_override_values_that_an_id_can_take_pass():
     from elastic_hypermorph_bundle.cli import check_overrides
 
+    check_overrides(_cli("--config_file", EVALUATE, "--instance_steps", "[50,50,20]"))  # one count per level
     check_overrides(_cli("--config_file", EVALUATE, "--seed", "3", "--instance_steps", "0", "--lam", "1",
                          "--instance_grid", "1.5", "--write_outputs", "TRUE", "--amp", "false", "--split_file",
                          "split.json", "--lam_range", "[0, 2]", "--hyper_rank", "$None", "--ckpt_path", "m.pt"))  # fmt: skip
+
+
+def test_instance_steps_are_one_count_for_every_level_or_one_per_level():
+    """``instance_steps`` as inference.json passes it: a number is that many steps on every level, a list one count
+    per level (coarsest first); all zero is no optimisation; another length or a negative count is refused by id."""
+    from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
+
+    assert InstanceOptimization(steps=4).steps == InstanceOptimization(steps=[4, 4, 4]).steps == (4, 4, 4)
+    assert InstanceOptimization(steps=[50, 50, 20]).steps == (50, 50, 20)
+    assert not InstanceOptimization(steps=[0, 0, 0], prealign="none").enabled
+    assert InstanceOptimization(steps=[0, 0, 5], prealign="none").optimizes
+    with pytest.raises(ValueError, match=r"instance_steps \[50, 20\] gives 2 levels' steps, but the optimisation "
+                                         r"has 3 levels"):
+        InstanceOptimization(steps=[50, 20])
+    with pytest.raises(ValueError, match=r"instance_steps must be >= 0 on every level, got \[5, -1\]"):
+        InstanceOptimization(steps=[5, -1], levels=2)
 
 
 def test_a_hyperparameter_the_model_does_not_use_is_refused():

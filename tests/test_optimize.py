@@ -133,17 +133,36 @@ def test_box_mean_is_the_replicate_padded_3d_box_mean(radius):
     torch.testing.assert_close(box_mean(constant, radius), constant)
 
 
-def test_coarse_steps_change_the_coarse_levels_only(simulated_pair):
-    """``coarse_steps`` runs that many steps on every level but the finest: equal to ``steps`` it is the default
-    schedule, bit for bit; on one level it changes nothing; other counts give another field; negative is refused."""
+def test_steps_of_each_level_run_as_given(simulated_pair, monkeypatch):
+    """``steps`` is one count for every level or one per level, coarsest first: ``[n, n]`` is ``n`` bit for bit;
+    each level runs its own count of Adam steps (counted on the optimiser, by the level's control grid); a level
+    with 0 steps passes its start on; all zero returns the start; other lengths and values are refused, naming
+    the setting."""
     fixed, moving = simulated_pair["fixed"], simulated_pair["moving"]
-    run = lambda **kw: instance_optimize(fixed, moving, 0.083, 0.03, steps=3, levels=2, **kw)  # noqa: E731
-    assert torch.equal(run(coarse_steps=3), run())
-    assert not torch.equal(run(coarse_steps=6), run())
-    one = lambda **kw: instance_optimize(fixed, moving, 0.083, 0.03, steps=3, levels=1, **kw)  # noqa: E731
-    assert torch.equal(one(coarse_steps=9), one())
-    with pytest.raises(ValueError, match="coarse_steps must be >= 0"):
-        run(coarse_steps=-1)
+    run = lambda steps, **kw: instance_optimize(fixed, moving, 0.083, 0.03, steps=steps, levels=2, **kw)  # noqa: E731
+    assert torch.equal(run([2, 2]), run(2))
+    taken = []
+    adam_step = torch.optim.Adam.step
+
+    def counted(self, *args, **kwargs):
+        taken.append(tuple(self.param_groups[0]["params"][0].shape[2:]))
+        return adam_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.Adam, "step", counted)
+    coarse, finest = (10, 10, 10), (20, 20, 20)  # the 40^3 pair, grid 2: control grids 4 and 2 times coarser
+    for steps in ([1, 3], [0, 2], [2, 0]):
+        taken.clear()
+        field = run(steps)
+        assert taken == [coarse] * steps[0] + [finest] * steps[1] and torch.isfinite(field).all()
+    monkeypatch.undo()
+    start = smooth_field(tuple(fixed.shape[2:]), 1.0)
+    assert torch.equal(run([0, 0], init_ddf=start), start)
+    for steps, message in (([3], r"steps \[3\] gives 1 levels' steps, but the optimisation has 2 levels"),
+                           ([3, -1], r"steps must be >= 0 on every level, got \[3, -1\]"),
+                           ([3, 2.5], r"steps must be a whole number or a list of whole numbers"),
+                           (True, r"steps must be a whole number")):
+        with pytest.raises(ValueError, match=message):
+            run(steps)
 
 
 def test_affine_ddf_translation_and_identity():
@@ -385,7 +404,7 @@ def test_instance_settings_refuse_bad_values():
         InstanceOptimization(steps=10, similarity="ssd")
     with pytest.raises(ValueError, match="prealign must be one of"):
         InstanceOptimization(prealign="bspline")
-    assert InstanceOptimization(steps=10, hyper_space=HyperSpace("diffusion")).steps == 0  # no (lam, mu) to use
+    assert not InstanceOptimization(steps=10, hyper_space=HyperSpace("diffusion")).optimizes  # no (lam, mu) to use
     with pytest.raises(ValueError, match="use_mask"):
         InstanceOptimization(use_mask="maybe")
     with pytest.raises(ValueError, match="--use_mask true needs a fixed mask"):

@@ -57,7 +57,7 @@ def test_every_reader_takes_the_row_of_the_table(monkeypatch):
     step = ddf.diff(dim=2).abs().flatten(1).mean(1)
     torch.testing.assert_close(parts["regularization"], torch.tensor([1.0, 2.0]) * step)
     stages = InstanceOptimization(steps=5, hyper_space=space)
-    assert stages.steps == 0
+    assert not stages.optimizes
     with pytest.raises(ValueError, match="no elastic parameters"):
         stages.elastic_parameters(torch.tensor([[1.0]]))
 

@@ -96,7 +96,7 @@ def register_pairs(spec: dict, pair_paths: list[str], scratch: str) -> dict:
     if kind == "optimize":
         from elastic_hypermorph_bundle.workflow.instance import InstanceOptimization
 
-        stages = InstanceOptimization(steps=int(options["steps"]), prealign=options.get("prealign", "none"),
+        stages = InstanceOptimization(steps=options["steps"], prealign=options.get("prealign", "none"),
                                       use_mask=bool(options.get("use_mask")), **options.get("optimize_kwargs", {}))
         row = torch.tensor([[float(options["lam"]), float(options["mu"])]], device=device)
     report["baseline_rss_mib"] = None

@@ -36,6 +36,16 @@ def _section_of(run_key: str) -> int:
     return 5 if run_key.startswith(("accuracy_rows", "accuracy_real")) else _SECTION_OF[run_key]
 
 
+def schedule_name(steps, uniform: str = "", per_level: str = "") -> str:
+    """The optimisation's steps as ``instance_steps`` holds them, in words: ``"25 steps"`` (+ ``uniform``) for one
+    count on every level (a number, or a list of equal counts), ``"50/50/20 steps"`` (+ ``per_level``) for one per
+    level, coarsest first."""
+    counts = list(steps) if isinstance(steps, (list, tuple)) else [steps]
+    if len(set(counts)) == 1:
+        return f"{int(counts[0])} steps{uniform}"
+    return "/".join(str(int(c)) for c in counts) + f" steps{per_level}"
+
+
 def _size(size) -> str:
     return "x".join(str(s) for s in size)
 
@@ -476,10 +486,7 @@ def _section5_real(result: dict | None, runs: list[dict] = ()) -> list[str]:
               f"({_size(setup['spatial_size'])} voxels). Peers as above, elastix with {setup['elastix_iterations']} "
               f"iterations per level (an affine stage first for the follow-ups); the bundle at lam = {setup['lam']}, "
               f"mu = {setup['mu']}, pre-alignment `{setup.get('prealign')}`, "
-              + (f"{setup['optimize_kwargs']['coarse_steps']} steps on each coarse level and "
-                 f"{setup['network_optimize_steps'][0]} on the finest"
-                 if (setup.get('optimize_kwargs') or {}).get('coarse_steps') is not None
-                 else f"{setup['network_optimize_steps'][0]} steps per level")
+              + schedule_name(setup["network_optimize_steps"][0], " per level", " (coarsest to finest level)")
               + (", on the follow-ups the similarity compared only where the follow-up scan has data "
                  "(`instance_coverage_mask`: its coverage of the baseline's grid as the bundle's transforms compute it "
                  "from the scan's own grid, that grid being the simulation's draw replayed, "
@@ -919,6 +926,35 @@ def _processes(measured: dict) -> list[str]:
     return lines
 
 
+def _screen(screened: dict, what: str) -> list[str]:
+    """A screen of :mod:`bench.defaults_screen` (its rows, the decision by the rule it states, its notes)."""
+    result = screened["result"]
+    rows, decision = result["rows"], result["decision"]
+    winner = decision["winner"]
+    lines = [
+        f"{what} on the 6 real-anatomy pairs of section 5b (`python -m bench.defaults_screen`, the bundle's whole "
+        "register path: pre-alignment `auto`, the start's choice, the optimisation, each candidate's overrides; "
+        f"{screened['date_utc']}, one process, the candidates interleaved, order reversed every other pair, on 2 "
+        f"shared cores at load average {min(r['load_before'] for r in rows):.1f}-"
+        f"{max(r['load_after'] for r in rows):.1f}: the seconds (pre-alignment and MIND-SSC, shared by candidates "
+        "that agree on them, plus the start's choice and the optimisation) mean little). Per pair: keypoint TRE mm "
+        f"(% det J <= 0, SDlogJ, seconds). The rule, stated before the screen ran: {result['rule']}.",
+        "",
+        *defaults_screen.table(rows, decision),
+        "",
+    ]
+    if winner is None:
+        lines += ["By the rule: no candidate passes; the defaults stay.", ""]
+    elif "cost" in decision["candidates"][winner]:
+        chosen, base = decision["candidates"][winner], decision["candidates"]["defaults"]
+        lines += [f"By the rule: {winner} passes with the least modelled level cost ({chosen['cost']:.1f} finest-level "
+                  f"steps against the defaults' {base['cost']:.1f}; measured in this run {chosen['register_s']:.1f} s "
+                  f"of start choice and optimisation per pair against {base['register_s']:.1f} s).", ""]
+    else:
+        lines += [f"By the rule: {winner} passes with the lowest mean TRE (whether it became the default: below).", ""]
+    return lines + _paragraphs(result.get("notes"))
+
+
 def _speed_candidates(measured: dict) -> list[str]:
     """Section 7b: the candidates to make the optimisation cheaper (``scripts/bench/speed_candidates.py``)."""
     lines = [f"### 7b. Candidates to make the optimisation cheaper (issue 21)", ""]
@@ -1019,29 +1055,10 @@ def _speed_candidates(measured: dict) -> list[str]:
                 tres.append("/".join(sorted({f"{row['tre_mm']:.4f}" for row in rows})))
             lines.append(f"| {ct} | " + " | ".join(cells) + " | " + " | ".join(tres) + " |")
         lines.append("")
-    screened = measured.get("defaults")
-    if screened:
-        result = screened["result"]
-        rows = result["rows"]
-        lines += [
-            "The pipeline's defaults screened on the 6 real-anatomy pairs of section 5b (`python -m "
-            "bench.defaults_screen`, the bundle's whole register path: pre-alignment `auto`, the start's choice, "
-            f"the optimisation, each candidate's overrides; {screened['date_utc']}, one process, the candidates "
-            f"interleaved, order reversed every other pair, on 2 shared cores at load average "
-            f"{min(r['load_before'] for r in rows):.1f}-{max(r['load_after'] for r in rows):.1f}: the seconds "
-            "(pre-alignment and MIND-SSC, shared by candidates that agree on them, plus the start's choice and "
-            "the optimisation) mean little). Per pair: keypoint TRE mm (% det J <= 0, SDlogJ, seconds). The rule, "
-            "stated before the screen ran: a candidate replaces the defaults when its mean keypoint TRE is lower, "
-            "no pair is more than 5 % worse than with the defaults, its mean % det J <= 0 is not higher and its "
-            "mean seconds at most 5 % higher; among several, the lowest mean TRE.",
-            "",
-            *defaults_screen.table(rows),
-            "",
-            "By the rule: " + (f"{result['decision']['winner']} passes with the lowest mean TRE (whether it became the "
-                               "default: below)." if result["decision"]["winner"]
-                               else "no candidate passes; the defaults stay."),
-            "",
-        ] + _paragraphs(result.get("notes"))
+    for key, what in (("defaults", "The pipeline's defaults screened (issue 18)"),
+                      ("schedules", "The instance optimisation's step schedules screened (issue 21)")):
+        if measured.get(key):
+            lines += _screen(measured[key], what)
     if measured.get("summary"):
         lines += [measured["summary"], ""]
     cuts = measured.get("outputs")

@@ -120,7 +120,7 @@ def micro(path: str, rounds: int = 3, compile_step: bool = False) -> dict:
     return result
 
 
-def tre(paths: list[str], finest_steps=(25, 15), coarse_steps_list=(25,)) -> list[dict]:
+def tre(paths: list[str], finest_steps=(25, 15), coarse_level_steps=(25,)) -> list[dict]:
     from bench.register_probe import load_model, network_ddf
     from elastic_hypermorph_bundle import optimize
     from elastic_hypermorph_bundle.metrics import target_registration_error
@@ -146,12 +146,12 @@ def tre(paths: list[str], finest_steps=(25, 15), coarse_steps_list=(25,)) -> lis
         begin = time.perf_counter()
         features = optimize.similarity_features(fixed, moving)
         row["mind_s"] = time.perf_counter() - begin
-        for coarse_steps in coarse_steps_list:
+        for coarse_count in coarse_level_steps:
             # levels 1-2 of the default (control grids 8 and 4 times coarser), 25 steps each unless COARSE says
             begin = time.perf_counter()
-            coarse = optimize.instance_optimize(fixed, moving, 0.083, 0.03, start, steps=coarse_steps, levels=2,
+            coarse = optimize.instance_optimize(fixed, moving, 0.083, 0.03, start, steps=coarse_count, levels=2,
                                                 grid=4.0, features=features)
-            tag = "" if coarse_steps == 25 else f"coarse_{coarse_steps}_"
+            tag = "" if coarse_count == 25 else f"coarse_{coarse_count}_"
             row[f"{tag}coarse_s"], row[f"{tag}coarse_tre_mm"] = time.perf_counter() - begin, error(coarse)
             for steps in finest_steps if index % 2 == 0 else finest_steps[::-1]:
                 begin = time.perf_counter()
