@@ -158,11 +158,12 @@ def screen(out: Path, names: list[str]) -> None:
             if (lam, mu) not in weights:
                 weights[(lam, mu)] = network.generate_weights(space.point(lam, mu))
             stages = InstanceOptimization(**options)
-            mask = stages.similarity_mask(fixed_mask if stages.use_mask else None, coverage)
+            mask, covered = stages.similarity_mask(fixed_mask if stages.use_mask else None, coverage)
             key = tuple(getattr(stages, k) for k in PREPARE_KEYS)
             if key not in prepared:
                 begin = time.perf_counter()
-                prepared[key] = (stages.prepare(fixed, moving, pair.spacing, mask), time.perf_counter() - begin)
+                prepared[key] = (stages.prepare(fixed, moving, pair.spacing, mask, covered=covered),
+                                 time.perf_counter() - begin)
             ready, prepare_s = prepared[key]
             predict = lambda m, w=weights[(lam, mu)]: network_ddf(network, w, fixed, m, grid)  # noqa: E731
             load = os.getloadavg()[0]
