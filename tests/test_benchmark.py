@@ -435,3 +435,5 @@ def test_schedule_screen_rule_takes_the_cheapest_schedule_that_costs_no_accuracy
     assert decision["candidates"]["cheaper"]["register_s"] == 14.0  # slower as measured: reported, not judged
     assert decision["candidates"]["best_mean"]["worst_pair_ratio"] == pytest.approx(1.1)
     assert decide([r for r in rows if r["candidate"] in ("defaults", "best_mean")])["winner"] is None
+    stopped = decide(rows, pairs=3)  # the defaults on 2 of 3 pairs: nothing decided
+    assert stopped["partial"] and stopped["winner"] is None and stopped["candidates"]["cheaper"]["passes"]

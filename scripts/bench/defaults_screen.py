@@ -185,12 +185,13 @@ def screen(out: Path, names: list[str]) -> None:
                 handle.write(json.dumps(row) + "\n")
 
 
-def decide(rows: list[dict], baseline: str = "defaults", tolerance: float = 0.05) -> dict:
+def decide(rows: list[dict], baseline: str = "defaults", tolerance: float = 0.05, pairs: int | None = None) -> dict:
     """The rule of the module docstring (:data:`RULE`) on the screen's rows: per candidate measured on every pair
     the defaults were, its means (keypoint TRE, folding, SDlogJ, seconds: ``prepare_s + register_s``, and
     ``register_s`` alone), its worst pair's TRE over the defaults', its modelled level cost (:func:`level_cost` of
     the steps that ran) and whether it passes the accuracy part; ``winner``: the passing candidate with the least
-    cost, ties by the lower mean TRE (None when none passes)."""
+    cost, ties by the lower mean TRE (None when none passes, or when the defaults were measured on fewer than
+    ``pairs`` pairs: a stopped screen decides nothing, ``partial`` then True)."""
     by = {}
     for row in rows:
         by.setdefault(row["candidate"], {})[row["case"]] = row
@@ -214,8 +215,10 @@ def decide(rows: list[dict], baseline: str = "defaults", tolerance: float = 0.05
             and entry["folding_percent"] <= mean(base_rows, "folding_percent"))
         summary[name] = entry
     passing = [n for n, e in summary.items() if e["passes"]]
-    return {"cases": cases, "candidates": summary,
-            "winner": min(passing, key=lambda n: (summary[n]["cost"], summary[n]["tre_mm"])) if passing else None}
+    partial = pairs is not None and len(cases) < pairs
+    return {"cases": cases, "candidates": summary, "partial": partial,
+            "winner": min(passing, key=lambda n: (summary[n]["cost"], summary[n]["tre_mm"]))
+            if passing and not partial else None}
 
 
 def table(rows: list[dict], decision: dict) -> list[str]:
@@ -260,7 +263,7 @@ if __name__ == "__main__":
     out = Path(sys.argv[1])
     if "--summary" in sys.argv:
         rows = [json.loads(line) for line in out.read_text().splitlines() if line]
-        decision = decide(rows)
+        decision = decide(rows, pairs=len(pair_files()))
         print("\n".join(table(rows, decision)))
         print(json.dumps({"winner": decision["winner"]}))
         if "--record" in sys.argv:

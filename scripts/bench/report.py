@@ -943,7 +943,10 @@ def _screen(screened: dict, what: str) -> list[str]:
         *defaults_screen.table(rows, decision),
         "",
     ]
-    if winner is None:
+    if decision.get("partial") or not set(decision["candidates"]) - {"defaults"}:
+        lines += [f"Not decided: the screen stopped with the defaults measured on {len(decision['cases'])} of the "
+                  "pairs and the candidates judged on those only (rows above); the rule decides on every pair.", ""]
+    elif winner is None:
         lines += ["By the rule: no candidate passes; the defaults stay.", ""]
     elif "cost" in decision["candidates"][winner]:
         chosen, base = decision["candidates"][winner], decision["candidates"]["defaults"]
