@@ -210,6 +210,29 @@ def test_real_ct_exhale_anatomy_gives_a_consistent_pair(real_ct):
     assert 0.08 < pair.moving_mask.sum() / pair.fixed_mask.sum() - 1 < 0.3
 
 
+def test_noisy_room_air_around_the_body_is_not_lung():
+    """Air around the body with streaks (mean -940 HU: above the -950 of pure air, median -1000) reaches the scan's
+    sides: it is room, not lung (before the median rule it was the "lung", the lungs themselves dropped as under
+    10 % of it); lungs cut by the sides of a cropped scan (median -850) stay lungs."""
+    from elastic_hypermorph_bundle.simulation.real_ct import segment_lungs
+
+    shape = (40, 40, 30)
+    x, y, z = np.meshgrid(*(np.arange(n) - (n - 1) / 2 for n in shape), indexing="ij")
+    image = np.where(np.random.default_rng(0).random(shape) < 0.2, -700.0, -1000.0)
+    body = (x / 17) ** 2 + (y / 14) ** 2 < 1
+    image[body] = 40.0
+    truth = np.zeros(shape, bool)
+    for centre in (-7, 7):
+        truth |= ((x - centre) / 5) ** 2 + (y / 8) ** 2 + (z / 12) ** 2 < 1
+    image[truth] = -850.0
+    assert -950 < image[~body].mean() < -930
+    for crop in (slice(None), slice(9, 31)):  # the whole scan; a scan whose sides cut the lungs
+        lungs, inside = segment_lungs(image[crop])
+        found, expected = lungs[2:-2], truth[crop][2:-2]  # the closing's erosion thins the lungs at the scan's sides
+        assert (found & expected).sum() / (found | expected).sum() > 0.9
+        assert not (lungs & ~body[crop]).any() and (inside & ~body[crop]).sum() < 0.2 * (~body[crop]).sum()
+
+
 def test_several_real_cts_share_the_real_ct_cases_in_turn(tmp_path, real_ct):
     folder = tmp_path / "cts"  # a folder means its NIfTI files in name order
     folder.mkdir()
