@@ -23,6 +23,7 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
 from .metrics import JACOBIAN_BORDER, jacobian_determinant
+from .networks.warp import warp_cuts
 
 __all__ = ["plot_pair", "save_pair_png", "body_mask", "organ_slices", "checkerboard"]
 
@@ -120,8 +121,10 @@ def plot_pair(
 
     Args:
         fixed, moving: images ``(X, Y, Z)``.
-        warped: optional moving image warped to the fixed grid ``(X, Y, Z)``; adds it and a checkerboard of
-            fixed and warped (:func:`checkerboard`).
+        warped: optional moving image warped to the fixed grid ``(X, Y, Z)``, or ``True``: ``moving`` warped by
+            ``ddf`` at the shown cuts only (:func:`~elastic_hypermorph_bundle.networks.warp.warp_cuts`: the values
+            of the whole warp there, linear, edge values repeated, at 1.5 % of its cost for a full-size pair); adds it
+            and a checkerboard of fixed and warped (:func:`checkerboard`).
         fixed_mask, moving_mask: optional label maps ``(X, Y, Z)``; their outline (level 0.5) is drawn in red
             (fixed: on every image row, the reference) and cyan (moving: on the moving row), named in a legend.
         ddf: optional displacement ``(3, X, Y, Z)`` in voxels; adds a row per entry of ``fields``.
@@ -142,7 +145,9 @@ def plot_pair(
     rows = [("fixed", _as_array("fixed", fixed, 3))]
     shape = rows[0][1].shape
     rows.append(("moving", _as_array("moving", moving, 3)))
-    if warped is not None:
+    if warped is True and ddf is None:
+        raise ValueError("warped=True warps the moving image by ddf at the shown cuts: give ddf.")
+    if warped is not None and warped is not True:
         rows.append(("warped", _as_array("warped", warped, 3)))
     masks = {"fixed": fixed_mask, "moving": moving_mask}
     masks = {name: None if mask is None else _as_array(f"{name}_mask", mask, 3) for name, mask in masks.items()}
@@ -161,6 +166,9 @@ def plot_pair(
     low, high = np.percentile(rows[0][1], (1, 99)) if window is None else window
     # every row as its three cuts (b, c): only the shown slices are computed
     cuts = [(name, [_cut(array, a, slices[a]) for a in range(3)]) for name, array in rows]
+    if warped is True:
+        image, field = (torch.as_tensor(v).float()[None] for v in (rows[1][1][None], ddf))
+        cuts.insert(2, ("warped", [c[0, 0].numpy() for c in warp_cuts(image, field, slices)]))
     if warped is not None:
         cuts.append(("checkerboard fixed | warped", [checkerboard(f, w) for f, w in zip(cuts[0][1], cuts[2][1])]))
     field_maps = []

@@ -120,6 +120,21 @@ def test_metrics_of_known_fields():
     assert folding.compute() == 0.0 and sdlogj.compute() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_lncc_scores_the_registered_moving_image_warped_as_the_step_warped_it():
+    """The registration step hands no warped image over: the metrics warp the pair's moving image (the network's
+    window) themselves, and its LNCC is the value of the step's former warp, bit for bit."""
+    from elastic_hypermorph_bundle.metrics import pair_metrics
+    from elastic_hypermorph_bundle.networks import warp_image
+    from elastic_hypermorph_bundle.workflow.ignite_metrics import registered_pair_metrics
+
+    generator = torch.Generator().manual_seed(0)
+    fixed, moving = torch.rand(2, 1, 10, 9, 8, generator=generator)
+    pred = 2 * torch.randn(3, 10, 9, 8, generator=generator)
+    pair = {"pred": pred, "fixed_image": fixed, "moving_image": moving, "pair_id": "0001_0001"}
+    before = pair_metrics(pred, fixed_image=fixed, warped_image=warp_image(moving[None], pred[None])[0])["lncc"]
+    assert registered_pair_metrics(pair)["lncc"] == before and 0 < before < 1
+
+
 def test_a_pair_repeated_by_a_padding_sampler_counts_once():
     """DistributedSampler(even_divisible=True) hands a pair to two ranks to fill them: the validation score that
     picks the best checkpoint must stay the mean over the distinct pairs."""

@@ -1,5 +1,6 @@
 """The warp helpers reuse one MONAI Warp (and so its reference grid) per mode, device and dtype."""
 
+import pytest
 import torch
 from monai.networks.blocks import Warp
 
@@ -57,3 +58,29 @@ def test_one_cpu_image_split_across_threads_warps_as_monai_does():
         assert warp.cached_warp("bilinear", "border")._parts(moving.expand(2, -1, -1, -1, -1), ddf.expand(2, -1, -1, -1, -1)) == 1
     finally:
         torch.set_num_threads(previous)
+
+
+def test_the_cuts_of_a_warp_are_the_whole_warps_values_there():
+    """warp_cuts computes the three planes a preview shows, each value bit for bit the whole warp's there (on one
+    thread, MONAI's path; on two, the split one), edge values repeated where the field leaves the image."""
+    from elastic_hypermorph_bundle.networks.warp import warp_cuts
+
+    previous = torch.get_num_threads()
+    generator = torch.Generator().manual_seed(0)
+    moving = torch.rand(1, 2, 9, 12, 10, generator=generator) * 1500 - 1000
+    ddf = 4 * torch.randn(1, 3, 9, 12, 10, generator=generator)
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            warp.cached_warp.cache_clear()
+            whole = warp_image(moving, ddf)
+            cuts = warp_cuts(moving, ddf, (0, 7, 9))
+            assert [tuple(c.shape) for c in cuts] == [(1, 2, 12, 10), (1, 2, 9, 10), (1, 2, 9, 12)]
+            assert torch.equal(cuts[0], whole[:, :, 0]) and torch.equal(cuts[1], whole[:, :, :, 7])
+            assert torch.equal(cuts[2], whole[..., 9])
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(ValueError, match="slices must be 3 voxel indices"):
+        warp_cuts(moving, ddf, (0, 12, 0))
+    with pytest.raises(ValueError, match="need a 3D image"):
+        warp_cuts(moving, ddf[:, :2], (0, 0, 0))

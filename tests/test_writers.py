@@ -36,7 +36,7 @@ def _affine() -> np.ndarray:
 @pytest.fixture
 def pair(tmp_path) -> dict:
     """A registered pair as RegisterStep hands it over: files in int16 HU loaded by the bundle's transforms, a
-    smooth field of a few voxels, the step's warped scaled image and mask."""
+    smooth field of a few voxels, the step's warped mask (the moving image is warped by the writer alone)."""
     generator = torch.Generator().manual_seed(0)
     smooth = lambda c, s: s * F.interpolate(torch.randn(1, c, 4, 4, 4, generator=generator), size=SHAPE,  # noqa: E731
                                             mode="trilinear", align_corners=True)[0]
@@ -52,7 +52,6 @@ def pair(tmp_path) -> dict:
     return {
         **data,
         "pred": ddf,
-        "warped_image": warp_image(data["moving_image"][None].as_tensor(), ddf[None])[0],
         "warped_mask": warp_label(data["moving_mask"][None].as_tensor(), ddf[None])[0],
         "pair_id": "0001_0001",
         "spacing": torch.tensor([1.2, 1.0, 2.5]),
@@ -89,6 +88,43 @@ def test_default_writes_the_registration_once_as_a_transform_itk_applies_as_the_
     assert np.allclose(nib.load(out / "warped_image.nii.gz").affine, _affine())
     # the mask: nearest, the step's own warp, as uint8 labels
     assert np.array_equal(_array(out / "warped_mask.nii.gz"), pair["warped_mask"][0].numpy().astype(np.uint8))
+
+
+def test_the_written_warped_image_is_the_hu_file_shifted_by_the_written_field(tmp_path, pair):
+    """A known field, 1.5 voxels along x everywhere: the written warped image is the moving file's HU values (float32
+    here, no rounding) halfway between voxels x + 1 and x + 2, the last voxel repeated beyond the edge; the written
+    transform is that shift in mm, and ITK applying it to the moving file gives the same image."""
+    moving = (pair["moving_image"].as_tensor()[0].numpy() * 1500 - 1000).astype(np.float32)  # any HU volume
+    path = tmp_path / "moving_float.nii.gz"
+    nib.save(nib.Nifti1Image(moving, _affine()), path)
+    pair["moving_image"].meta["filename_or_obj"] = str(path)
+    pair["pred"] = torch.zeros(3, *SHAPE).index_fill_(0, torch.tensor([0]), 1.5)
+    pair.pop("moving_mask")
+    out = _write(tmp_path, pair, preview=False).root / "0001_0001"
+    warped = _array(out / "warped_image.nii.gz")
+    assert warped.dtype == np.float32
+    np.testing.assert_allclose(warped[:-2], (moving[1:-1] + moving[2:]) / 2, rtol=0, atol=1e-3)
+    np.testing.assert_allclose(warped[-2:], np.broadcast_to(moving[-1], warped[-2:].shape), rtol=0, atol=1e-3)
+    field = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "transform.nii.gz"), sitk.sitkVectorFloat64))
+    lps = np.diag([-1.0, -1.0, 1.0]) @ _affine()[:3, :3] @ np.array([1.5, 0.0, 0.0])  # mm, ITK's world
+    np.testing.assert_allclose(field.reshape(-1, 3), np.broadcast_to(lps, (math.prod(SHAPE), 3)), atol=1e-5)
+    transform, grid = read_displacement_field(out / "transform.nii.gz")
+    by_itk = sitk.GetArrayFromImage(resample(image_from_nifti(path), transform, grid)).transpose(2, 1, 0)
+    np.testing.assert_allclose(by_itk[:-2], warped[:-2], rtol=0, atol=1e-2)
+
+
+def test_the_preview_is_the_picture_of_the_whole_warp_of_the_registered_images(tmp_path, pair):
+    """The preview warps the moving image (as registered, the network's window) at its three cuts only: the same
+    PNG, byte for byte, as the one drawn from the whole warped volume (the registration step's warp before)."""
+    from elastic_hypermorph_bundle.visualize import save_pair_png
+
+    written = (_write(tmp_path, pair).root / "0001_0001" / "preview.png").read_bytes()
+    whole = warp_image(pair["moving_image"][None].as_tensor(), pair["pred"][None])[0, 0]
+    expected = save_pair_png(tmp_path / "expected.png", pair["fixed_image"][0], pair["moving_image"][0], warped=whole,
+                             ddf=pair["pred"], spacing=pair["spacing"].tolist(), window=(0.0, 1.0),
+                             title="pair 0001_0001, λ = 0.2, μ = 0.05", fixed_mask=pair["fixed_mask"][0],
+                             moving_mask=pair["moving_mask"][0])
+    assert written == expected.read_bytes()
 
 
 def test_the_other_layouts_on_request(tmp_path, pair):

@@ -10,7 +10,7 @@ from .hyper import (
 )
 from .localnet import HyperLocalNet
 from .unet import HyperUNet
-from .warp import warp_image, warp_label
+from .warp import warp_cuts, warp_image, warp_label
 
 __all__ = [
     "ConditionalInstanceNormConv",
@@ -21,6 +21,7 @@ __all__ = [
     "HyperUNet",
     "flow_head",
     "hyper_conv",
+    "warp_cuts",
     "warp_image",
     "warp_label",
 ]

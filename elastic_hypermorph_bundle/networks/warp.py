@@ -17,6 +17,7 @@ pass on 2 cores).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
 
 import torch
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Warp
 from monai.networks.blocks import warp as monai_warp
 
-__all__ = ["warp_image", "warp_label", "cached_warp"]
+__all__ = ["warp_image", "warp_label", "warp_cuts", "cached_warp"]
 
 
 class _GridCachingWarp(Warp):
@@ -79,3 +80,32 @@ def warp_label(label: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
     so no new label values appear; points that map outside the moving image get label 0. Keeps ``label.dtype``."""
     warped = cached_warp("nearest", "zeros")(label.to(ddf.dtype), ddf)
     return warped.to(label.dtype)
+
+
+def warp_cuts(image: torch.Tensor, ddf: torch.Tensor, slices: Sequence[int]) -> list[torch.Tensor]:
+    """:func:`warp_image` of a 3D ``image`` ``(B, C, X, Y, Z)`` by ``ddf`` ``(B, 3, X, Y, Z)`` at three planes only:
+    ``x = slices[0]``, ``y = slices[1]``, ``z = slices[2]``, returned as ``(B, C, Y, Z)``, ``(B, C, X, Z)`` and
+    ``(B, C, X, Y)``; each value is the one the whole warp gives there, with its arithmetic (the point
+    ``(p + u(p)) * 2 / (n - 1) - 1`` per axis, trilinear, edge values repeated), at about ``(XY + XZ + YZ) / XYZ`` of
+    its cost (a preview's three cuts of a full-size pair: 1.5 %).
+
+    Raises:
+        ValueError: ``ddf`` not ``(B, 3, *image spatial)``, or a slice outside its axis.
+    """
+    shape = tuple(image.shape[2:])
+    if image.ndim != 5 or tuple(ddf.shape) != (image.shape[0], 3, *shape):
+        raise ValueError(f"need a 3D image (B, C, X, Y, Z) and its ddf (B, 3, X, Y, Z), got {tuple(image.shape)} and "
+                         f"{tuple(ddf.shape)}.")
+    if len(slices) != 3 or any(not 0 <= int(s) < n for s, n in zip(slices, shape)):
+        raise ValueError(f"slices must be 3 voxel indices inside {shape}, got {list(slices)}.")
+    size = torch.tensor([max(n - 1, 1) for n in shape], dtype=ddf.dtype, device=ddf.device).view(1, 3, 1, 1)
+    cuts = []
+    for axis, index in enumerate(int(s) for s in slices):
+        axes = [torch.arange(n, dtype=ddf.dtype, device=ddf.device) for n in shape]
+        axes[axis] = axes[axis][index:index + 1]
+        reference = torch.stack(torch.meshgrid(*axes, indexing="ij")).squeeze(axis + 1)  # (3, b, c)
+        grid = ((reference + ddf.select(axis + 2, index)) * 2 / size - 1).flip(1)  # (B, 3, b, c), as warp_image's
+        warped = F.grid_sample(image, grid.permute(0, 2, 3, 1)[:, None], mode="bilinear", padding_mode="border",
+                               align_corners=True)
+        cuts.append(warped[:, :, 0])
+    return cuts

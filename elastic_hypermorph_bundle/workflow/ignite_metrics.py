@@ -49,7 +49,7 @@ def registered_pair_metrics(
 
     Args:
         pair: one decollated pair: ``"pred"``, and whichever of masks, points, images, ``"warped_mask"``,
-            ``"warped_image"``, ``"spacing"``, ``"hyper"`` it has.
+            ``"spacing"``, ``"hyper"`` it has (LNCC warps its ``"moving_image"``).
         hyper_names: names of the ``"hyper"`` row (e.g. ``("lam", "mu")``), for ``elastic_energy``.
         labels: mask labels to score (default: the nonzero labels of the fixed mask).
         masked: Jacobian metrics inside the fixed mask.
@@ -71,7 +71,7 @@ def registered_pair_metrics(
             moving_points=pair.get(f"moving_{kind}") if kind else None,
             spacing=pair.get("spacing"),
             fixed_image=pair.get("fixed_image"),
-            warped_image=pair.get("warped_image"),
+            moving_image=pair.get("moving_image"),
             hyper=hyper,
             masked=masked,
             before=True,

@@ -11,7 +11,7 @@ from monai.engines.utils import IterationEvents
 
 from ..data.transforms import PAIR_KEYS
 from ..forward import network_input, plain, weighted_ddf
-from ..networks import warp_image, warp_label
+from ..networks import warp_label
 from ..networks.grid import NetworkGrid
 from .instance import InstanceOptimization
 
@@ -29,11 +29,13 @@ class RegisterStep:
     The engine output (decollated into one dict per pair by the evaluator) holds:
 
     * ``"pred"``: the DDF ``(B, D, *spatial)`` in voxels of the network grid (package conventions);
-    * ``"warped_image"``: the moving image warped (linear), ``"warped_mask"``: the moving mask warped (nearest),
-      when the batch has ``"moving_mask"``;
+    * ``"warped_mask"``: the moving mask warped (nearest), when the batch has ``"moving_mask"``; the moving image
+      is not warped here: what needs it warps it, the writer the file in HU (its one full warp; the preview's
+      cuts, :func:`~elastic_hypermorph_bundle.networks.warp.warp_cuts`), the metrics the window for LNCC;
     * the batch's images, masks and points (keypoints/landmarks) on the network grid, and ``"pair_id"``;
     * ``"spacing"``: ``(B, D)`` voxel size of the network grid in mm (from the fixed image's affine);
-    * ``"hyper"``: ``(B, H)`` the row used; ``"runtime"``: ``(B,)`` seconds of network and warping per pair.
+    * ``"hyper"``: ``(B, H)`` the row used; ``"runtime"``: ``(B,)`` seconds of the network (and the mask's warp) per
+      pair.
 
     With ``instance`` (:class:`~elastic_hypermorph_bundle.workflow.instance.InstanceOptimization`), the pair is first
     pre-aligned (the network sees the pre-aligned moving image), and the network's field is then optimised for the
@@ -118,7 +120,6 @@ class RegisterStep:
                 hyper.expand(fixed.shape[0], -1), spacing, mask, covered=covered,
             )
         with torch.no_grad():
-            warped = warp_image(moving.float(), ddf)
             warped_mask = warp_label(batch["moving_mask"], ddf) if "moving_mask" in batch else None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -126,7 +127,6 @@ class RegisterStep:
 
         output = {key: batch[key] for key in PAIR_KEYS if key in batch}
         output["pred"] = ddf
-        output["warped_image"] = warped
         if warped_mask is not None:
             output["warped_mask"] = warped_mask
         if "pair_id" in batch:

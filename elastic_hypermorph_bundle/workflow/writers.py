@@ -505,8 +505,9 @@ class InferenceWriter:
         symbols = {"lam": "λ", "mu": "μ", "alpha": "α"}
         described = ", ".join(f"{symbols.get(name, name)} = {value:.3g}" for name, value in zip(names, hyper))
         masks = {key: pair[key][0] for key in ("fixed_mask", "moving_mask") if key in pair}
-        # the images as registered (the network's [0, 1] window of the HU range), already in memory
-        save_pair_png(path, pair["fixed_image"][0], pair["moving_image"][0], warped=pair["warped_image"][0],
+        # the images as registered (the network's [0, 1] window of the HU range), already in memory; the moving
+        # image warped at the three cuts shown only (the window of the whole warp there, not of the HU file's)
+        save_pair_png(path, pair["fixed_image"][0], pair["moving_image"][0], warped=True,
                       ddf=pair["pred"], spacing=torch.as_tensor(pair["spacing"]).reshape(-1).tolist(),
                       window=(0.0, 1.0), title=f"pair {pair['pair_id']}, {described}", **masks)
 

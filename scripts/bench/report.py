@@ -1089,6 +1089,9 @@ def _speed_candidates(measured: dict) -> list[str]:
                         + ("the same picture, pixel for pixel" if row["same_pixels"] else "another picture"))
             else:
                 same = f"{row['mb']['before']:.1f} -> {row['mb']['after']:.1f} MB, the same field"
+            if "before_commit" in row:  # a row measured later, alone (``--only``), against its own commit
+                name += (f" (against {row['before_commit']}, {row['date_utc']}, {row['rounds']} rounds, load average "
+                         f"{row['load_before']:.1f} before, {row['load_after']:.1f} after)")
             lines.append(f"| {name} | {row['before']:.2f} | {row['after']:.2f} | {row['after'] / row['before']:.2f} "
                          f"| {same} |")
         lines += [""] + _paragraphs(cuts.get("notes"))
