@@ -57,6 +57,16 @@ def pair(spatial_dims=2, batch=1, seed=0):
     return torch.rand(batch, 2, *SHAPE[spatial_dims], generator=generator)
 
 
+def each_row_as_alone(net: nn.Module, x: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+    """The fields of a batch with one hyperparameter row per sample, checked row by row against the network run on
+    that sample and row alone (to float tolerance); returns them."""
+    batched = net(x, hyper)
+    for b in range(x.shape[0]):
+        alone = net(x[b : b + 1], hyper[b : b + 1])
+        torch.testing.assert_close(batched[b : b + 1], alone, rtol=1e-4, atol=1e-4 * alone.abs().max().item())
+    return batched
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("spatial_dims", [2, 3])
 @pytest.mark.parametrize("cls", NETS)
@@ -76,11 +86,7 @@ def test_output_shape_and_near_identity(cls, spatial_dims, device):
 def test_per_sample_hyper_equals_separate_runs(cls, spatial_dims):
     net = randomize_heads(make_net(cls, spatial_dims))
     x = pair(spatial_dims, batch=3)
-    hyper = torch.tensor([[0.0, 1.0], [0.5, 0.5], [2.0, 0.1]])
-    batched = net(x, hyper)
-    for b in range(3):
-        alone = net(x[b : b + 1], hyper[b : b + 1])
-        torch.testing.assert_close(batched[b : b + 1], alone, rtol=1e-4, atol=1e-4 * alone.abs().max().item())
+    each_row_as_alone(net, x, torch.tensor([[0.0, 1.0], [0.5, 0.5], [2.0, 0.1]]))
 
 
 @pytest.mark.parametrize("cls", NETS)
@@ -356,10 +362,7 @@ def test_variants_per_sample_shared_and_reuse_agree(variant):
     conditioning, and the hyperparameters change the field."""
     net = randomize_heads(make_net(HyperUNet, **variant))
     x, hyper = pair(batch=3), torch.tensor([[0.0, 1.0], [0.5, 0.5], [2.0, 0.1]])
-    batched = net(x, hyper)
-    for b in range(3):
-        alone = net(x[b : b + 1], hyper[b : b + 1])
-        torch.testing.assert_close(batched[b : b + 1], alone, rtol=1e-4, atol=1e-4 * alone.abs().max().item())
+    batched = each_row_as_alone(net, x, hyper)
     shared = net(x, hyper[1:2])
     torch.testing.assert_close(shared, net(x, hyper[1:2].repeat(3, 1)), rtol=1e-4, atol=1e-4 * shared.abs().max().item())
     torch.testing.assert_close(net(x, weights=net.generate_weights(hyper)), batched)
