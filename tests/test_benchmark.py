@@ -16,7 +16,7 @@ from scipy.ndimage import gaussian_filter
 
 from bench import classical
 from bench.nets import PlainConv, PlainTwin, build_network
-from bench.timing import interleaved_medians, run_probe
+from bench.timing import interleaved_medians
 from elastic_hypermorph_bundle.networks import HyperConv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,15 +218,6 @@ def test_capacity_variants_differ_only_in_conditioning():
 
 
 @pytest.mark.slow
-def test_probe_reports_monotonic_peaks_in_a_fresh_process():
-    result = run_probe({"network": "HyperUNet", "variant": "plain", "spatial_size": [16, 16, 16], "batch": 1,
-                        "breakdown": True})
-    assert "error" not in result, result
-    assert 0 < result["baseline_mib"] <= result["inference_peak_mib"] <= result["training_peak_mib"]
-    assert result["saved_total_mib"] > 0 and result["saved_by_module_mib"]
-
-
-@pytest.mark.slow
 def test_quick_benchmark_writes_six_sections_and_parsable_json(tmp_path):
     import benchmark
     md_path = Path(benchmark.main(quick=True, output_dir=str(tmp_path), pair_cache=str(tmp_path / "pairs")))
@@ -239,6 +230,14 @@ def test_quick_benchmark_writes_six_sections_and_parsable_json(tmp_path):
             "capacity", "total_seconds", "runs"} <= set(results)
     assert results["machine"]["cpu_count"] >= 1 and "torch" in results["machine"]
     assert all(row["ratio"] > 0 for row in results["hyper_conditioning"])
+    # the memory probes (a fresh process per variant, bench.probe): monotonic peaks, and section 4's saved tensors
+    peaks = {row["mode"]: row["peak_memory_mib"] for row in results["hyper_conditioning"]}
+    for variant, baseline in results["hyper_conditioning"][0]["baseline_memory_mib"].items():
+        assert 0 < baseline <= peaks["inference"][variant] <= peaks["training"][variant], (variant, peaks)
+    memory = results["training_memory"]["fp32"]
+    assert "error" not in memory, memory
+    assert 0 < memory["baseline_mib"] <= memory["training_peak_mib"]
+    assert memory["saved_total_mib"] > 0 and memory["saved_by_module_mib"]
     rows = {row["kind"]: row for row in results["accuracy"]["methods"]}
     assert {"identity", "elastix", "demons", "convex_adam", "network", "optimize"} <= set(rows)
     assert all("error" not in row for row in results["accuracy"]["methods"]), results["accuracy"]["methods"]
