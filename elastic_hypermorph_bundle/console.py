@@ -73,8 +73,8 @@ USER_IDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("instance_steps",),
      "test-time instance optimisation of each pair's field at the same (λ, μ), started from the network's prediction "
      "(inference, evaluation, and the sweep's selected point): Adam steps of every level (a number) or of each level, "
-     "coarsest first (a list, one per level: `--instance_steps \"[50,50,20]\"`, benchmarks.md section 7b); 0 = "
-     "network alone", "25"),
+     "coarsest first (a list, one per level, as the default: more steps on the cheap coarse levels, fewer on the "
+     "finest, benchmarks.md section 7b); `--instance_steps 25`: 25 on every level; 0 = network alone", "`[50,50,20]`"),
     (("instance_similarity",),
      "its similarity (a row of `losses/similarity.py`): `mind` (MIND-SSC descriptors compared by SSD, insensitive "
      "to the lung's density change) or `lncc`", "`mind`"),

@@ -934,8 +934,10 @@ def _screen(screened: dict, what: str) -> list[str]:
     lines = [
         f"{what} on the 6 real-anatomy pairs of section 5b (`python -m bench.defaults_screen`, the bundle's whole "
         "register path: pre-alignment `auto`, the start's choice, the optimisation, each candidate's overrides; "
-        f"{screened['date_utc']}, one process, the candidates interleaved, order reversed every other pair, on 2 "
-        f"shared cores at load average {min(r['load_before'] for r in rows):.1f}-"
+        f"{screened['date_utc']}, "
+        + ("one process, the candidates interleaved" if result.get("processes", 1) == 1 else
+           f"{result['processes']} processes at once, the candidates interleaved within each (how: below)")
+        + f", order reversed every other pair, on 2 shared cores at load average {min(r['load_before'] for r in rows):.1f}-"
         f"{max(r['load_after'] for r in rows):.1f}: the seconds (pre-alignment and MIND-SSC, shared by candidates "
         "that agree on them, plus the start's choice and the optimisation) mean little). Per pair: keypoint TRE mm "
         f"(% det J <= 0, SDlogJ, seconds). The rule, stated before the screen ran: {result['rule']}.",
