@@ -202,7 +202,11 @@ def run_stages(options: dict, model_dir: str, pair_cache: str, log) -> dict:
     (:mod:`bench.stages`)."""
     import tempfile
 
-    anatomy = Path(options["real_ct"]).name.split(".")[0] if options.get("real_ct") else "phantom"
+    from elastic_hypermorph_bundle.simulation.real_ct import LUNG_MASK_RULE
+
+    # a dataset on a real CT is named after the lung-mask rule it was simulated under, so a new rule simulates anew
+    anatomy = (f"{Path(options['real_ct']).name.split('.')[0]}_lungrule{LUNG_MASK_RULE}" if options.get("real_ct")
+               else "phantom")
     name = f"stages_{'x'.join(map(str, options['spatial_size']))}_{options['pairs']}_{options['seed']}_{anatomy}"
     with tempfile.TemporaryDirectory(prefix="bench_stages_") as outputs:
         return stages.run({**options, "dataset_dir": str(Path(pair_cache) / name / "LungCT"),

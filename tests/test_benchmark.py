@@ -436,3 +436,16 @@ def test_schedule_screen_rule_takes_the_cheapest_schedule_that_costs_no_accuracy
     assert decide([r for r in rows if r["candidate"] in ("defaults", "best_mean")])["winner"] is None
     stopped = decide(rows, pairs=3)  # the defaults on 2 of 3 pairs: nothing decided
     assert stopped["partial"] and stopped["winner"] is None and stopped["candidates"]["cheaper"]["passes"]
+
+
+def test_pair_cache_keys_real_ct_pairs_on_the_lung_mask_rule(monkeypatch, tmp_path):
+    """A pair simulated on a real CT follows that CT's lung mask, so a new ``segment_lungs`` rule must give a new cache
+    path (a stale pair would otherwise be served); a phantom pair does not depend on it and keeps its path."""
+    from bench import accuracy
+
+    real = {"preset": "realistic", "real_ct": "/data/ct.nii.gz"}
+    phantom = {"preset": "realistic"}
+    before = {name: accuracy.pair_path([8, 8, 8], 1, sim, tmp_path) for name, sim in (("real", real), ("ph", phantom))}
+    monkeypatch.setattr(accuracy, "LUNG_MASK_RULE", accuracy.LUNG_MASK_RULE + 1)
+    assert accuracy.pair_path([8, 8, 8], 1, real, tmp_path) != before["real"]
+    assert accuracy.pair_path([8, 8, 8], 1, phantom, tmp_path) == before["ph"]

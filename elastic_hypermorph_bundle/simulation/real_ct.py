@@ -35,10 +35,14 @@ from .breathing import breathing_field, mean_divergence
 from .case import SimulatedPair, acquire_pair, draw_case
 from .realism import conserve_lung_mass, jacobian_determinant, sliding_displacement
 
-__all__ = ["load_real_ct", "segment_lungs", "vessel_keypoints", "mask_breathing_force", "simulate_real_ct_pair"]
+__all__ = ["LUNG_MASK_RULE", "load_real_ct", "segment_lungs", "vessel_keypoints", "mask_breathing_force", "simulate_real_ct_pair"]
 
 HU_AIR = -1000.0
 LUNG_THRESHOLD_HU, VESSEL_THRESHOLD_HU, ROOM_AIR_HU, ROOM_AIR_MEDIAN_HU = -400.0, -500.0, -950.0, -900.0
+#: the version of :func:`segment_lungs`'s rule, raised whenever it changes what it calls lung (2: room air by its
+#: median, e2a7729). Pairs simulated on a real CT depend on it (breathing force, keypoints, masks), so caches of such
+#: pairs key on it and never serve a pair simulated under an older rule.
+LUNG_MASK_RULE = 2
 
 
 @functools.lru_cache(maxsize=4)

@@ -31,6 +31,7 @@ import torch
 from elastic_hypermorph_bundle.simulation.followup import followup_geometry, on_fixed_grid
 from elastic_hypermorph_bundle.simulation.case import SimulatedPair
 from elastic_hypermorph_bundle.simulation.generator import simulate_pair
+from elastic_hypermorph_bundle.simulation.real_ct import LUNG_MASK_RULE
 from elastic_hypermorph_bundle.hyperparams import HyperSpace
 from elastic_hypermorph_bundle.forward import training_terms
 from elastic_hypermorph_bundle.losses import RegistrationLoss
@@ -54,7 +55,10 @@ def normalise(image: np.ndarray) -> np.ndarray:
 
 
 def _settings_hash(spatial_size, simulation: dict) -> str:
-    key = json.dumps({"spatial_size": [int(s) for s in spatial_size], "simulation": simulation}, sort_keys=True)
+    key = {"spatial_size": [int(s) for s in spatial_size], "simulation": simulation}
+    if simulation.get("real_ct"):  # the pair follows the lung mask of the CT: a new mask rule, a new pair
+        key["lung_mask_rule"] = LUNG_MASK_RULE
+    key = json.dumps(key, sort_keys=True)
     return hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
