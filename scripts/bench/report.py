@@ -115,6 +115,13 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _schedule(steps) -> str:
+    """``instance_steps`` in words: ``25`` (the records before it was recorded) or a list per level, coarsest first."""
+    if isinstance(steps, int):
+        return f"{steps} steps on each of 3 levels"
+    return f"{'/'.join(map(str, steps))} Adam steps on its {len(steps)} levels, coarsest first"
+
+
 def _paragraphs(notes) -> list[str]:
     """Hand-written paragraphs kept with a section's figures in benchmarks.json (``notes``: a string, a list of them or
     None), each followed by a blank line: what a measurement's figures cannot say (the machine's state, a
@@ -758,7 +765,8 @@ def _section7(result: dict, run: dict | None = None) -> list[str]:
         f"## {SECTIONS[6]}",
         "",
         "The bundle's own engine, `monai.bundle run` of `configs/inference.json` with every default (network, "
-        "`prealign auto`, 25 steps on each of 3 levels, all outputs), one fresh process per path, under `cProfile` "
+        f"`prealign auto`, {_schedule(setup.get('instance_steps', 25))}, all outputs), one fresh process per path, "
+        "under `cProfile` "
         f"(`scripts/bench/stages.py`): the split path registers {pairs} pairs of a simulated Learn2Reg dataset "
         f"(`--split all`, {_size(setup['spatial_size'])} voxels, realistic breath-hold pairs on {anatomy}, "
         "held out of the release model's training), the single-pair path one of them by `--fixed`/`--moving`. "

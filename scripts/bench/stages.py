@@ -252,6 +252,9 @@ def run(options: dict, log) -> dict:
     setup = {key: options.get(key) for key in ("spatial_size", "pairs", "seed", "simulation", "real_ct", "model")}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
     cgroup = Path("/proc/self/cgroup").read_text().strip() if Path("/proc/self/cgroup").is_file() else None
+    # the schedule that ran: the options' override (the quick run's) or the config's default
+    setup["instance_steps"] = options.get("overrides", {}).get(
+        "instance_steps", json.loads((ROOT / "configs" / "inference.json").read_text())["instance_steps"])
     setup.update(dataset_dir=str(dataset), cpus=len(os.sched_getaffinity(0)), cgroup=cgroup,
                  commit=commit.stdout.strip() if commit.returncode == 0 else None)  # the code measured
     load_before = os.getloadavg()
