@@ -28,6 +28,15 @@ from monai.networks.blocks import warp as monai_warp
 __all__ = ["warp_image", "warp_label", "warp_cuts", "cached_warp"]
 
 
+def _sampling_grid(points: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """``grid_sample``'s grid of voxel coordinates ``points`` ``(B, D, *out)`` in an image of spatial ``shape``:
+    MONAI ``Warp``'s arithmetic, ``p * 2 / (n - 1) - 1`` per axis (corner-aligned), axes last and reversed,
+    ``(B, *out, D)``; the one home of that arithmetic for the warps of this module that bypass ``Warp``."""
+    size = torch.tensor([max(n - 1, 1) for n in shape], dtype=points.dtype, device=points.device)
+    size = size.view(1, len(shape), *([1] * (points.ndim - 2)))
+    return (points * 2 / size - 1).movedim(1, -1).flip(-1)
+
+
 class _GridCachingWarp(Warp):
     """MONAI ``Warp`` that keeps its reference grid while the field's batch size, shape, device and dtype stay."""
 
@@ -54,10 +63,7 @@ class _GridCachingWarp(Warp):
         if parts == 1:
             return super().forward(image, ddf)
         shape = image.shape[2:]
-        # MONAI's native path: voxel coordinates to [-1, 1] (corner-aligned), axes reversed for grid_sample
-        size = torch.tensor([max(n - 1, 1) for n in shape], dtype=ddf.dtype, device=ddf.device).view(1, 3, 1, 1, 1)
-        grid = ((self.get_reference_grid(ddf) + ddf) * 2 / size - 1).flip(1)
-        grid = grid.permute(0, 2, 3, 4, 1).reshape(parts, -1, 1, 1, 3)
+        grid = _sampling_grid(self.get_reference_grid(ddf) + ddf, shape).reshape(parts, -1, 1, 1, 3)
         warped = F.grid_sample(image.expand(parts, *image.shape[1:]), grid, mode=self._interp_mode_native,
                                padding_mode=self._padding_mode_native, align_corners=True)
         return warped.transpose(0, 1).reshape(1, image.shape[1], *shape)
@@ -98,14 +104,12 @@ def warp_cuts(image: torch.Tensor, ddf: torch.Tensor, slices: Sequence[int]) -> 
                          f"{tuple(ddf.shape)}.")
     if len(slices) != 3 or any(not 0 <= int(s) < n for s, n in zip(slices, shape)):
         raise ValueError(f"slices must be 3 voxel indices inside {shape}, got {list(slices)}.")
-    size = torch.tensor([max(n - 1, 1) for n in shape], dtype=ddf.dtype, device=ddf.device).view(1, 3, 1, 1)
     cuts = []
     for axis, index in enumerate(int(s) for s in slices):
         axes = [torch.arange(n, dtype=ddf.dtype, device=ddf.device) for n in shape]
         axes[axis] = axes[axis][index:index + 1]
         reference = torch.stack(torch.meshgrid(*axes, indexing="ij")).squeeze(axis + 1)  # (3, b, c)
-        grid = ((reference + ddf.select(axis + 2, index)) * 2 / size - 1).flip(1)  # (B, 3, b, c), as warp_image's
-        warped = F.grid_sample(image, grid.permute(0, 2, 3, 1)[:, None], mode="bilinear", padding_mode="border",
-                               align_corners=True)
+        grid = _sampling_grid(reference + ddf.select(axis + 2, index), shape)  # (B, b, c, 3), as warp_image's
+        warped = F.grid_sample(image, grid[:, None], mode="bilinear", padding_mode="border", align_corners=True)
         cuts.append(warped[:, :, 0])
     return cuts
