@@ -105,8 +105,9 @@ def segment_lungs(image_hu: np.ndarray, box: np.ndarray | None = None) -> tuple[
     sides = box & ~ndimage.binary_erosion(box, in_plane, border_value=0)  # the box's faces along axes 0 and 1
     medians = np.asarray(ndimage.median(image_hu, labels, index))
     at_sides = np.isin(index, labels[sides & air])
-    room = index[(means < ROOM_AIR_HU) | (at_sides & (medians < ROOM_AIR_MEDIAN_HU))]
-    candidates = [(s, i) for s, i in zip(sizes, index) if i not in room]
+    is_room = (means < ROOM_AIR_HU) | (at_sides & (medians < ROOM_AIR_MEDIAN_HU))
+    room = index[is_room]
+    candidates = list(zip(sizes[~is_room], index[~is_room]))
     if not candidates:
         raise ValueError("no lung found: every air region is room air (see segment_lungs).")
     largest = max(candidates)[0]
