@@ -24,7 +24,7 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # bundle root, bench/
 
-from bench import accuracy, capacity, cost, report, response, stages  # noqa: E402
+from bench import accuracy, capacity, cost, inference_config, report, response, stages  # noqa: E402
 from bench.timing import machine_description  # noqa: E402
 from elastic_hypermorph_bundle.networks.hyper import DEFAULT_HYPER_RANK  # noqa: E402
 from elastic_hypermorph_bundle.optimize import AUTO_PREALIGN_MARGIN  # noqa: E402
@@ -242,13 +242,13 @@ def inference_schedule() -> dict:
     """The instance optimisation's steps of ``configs/inference.json``: ``steps`` (``instance_steps`` as the config
     holds it: one number for every level, or one per level); ``coverage_mask``: whether a moving image on another
     grid is compared only where it has data (``instance_coverage_mask``)."""
-    config = json.loads((Path(__file__).resolve().parents[1] / "configs" / "inference.json").read_text())
+    config = inference_config()
     return {"steps": config["instance_steps"], "coverage_mask": bool(config.get("instance_coverage_mask", False))}
 
 
 def inference_defaults() -> dict:
     """The bundle's inference defaults (``configs/inference.json``): the (lam, mu) a user gets without choosing."""
-    config = json.loads((Path(__file__).resolve().parents[1] / "configs" / "inference.json").read_text())
+    config = inference_config()
     return {key: config[key] for key in ("lam", "mu") if key in config}
 
 

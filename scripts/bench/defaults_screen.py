@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import inference_config
+
 ROOT = Path(__file__).resolve().parents[2]
 
 #: overrides of the inference defaults (``InstanceOptimization`` arguments, and ``lam``/``mu``) to screen; ``steps``
@@ -81,7 +83,7 @@ PREPARE_KEYS = ("discrete", "prealign", "similarity", "prealign_steps", "use_mas
 def inference_defaults() -> dict:
     """What the candidates override: ``lam``, ``mu`` and ``steps`` (``instance_steps``) of
     ``configs/inference.json`` (the other settings are :class:`InstanceOptimization`'s defaults, the config's)."""
-    config = json.loads((ROOT / "configs" / "inference.json").read_text())
+    config = inference_config()
     return {"lam": config["lam"], "mu": config["mu"], "steps": config["instance_steps"]}
 
 

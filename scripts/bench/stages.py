@@ -22,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+from . import inference_config
+
 ROOT = Path(__file__).resolve().parents[2]
 
 #: stage -> (file name ending, function name) whose cProfile cumulative time is the stage's time (summed when a
@@ -254,7 +256,7 @@ def run(options: dict, log) -> dict:
     cgroup = Path("/proc/self/cgroup").read_text().strip() if Path("/proc/self/cgroup").is_file() else None
     # the schedule that ran: the options' override (the quick run's) or the config's default
     setup["instance_steps"] = options.get("overrides", {}).get(
-        "instance_steps", json.loads((ROOT / "configs" / "inference.json").read_text())["instance_steps"])
+        "instance_steps", inference_config()["instance_steps"])
     setup.update(dataset_dir=str(dataset), cpus=len(os.sched_getaffinity(0)), cgroup=cgroup,
                  commit=commit.stdout.strip() if commit.returncode == 0 else None)  # the code measured
     load_before = os.getloadavg()
