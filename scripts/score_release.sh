@@ -14,7 +14,7 @@
 #   bash scripts/score_release.sh release_work/models OUT   # a new training; OUT default release_work/score/<dir name>
 #
 # The heldout_anatomy, default and real_ct sets are built once into HELDOUT (default release_work/heldout/; reused
-# when present). Per set and mode,
+# when present; the two on real CTs in folders named with the simulator's lung-mask rule, e.g. real_ct_lungrule2). Per set and mode,
 # metrics.csv/json land in OUT/<set>/<network|optimised>; OUT/summary.md is the table (mean TRE mm, lung Dice,
 # % J<=0, SDlogJ). Settings: LAM (0.083), MU (0.03), THREADS (2), REAL_CT_DIR (as in train_release.sh), HELDOUT_CT,
 # SETS (default "heldout_anatomy realistic default real_ct": the sets to score), MODES (default "network optimised";
@@ -51,6 +51,10 @@ for mode in $MODES; do
         echo "score_release.sh: MODES names $mode; valid: network optimised identity." >&2; exit 1;; esac
 done
 
+# the sets simulated on a real CT follow the simulator's lung mask (its breathing force, keypoints and masks), so
+# their folders carry its rule: a set built before the rule changed is never reused (the benchmark's pair cache
+# is keyed the same way)
+RULE=_lungrule$(python -c "from elastic_hypermorph_bundle.simulation.real_ct import LUNG_MASK_RULE; print(LUNG_MASK_RULE)")
 sets=()
 for name in $SETS; do
     case $name in
@@ -59,11 +63,11 @@ for name in $SETS; do
             echo "score_release.sh: no held-out chest CT (HELDOUT_CT=$HELDOUT_CT); the heldout_anatomy set is left out." >&2
             continue
         fi
-        if [ ! -f "$HELDOUT/heldout_anatomy/LungCT_dataset.json" ]; then
-            python scripts/make_synthetic.py --output_dir "$HELDOUT/heldout_anatomy" --num_pairs 4 --seed 999 \
+        if [ ! -f "$HELDOUT/heldout_anatomy$RULE/LungCT_dataset.json" ]; then
+            python scripts/make_synthetic.py --output_dir "$HELDOUT/heldout_anatomy$RULE" --num_pairs 4 --seed 999 \
                 --spatial_size "[192,192,208]" --preset realistic --real_ct "$HELDOUT_CT" --real_ct_fraction 1.0
         fi
-        sets+=("heldout_anatomy:$HELDOUT/heldout_anatomy:all");;
+        sets+=("heldout_anatomy:$HELDOUT/heldout_anatomy$RULE:all");;
     realistic)
         if [ ! -f "$DATA/LungCT_dataset.json" ]; then
             echo "score_release.sh: no release dataset at $DATA; the realistic set is left out." >&2
@@ -81,11 +85,11 @@ for name in $SETS; do
             echo "score_release.sh: no real CT found; the real_ct set is left out." >&2
             continue
         fi
-        if [ ! -f "$HELDOUT/real_ct/LungCT_dataset.json" ]; then
-            python scripts/make_synthetic.py --output_dir "$HELDOUT/real_ct" --num_pairs 4 --spatial_size "[48,48,52]" \
-                --seed 999 --preset realistic --real_ct "$REAL_CT" --real_ct_fraction 1.0
+        if [ ! -f "$HELDOUT/real_ct$RULE/LungCT_dataset.json" ]; then
+            python scripts/make_synthetic.py --output_dir "$HELDOUT/real_ct$RULE" --num_pairs 4 \
+                --spatial_size "[48,48,52]" --seed 999 --preset realistic --real_ct "$REAL_CT" --real_ct_fraction 1.0
         fi
-        sets+=("real_ct:$HELDOUT/real_ct:all");;
+        sets+=("real_ct:$HELDOUT/real_ct$RULE:all");;
     *)
         echo "score_release.sh: SETS names $name; valid: heldout_anatomy realistic default real_ct." >&2
         exit 1;;
