@@ -39,16 +39,42 @@ def _per_sample_weight(value: float | torch.Tensor, name: str, batch: int, like:
     return weight
 
 
+class _ForwardDifferences(torch.autograd.Function):
+    """``G[b, j, i] = u_j(x + e_i) - u_j(x)`` on the interior cells, ``(B, D, D, *(N_k - 1))``, with the adjoint of
+    the differences as its backward pass (each ``g[b, j, i]`` added at ``x + e_i`` and subtracted at ``x``):
+    autograd through the ``D^2`` shifted slices instead allocates and fills a field-sized gradient per slice, which
+    made the energy a quarter of an instance-optimisation step on a CPU."""
+
+    @staticmethod
+    def forward(ctx, ddf: torch.Tensor) -> torch.Tensor:
+        dims = ddf.ndim - 2
+        ctx.shape = ddf.shape
+        base = (slice(None), slice(None)) + (slice(0, -1),) * dims
+        columns = []
+        for axis in range(dims):
+            shifted = list(base)
+            shifted[axis + 2] = slice(1, None)
+            columns.append(ddf[tuple(shifted)] - ddf[base])
+        return torch.stack(columns, dim=2)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        dims = len(ctx.shape) - 2
+        result = grad.new_zeros(ctx.shape)
+        base = (slice(None), slice(None)) + (slice(0, -1),) * dims
+        for axis in range(dims):
+            shifted = list(base)
+            shifted[axis + 2] = slice(1, None)
+            column = grad.select(2, axis)
+            result[tuple(shifted)] += column
+            result[base] -= column
+        return result
+
+
 def _displacement_gradient(ddf: torch.Tensor, spacing: Sequence[float] | None) -> torch.Tensor:
     """Forward-difference gradient ``G[b, j, i] = ∂_i u_j`` on the interior cells, shape ``(B, D, D, *(N_k - 1))``."""
     dims = ddf.ndim - 2
-    base = (slice(None), slice(None)) + (slice(0, -1),) * dims
-    columns = []
-    for axis in range(dims):
-        shifted = list(base)
-        shifted[axis + 2] = slice(1, None)
-        columns.append(ddf[tuple(shifted)] - ddf[base])
-    gradient = torch.stack(columns, dim=2)
+    gradient = _ForwardDifferences.apply(ddf)
     if spacing is not None:
         # u_j counts voxels of axis j (s_j mm each) and ∂_i is per voxel of axis i, so in mm/mm: s_j / s_i ∂_i u_j
         s = torch.as_tensor(spacing, dtype=ddf.dtype, device=ddf.device)
