@@ -382,10 +382,18 @@ def run_real_anatomy(options: dict, model_dir: str, pair_cache: str, log, kinds=
             "group": case[0], "ct": case[1], "seed": case[2], "pair_file": str(path), "spacing": list(loaded.spacing),
             "seen_in_training": case[1] in options["model_saw"], "simulated": loaded.simulation}
 
+    keys = [row_key(spec, accuracy.pair_path(options["spatial_size"], case[2], simulation(case), pair_cache), model_sha)
+            for case, spec in plan]
+
+    def snapshot(index):  # what a kill after row `index` must leave: the rows so far and the earlier rows still ahead
+        ahead = [earlier_rows[key] for key in keys[index + 1:] if key in earlier_rows]
+        cases = {**{row["case"]: earlier["cases"][row["case"]] for row in ahead
+                    if row.get("case") in (earlier or {}).get("cases", {})}, **result["cases"]}
+        return {**result, "cases": cases, "rows": result["rows"] + ahead}
+
     for index, (case, spec) in enumerate(plan):
         case_id = "/".join(map(str, case))
-        key = row_key(spec, accuracy.pair_path(options["spatial_size"], case[2], simulation(case), pair_cache),
-                      model_sha)
+        key = keys[index]
         wanted = (kinds is None or spec["kind"] in kinds) and (groups is None or case[0] in groups)
         # a row this run does not measure (another kind or group) keeps its earlier value, even one named in remeasure
         if key in earlier_rows and (spec["row"] not in remeasure or not wanted):
@@ -415,7 +423,7 @@ def run_real_anatomy(options: dict, model_dir: str, pair_cache: str, log, kinds=
                        if "tre_mm" in row else str(row.get("skipped") or row.get("error")
                                                    or f"did not finish within {row.get('timed_out_s', 0):.0f} s")))
         if save is not None:
-            save(result)
+            save(snapshot(index))
     return result
 
 

@@ -325,6 +325,13 @@ def test_real_anatomy_saves_every_row_and_resumes_where_it_stopped(tmp_path, mon
     changed = run(measure, earlier={**resumed, "notes": notes}, settings={**options, "elastix_iterations": 7})
     assert [row for row, _ in calls] == ["elastix", "elastix"] and len(changed["rows"]) == 16
     assert changed["notes"] == notes  # what a person wrote on a pair outlives the re-measurement
+    calls.clear()  # a re-measurement killed after its first row: every earlier row is still in what it saved
+    saved.clear()
+    with pytest.raises(KeyboardInterrupt):
+        run(lambda *a, **k: measure(*a, **k, kill_after=1), earlier=resumed, settings={**options, "elastix_iterations": 9})
+    # (the elastix row not re-measured yet is not kept: its settings are no longer the plan's)
+    assert len(calls) == 1 and len(saved[-1]["rows"]) == 15 and sorted(saved[-1]["cases"]) == sorted(resumed["cases"])
+    assert [r for r in saved[-1]["rows"] if r["row_id"] != "elastix"] == [r for r in resumed["rows"] if r["row_id"] != "elastix"]
     calls.clear()  # a re-measurement limited to one group re-measures its rows and keeps the other group's
     again = benchmark.run_real_anatomy({**options, "elastix_iterations": 7}, str(tmp_path / "model"), str(tmp_path / "pairs"), lambda message: None,
                                        earlier=changed, groups=["breath_hold"], remeasure=["defaults"], measure=measure)

@@ -1042,8 +1042,8 @@ def _speed_candidates(measured: dict) -> list[str]:
                              f"{row[f'{tag}coarse_s'] + row[f'{tag}finest_{finest}_s']:.1f}")
             lines.append(f"| {row['real_ct']} | {row['network_tre_mm']:.2f} | " + " | ".join(cells) + " |")
         lines.append("")
-    versions = measured.get("pipeline")
-    if versions:
+    # one record per comparison of two code versions: "pipeline", "pipeline_<what>"
+    for versions in (measured[key] for key in sorted(measured) if key.startswith("pipeline")):
         result = versions["result"]
         names = result["codes"]
         lines += [
@@ -1051,7 +1051,8 @@ def _speed_candidates(measured: dict) -> list[str]:
             "model's start at the inference defaults, of two code versions in turn in fresh processes "
             f"(`python -m bench.speed_candidates pipeline`, {len(result['runs'])} runs, order "
             + " / ".join(run["code"] for run in result["runs"]) + f"), on full-size realistic pairs of real CTs, "
-            f"{versions['date_utc']}, in the benchmark's cpu cgroup on 2 shared cores (load average "
+            f"{versions['date_utc']}, {versions.get('where', 'in the benchmark' + chr(39) + 's cpu cgroup')} on 2 shared "
+            "cores (load average "
             f"{min(run['load'] for run in result['runs']):.1f}-{max(run['load'] for run in result['runs']):.1f}): "
             + "; ".join(f"`{code}` {text}" for code, text in names.items()) + ".",
             "",
