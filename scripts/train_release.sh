@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The release model in one command, on CPU: build the training set (realistic phantom pairs and pairs on four real
-# chest CTs), fine-tune release 0.4.0's compact HyperUNet on the coarse grid, and score it on the held-out test pairs.
+# chest CTs), fine-tune an earlier release's compact HyperUNet on the coarse grid, and score it on the held-out test pairs.
 #
-#   bash scripts/train_release.sh                      # defaults: release 0.5.0 (fine-tunes 0.4.0, see INIT; 46 min
-#                                                      # on a CPU shared with other jobs, THREADS=1)
+#   bash scripts/train_release.sh                      # defaults: release 0.5.2 (fine-tunes 0.5.0 for 24 epochs, see
+#                                                      # INIT; 44 min on 2 CPU cores shared with other jobs, THREADS=1)
+#   INIT=0.4.0 EPOCHS=6 bash scripts/train_release.sh  # release 0.5.0's recipe (its data simulated by this code)
 #   PAIRS=40 EPOCHS=2 bash scripts/train_release.sh    # a short run
 #   INSTALL=1 bash scripts/train_release.sh            # also copy model.pt / model.json into models/
 #   INIT=none EPOCHS=40 bash scripts/train_release.sh  # from random initialisation (release 0.4.0's recipe, with
@@ -27,7 +28,8 @@
 #     are all phantom-based when it is absent)  REAL_CTS (the CTs of REAL_CT_DIR used, without .nii.gz, taken in turn
 #     by the real-CT pairs; default "lidc_idri_0001 lidc_idri_0002 fourdlung_113_phase40 chest_ct_cropped": the fifth,
 #     nsclc_r01_001, is HELD OUT of training entirely, for score_release.sh)  REAL_CT_FRACTION (0.5)
-#   INIT (0.4.0: release 0.4.0's model.pt and model.json, read from this repository's history (commit f7cc9a0);
+#   INIT (0.5.0 or 0.4.0: that release's model.pt and model.json, read from this repository's history (commits
+#     4c1ec02, f7cc9a0);
 #     none: random initialisation; else a model.pt with its model.json, whose network must be the config's)
 #   DATA (none: build the dataset into $WORK/data; else train on this existing dataset)
 #   SPLIT_FILE (none: the seeded split; else a split.json to train, validate and test on, e.g. a smaller train split)
@@ -42,7 +44,7 @@ cd "$(dirname "$0")/.."
 
 WORK=${WORK:-release_work}
 PAIRS=${PAIRS:-80}
-EPOCHS=${EPOCHS:-6}
+EPOCHS=${EPOCHS:-24}
 SEED=${SEED:-0}
 source scripts/real_ct_dir.sh  # REAL_CT_DIR: the nearest ancestor's shared/data/real_ct unless set
 REAL_CTS=${REAL_CTS:-lidc_idri_0001 lidc_idri_0002 fourdlung_113_phase40 chest_ct_cropped}
@@ -61,9 +63,13 @@ AMORTISED_TARGETS=${AMORTISED_TARGETS:-}
 AMORTISED_WEIGHT=${AMORTISED_WEIGHT:-1.0}
 AMORTISED_FRACTION=${AMORTISED_FRACTION:-0.5}
 AMORTISED_MASK=${AMORTISED_MASK:-false}
-INIT=${INIT:-0.4.0}
+INIT=${INIT:-0.5.0}
 if [ "$INIT" = none ]; then INIT=""; fi
-INIT_COMMIT=f7cc9a0  # the commit of release 0.4.0
+case $INIT in  # a release by its version: the commit that holds its weights
+    0.5.0) INIT_COMMIT=4c1ec02;;
+    0.4.0) INIT_COMMIT=f7cc9a0;;
+    *) INIT_COMMIT="";;
+esac
 if [ -e "$WORK" ] && [ "${OVERWRITE:-0}" != 1 ]; then
     echo "train_release.sh: $WORK exists; remove it or set OVERWRITE=1 to replace it." >&2
     exit 1
@@ -78,11 +84,11 @@ for name in SPLIT_FILE AMORTISED_TARGETS; do
         exit 1
     fi
 done
-if [ "$INIT" = 0.4.0 ] && ! git cat-file -e "$INIT_COMMIT:models/model.pt" 2>/dev/null; then
-    echo "train_release.sh: INIT=0.4.0 needs this repository's git history (commit $INIT_COMMIT); pass INIT=PATH/model.pt or INIT=none." >&2
+if [ -n "$INIT_COMMIT" ] && ! git cat-file -e "$INIT_COMMIT:models/model.pt" 2>/dev/null; then
+    echo "train_release.sh: INIT=$INIT needs this repository's git history (commit $INIT_COMMIT); pass INIT=PATH/model.pt or INIT=none." >&2
     exit 1
 fi
-if [ -n "$INIT" ] && [ "$INIT" != 0.4.0 ] && [ ! -f "$INIT" ]; then
+if [ -n "$INIT" ] && [ -z "$INIT_COMMIT" ] && [ ! -f "$INIT" ]; then
     echo "train_release.sh: INIT=$INIT is not a file." >&2
     exit 1
 fi
@@ -104,10 +110,10 @@ if [ -n "$DATA" ]; then DATA=$(cd "$DATA" && pwd); fi
 for name in SPLIT_FILE AMORTISED_TARGETS; do
     if [ -n "${!name}" ]; then printf -v "$name" '%s' "$(cd "$(dirname "${!name}")" && pwd)/$(basename "${!name}")"; fi
 done
-if [ -n "$INIT" ] && [ "$INIT" != 0.4.0 ]; then INIT=$(cd "$(dirname "$INIT")" && pwd)/$(basename "$INIT"); fi
+if [ -n "$INIT" ] && [ -z "$INIT_COMMIT" ]; then INIT=$(cd "$(dirname "$INIT")" && pwd)/$(basename "$INIT"); fi
 rm -rf "$WORK"
 mkdir -p "$WORK"
-if [ "$INIT" = 0.4.0 ]; then  # the weights and card of release 0.4.0, as committed
+if [ -n "$INIT_COMMIT" ]; then  # the weights and card of that release, as committed
     mkdir -p "$WORK/init"
     git show "$INIT_COMMIT:models/model.pt" > "$WORK/init/model.pt"
     git show "$INIT_COMMIT:models/model.json" > "$WORK/init/model.json"
