@@ -39,6 +39,13 @@ def _per_sample_weight(value: float | torch.Tensor, name: str, batch: int, like:
     return weight
 
 
+def _cells(dims: int) -> tuple[tuple, list[tuple]]:
+    """Index of the interior cells ``x`` (the first ``N_k - 1`` along every axis) of a ``(B, D, *spatial)`` field, and
+    of ``x + e_i`` for each axis ``i``."""
+    base = (slice(None), slice(None)) + (slice(0, -1),) * dims
+    return base, [base[: axis + 2] + (slice(1, None),) + base[axis + 3:] for axis in range(dims)]
+
+
 class _ForwardDifferences(torch.autograd.Function):
     """``G[b, j, i] = u_j(x + e_i) - u_j(x)`` on the interior cells, ``(B, D, D, *(N_k - 1))``, with the adjoint of
     the differences as its backward pass (each ``g[b, j, i]`` added at ``x + e_i`` and subtracted at ``x``):
@@ -47,26 +54,17 @@ class _ForwardDifferences(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, ddf: torch.Tensor) -> torch.Tensor:
-        dims = ddf.ndim - 2
         ctx.shape = ddf.shape
-        base = (slice(None), slice(None)) + (slice(0, -1),) * dims
-        columns = []
-        for axis in range(dims):
-            shifted = list(base)
-            shifted[axis + 2] = slice(1, None)
-            columns.append(ddf[tuple(shifted)] - ddf[base])
-        return torch.stack(columns, dim=2)
+        base, shifted = _cells(ddf.ndim - 2)
+        return torch.stack([ddf[cells] - ddf[base] for cells in shifted], dim=2)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        dims = len(ctx.shape) - 2
         result = grad.new_zeros(ctx.shape)
-        base = (slice(None), slice(None)) + (slice(0, -1),) * dims
-        for axis in range(dims):
-            shifted = list(base)
-            shifted[axis + 2] = slice(1, None)
+        base, shifted = _cells(len(ctx.shape) - 2)
+        for axis, cells in enumerate(shifted):
             column = grad.select(2, axis)
-            result[tuple(shifted)] += column
+            result[cells] += column
             result[base] -= column
         return result
 
