@@ -75,10 +75,10 @@ class InvalidOverrideError(ValueError):
 INTEGER_IDS = frozenset(
     {"seed", "epochs", "val_interval", "batch_size", "num_workers", "instance_levels", "hyper_rank"}
 )
-#: ids of the instance optimisation's steps: a whole number (every level) or a list of them (one per level, coarsest
+#: ids of the instance optimisation's per-level settings (steps, similarity stride): a whole number (every level) or a list of them (one per level, coarsest
 #: first: ``--instance_steps "[50,50,20]"``); the list's length is checked against the levels where they are known
 #: (:func:`~elastic_hypermorph_bundle.optimize.level_steps`)
-LEVEL_STEP_IDS = frozenset({"instance_steps", "sweep_instance_steps"})
+LEVEL_STEP_IDS = frozenset({"instance_steps", "sweep_instance_steps", "instance_similarity_stride"})
 #: the hyperparameter ids; a model uses those of its regularizer only (``HyperSpace.names``)
 HYPER_IDS = ("lam", "mu", "alpha")
 

@@ -47,7 +47,7 @@ from .losses.elastic import elastic_energy
 from .losses.similarity import LNCC_WINDOW, Similarity, get_similarity
 from .networks.spatial import (Affine, affine_ddf, box_mean, compose_affine, field_scale, level_shape, resize_field,
                                resize_image)
-from .networks.warp import warp_image
+from .networks.warp import sample_points, warp_image
 
 __all__ = ["PREALIGNMENTS", "AUTO_PREALIGN_MARGIN", "AUTO_PREALIGN_SHIFTS_MM", "centre_of_mass_offset",
            "lung_centroid_offset", "prealign", "auto_prealign", "similarity_features", "identity_field",
@@ -110,21 +110,48 @@ def _check_mask(mask: torch.Tensor | None, fixed: torch.Tensor) -> torch.Tensor 
     return mask
 
 
+def _offset_cycle(stride: int) -> list[tuple[int, int, int]]:
+    """The ``stride^3`` offsets of a strided sub-grid, in the order the steps visit them: consecutive steps take
+    offsets far apart (index ``i * m mod stride^3``, ``m`` coprime to it near half of it), so that a few steps
+    already spread over the whole level; every offset once per ``stride^3`` steps."""
+    count = stride ** 3
+    multiplier = next(m for m in range(count // 2 + 1, count + 2) if math.gcd(m, count) == 1)
+    offsets = [(i // stride ** 2, i // stride % stride, i % stride) for i in range(count)]
+    return [offsets[i * multiplier % count] for i in range(count)]
+
+
 class _LevelSimilarity:
     """Per-sample similarity ``(B,)`` of the moving image warped by a DDF to the fixed image on one level's grid,
     averaged over the (soft) fixed mask: a row of the similarity table (:mod:`.losses.similarity`) comparing what
     its ``prepare`` gave on the image grid, resized to the level (``fixed``, ``moving``), with training's LNCC window
-    scaled with the level."""
+    scaled with the level.
 
-    def __init__(self, row: Similarity, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None, factor: float):
-        self.row, self.fixed, self.moving, self.mask = row, fixed, moving, mask
+    With ``stride`` > 1 (a voxel-wise row only) a call compares on one sub-grid of every ``stride``-th voxel per
+    axis (``1 / stride^3`` of the voxels), the sub-grid's offset taken by the call's ``step`` from
+    :func:`_offset_cycle`: an unbiased estimate of the whole level's mean at that fraction of the warp's cost."""
+
+    def __init__(self, row: Similarity, fixed: torch.Tensor, moving: torch.Tensor, mask: torch.Tensor | None,
+                 factor: float, stride: int = 1):
+        self.row, self.fixed, self.moving, self.mask, self.stride = row, fixed, moving, mask, stride
         self.window = max(3, int(round(LNCC_WINDOW / factor)) | 1)
+        self.offsets = _offset_cycle(stride)
+        if stride > 1:
+            axes = [torch.arange(n, dtype=fixed.dtype, device=fixed.device) for n in fixed.shape[2:]]
+            self.identity = torch.stack(torch.meshgrid(*axes, indexing="ij"))[None]
 
-    def __call__(self, ddf: torch.Tensor) -> torch.Tensor:
-        value = self.row.compare(warp_image(self.moving, ddf), self.fixed, self.window)
-        if self.mask is None:
+    def __call__(self, ddf: torch.Tensor, step: int = 0) -> torch.Tensor:
+        if self.stride == 1:
+            value = self.row.compare(warp_image(self.moving, ddf), self.fixed, self.window)
+            mask = self.mask
+        else:
+            cut = (Ellipsis, *(slice(o, None, self.stride) for o in self.offsets[step % len(self.offsets)]))
+            warped = sample_points(self.moving, self.identity[cut] + ddf[cut])
+            value = self.row.compare(warped, self.fixed[cut], self.window)
+            mask = None if self.mask is None else self.mask[cut]
+        if mask is None:
             return value.flatten(1).mean(1)
-        return (value * self.mask).flatten(1).sum(1) / self.mask.flatten(1).sum(1)
+        # a sub-grid may miss a small mask: it then adds nothing to this step
+        return (value * mask).flatten(1).sum(1) / mask.flatten(1).sum(1).clamp_min(1e-12)
 
 
 def _per_sample(value: float | torch.Tensor, name: str, batch: int, like: torch.Tensor) -> torch.Tensor:
@@ -432,7 +459,7 @@ def start_objective(
         return measure(total) + elastic_energy(field, lam, mu, (base_spacing / scale).tolist())
 
 
-def level_steps(steps: int | Sequence[int], levels: int, name: str = "steps") -> tuple[int, ...]:
+def level_steps(steps: int | Sequence[int], levels: int, name: str = "steps", minimum: int = 0) -> tuple[int, ...]:
     """The Adam steps of each level of :func:`instance_optimize`, coarsest first: ``steps`` on every level when it
     is one number, else ``steps`` itself, one count per level (e.g. ``[50, 50, 20]`` for 3 levels: more steps on
     the cheap coarse levels, fewer on the finest). All zero: no optimisation.
@@ -441,6 +468,8 @@ def level_steps(steps: int | Sequence[int], levels: int, name: str = "steps") ->
         steps: a whole number >= 0, or a sequence of ``levels`` of them.
         levels: number of levels of the optimisation.
         name: the setting's name in the error messages (e.g. ``"instance_steps"``, the config id).
+        minimum: the least count a level may have (1 for a per-level setting that is not a step count, e.g.
+            ``similarity_stride``).
 
     Raises:
         ValueError: a count that is not a whole number, a negative count, or a sequence of another length than
@@ -452,8 +481,8 @@ def level_steps(steps: int | Sequence[int], levels: int, name: str = "steps") ->
         raise ValueError(f"{name} must be a whole number or a list of whole numbers (one per level, coarsest "
                          f"first), got {steps!r}.")
     counts = [int(count) for count in counts]
-    if any(count < 0 for count in counts):
-        raise ValueError(f"{name} must be >= 0 on every level, got {steps!r}.")
+    if any(count < minimum for count in counts):
+        raise ValueError(f"{name} must be >= {minimum} on every level, got {steps!r}.")
     if not per_level:
         counts = counts * levels
     elif len(counts) != levels:
@@ -482,6 +511,7 @@ def instance_optimize(
     smooth: int = 3,
     log_every: int = 0,
     features: tuple[torch.Tensor, torch.Tensor] | None = None,
+    similarity_stride: int | Sequence[int] = 1,
 ) -> torch.Tensor:
     """Optimise each pair's displacement field at its ``(lam, mu)``; see the module docstring for the objective.
 
@@ -510,13 +540,20 @@ def instance_optimize(
         log_every: log step and loss terms every this many steps per level (0: first and last step only).
         features: :func:`similarity_features` of ``fixed`` and ``moving`` when already computed (e.g. for
             :func:`start_objective`), so that a pair's descriptors are computed once.
+        similarity_stride: per level (one number for every level, or one per level, coarsest first, as ``steps``):
+            each step compares the images on one sub-grid of every ``stride``-th voxel per axis of the level, its
+            offset changing from step to step (every voxel once per ``stride^3`` steps), so a step's warp and
+            similarity cost ``1 / stride^3`` of the whole level's, their gradient an unbiased estimate of its; the
+            elastic energy and the control values stay whole. 1: every voxel on every step. A voxel-wise
+            similarity only (``"mind"``).
 
     Returns:
         the total DDF ``(B, 3, X, Y, Z)`` in voxels (pre-alignment composed with the optimised non-rigid field).
 
     Raises:
         ValueError: for images, masks or ``init_ddf`` of the wrong shape or with non-finite values, an unknown
-            similarity, ``steps`` that :func:`level_steps` refuses, ``levels`` < 1, ``grid`` < 1, ``lr`` <= 0, a
+            similarity, ``steps`` or ``similarity_stride`` (>= 1) that :func:`level_steps` refuses, a stride > 1
+            with a windowed similarity, ``levels`` < 1, ``grid`` < 1, ``lr`` <= 0, a
             non-positive spacing, or negative or non-finite ``lam``/``mu``.
     """
     _check_images(fixed, moving)
@@ -525,6 +562,10 @@ def instance_optimize(
     if levels < 1 or not grid >= 1 or not lr > 0:
         raise ValueError(f"need levels >= 1, grid >= 1 and lr > 0, got {levels}, {grid}, {lr}.")
     steps = level_steps(steps, levels)
+    strides = level_steps(similarity_stride, levels, "similarity_stride", minimum=1)
+    if row.windowed and max(strides) > 1:
+        raise ValueError(f"similarity_stride {similarity_stride!r} needs a voxel-wise similarity such as 'mind': "
+                         f"{similarity!r} compares windows, which a sub-grid of the voxels cannot hold.")
     batch, shape = fixed.shape[0], tuple(fixed.shape[2:])
     lam = _per_sample(lam, "lam", batch, fixed)
     mu = _per_sample(mu, "mu", batch, fixed)
@@ -562,7 +603,8 @@ def instance_optimize(
         factor = grid * 2 ** (levels - 1 - level_index)
         level = level_shape(shape, factor)
         fixed_l, moving_l = (resize_image(t, level) for t in compared)
-        measure = _LevelSimilarity(row, fixed_l, moving_l, None if mask is None else resize_image(mask, level), factor)
+        measure = _LevelSimilarity(row, fixed_l, moving_l, None if mask is None else resize_image(mask, level), factor,
+                                   strides[level_index])
         init_l = resize_field(init_ddf, level)
         scale = field_scale(shape, level, base_spacing).flatten()
         # the pre-alignment on the level's grid: its field, and its linear part in the level's voxels
@@ -587,7 +629,7 @@ def instance_optimize(
                 optimizer.param_groups[0]["lr"] = lr * 0.5 * (1 + math.cos(math.pi * step / count))
                 optimizer.zero_grad(set_to_none=True)
                 field = non_rigid(correction, init_l)
-                similarity_value = measure(compose_affine(affine_l, field, affine_field_l))
+                similarity_value = measure(compose_affine(affine_l, field, affine_field_l), step)
                 energy = elastic_energy(field, lam, mu, level_spacing)
                 loss = (similarity_value + energy).sum()
                 (loss * voxels).backward()

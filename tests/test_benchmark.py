@@ -443,6 +443,12 @@ def test_schedule_screen_rule_takes_the_cheapest_schedule_that_costs_no_accuracy
     assert decide([r for r in rows if r["candidate"] in ("defaults", "best_mean")])["winner"] is None
     stopped = decide(rows, pairs=3)  # the defaults on 2 of 3 pairs: nothing decided
     assert stopped["partial"] and stopped["winner"] is None and stopped["candidates"]["cheaper"]["passes"]
+    # the stride screen's rule: mean TRE not higher (equal passes), the least measured seconds win
+    timed = decide(rows + [row("equal", "a", 1.0, [50, 50, 30], 8.0), row("equal", "b", 2.0, [50, 50, 30], 8.0)],
+                   cost="register_s", strict=False)
+    assert timed["winner"] == "equal" and timed["candidates"]["equal"]["passes"] and timed["cost"] == "register_s"
+    assert not decide(rows + [row("equal", "a", 1.0, [1] * 3), row("equal", "b", 2.0, [1] * 3)])["candidates"][
+        "equal"]["passes"]
 
 
 def test_pair_cache_keys_real_ct_pairs_on_the_lung_mask_rule(monkeypatch, tmp_path):

@@ -292,6 +292,42 @@ def test_stiffer_material_gives_a_smoother_field(simulated_pair):
     assert stiff < 0.7 * soft
 
 
+def test_strided_similarity_averages_to_the_whole_levels():
+    """A stride-2 similarity visits the 8 sub-grids once per 8 steps, consecutive offsets far apart, and on a grid
+    of even sizes the mean of its 8 values is the whole level's similarity; stride 1 is the whole level's."""
+    from elastic_hypermorph_bundle.losses.similarity import get_similarity
+    from elastic_hypermorph_bundle.optimize import _LevelSimilarity, _offset_cycle
+
+    cycle = _offset_cycle(2)
+    assert sorted(cycle) == sorted(itertools.product(range(2), repeat=3))
+    assert all(sum(a != b for a, b in zip(cycle[i], cycle[i + 1])) >= 2 for i in range(7))
+    assert sorted(_offset_cycle(3)) == sorted(itertools.product(range(3), repeat=3)) and _offset_cycle(1) == [(0, 0, 0)]
+    row = get_similarity("mind")
+    fixed, moving = (mind_ssc(blobs((16, 12, 14), seed=s)) for s in (1, 2))
+    ddf = smooth_field((16, 12, 14), 1.5)
+    mask = (blobs((16, 12, 14), seed=5) > 0.05).float()
+    for level_mask in (None, mask):
+        whole = _LevelSimilarity(row, fixed, moving, level_mask, 2.0)(ddf)
+        strided = _LevelSimilarity(row, fixed, moving, level_mask, 2.0, stride=2)
+        values = torch.stack([strided(ddf, step) for step in range(8)])
+        if level_mask is None:  # equal sub-grids: the mean of the 8 means is the whole mean
+            assert torch.allclose(values.mean(0), whole, rtol=1e-5)
+        assert not torch.allclose(values[0], values[1])
+        assert torch.allclose(_LevelSimilarity(row, fixed, moving, level_mask, 2.0, stride=1)(ddf, 5), whole)
+
+
+def test_strided_similarity_registers_as_the_whole_one(simulated_pair):
+    """The finest level at similarity stride 2 recovers the breathing motion nearly as well as comparing every
+    voxel, and stride 1 is the default's field bit for bit."""
+    arguments = dict(fixed=simulated_pair["fixed"], moving=simulated_pair["moving"], lam=0.083, mu=0.03, steps=40)
+    whole = instance_optimize(**arguments)
+    assert torch.equal(instance_optimize(**arguments, similarity_stride=1), whole)
+    strided = instance_optimize(**arguments, similarity_stride=[1, 1, 2])
+    assert not torch.equal(strided, whole)
+    assert tre(strided, simulated_pair) < 1.15 * tre(whole, simulated_pair)
+    assert tre(strided, simulated_pair) < 0.4 * tre(torch.zeros_like(whole), simulated_pair)
+
+
 def test_mask_restricts_the_similarity():
     """Fixed and moving differ only outside the mask: with the mask there is nothing to register."""
     fixed = blobs((24, 24, 24), seed=4)
@@ -356,6 +392,9 @@ def test_prealignment_is_composed_into_the_field(simulated_pair):
         (dict(init_ddf=torch.zeros(1, 3, 8, 8, 8)), "init_ddf must have shape"),
         (dict(mask=torch.zeros(1, 1, 16, 16, 16)), "mask is empty"),
         (dict(levels=0), "levels >= 1"),
+        (dict(similarity_stride=0), "similarity_stride must be >= 1"),
+        (dict(similarity_stride=[1, 2]), "similarity_stride \\[1, 2\\] gives 2 levels"),
+        (dict(similarity="lncc", similarity_stride=2), "needs a voxel-wise similarity"),
     ],
 )
 def test_bad_input_is_refused(change, message):
@@ -425,6 +464,11 @@ def test_instance_settings_refuse_bad_values():
     assert not InstanceOptimization(steps=10, hyper_space=HyperSpace("diffusion")).optimizes  # no (lam, mu) to use
     with pytest.raises(ValueError, match="use_mask"):
         InstanceOptimization(use_mask="maybe")
+    assert InstanceOptimization(similarity_stride=[1, 1, 2]).similarity_stride == (1, 1, 2)
+    with pytest.raises(ValueError, match="instance_similarity_stride 2 needs a voxel-wise similarity"):
+        InstanceOptimization(similarity="lncc", similarity_stride=2)
+    with pytest.raises(ValueError, match="instance_similarity_stride must be >= 1"):
+        InstanceOptimization(similarity_stride=[1, 0, 2])
     with pytest.raises(ValueError, match="--use_mask true needs a fixed mask"):
         InstanceOptimization(steps=1, use_mask=True).mask({"fixed_image": torch.zeros(1)})
     fixed = InstanceOptimization(steps=1, hyper_space=HyperSpace("elastic_fixed"), fixed_lam=4.0, fixed_mu=2.0)

@@ -84,3 +84,40 @@ def test_the_cuts_of_a_warp_are_the_whole_warps_values_there():
         warp_cuts(moving, ddf, (0, 12, 0))
     with pytest.raises(ValueError, match="need a 3D image"):
         warp_cuts(moving, ddf[:, :2], (0, 0, 0))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_sampling_points_is_the_warps_values_and_gradients_there(threads):
+    """sample_points at identity + DDF gives the whole warp's values and (on those points) its gradients, for any
+    subset and shape of points; bad shapes are refused."""
+    from elastic_hypermorph_bundle.networks.warp import sample_points
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        warp.cached_warp.cache_clear()
+        generator = torch.Generator().manual_seed(1)
+        moving = torch.rand(1, 3, 8, 10, 6, generator=generator)
+        ddf = (2 * torch.randn(1, 3, 8, 10, 6, generator=generator)).requires_grad_()
+        identity = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in (8, 10, 6)],
+                                              indexing="ij"))[None]
+        weights = torch.rand(1, 3, 8, 10, 6, generator=generator)
+        whole = warp_image(moving, ddf)
+        (whole_gradient,) = torch.autograd.grad((whole * weights).sum(), ddf)
+        cut = (Ellipsis, slice(1, None, 2), slice(0, None, 2), slice(1, None, 2))
+        sampled = sample_points(moving, identity[cut] + ddf[cut])
+        assert sampled.shape == (1, 3, 4, 5, 3)
+        assert torch.allclose(sampled, whole[cut], atol=1e-6)
+        (gradient,) = torch.autograd.grad((sampled * weights[cut]).sum(), ddf)
+        # the whole warp's gradient where only the sampled points carry a weight
+        masked = torch.zeros_like(weights)
+        masked[cut] = weights[cut]
+        (expected,) = torch.autograd.grad((warp_image(moving, ddf) * masked).sum(), ddf)
+        assert torch.allclose(gradient, expected, atol=1e-5)
+        assert gradient[..., 0, :, :].abs().max() == 0  # points never sampled get no gradient
+        flat = sample_points(moving, (identity + ddf).flatten(2)[..., :7])
+        assert flat.shape == (1, 3, 7) and torch.allclose(flat, whole.flatten(2)[..., :7], atol=1e-6)
+    finally:
+        torch.set_num_threads(previous)
+    with pytest.raises(ValueError, match="points \\(B, 3, ...\\)"):
+        sample_points(moving, torch.zeros(1, 2, 5))

@@ -40,11 +40,14 @@ class Similarity(NamedTuple):
             two prepared tensors of one shape; ``window`` is the local window (voxels per axis) of a windowed
             similarity, unused by a voxel-wise one.
         spatial_dims: the numbers of spatial dimensions it supports.
+        windowed: whether a voxel's dissimilarity depends on its neighbours (``window``), so that it cannot be
+            computed on a subset of the voxels alone (the optimisation's similarity stride needs a voxel-wise row).
     """
 
     prepare: Callable[[torch.Tensor], torch.Tensor]
     compare: Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
     spatial_dims: tuple[int, ...]
+    windowed: bool
 
 
 @lru_cache(maxsize=16)
@@ -68,8 +71,8 @@ def _unchanged(image: torch.Tensor) -> torch.Tensor:
 
 
 SIMILARITIES: dict[str, Similarity] = {
-    "lncc": Similarity(prepare=_unchanged, compare=_lncc, spatial_dims=(1, 2, 3)),
-    "mind": Similarity(prepare=mind_ssc, compare=_descriptor_ssd, spatial_dims=(3,)),
+    "lncc": Similarity(prepare=_unchanged, compare=_lncc, spatial_dims=(1, 2, 3), windowed=True),
+    "mind": Similarity(prepare=mind_ssc, compare=_descriptor_ssd, spatial_dims=(3,), windowed=False),
 }
 
 

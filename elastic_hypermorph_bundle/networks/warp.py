@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from monai.networks.blocks import Warp
 from monai.networks.blocks import warp as monai_warp
 
-__all__ = ["warp_image", "warp_label", "warp_cuts", "cached_warp"]
+__all__ = ["warp_image", "warp_label", "warp_cuts", "sample_points", "cached_warp"]
 
 
 def _sampling_grid(points: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
@@ -55,18 +55,28 @@ class _GridCachingWarp(Warp):
         if (image.device.type != "cpu" or image.ndim != 5 or image.shape[0] != 1 or self.jitter
                 or monai_warp.USE_COMPILED or tuple(ddf.shape) != (1, 3, *image.shape[2:])):
             return 1
-        points = math.prod(image.shape[2:])
-        return max(k for k in range(1, torch.get_num_threads() + 1) if points % k == 0)
+        return _thread_parts(math.prod(image.shape[2:]))
 
     def forward(self, image: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
         parts = self._parts(image, ddf)
         if parts == 1:
             return super().forward(image, ddf)
-        shape = image.shape[2:]
-        grid = _sampling_grid(self.get_reference_grid(ddf) + ddf, shape).reshape(parts, -1, 1, 1, 3)
-        warped = F.grid_sample(image.expand(parts, *image.shape[1:]), grid, mode=self._interp_mode_native,
-                               padding_mode=self._padding_mode_native, align_corners=True)
-        return warped.transpose(0, 1).reshape(1, image.shape[1], *shape)
+        grid = _sampling_grid(self.get_reference_grid(ddf) + ddf, image.shape[2:])
+        return _split_grid_sample(image, grid, parts, self._interp_mode_native, self._padding_mode_native)
+
+
+def _thread_parts(points: int) -> int:
+    """The most batch entries, at most one per thread, that ``points`` output points divide into evenly."""
+    return max(k for k in range(1, torch.get_num_threads() + 1) if points % k == 0)
+
+
+def _split_grid_sample(image: torch.Tensor, grid: torch.Tensor, parts: int, mode, padding_mode) -> torch.Tensor:
+    """``grid_sample`` of one 3D image ``(1, C, X, Y, Z)`` at ``grid`` ``(1, *out, 3)``, its points cut into
+    ``parts`` batch entries of the same image, one per thread; ``(1, C, *out)``, the values of one call."""
+    out = grid.shape[1:-1]
+    sampled = F.grid_sample(image.expand(parts, *image.shape[1:]), grid.reshape(parts, -1, 1, 1, 3), mode=mode,
+                            padding_mode=padding_mode, align_corners=True)
+    return sampled.transpose(0, 1).reshape(1, image.shape[1], *out)
 
 
 @lru_cache(maxsize=4)
@@ -86,6 +96,29 @@ def warp_label(label: torch.Tensor, ddf: torch.Tensor) -> torch.Tensor:
     so no new label values appear; points that map outside the moving image get label 0. Keeps ``label.dtype``."""
     warped = cached_warp("nearest", "zeros")(label.to(ddf.dtype), ddf)
     return warped.to(label.dtype)
+
+
+def sample_points(image: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """The trilinear values of a 3D ``image`` ``(B, C, X, Y, Z)`` at voxel coordinates ``points`` ``(B, 3, *out)``
+    (any ``out`` shape), edge values repeated, ``(B, C, *out)``: :func:`warp_image`'s values and gradients where
+    ``points`` = the identity + the DDF, for a subset of the grid's points (the optimisation's strided similarity).
+    One CPU image's points are shared among the threads as :func:`warp_image`'s are.
+
+    Raises:
+        ValueError: not a 3D image, or ``points`` not ``(B, 3, ...)``.
+    """
+    if image.ndim != 5 or points.ndim < 3 or points.shape[:2] != (image.shape[0], 3):
+        raise ValueError(f"need a 3D image (B, C, X, Y, Z) and points (B, 3, ...), got {tuple(image.shape)} and "
+                         f"{tuple(points.shape)}.")
+    grid = _sampling_grid(points, image.shape[2:])
+    if points.ndim != 5:
+        grid = grid.reshape(grid.shape[0], -1, 1, 1, 3)
+    parts = 1 if image.device.type != "cpu" or image.shape[0] != 1 else _thread_parts(math.prod(points.shape[2:]))
+    if parts > 1:
+        sampled = _split_grid_sample(image, grid, parts, "bilinear", "border")
+    else:
+        sampled = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=True)
+    return sampled.reshape(*sampled.shape[:2], *points.shape[2:])
 
 
 def warp_cuts(image: torch.Tensor, ddf: torch.Tensor, slices: Sequence[int]) -> list[torch.Tensor]:
@@ -109,7 +142,5 @@ def warp_cuts(image: torch.Tensor, ddf: torch.Tensor, slices: Sequence[int]) -> 
         axes = [torch.arange(n, dtype=ddf.dtype, device=ddf.device) for n in shape]
         axes[axis] = axes[axis][index:index + 1]
         reference = torch.stack(torch.meshgrid(*axes, indexing="ij")).squeeze(axis + 1)  # (3, b, c)
-        grid = _sampling_grid(reference + ddf.select(axis + 2, index), shape)  # (B, b, c, 3), as warp_image's
-        warped = F.grid_sample(image, grid[:, None], mode="bilinear", padding_mode="border", align_corners=True)
-        cuts.append(warped[:, :, 0])
+        cuts.append(sample_points(image, reference + ddf.select(axis + 2, index)))
     return cuts

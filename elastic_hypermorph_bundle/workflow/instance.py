@@ -98,6 +98,9 @@ class InstanceOptimization:
             (:func:`~elastic_hypermorph_bundle.optimize.start_objective`) for the network's prediction and for the
             identity (or the discrete search's field) and continue from the better: the network gives a start,
             not a verdict.
+        similarity_stride: per level (a number, or one per level), compare on a sub-grid of every ``stride``-th
+            voxel per axis, another on each step (see :func:`~elastic_hypermorph_bundle.optimize.instance_optimize`);
+            1: every voxel. Kept as :attr:`similarity_stride`, one per level.
         discrete: start the optimisation without a network from a coarse discrete displacement search
             (:func:`~elastic_hypermorph_bundle.losses.discrete.discrete_search`, quarter resolution) instead of the
             identity.
@@ -108,7 +111,7 @@ class InstanceOptimization:
 
     Raises:
         ValueError: for an unknown similarity or pre-alignment, ``steps`` that are not whole numbers >= 0 (one, or
-            one per level), negative ``prealign_steps``, levels < 1, grid < 1, lr <= 0.
+            one per level), a ``similarity_stride`` that is not (>= 1) or needs a voxel-wise similarity, negative ``prealign_steps``, levels < 1, grid < 1, lr <= 0.
     """
 
     def __init__(
@@ -129,6 +132,7 @@ class InstanceOptimization:
         fixed_mu: float | None = None,
         select_start: bool | str = True,
         discrete: bool | str = False,
+        similarity_stride: int | Sequence[int] = 1,
     ) -> None:
         levels, prealign_steps = int(levels), int(prealign_steps)
         regularizer = "elastic" if hyper_space is None else hyper_space.regularizer
@@ -141,6 +145,10 @@ class InstanceOptimization:
             raise ValueError(f"need instance_levels >= 1, instance_grid >= 1, instance_lr > 0 and smooth >= 0, got "
                              f"{levels}, {grid}, {lr}, {smooth}.")
         steps = level_steps(steps, levels, "instance_steps")
+        strides = level_steps(similarity_stride, levels, "instance_similarity_stride", minimum=1)
+        if get_similarity(similarity).windowed and max(strides) > 1:
+            raise ValueError(f"instance_similarity_stride {similarity_stride!r} needs a voxel-wise similarity such as "
+                             f"'mind', not {similarity!r}, which compares windows.")
         row = get_regularizer(regularizer)
         if any(steps) and row.lame is None:
             logger.warning(
@@ -155,7 +163,7 @@ class InstanceOptimization:
             fixed_mu = FIXED_LAME.mu if fixed_mu is None else float(fixed_mu)
             constants = LameParameters(fixed_lam, fixed_mu)
         self.steps, self.similarity, self.levels, self.grid = steps, similarity, levels, float(grid)
-        self.lr, self.smooth = float(lr), int(smooth)
+        self.lr, self.smooth, self.similarity_stride = float(lr), int(smooth), strides
         self.prealign, self.prealign_steps = prealign, prealign_steps
         # booleans from the command line are parsed once, here
         self.use_mask = parse_flag("use_mask", use_mask)
@@ -239,7 +247,7 @@ class InstanceOptimization:
         return instance_optimize(
             fixed, moving, lam, mu, init_ddf, similarity=self.similarity, steps=self.steps, levels=self.levels,
             grid=self.grid, lr=self.lr, mask=mask, diffeomorphic=self.diffeomorphic, affine=affine,
-            smooth=self.smooth, features=features,
+            smooth=self.smooth, features=features, similarity_stride=self.similarity_stride,
         )
 
     def prepare(self, fixed: torch.Tensor, moving: torch.Tensor, spacing: Sequence[float], mask=None,

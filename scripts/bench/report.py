@@ -958,6 +958,12 @@ def _screen(screened: dict, what: str) -> list[str]:
                   "pairs and the candidates judged on those only (rows above); the rule decides on every pair.", ""]
     elif winner is None:
         lines += ["By the rule: no candidate passes; the defaults stay.", ""]
+    elif decision.get("cost") == "register_s":
+        chosen, base = decision["candidates"][winner], decision["candidates"]["defaults"]
+        lines += [f"By the rule: {winner} passes with the least measured seconds of start choice and optimisation "
+                  f"({chosen['register_s']:.1f} s per pair against the defaults' {base['register_s']:.1f} s, "
+                  f"{chosen['register_s'] / base['register_s']:.2f}x), at {chosen['tre_mm']:.3f} mm mean keypoint TRE "
+                  f"against {base['tre_mm']:.3f}.", ""]
     elif "cost" in decision["candidates"][winner]:
         chosen, base = decision["candidates"][winner], decision["candidates"]["defaults"]
         lines += [f"By the rule: {winner} passes with the least modelled level cost ({chosen['cost']:.1f} finest-level "
@@ -1070,7 +1076,9 @@ def _speed_candidates(measured: dict) -> list[str]:
             lines.append(f"| {ct} | " + " | ".join(cells) + " | " + " | ".join(tres) + " |")
         lines.append("")
     for key, what in (("defaults", "The pipeline's defaults screened (issue 18)"),
-                      ("schedules", "The instance optimisation's step schedules screened (issue 21)")):
+                      ("schedules", "The instance optimisation's step schedules screened (issue 21)"),
+                      ("strides", "The similarity's stride (`instance_similarity_stride`: each step compares on one "
+                                  "sub-grid of every n-th voxel per axis, another each step) screened (issue 21)")):
         if measured.get(key):
             lines += _screen(measured[key], what)
     if measured.get("summary"):

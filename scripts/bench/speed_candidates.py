@@ -6,7 +6,7 @@ recorded in ``docs/benchmarks.json`` (``speed_candidates``, rendered in benchmar
   (order reversed every other round): 2 torch threads (the default on 2 cores), 1 thread, ``channels_last_3d``
   tensors, and ``torch.compile`` of the loss (its first call, the compilation, timed apart); each candidate's
   field after the same steps is compared with the default's (max abs difference, voxels).
-* ``tre PAIR.npz ...`` (``FINEST=25,15``): from the release model's start at the inference defaults
+* ``tre PAIR.npz ...`` (``FINEST=25,15``; ``20:2``: 20 steps at similarity stride 2): from the release model's start at the inference defaults
   (lam 0.083, mu 0.03), the two coarse levels of the default schedule once (25 steps each), then the finest level
   with each number of steps in ``FINEST``: keypoint TRE and seconds of each, the variants' order alternating by pair;
   ``COARSE=25,50`` repeats it after each number of steps on the two coarse levels (keys ``coarse_<n>_...``).
@@ -153,12 +153,13 @@ def tre(paths: list[str], finest_steps=(25, 15), coarse_level_steps=(25,)) -> li
                                                 grid=4.0, features=features)
             tag = "" if coarse_count == 25 else f"coarse_{coarse_count}_"
             row[f"{tag}coarse_s"], row[f"{tag}coarse_tre_mm"] = time.perf_counter() - begin, error(coarse)
-            for steps in finest_steps if index % 2 == 0 else finest_steps[::-1]:
+            for variant in finest_steps if index % 2 == 0 else finest_steps[::-1]:
+                steps, _, stride = str(variant).partition(":")  # "20:2": 20 steps, similarity stride 2
+                key = f"{tag}finest_{steps}" + (f"_stride{stride}" if stride else "")
                 begin = time.perf_counter()
-                ddf = optimize.instance_optimize(fixed, moving, 0.083, 0.03, coarse, steps=steps, levels=1,
-                                                 grid=2.0, features=features)
-                row[f"{tag}finest_{steps}_s"], row[f"{tag}finest_{steps}_tre_mm"] = (time.perf_counter() - begin,
-                                                                                   error(ddf))
+                ddf = optimize.instance_optimize(fixed, moving, 0.083, 0.03, coarse, steps=int(steps), levels=1,
+                                                 grid=2.0, features=features, similarity_stride=int(stride or 1))
+                row[f"{key}_s"], row[f"{key}_tre_mm"] = time.perf_counter() - begin, error(ddf)
                 print(json.dumps(row), flush=True)
         row["load_after"] = os.getloadavg()[0]
         rows.append(row)
@@ -215,7 +216,7 @@ if __name__ == "__main__":
     elif kind == "pipeline":
         measured = pipeline(arguments)
     else:
-        measured = tre(arguments, tuple(int(s) for s in os.environ.get("FINEST", "25,15").split(",")),
+        measured = tre(arguments, tuple(os.environ.get("FINEST", "25,15").split(",")),
                        tuple(int(s) for s in os.environ.get("COARSE", "25").split(",")))
     print(json.dumps(measured), flush=True)
     if "--record" in sys.argv:
