@@ -28,7 +28,9 @@ pipeline that runs them around the network is :class:`~elastic_hypermorph_bundle
 
 Similarities: any row of :data:`~.losses.similarity.SIMILARITIES` (``"mind"``, MIND-SSC descriptors of the
 image-grid images averaged onto each level; ``"lncc"``, MONAI's local NCC with training's window scaled with the
-level), optionally restricted to a fixed-image mask (e.g. the lungs).
+level), optionally restricted to a fixed-image mask (e.g. the lungs); a voxel-wise one may be compared on a
+strided sub-grid of a level's voxels, another on each step (``similarity_stride``), so that a step's warp costs a
+fraction of the whole level's (stochastic sub-sampling of the similarity, as in elastix's random samplers).
 """
 
 from __future__ import annotations
