@@ -143,6 +143,10 @@ def real_anatomy_settings(spatial_size, breath_hold_seed=1101, cts=REAL_CTS, fol
                                               "network_optimize_steps": (schedule["steps"],),
                                               "method_timeout_s": 1800.0, **overrides})
     base["coverage_mask"] = schedule["coverage_mask"]  # the follow-ups' (bench.accuracy.moving_coverage)
+    strides = schedule["similarity_stride"]
+    if set(strides if isinstance(strides, list) else [strides]) != {1}:
+        # only where some level is strided, so that the rows measured before the stride existed keep their keys
+        base["optimize_kwargs"] = {**base["optimize_kwargs"], "similarity_stride": strides}
     for unused in ("seeds", "simulation"):  # the pairs are the cases below
         base.pop(unused)
     cases = [["breath_hold", name, breath_hold_seed] for name in cts] + [["followup", name, int(seed)]
@@ -241,9 +245,11 @@ def run_response(options: dict, model_dir: str, pair_cache: str, log) -> dict:
 def inference_schedule() -> dict:
     """The instance optimisation's steps of ``configs/inference.json``: ``steps`` (``instance_steps`` as the config
     holds it: one number for every level, or one per level); ``coverage_mask``: whether a moving image on another
-    grid is compared only where it has data (``instance_coverage_mask``)."""
+    grid is compared only where it has data (``instance_coverage_mask``); ``similarity_stride``
+    (``instance_similarity_stride``, 1 where the config has none)."""
     config = inference_config()
-    return {"steps": config["instance_steps"], "coverage_mask": bool(config.get("instance_coverage_mask", False))}
+    return {"steps": config["instance_steps"], "coverage_mask": bool(config.get("instance_coverage_mask", False)),
+            "similarity_stride": config.get("instance_similarity_stride", 1)}
 
 
 def inference_defaults() -> dict:
