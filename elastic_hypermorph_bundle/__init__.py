@@ -16,7 +16,7 @@ Tensor conventions, used by every module of the package (and nowhere restated di
   elastic regularizer, ``[alpha]`` for the diffusion and fixed-elastic baselines.
 """
 
-__version__ = "0.5.2"
+__version__ = "0.5.3"
 
 from .cli import install_clean_errors as _install_clean_errors
 from .console import quiet_third_party as _quiet_third_party
