@@ -886,7 +886,7 @@ def _section7(result: dict, run: dict | None = None) -> list[str]:
             + ".",
             "",
         ]
-    return lines
+    return lines + _paragraphs(result.get("notes"))  # hand-written, about this run (a new run drops them)
 
 
 def _processes(measured: dict) -> list[str]:
