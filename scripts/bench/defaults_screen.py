@@ -261,11 +261,13 @@ def table(rows: list[dict], decision: dict) -> list[str]:
     ``decision``'s verdicts (:func:`decide` of these rows, as recorded: a record keeps the rule it was judged by),
     with the modelled level cost and the mean ``register_s`` where the decision has them."""
     cases = decision["cases"]
-    costs = all("cost" in entry for entry in decision["candidates"].values())
+    # the modelled level cost counts steps, which a strided similarity's screen (judged by seconds) does not compare
+    costs = decision.get("cost", "level") == "level" and all("cost" in e for e in decision["candidates"].values())
+    timed = decision.get("cost") == "register_s"
     cell = {(r["candidate"], r["case"]): r for r in rows}
     short = lambda case: case.split("/")[0].replace("breath_hold", "bh").replace("followup", "fu") + " " + \
         case.split("/")[1].split(".")[0]  # noqa: E731
-    extra = ["modelled level cost", "mean register s"] if costs else []
+    extra = ["modelled level cost", "mean register s"] if costs else ["mean register s"] if timed else []
     lines = ["| candidate | " + " | ".join(short(c) for c in cases) + " | mean TRE | mean % J<=0 | mean SDlogJ "
              "| mean s | " + "".join(f"{e} | " for e in extra) + "worst pair / defaults | passes |",
              "|---|" + "---|" * (len(cases) + 6 + len(extra))]
@@ -275,10 +277,11 @@ def table(rows: list[dict], decision: dict) -> list[str]:
             r = cell[(name, case)]
             cells.append(f"{r['tre_mm']:.2f} ({r['folding_percent']:.2f} %, {r['sd_log_jacobian']:.2f}, "
                          f"{r['prepare_s'] + r['register_s']:.0f} s)")
-        label = name + (f" ({'/'.join(map(str, entry['steps']))})" if costs and name == "defaults" else "")
+        label = name + (f" ({'/'.join(map(str, entry['steps']))})" if (costs or timed) and name == "defaults" else "")
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {entry['tre_mm']:.3f} | "
                      f"{entry['folding_percent']:.3f} | {entry['sd_log_jacobian']:.2f} | {entry['seconds']:.1f} | "
-                     + (f"{entry['cost']:.1f} | {entry['register_s']:.1f} | " if costs else "")
+                     + (f"{entry['cost']:.1f} | " if costs else "")
+                     + (f"{entry['register_s']:.1f} | " if costs or timed else "")
                      + f"{entry['worst_pair_ratio']:.2f} | {'yes' if entry['passes'] else 'no'} |")
     for name in dict.fromkeys(r["candidate"] for r in rows):  # stopped before every pair: shown, not judged
         if name not in decision["candidates"]:

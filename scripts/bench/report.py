@@ -945,10 +945,16 @@ def _screen(screened: dict, what: str) -> list[str]:
         f"{screened['date_utc']}, "
         + ("one process, the candidates interleaved" if result.get("processes", 1) == 1 else
            f"{result['processes']} processes at once, the candidates interleaved within each (how: below)")
-        + f", order reversed every other pair, on 2 shared cores at load average {min(r['load_before'] for r in rows):.1f}-"
-        f"{max(r['load_after'] for r in rows):.1f}: the seconds (pre-alignment and MIND-SSC, shared by candidates "
-        "that agree on them, plus the start's choice and the optimisation) mean little). Per pair: keypoint TRE mm "
-        f"(% det J <= 0, SDlogJ, seconds). The rule, stated before the screen ran: {result['rule']}.",
+        + ", order reversed every other pair, "
+        + (f"on 2 cores with nothing else running (load average {min(r['load_before'] for r in rows):.1f}-"
+           f"{max(r['load_after'] for r in rows):.1f}: the screen's own threads), so that the seconds compare "
+           "between candidates (pre-alignment and MIND-SSC, shared by candidates that agree on them, plus the "
+           "start's choice and the optimisation)). Per pair: keypoint TRE mm "
+           if decision.get("cost") == "register_s" else
+           f"on 2 shared cores at load average {min(r['load_before'] for r in rows):.1f}-"
+           f"{max(r['load_after'] for r in rows):.1f}: the seconds (pre-alignment and MIND-SSC, shared by candidates "
+           "that agree on them, plus the start's choice and the optimisation) mean little). Per pair: keypoint TRE mm ")
+        + f"(% det J <= 0, SDlogJ, seconds). The rule, stated before the screen ran: {result['rule']}.",
         "",
         *defaults_screen.table(rows, decision),
         "",
