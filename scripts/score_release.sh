@@ -54,7 +54,10 @@ done
 # the sets simulated on a real CT follow the simulator's lung mask (its breathing force, keypoints and masks), so
 # their folders carry its rule: a set built before the rule changed is never reused (the benchmark's pair cache
 # is keyed the same way)
-RULE=_lungrule$(python -c "from elastic_hypermorph_bundle.simulation.real_ct import LUNG_MASK_RULE; print(LUNG_MASK_RULE)")
+RULE=
+case " $SETS " in *" heldout_anatomy "*|*" real_ct "*)  # only the sets on real CTs need the rule (a Python start-up)
+    RULE=_lungrule$(python -c "from elastic_hypermorph_bundle.simulation.real_ct import LUNG_MASK_RULE; print(LUNG_MASK_RULE)");;
+esac
 sets=()
 for name in $SETS; do
     case $name in
