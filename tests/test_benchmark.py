@@ -443,6 +443,12 @@ def test_schedule_screen_rule_takes_the_cheapest_schedule_that_costs_no_accuracy
     assert decide([r for r in rows if r["candidate"] in ("defaults", "best_mean")])["winner"] is None
     stopped = decide(rows, pairs=3)  # the defaults on 2 of 3 pairs: nothing decided
     assert stopped["partial"] and stopped["winner"] is None and stopped["candidates"]["cheaper"]["passes"]
+    # the screens' "defaults" candidate is the config's whole schedule: its steps and its similarity stride
+    from bench.defaults_screen import inference_defaults
+
+    config = json.loads((ROOT / "configs" / "inference.json").read_text())
+    assert inference_defaults()["steps"] == config["instance_steps"]
+    assert inference_defaults()["similarity_stride"] == config["instance_similarity_stride"]
     # the stride screen's rule: mean TRE not higher (equal passes), the least measured seconds win
     timed = decide(rows + [row("equal", "a", 1.0, [50, 50, 30], 8.0), row("equal", "b", 2.0, [50, 50, 30], 8.0)],
                    cost="register_s", strict=False)

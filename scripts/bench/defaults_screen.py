@@ -71,6 +71,8 @@ CANDIDATES = {
     "50/50/30 stride 1/1/2": {"steps": [50, 50, 30], "similarity_stride": [1, 1, 2]},
     "50/50/40 stride 1/1/2": {"steps": [50, 50, 40], "similarity_stride": [1, 1, 2]},
     "50/50/40 stride 2": {"steps": [50, 50, 40], "similarity_stride": 2},
+    "50/50/30 stride 1/2/2": {"steps": [50, 50, 30], "similarity_stride": [1, 2, 2]},
+    "50/100/30 stride 1/2/2": {"steps": [50, 100, 30], "similarity_stride": [1, 2, 2]},
 }
 
 
@@ -106,15 +108,20 @@ SCREENS = {
         "cut the cost at no loss of TRE)",
         "register_s", False),
 }
+#: the stride on the middle level too, against the defaults it left (50/50/30, stride 1/1/2), by the same rule
+SCREENS["strides_middle"] = SCREENS["strides"]._replace(
+    candidates=("defaults", "50/50/30 stride 1/2/2", "50/100/30 stride 1/2/2"))
 #: what a candidate's :meth:`InstanceOptimization.prepare` depends on (candidates that agree share it)
 PREPARE_KEYS = ("discrete", "prealign", "similarity", "prealign_steps", "use_mask", "coverage_mask")
 
 
 def inference_defaults() -> dict:
-    """What the candidates override: ``lam``, ``mu`` and ``steps`` (``instance_steps``) of
-    ``configs/inference.json`` (the other settings are :class:`InstanceOptimization`'s defaults, the config's)."""
+    """What the candidates override: ``lam``, ``mu``, ``steps`` (``instance_steps``) and ``similarity_stride``
+    (``instance_similarity_stride``, 1 where the config has none) of ``configs/inference.json`` (the other settings
+    are :class:`InstanceOptimization`'s defaults, the config's)."""
     config = inference_config()
-    return {"lam": config["lam"], "mu": config["mu"], "steps": config["instance_steps"]}
+    return {"lam": config["lam"], "mu": config["mu"], "steps": config["instance_steps"],
+            "similarity_stride": config.get("instance_similarity_stride", 1)}
 
 
 def level_cost(steps, levels: int = 3) -> float:

@@ -1084,7 +1084,9 @@ def _speed_candidates(measured: dict) -> list[str]:
     for key, what in (("defaults", "The pipeline's defaults screened (issue 18)"),
                       ("schedules", "The instance optimisation's step schedules screened (issue 21)"),
                       ("strides", "The similarity's stride (`instance_similarity_stride`: each step compares on one "
-                                  "sub-grid of every n-th voxel per axis, another each step) screened (issue 21)")):
+                                  "sub-grid of every n-th voxel per axis, another each step) screened (issue 21)"),
+                      ("strides_middle", "The similarity's stride on the middle level too, against the defaults "
+                                         "with the finest level strided, screened (issue 21)")):
         if measured.get(key):
             lines += _screen(measured[key], what)
     if measured.get("summary"):
