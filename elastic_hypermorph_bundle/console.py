@@ -78,7 +78,7 @@ USER_IDS: tuple[tuple[tuple[str, ...], str, str], ...] = (
     (("instance_similarity_stride",),
      "per level (a number, or a list coarsest first): each optimisation step compares the images on one sub-grid of "
      "every n-th voxel per axis, another sub-grid each step (1/n³ of the warp's cost; every voxel once per n³ "
-     "steps); 1 = every voxel on every step; `mind` only. The default strides the finest level only (with 30 steps "
+     "steps); 1 = every voxel on every step; `mind` only (with `lncc` every voxel is compared, with a warning). The default strides the finest level only (with 30 steps "
      "there: 0.75x of the optimisation's time at a lower mean TRE on the 6 real-anatomy pairs; strided coarse "
      "levels lost up to 31 %, benchmarks.md section 7b)", "`[1,1,2]`"),
     (("instance_similarity",),

@@ -100,7 +100,8 @@ class InstanceOptimization:
             not a verdict.
         similarity_stride: per level (a number, or one per level), compare on a sub-grid of every ``stride``-th
             voxel per axis, another on each step (see :func:`~elastic_hypermorph_bundle.optimize.instance_optimize`);
-            1: every voxel. Kept as :attr:`similarity_stride`, one per level.
+            1: every voxel. Kept as :attr:`similarity_stride`, one per level; a windowed similarity (LNCC) compares
+            every voxel whatever it says (with a warning), so choosing LNCC needs no second flag.
         discrete: start the optimisation without a network from a coarse discrete displacement search
             (:func:`~elastic_hypermorph_bundle.losses.discrete.discrete_search`, quarter resolution) instead of the
             identity.
@@ -111,7 +112,8 @@ class InstanceOptimization:
 
     Raises:
         ValueError: for an unknown similarity or pre-alignment, ``steps`` that are not whole numbers >= 0 (one, or
-            one per level), a ``similarity_stride`` that is not (>= 1) or needs a voxel-wise similarity, negative ``prealign_steps``, levels < 1, grid < 1, lr <= 0.
+            one per level), a ``similarity_stride`` that is not (>= 1 on every level; with a windowed similarity
+            it is 1 on every level, with a warning), negative ``prealign_steps``, levels < 1, grid < 1, lr <= 0.
     """
 
     def __init__(
@@ -147,8 +149,12 @@ class InstanceOptimization:
         steps = level_steps(steps, levels, "instance_steps")
         strides = level_steps(similarity_stride, levels, "instance_similarity_stride", minimum=1)
         if get_similarity(similarity).windowed and max(strides) > 1:
-            raise ValueError(f"instance_similarity_stride {similarity_stride!r} needs a voxel-wise similarity such as "
-                             f"'mind', not {similarity!r}, which compares windows.")
+            # the default strides the finest level for MIND; a user who picks a windowed similarity is not made to
+            # also change the stride: every voxel is compared, and the log says so
+            logger.warning("instance_similarity %r compares windows, which a sub-grid of the voxels cannot hold: "
+                           "instance_similarity_stride %s does not apply, every voxel is compared on every step.",
+                           similarity, list(strides))
+            strides = (1,) * levels
         row = get_regularizer(regularizer)
         if any(steps) and row.lame is None:
             logger.warning(
