@@ -24,7 +24,8 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]  # bundle root, bench/
 
-from bench import accuracy, capacity, cost, inference_config, report, response, stages  # noqa: E402
+from bench import (accuracy, capacity, cost, inference_config, inference_schedule, report, response,  # noqa: E402
+                   stages)
 from bench.timing import machine_description  # noqa: E402
 from elastic_hypermorph_bundle.networks.hyper import DEFAULT_HYPER_RANK  # noqa: E402
 from elastic_hypermorph_bundle.optimize import AUTO_PREALIGN_MARGIN  # noqa: E402
@@ -240,16 +241,6 @@ def run_response(options: dict, model_dir: str, pair_cache: str, log) -> dict:
     pairs = [accuracy.load_pair(p) for p in accuracy.cached_pairs(
         options["spatial_size"], options["seeds"], options["simulation"], pair_cache, log)]
     return response.run(options, str(Path(model_dir) / "model.pt"), pairs, log)
-
-
-def inference_schedule() -> dict:
-    """The instance optimisation's steps of ``configs/inference.json``: ``steps`` (``instance_steps`` as the config
-    holds it: one number for every level, or one per level); ``coverage_mask``: whether a moving image on another
-    grid is compared only where it has data (``instance_coverage_mask``); ``similarity_stride``
-    (``instance_similarity_stride``, 1 where the config has none)."""
-    config = inference_config()
-    return {"steps": config["instance_steps"], "coverage_mask": bool(config.get("instance_coverage_mask", False)),
-            "similarity_stride": config.get("instance_similarity_stride", 1)}
 
 
 def inference_defaults() -> dict:

@@ -138,7 +138,7 @@ class InstanceOptimization:
     ) -> None:
         levels, prealign_steps = int(levels), int(prealign_steps)
         regularizer = "elastic" if hyper_space is None else hyper_space.regularizer
-        get_similarity(similarity)
+        compared = get_similarity(similarity)  # validates the name; its row says whether it is windowed
         if prealign not in ("auto", *PREALIGNMENTS):
             raise ValueError(f"prealign must be one of {('auto', *PREALIGNMENTS)}, got {prealign!r}.")
         if prealign_steps < 0:
@@ -148,7 +148,7 @@ class InstanceOptimization:
                              f"{levels}, {grid}, {lr}, {smooth}.")
         steps = level_steps(steps, levels, "instance_steps")
         strides = level_steps(similarity_stride, levels, "instance_similarity_stride", minimum=1)
-        if get_similarity(similarity).windowed and max(strides) > 1:
+        if compared.windowed and max(strides) > 1:
             # the default strides the finest level for MIND; a user who picks a windowed similarity is not made to
             # also change the stride: every voxel is compared, and the log says so
             logger.warning("instance_similarity %r compares windows, which a sub-grid of the voxels cannot hold: "

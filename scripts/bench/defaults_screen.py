@@ -46,7 +46,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from . import inference_config
+from . import inference_config, inference_schedule
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -119,9 +119,9 @@ def inference_defaults() -> dict:
     """What the candidates override: ``lam``, ``mu``, ``steps`` (``instance_steps``) and ``similarity_stride``
     (``instance_similarity_stride``, 1 where the config has none) of ``configs/inference.json`` (the other settings
     are :class:`InstanceOptimization`'s defaults, the config's)."""
-    config = inference_config()
-    return {"lam": config["lam"], "mu": config["mu"], "steps": config["instance_steps"],
-            "similarity_stride": config.get("instance_similarity_stride", 1)}
+    config, schedule = inference_config(), inference_schedule()
+    return {"lam": config["lam"], "mu": config["mu"], "steps": schedule["steps"],
+            "similarity_stride": schedule["similarity_stride"]}
 
 
 def level_cost(steps, levels: int = 3) -> float:
