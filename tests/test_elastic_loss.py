@@ -151,6 +151,19 @@ def test_gradcheck(shape):
     assert torch.autograd.gradcheck(lambda u, a, b: elastic_energy(u, a, b, spacing), (ddf, lam, mu))
 
 
+def test_half_precision_field_sums_in_float32():
+    """A float16 field (a network's output under autocast) whose summed squared strains exceed float16's range
+    (65504) still gives the float32 energy: the sums are taken in float32."""
+    matrix = torch.tensor([[2.0, 1.0, 0.0], [0.5, -1.5, 0.0], [0.0, 0.0, 1.0]], dtype=DTYPE)
+    field = linear_field(matrix, (32, 32, 32))
+    expected = analytic_energy(matrix, 0.5, 1.0).float()
+    # the squared strains' sum over the cells, which a float16 sum would overflow
+    assert analytic_energy(matrix, 0.5, 1.0) * 31 ** 3 > 65504
+    energy = elastic_energy(field.half(), 0.5, 1.0)
+    assert energy.dtype == torch.float32
+    torch.testing.assert_close(energy[0], expected, rtol=1e-3, atol=0)
+
+
 def test_reductions_and_dtype():
     generator = torch.Generator().manual_seed(1)
     ddf = torch.randn(3, 2, 5, 6, generator=generator)
