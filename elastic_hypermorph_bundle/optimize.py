@@ -622,7 +622,8 @@ def instance_optimize(
         # warping with a zero field (gradients of about 1e-6 per voxel) is not magnified into full steps by Adam's normalisation
         voxels = math.prod(level)
         count = steps[level_index]
-        optimizer = torch.optim.Adam([correction], lr=lr, eps=1e-4)
+        # fused: one pass over the control values per step instead of a dozen (4 ms of a full-size finest step's 120)
+        optimizer = torch.optim.Adam([correction], lr=lr, eps=1e-4, fused=correction.device.type in ("cpu", "cuda"))
         logged = time.perf_counter()
         with torch.enable_grad():
             for step in range(count):

@@ -136,13 +136,13 @@ def compose_affine(affine: Affine | None, ddf: torch.Tensor, affine_field: torch
 def _axis_box_sums(image: torch.Tensor, axis: int, radius: int, edge: str) -> torch.Tensor:
     """The ``(2 radius + 1)``-voxel sums along ``axis`` of ``image`` extended by ``radius`` voxels at each end, with
     its edge values (``edge="replicate"``) or zeros (``"zeros"``): a new tensor, the terms added in place in the
-    order of the window (offsets ``-radius .. radius``), so no padded copy and no intermediate sums are allocated
+    order of the window (offsets ``0, -radius .. radius``), so no padded copy and no intermediate sums are allocated
     (each would be a full-size tensor: a step of the optimisation filters a 3-channel field 18 times)."""
     n = image.shape[axis]
-    total = torch.zeros_like(image)
+    total = image.clone()  # offset 0
     for offset in range(-radius, radius + 1):
         inside = n - abs(offset)
-        if inside > 0:  # voxels i whose neighbour i + offset lies inside the image
+        if offset and inside > 0:  # voxels i whose neighbour i + offset lies inside the image
             total.narrow(axis, max(0, -offset), inside).add_(image.narrow(axis, max(0, offset), inside))
         if edge == "replicate":  # the others take the edge value the clamped index repeats
             if offset < 0:
@@ -162,8 +162,8 @@ class _BoxMean(torch.autograd.Function):
         ctx.radius = radius
         width = 2 * radius + 1
         for axis in range(2, image.ndim):
-            image = _axis_box_sums(image, axis, radius, "replicate").div_(width)
-        return image
+            image = _axis_box_sums(image, axis, radius, "replicate")
+        return image.div_(width ** (image.ndim - 2))  # the axes' 1 / width at once: one pass over the sums
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
@@ -177,8 +177,8 @@ class _BoxMean(torch.autograd.Function):
             for i in range(min(radius, n)):
                 first += (radius - i) * grad.narrow(axis, i, 1)
                 last += (radius - i) * grad.narrow(axis, n - 1 - i, 1)
-            grad = total.div_(width)
-        return grad, None
+            grad = total
+        return grad.div_(width ** (grad.ndim - 2)), None
 
 
 def box_mean(image: torch.Tensor, radius: int = 1) -> torch.Tensor:

@@ -10,8 +10,8 @@ recorded in ``docs/benchmarks.json`` (``speed_candidates``, rendered in benchmar
   (lam 0.083, mu 0.03), the two coarse levels of the default schedule once (25 steps each), then the finest level
   with each number of steps in ``FINEST``: keypoint TRE and seconds of each, the variants' order alternating by pair;
   ``COARSE=25,50`` repeats it after each number of steps on the two coarse levels (keys ``coarse_<n>_...``).
-* ``pipeline PAIR.npz ...``: the whole default optimisation (MIND-SSC of both images, 25 steps on each of 3 levels)
-  from the release model's start, keypoint TRE and seconds, of the code on ``PYTHONPATH``: run for two commits in
+* ``pipeline PAIR.npz ...``: the whole default optimisation (MIND-SSC of both images, then the steps and similarity
+  strides of ``configs/inference.json`` on its 3 levels) from the release model's start, keypoint TRE and seconds, of the code on ``PYTHONPATH``: run for two commits in
   turn (``git archive`` of the older one) to compare code versions on the same pairs.
 
 Run from ``scripts/``: ``python -m bench.speed_candidates micro ~/.cache/elastic_hypermorph_bundle/benchmark_pairs/<h>/pair_1101.npz``.
@@ -125,8 +125,11 @@ def tre(paths: list[str], finest_steps=(25, 15), coarse_level_steps=(25,)) -> li
     from elastic_hypermorph_bundle import optimize
     from elastic_hypermorph_bundle.metrics import target_registration_error
 
+    from bench import inference_schedule
+
     network, space, card = load_model(ROOT / "models" / "model.pt", "cpu")
     weights = network.generate_weights(space.point(0.083, 0.03))
+    schedule = inference_schedule()
     rows = []
     for index, path in enumerate(paths):
         pair, fixed, moving = _pair_tensors(path)
@@ -171,8 +174,11 @@ def pipeline(paths: list[str]) -> list[dict]:
     from elastic_hypermorph_bundle import optimize
     from elastic_hypermorph_bundle.metrics import target_registration_error
 
+    from bench import inference_schedule
+
     network, space, card = load_model(ROOT / "models" / "model.pt", "cpu")
     weights = network.generate_weights(space.point(0.083, 0.03))
+    schedule = inference_schedule()
     rows = []
     for path in paths:
         pair, fixed, moving = _pair_tensors(path)
@@ -184,7 +190,8 @@ def pipeline(paths: list[str]) -> list[dict]:
         begin = time.perf_counter()
         features = optimize.similarity_features(fixed, moving)
         row["mind_s"] = time.perf_counter() - begin
-        ddf = optimize.instance_optimize(fixed, moving, 0.083, 0.03, start, features=features)
+        ddf = optimize.instance_optimize(fixed, moving, 0.083, 0.03, start, features=features, steps=schedule["steps"],
+                                         similarity_stride=schedule["similarity_stride"])
         row["optimisation_s"] = time.perf_counter() - begin
         row["tre_mm"] = target_registration_error(ddf[0], fixed_points, moving_points, pair.spacing).mean().item()
         row["load_after"] = os.getloadavg()[0]
