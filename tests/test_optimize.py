@@ -184,6 +184,27 @@ def test_steps_of_each_level_run_as_given(simulated_pair, monkeypatch):
             run(steps)
 
 
+def test_pair_features_resize_once_and_as_from_the_image_grid():
+    """A pair's features give each grid's area-averaged resize once (the same tensors when asked again), exactly
+    the resize of the image-grid features whatever was asked for before."""
+    from elastic_hypermorph_bundle.networks.spatial import resize_image
+    from elastic_hypermorph_bundle.optimize import PairFeatures, features_at
+
+    generator = torch.Generator().manual_seed(3)
+    fixed, moving = (torch.rand(1, 2, 24, 16, 20, generator=generator) for _ in range(2))
+    features = PairFeatures(fixed, moving)
+    assert features.at((24, 16, 20))[0] is fixed
+    for shape in [(12, 8, 10), (6, 4, 5), (8, 5, 7), (3, 2, 5)]:
+        resized = features.at(shape)
+        assert features.at(shape)[0] is resized[0]  # kept
+        for got, image in zip(resized, (fixed, moving)):
+            assert torch.equal(got, resize_image(image, shape))
+    # a plain pair is resized on each call
+    assert features_at((fixed, moving), (6, 4, 5))[1].shape == (1, 2, 6, 4, 5)
+    fixed_f, moving_f = features  # unpacks as the (fixed, moving) pair it is
+    assert fixed_f is fixed and moving_f is moving
+
+
 def test_affine_ddf_translation_and_identity():
     spacing = (2.0, 1.0, 4.0)
     identity = Affine.identity(1, spacing)

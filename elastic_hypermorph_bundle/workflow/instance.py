@@ -16,7 +16,7 @@ from ..forward import plain
 from ..losses.regularizers import FIXED_LAME, get_regularizer
 from ..physics import LameParameters
 from ..losses.similarity import get_similarity
-from ..networks.spatial import Affine, affine_ddf, compose_affine, level_shape, resize_image
+from ..networks.spatial import Affine, affine_ddf, compose_affine
 from ..networks.warp import warp_image
 from ..losses.discrete import discrete_search
 from ..optimize import (PREALIGNMENTS, auto_prealign, identity_field, instance_optimize, level_steps, prealign,
@@ -312,17 +312,14 @@ class InstanceOptimization:
             ddf = None if predict is None else plain(predict(stages.network_moving)).float()
             return compose_affine(stages.affine, identity_field(fixed) if ddf is None else ddf)
         lam_mu = self.elastic_parameters(hyper)
-        # the start objectives compare on the optimisation's finest grid: its features resized there once for all
-        # of them (2 starts, 4 with a proposed map; 0.14 s per resize of a full-size image's 12 descriptors)
-        finest = features
-        if (predict is not None and self.select_start) or stages.tentative:
-            finest = tuple(resize_image(t, level_shape(fixed.shape[2:], self.grid)) for t in features)
+        # the start objectives compare on the optimisation's finest grid: the features' resize there (kept by the
+        # features, PairFeatures) serves all of them (2 starts, 4 with a proposed map) and the finest level
         ddf, value, record = self._start(predict, fixed, moving, lam_mu, stages.network_moving, stages.start,
-                                         stages.affine, mask, finest, stages.tentative)
+                                         stages.affine, mask, features, stages.tentative)
         affine = stages.affine
         if stages.tentative:  # the proposed map against the moving image as it is, each from its best start
             ddf_none, value_none, record_none = self._start(predict, fixed, moving, lam_mu, moving,
-                                                            stages.unaligned_start, None, mask, finest, True)
+                                                            stages.unaligned_start, None, mask, features, True)
             ddf, affine, record = self._keep_map(ddf, value, record, ddf_none, value_none, record_none, affine)
         self.record.update(record)
         if not self.optimizes:  # the network alone (or the identity), behind the map where it was kept
