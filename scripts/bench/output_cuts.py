@@ -64,7 +64,9 @@ def _median(function, rounds: int) -> list[float]:
 def run(before_dir: str, pair_dir: str, rounds: int = 3, only: set[str] | None = None) -> dict:
     before = Path(before_dir) / "elastic_hypermorph_bundle"
     package = {"from .metrics import": "from elastic_hypermorph_bundle.metrics import",
-               "from ..networks.spatial import": "from elastic_hypermorph_bundle.networks.spatial import"}
+               "from ..networks.spatial import": "from elastic_hypermorph_bundle.networks.spatial import",
+               "from .networks.warp import": "from elastic_hypermorph_bundle.networks.warp import",
+               "from .reduction import": "from elastic_hypermorph_bundle.losses.reduction import"}
     old = {"mind": _module(before / "losses" / "mind.py", "before_mind", package),
            "visualize": _module(before / "visualize.py", "before_visualize", package)}
     pair_dir = Path(pair_dir)
