@@ -783,8 +783,8 @@ def _section7(result: dict, run: dict | None = None) -> list[str]:
         + (f"{split.get('threads', '?')} torch threads on an otherwise idle machine (load average "
            f"{load['before'][0]:.1f} before, {load['after'][0]:.1f} after with the benchmark's own threads, on "
            f"{setup.get('cpus', '?')} cores); " + overhead if idle else
-           f"{split.get('threads', '?')} torch threads **on a machine shared with other jobs** (other engineers' "
-           "tests and benchmarks, a training run"
+           f"{split.get('threads', '?')} torch threads **on a machine that was not idle when the run began** "
+           "(other jobs, or the load of what ran just before it"
            + (f"; load average {load['before'][0]:.1f} before and {load['after'][0]:.1f} after, on "
               f"{setup.get('cpus', '?')} cores" if load else "")
            + ("; the benchmark ran in a cpu cgroup of 10x the default share (`/sys/fs/cgroup/cpu/bench`), the "
