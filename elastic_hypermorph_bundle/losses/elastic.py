@@ -39,17 +39,24 @@ def _per_sample_weight(value: float | torch.Tensor, name: str, batch: int, like:
     return weight
 
 
-def _strains(ddf: torch.Tensor, scale: Sequence[float] | None) -> list[list[torch.Tensor]]:
-    """``g[j][i] = c_ji (u_j(x + e_i) - u_j(x))`` on the interior cells ``x`` (the first ``N_k - 1`` indices along
-    every axis ``k``), each ``(B, *(N_k - 1))``; ``c_ji = s_j / s_i`` for the voxel sizes ``scale`` (1 without)."""
-    dims = ddf.ndim - 2
+def _cells(dims: int) -> tuple[tuple, list[tuple]]:
+    """Index of the interior cells ``x`` (the first ``N_k - 1`` indices along every axis ``k``) of one channel
+    ``(B, *spatial)`` of a field, and of ``x + e_i`` for each axis ``i``."""
     base = (slice(None),) + (slice(0, -1),) * dims
+    return base, [base[: axis + 1] + (slice(1, None),) + base[axis + 2:] for axis in range(dims)]
+
+
+def _strains(ddf: torch.Tensor, scale: Sequence[float] | None) -> list[list[torch.Tensor]]:
+    """``g[j][i] = c_ji (u_j(x + e_i) - u_j(x))`` on the interior cells ``x`` (:func:`_cells`), each
+    ``(B, *(N_k - 1))``; ``c_ji = s_j / s_i`` for the voxel sizes ``scale`` (1 without)."""
+    dims = ddf.ndim - 2
+    base, shifted = _cells(dims)
     strains = []
     for j in range(dims):
         channel = ddf[:, j]
         row = []
         for i in range(dims):
-            difference = channel[base[: i + 1] + (slice(1, None),) + base[i + 2:]] - channel[base]
+            difference = channel[shifted[i]] - channel[base]
             if scale is not None and i != j:
                 difference.mul_(scale[j] / scale[i])
             row.append(difference)
@@ -68,7 +75,7 @@ class _StrainMeans(torch.autograd.Function):
     closed-form gradient (``4 (g_ij + g_ji)`` and ``2 div u δ_ij`` per cell, over the cell count) passed through
     the adjoint of the differences (each value added at ``x + e_i`` and subtracted at ``x``), computed from the
     saved field: autograd through the stacked ``D²`` differences, their symmetrisation and squares kept a dozen
-    field-sized tensors per call and made the energy 40 % of an instance-optimisation step on a CPU."""
+    field-sized tensors per call and made the energy 30 % of a finest-level optimisation step on a CPU."""
 
     @staticmethod
     def forward(ctx, ddf: torch.Tensor, scale: Sequence[float] | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,11 +112,11 @@ class _StrainMeans(torch.autograd.Function):
                 weights[j][i] = symmetric * factor
                 weights[i][j] = symmetric.mul_(1.0 / factor) if factor != 1.0 else symmetric
         result = ddf.new_zeros(ddf.shape)
-        base = (slice(None),) + (slice(0, -1),) * dims
+        base, shifted = _cells(dims)
         for j in range(dims):
             channel = result[:, j]
             for i in range(dims):
-                channel[base[: i + 1] + (slice(1, None),) + base[i + 2:]] += weights[j][i]
+                channel[shifted[i]] += weights[j][i]
                 channel[base] -= weights[j][i]
         return result, None
 
