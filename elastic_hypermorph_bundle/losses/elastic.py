@@ -8,6 +8,7 @@ penalises volume change. Translations and infinitesimal rotations (skew-symmetri
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -46,22 +47,13 @@ def _cells(dims: int) -> tuple[tuple, list[tuple]]:
     return base, [base[: axis + 1] + (slice(1, None),) + base[axis + 2:] for axis in range(dims)]
 
 
-def _strains(ddf: torch.Tensor, scale: Sequence[float] | None) -> list[list[torch.Tensor]]:
-    """``g[j][i] = c_ji (u_j(x + e_i) - u_j(x))`` on the interior cells ``x`` (:func:`_cells`), each
-    ``(B, *(N_k - 1))``; ``c_ji = s_j / s_i`` for the voxel sizes ``scale`` (1 without)."""
-    dims = ddf.ndim - 2
-    base, shifted = _cells(dims)
-    strains = []
-    for j in range(dims):
-        channel = ddf[:, j]
-        row = []
-        for i in range(dims):
-            difference = channel[shifted[i]] - channel[base]
-            if scale is not None and i != j:
-                difference.mul_(scale[j] / scale[i])
-            row.append(difference)
-        strains.append(row)
-    return strains
+def _strain(ddf: torch.Tensor, j: int, i: int, scale: Sequence[float] | None) -> torch.Tensor:
+    """``g_ji = c_ji (u_j(x + e_i) - u_j(x))`` on the interior cells ``x`` (:func:`_cells`), a new
+    ``(B, *(N_k - 1))`` tensor; ``c_ji = s_j / s_i`` for the voxel sizes ``scale`` (1 without)."""
+    base, shifted = _cells(ddf.ndim - 2)
+    channel = ddf[:, j]
+    difference = channel[shifted[i]] - channel[base]
+    return difference.mul_(scale[j] / scale[i]) if scale is not None and i != j else difference
 
 
 def _sum_squares(value: torch.Tensor) -> torch.Tensor:
@@ -71,53 +63,60 @@ def _sum_squares(value: torch.Tensor) -> torch.Tensor:
 
 class _StrainMeans(torch.autograd.Function):
     """Per-sample means ``(B,)`` over the interior cells of ``Σ_ij (g_ij + g_ji)²`` (shear) and ``(Σ_i g_ii)²``
-    (volume) for the strains ``g`` of :func:`_strains`, differentiable in the field. The backward pass is their
+    (volume) for the strains ``g`` of :func:`_strain`, differentiable in the field. The backward pass is their
     closed-form gradient (``4 (g_ij + g_ji)`` and ``2 div u δ_ij`` per cell, over the cell count) passed through
     the adjoint of the differences (each value added at ``x + e_i`` and subtracted at ``x``), computed from the
-    saved field: autograd through the stacked ``D²`` differences, their symmetrisation and squares kept a dozen
-    field-sized tensors per call and made the energy 30 % of a finest-level optimisation step on a CPU."""
+    saved field a strain pair at a time: autograd through the stacked ``D²`` differences, their symmetrisation and
+    squares kept a dozen field-sized tensors per call (288 MiB of a full-size training step's saved tensors) and
+    made the energy 30 % of a finest-level optimisation step on a CPU; holding all ``D²`` strains at once in the
+    backward pass instead raised a full-size training step's peak memory, which falls at the start of the backward
+    pass."""
 
     @staticmethod
     def forward(ctx, ddf: torch.Tensor, scale: Sequence[float] | None) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.save_for_backward(ddf)
         ctx.scale = scale
-        strains = _strains(ddf, scale)
-        dims = len(strains)
-        cells = strains[0][0][0].numel()
-        divergence = sum(strains[i][i] for i in range(dims))
-        shear = 4 * sum(_sum_squares(strains[i][i]) for i in range(dims))
+        dims = ddf.ndim - 2
+        diagonal = [_strain(ddf, i, i, scale) for i in range(dims)]
+        cells = diagonal[0][0].numel()
+        shear = 4 * sum(_sum_squares(strain) for strain in diagonal)
+        divergence = sum(diagonal)
+        del diagonal
         for i in range(dims):
             for j in range(i + 1, dims):
-                shear = shear + 2 * _sum_squares(strains[j][i] + strains[i][j])
+                shear = shear + 2 * _sum_squares(_strain(ddf, j, i, scale).add_(_strain(ddf, i, j, scale)))
         return shear / cells, _sum_squares(divergence) / cells
 
     @staticmethod
     def backward(ctx, grad_shear: torch.Tensor, grad_volume: torch.Tensor) -> tuple[torch.Tensor, None]:
         (ddf,) = ctx.saved_tensors
         scale = ctx.scale
-        strains = _strains(ddf, scale)
-        dims = len(strains)
-        cells = strains[0][0][0].numel()
+        dims = ddf.ndim - 2
+        base, shifted = _cells(dims)
+        result = ddf.new_zeros(ddf.shape)
+
+        def add_adjoint(j: int, i: int, weight: torch.Tensor) -> None:
+            # the gradient ``weight`` with respect to the difference of u_j along axis i, through its adjoint
+            channel = result[:, j]
+            channel[shifted[i]] += weight
+            channel[base] -= weight
+
+        cells = math.prod(n - 1 for n in ddf.shape[2:])
         per_sample = (-1,) + (1,) * dims
         shear_weight = (grad_shear * (4 / cells)).reshape(per_sample)
         volume_weight = (grad_volume * (2 / cells)).reshape(per_sample)
-        divergence = sum(strains[i][i] for i in range(dims))
-        # weights[j][i]: the gradient with respect to the difference of u_j along axis i
-        weights = [[None] * dims for _ in range(dims)]
+        diagonal = [_strain(ddf, i, i, scale) for i in range(dims)]
+        divergence = sum(diagonal)
         for i in range(dims):
-            weights[i][i] = strains[i][i].mul_(2 * shear_weight).addcmul_(divergence, volume_weight)
+            add_adjoint(i, i, diagonal[i].mul_(2 * shear_weight).addcmul_(divergence, volume_weight))
+            diagonal[i] = None
+        del divergence
+        for i in range(dims):
             for j in range(i + 1, dims):
-                symmetric = (strains[j][i] + strains[i][j]).mul_(shear_weight)
+                symmetric = _strain(ddf, j, i, scale).add_(_strain(ddf, i, j, scale)).mul_(shear_weight)
                 factor = 1.0 if scale is None else scale[j] / scale[i]
-                weights[j][i] = symmetric * factor
-                weights[i][j] = symmetric.mul_(1.0 / factor) if factor != 1.0 else symmetric
-        result = ddf.new_zeros(ddf.shape)
-        base, shifted = _cells(dims)
-        for j in range(dims):
-            channel = result[:, j]
-            for i in range(dims):
-                channel[shifted[i]] += weights[j][i]
-                channel[base] -= weights[j][i]
+                add_adjoint(j, i, symmetric if factor == 1.0 else symmetric * factor)
+                add_adjoint(i, j, symmetric if factor == 1.0 else symmetric.mul_(1.0 / factor))
         return result, None
 
 

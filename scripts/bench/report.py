@@ -255,7 +255,7 @@ def _section4(result: dict, settings: dict) -> list[str]:
         )
     else:
         lines.append(f"Below the 12 GiB threshold ({peak_gib:.1f} GiB); activations saved for backward dominate.")
-    return lines + [""]
+    return lines + [""] + _paragraphs(result.get("notes"))
 
 
 def _peer(methods: list[dict], kind: str) -> dict | None:
