@@ -190,9 +190,13 @@ def plot_pair(
     rows = cuts
 
     num_rows = len(rows) + len(field_maps)
+    handles = [Line2D([], [], color=color, linewidth=1.5, label=f"{name} mask")
+               for name, color in _MASK_COLOURS.items() if masks[name] is not None]
+    if field_maps and body is not False:
+        handles.append(Patch(facecolor="white", edgecolor="grey", label="field rows: outside the body left blank"))
     # fixed margins in inches (title, legend, a cut's title) instead of a layout engine: matplotlib's constrained
     # layout measured every axis' extent and took half of a full-size preview's 1.4 s
-    top, bottom = (0.45 if title else 0.0) + 0.3, 0.35 if any(m is not None for m in masks.values()) or field_maps else 0.1
+    top, bottom = (0.45 if title else 0.0) + 0.3, 0.35 if handles else 0.1
     height = 2.6 * num_rows + top + bottom
     figure = Figure(figsize=(9, height))
     axes = figure.subplots(num_rows, 3, squeeze=False, gridspec_kw={
@@ -229,10 +233,6 @@ def plot_pair(
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
-    handles = [Line2D([], [], color=color, linewidth=1.5, label=f"{name} mask")
-               for name, color in _MASK_COLOURS.items() if masks[name] is not None]
-    if field_maps and body is not False:
-        handles.append(Patch(facecolor="white", edgecolor="grey", label="field rows: outside the body left blank"))
     if handles:
         figure.legend(handles=handles, loc="lower center", ncols=len(handles), fontsize=8, frameon=False)
     if title:

@@ -11,8 +11,8 @@ recorded in ``docs/benchmarks.json`` (``speed_candidates``, rendered in benchmar
   with each number of steps in ``FINEST``: keypoint TRE and seconds of each, the variants' order alternating by pair;
   ``COARSE=25,50`` repeats it after each number of steps on the two coarse levels (keys ``coarse_<n>_...``).
 * ``pipeline PAIR.npz ...``: the whole default optimisation (MIND-SSC of both images, then the steps and similarity
-  strides of ``configs/inference.json`` on its 3 levels) from the release model's start, keypoint TRE and seconds, of the code on ``PYTHONPATH``: run for two commits in
-  turn (``git archive`` of the older one) to compare code versions on the same pairs.
+  strides of ``configs/inference.json`` on its 3 levels) from the release model's start, keypoint TRE and seconds,
+  of the code on ``PYTHONPATH``: run for two commits in turn (``git archive`` of the older one) to compare code versions on the same pairs.
 
 Run from ``scripts/``: ``python -m bench.speed_candidates micro ~/.cache/elastic_hypermorph_bundle/benchmark_pairs/<h>/pair_1101.npz``.
 """
