@@ -14,7 +14,7 @@ from elastic_hypermorph_bundle.losses.elastic import elastic_energy
 from elastic_hypermorph_bundle.losses.mind import MINDSSCLoss, mind_ssc
 from elastic_hypermorph_bundle.metrics import folding_percent, target_registration_error
 from elastic_hypermorph_bundle.networks import warp_image
-from elastic_hypermorph_bundle.networks.spatial import Affine, affine_ddf, box_mean, compose_affine
+from elastic_hypermorph_bundle.networks.spatial import Affine, affine_ddf, all_finite, box_mean, compose_affine
 from elastic_hypermorph_bundle.optimize import instance_optimize, prealign
 
 torch.set_num_threads(1)
@@ -184,23 +184,45 @@ def test_steps_of_each_level_run_as_given(simulated_pair, monkeypatch):
             run(steps)
 
 
-def test_pair_features_resize_once_and_as_from_the_image_grid():
-    """A pair's features give each grid's area-averaged resize once (the same tensors when asked again), exactly
-    the resize of the image-grid features whatever was asked for before."""
+def test_all_finite_agrees_with_isfinite_when_the_sum_overflows():
+    """The one-pass test of finite values: a nan or an infinity anywhere is caught, and finite values whose sum
+    overflows (float32, or a float16 field) still pass, as ``isfinite(...).all()`` says."""
+    for dtype in (torch.float32, torch.float16):
+        big = torch.full((4, 5), torch.finfo(dtype).max, dtype=dtype)
+        assert not torch.isfinite(big.sum()) and all_finite(big)
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            broken = big.clone()
+            broken[2, 3] = bad
+            assert not all_finite(broken) and not all_finite(torch.where(broken.isfinite(), 0.0, broken))
+    assert all_finite(torch.arange(6, dtype=torch.int16)) and all_finite(torch.zeros(0))
+
+
+def test_pair_features_resize_once_from_a_grid_fixed_by_the_shape():
+    """A pair's features give each grid's area-averaged resize once (the same tensors when asked again); a grid
+    whose double divides the image grid is averaged from that double (the image grid's block means, to float
+    rounding); the values depend on the shape alone, not on what was asked for before, and a plain pair is resized
+    alike."""
     from elastic_hypermorph_bundle.networks.spatial import resize_image
     from elastic_hypermorph_bundle.optimize import PairFeatures, features_at
 
     generator = torch.Generator().manual_seed(3)
-    fixed, moving = (torch.rand(1, 2, 24, 16, 20, generator=generator) for _ in range(2))
-    features = PairFeatures(fixed, moving)
-    assert features.at((24, 16, 20))[0] is fixed
-    for shape in [(12, 8, 10), (6, 4, 5), (8, 5, 7), (3, 2, 5)]:
+    fixed, moving = (torch.rand(1, 2, 24, 16, 40, generator=generator) for _ in range(2))
+    shapes = [(12, 8, 20), (6, 4, 10), (3, 2, 5), (8, 5, 7)]
+    features, backwards = PairFeatures(fixed, moving), PairFeatures(fixed, moving)
+    assert features.at((24, 16, 40))[0] is fixed
+    for shape in shapes:
         resized = features.at(shape)
         assert features.at(shape)[0] is resized[0]  # kept
         for got, image in zip(resized, (fixed, moving)):
-            assert torch.equal(got, resize_image(image, shape))
-    # a plain pair is resized on each call
-    assert features_at((fixed, moving), (6, 4, 5))[1].shape == (1, 2, 6, 4, 5)
+            # the block means of the image grid, exact on the grid it halves and to rounding on the chained ones
+            assert torch.allclose(got, resize_image(image, shape), rtol=0, atol=1e-6)
+            assert torch.equal(got, resize_image(image, shape)) or shape in [(6, 4, 10), (3, 2, 5)]
+    for shape in shapes[::-1]:
+        assert all(torch.equal(a, b) for a, b in zip(backwards.at(shape), features.at(shape)))
+    assert set(features._resized) == set(shapes)  # (12, 8, 20) kept once for the grids chained from it
+    # (8, 5, 7): its double (16, 10, 14) does not divide the image grid, so from the image grid
+    assert torch.equal(features.at((8, 5, 7))[0], resize_image(fixed, (8, 5, 7)))
+    assert all(torch.equal(a, b) for a, b in zip(features_at((fixed, moving), (3, 2, 5)), features.at((3, 2, 5))))
     fixed_f, moving_f = features  # unpacks as the (fixed, moving) pair it is
     assert fixed_f is fixed and moving_f is moving
 

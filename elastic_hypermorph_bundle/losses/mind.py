@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from monai.utils import LossReduction
 
-from ..networks.spatial import box_mean
+from ..networks.spatial import all_finite, box_mean
 from .reduction import ReducedLoss
 
 __all__ = ["mind_ssc", "MINDSSCLoss"]
@@ -60,7 +60,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
         raise ValueError(f"mind_ssc needs a 3D single-channel image (B, 1, X, Y, Z), got shape {tuple(image.shape)}.")
     if radius < 0 or dilation < 1:
         raise ValueError(f"mind_ssc needs radius >= 0 and dilation >= 1, got radius={radius}, dilation={dilation}.")
-    if not torch.isfinite(image).all():
+    if not all_finite(image):
         raise ValueError("mind_ssc: image contains non-finite values (nan or inf).")
     shape = tuple(image.shape[2:])
     padded = F.pad(image, (dilation,) * 6, mode="replicate")

@@ -19,8 +19,8 @@ from ..losses.similarity import get_similarity
 from ..networks.spatial import Affine, affine_ddf, compose_affine
 from ..networks.warp import warp_image
 from ..losses.discrete import discrete_search
-from ..optimize import (PREALIGNMENTS, auto_prealign, identity_field, instance_optimize, level_steps, prealign,
-                        similarity_features, start_objective)
+from ..optimize import (PREALIGN_STEPS, PREALIGNMENTS, auto_prealign, identity_field, instance_optimize, level_steps,
+                        prealign, similarity_features, start_objective)
 
 __all__ = ["InstanceOptimization", "PairStages"]
 
@@ -79,7 +79,7 @@ class InstanceOptimization:
             a breathing-only pair is left as it is; rigid, as an affine map's scaling absorbed part
             of a follow-up's breathing, free of elastic energy, in the benchmark's section 5b), ``"none"``, ``"translation"``, ``"rigid"`` or
             ``"affine"`` (see :func:`~elastic_hypermorph_bundle.optimize.prealign`).
-        prealign_steps: Adam steps of the pre-alignment.
+        prealign_steps: Adam steps of the pre-alignment (:data:`~elastic_hypermorph_bundle.optimize.PREALIGN_STEPS`).
         use_mask: restrict both stages' similarity to the fixed mask (the batch must have ``fixed_mask``).
         coverage_mask: restrict both stages' similarity (and the start choice's objective) to where the moving
             image has data (``moving_coverage`` of :class:`~elastic_hypermorph_bundle.data.transforms.ResampleToFixedd`,
@@ -125,7 +125,7 @@ class InstanceOptimization:
         lr: float = 0.2,
         smooth: int = 3,
         prealign: str = "auto",
-        prealign_steps: int = 100,
+        prealign_steps: int = PREALIGN_STEPS,
         use_mask: bool | str = False,
         coverage_mask: bool | str = True,
         diffeomorphic: bool | str = False,
