@@ -950,7 +950,7 @@ def _screen(screened: dict, what: str) -> list[str]:
            f"{max(r['load_after'] for r in rows):.1f}: the screen's own threads), so that the seconds compare "
            "between candidates (pre-alignment and MIND-SSC, shared by candidates that agree on them, plus the "
            "start's choice and the optimisation)). Per pair: keypoint TRE mm "
-           if decision.get("cost") == "register_s" else
+           if decision.get("cost") in ("register_s", "seconds") else
            f"on 2 shared cores at load average {min(r['load_before'] for r in rows):.1f}-"
            f"{max(r['load_after'] for r in rows):.1f}: the seconds (pre-alignment and MIND-SSC, shared by candidates "
            "that agree on them, plus the start's choice and the optimisation) mean little). Per pair: keypoint TRE mm ")
@@ -970,6 +970,12 @@ def _screen(screened: dict, what: str) -> list[str]:
                   f"({chosen['register_s']:.1f} s per pair against the defaults' {base['register_s']:.1f} s, "
                   f"{chosen['register_s'] / base['register_s']:.2f}x), at {chosen['tre_mm']:.3f} mm mean keypoint TRE "
                   f"against {base['tre_mm']:.3f}.", ""]
+    elif decision.get("cost") == "seconds":
+        chosen, base = decision["candidates"][winner], decision["candidates"]["defaults"]
+        lines += [f"By the rule: {winner} passes with the least measured seconds of the whole registration "
+                  f"({chosen['seconds']:.1f} s per pair against the defaults' {base['seconds']:.1f} s, "
+                  f"{chosen['seconds'] / base['seconds']:.2f}x), at {chosen['tre_mm']:.4f} mm mean keypoint TRE "
+                  f"against {base['tre_mm']:.4f}.", ""]
     elif "cost" in decision["candidates"][winner]:
         chosen, base = decision["candidates"][winner], decision["candidates"]["defaults"]
         lines += [f"By the rule: {winner} passes with the least modelled level cost ({chosen['cost']:.1f} finest-level "
@@ -1089,7 +1095,10 @@ def _speed_candidates(measured: dict) -> list[str]:
                                          "with the finest level strided, screened (issue 21)"),
                       ("middle_steps", "Fewer steps on the middle level (50 unstrided steps there cost about as much "
                                        "as the 30 strided finest ones since the cheaper elastic energy and box "
-                                       "filter), against the 0.5.3 defaults, screened (issue 21)")):
+                                       "filter), against the 0.5.3 defaults, screened (issue 21)"),
+                      ("prealign_steps", "Fewer Adam steps of the auto pre-alignment (`prealign_steps`: its two rigid "
+                                         "fits at half of them, the affine refinement of a kept map at all of them), "
+                                         "against the 0.5.4 defaults (100), screened (issue 21)")):
         if measured.get(key):
             lines += _screen(measured[key], what)
     if measured.get("summary"):
