@@ -174,8 +174,8 @@ class Check:
         common = self.common()
         if torchrun:  # the distributed config chooses the device itself
             common = [c for c in common if c not in ("--device", "$torch.device('cpu')")]
-            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m", "monai.bundle",
-                       "run", "training", "--meta_file", "configs/metadata.json"]
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "-m",
+                       "monai.bundle", "run", "training", "--meta_file", "configs/metadata.json"]
         else:
             command = self.bundle("training")
         ckpt = self.models if name == "train_fp32" else self.work / f"models_{name}"

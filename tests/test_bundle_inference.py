@@ -75,7 +75,8 @@ def _bundle(*args: str, configs: tuple[str, ...] = ("inference.json",), processe
     if processes:
         env["OMP_NUM_THREADS"] = "1"
     if processes > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m", "monai.bundle"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                    "-m", "monai.bundle"]
     cmd = [*launcher, "run", *_run_args(args, configs)]
     return subprocess.run(cmd, cwd=ROOT.parent, env=env, capture_output=True, text=True, timeout=600)
 

@@ -232,7 +232,7 @@ def _bundle(*args: str, run_id: str | None = "training", cwd: Path | None = None
     """Run ``python -m monai.bundle run [run_id] ...`` (or under ``torchrun`` with 2 processes) from ``cwd``, with
     only the bundle root on the Python path."""
     launcher = (
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "monai.bundle"]
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "monai.bundle"]
         if torchrun
         else [sys.executable, "-m", "monai.bundle"]
     )

@@ -58,8 +58,8 @@ def _sweep(dataset: Path, ckpt: Path, output_dir: Path, processes: int) -> subpr
     configs = ["inference.json", "sweep.json", *(["multi_gpu_sweep.json"] if processes > 1 else [])]
     launcher = [sys.executable, "-m", "monai.bundle"]
     if processes > 1:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "-m",
-                    "monai.bundle"]
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                    "-m", "monai.bundle"]
     command = [
         *launcher, "run", "sweep", "--config_file", str([str(ROOT / "configs" / name) for name in configs]),
         "--bundle_root", str(ROOT), "--meta_file", str(ROOT / "configs" / "metadata.json"),

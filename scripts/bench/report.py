@@ -1064,8 +1064,13 @@ def _speed_candidates(measured: dict) -> list[str]:
     for versions in (measured[key] for key in sorted(measured) if key.startswith("pipeline")):
         result = versions["result"]
         names = result["codes"]
+        first = result["runs"][0]["rows"][0]
+        # the schedule each row ran (records before it was stored ran 25 steps on each of 3 levels, every voxel)
+        schedule = ("/".join(map(str, first["steps"])) + " steps on the 3 levels, the similarity's stride "
+                    + "/".join(map(str, first["similarity_stride"])) if "steps" in first
+                    else "25 steps on each of 3 levels")
         lines += [
-            "The whole default optimisation (MIND-SSC of both images, 25 steps on each of 3 levels) from the release "
+            f"The whole default optimisation (MIND-SSC of both images, {schedule}) from the release "
             "model's start at the inference defaults, of two code versions in turn in fresh processes "
             f"(`python -m bench.speed_candidates pipeline`, {len(result['runs'])} runs, order "
             + " / ".join(run["code"] for run in result["runs"]) + f"), on full-size realistic pairs of real CTs, "

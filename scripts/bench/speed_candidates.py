@@ -185,7 +185,8 @@ def pipeline(paths: list[str]) -> list[dict]:
         fixed_points, moving_points = (torch.as_tensor(p, dtype=torch.float32)
                                        for p in (pair.fixed_keypoints, pair.moving_keypoints))
         settings = json.loads(Path(path).with_name("settings.json").read_text())["simulation"]
-        row = {"pair": path, "real_ct": Path(str(settings.get("real_ct"))).name, "load_before": os.getloadavg()[0]}
+        row = {"pair": path, "real_ct": Path(str(settings.get("real_ct"))).name, "load_before": os.getloadavg()[0],
+               "steps": list(schedule["steps"]), "similarity_stride": list(schedule["similarity_stride"])}
         start = network_ddf(network, weights, fixed, moving, card["spatial_size"])
         begin = time.perf_counter()
         features = optimize.similarity_features(fixed, moving)
