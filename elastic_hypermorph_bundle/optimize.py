@@ -51,10 +51,10 @@ from .networks.spatial import (Affine, affine_ddf, all_finite, box_mean, compose
                                resize_field, resize_image)
 from .networks.warp import sample_points, warp_image
 
-__all__ = ["PREALIGNMENTS", "AUTO_PREALIGN_MARGIN", "AUTO_PREALIGN_SHIFTS_MM", "centre_of_mass_offset",
-           "lung_centroid_offset", "prealign", "auto_prealign", "PairFeatures", "similarity_features", "features_at",
-           "identity_field",
-           "start_objective", "level_steps", "instance_optimize"]
+__all__ = ["PREALIGNMENTS", "AUTO_PREALIGN_MARGIN", "AUTO_PREALIGN_SHIFTS_MM", "PREALIGN_STEPS",
+           "centre_of_mass_offset", "lung_centroid_offset", "prealign", "auto_prealign", "PairFeatures",
+           "similarity_features", "features_at", "identity_field", "start_objective", "level_steps",
+           "instance_optimize"]
 
 logger = logging.getLogger("elastic_hypermorph_bundle")
 
@@ -74,8 +74,9 @@ AUTO_PREALIGN_MARGIN = 0.45
 AUTO_PREALIGN_SHIFTS_MM = (-50.0, -25.0, 25.0, 50.0)
 #: Adam steps of a pre-alignment's fit (of :func:`auto_prealign`'s affine refinement; half as many per rigid fit).
 #: 70 rather than 100: on the 6 real-anatomy pairs of the benchmark's section 5b, the same mean keypoint TRE (0.6340
-#: against 0.6341 mm; the breath-hold pairs, whose map is not kept, unchanged) in 0.6-0.9 s less per pair
-#: (benchmarks.md 7b, ``prealign_steps``); 50 lost 0.02 %
+#: against 0.6341 mm; the breath-hold pairs, whose map is not kept, unchanged) with 30 fewer rigid-fit steps per pair
+#: (about 0.4 s on 2 CPU cores) and, where the map is kept, 30 fewer affine ones (benchmarks.md 7b,
+#: ``prealign_steps``); 50 lost 0.02 %
 PREALIGN_STEPS = 70
 #: the lungs' intensity band on images windowed from [-1000, 500] HU to [0, 1] (about -940 to -400 HU)
 LUNG_BAND = (0.04, 0.4)
@@ -437,7 +438,7 @@ class PairFeatures(tuple):
             return tuple(self)
         if shape not in self._resized:
             double = tuple(2 * n for n in shape)
-            chained = double != image_grid and all(m % d == 0 for m, d in zip(image_grid, double))
+            chained = all(m % d == 0 for m, d in zip(image_grid, double))  # the image grid itself included
             source = self.at(double) if chained else tuple(self)
             self._resized[shape] = tuple(resize_image(t, shape) for t in source)
         return self._resized[shape]

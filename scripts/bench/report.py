@@ -934,6 +934,10 @@ def _processes(measured: dict) -> list[str]:
     return lines
 
 
+#: a screen judged by measured seconds: its cost key -> (what those seconds are, the decimals of its mean TREs)
+TIMED_COSTS = {"register_s": ("start choice and optimisation", 3), "seconds": ("the whole registration", 4)}
+
+
 def _screen(screened: dict, what: str) -> list[str]:
     """A screen of :mod:`bench.defaults_screen` (its rows, the decision by the rule it states, its notes)."""
     result = screened["result"]
@@ -950,7 +954,7 @@ def _screen(screened: dict, what: str) -> list[str]:
            f"{max(r['load_after'] for r in rows):.1f}: the screen's own threads), so that the seconds compare "
            "between candidates (pre-alignment and MIND-SSC, shared by candidates that agree on them, plus the "
            "start's choice and the optimisation)). Per pair: keypoint TRE mm "
-           if decision.get("cost") in ("register_s", "seconds") else
+           if decision.get("cost") in TIMED_COSTS else
            f"on 2 shared cores at load average {min(r['load_before'] for r in rows):.1f}-"
            f"{max(r['load_after'] for r in rows):.1f}: the seconds (pre-alignment and MIND-SSC, shared by candidates "
            "that agree on them, plus the start's choice and the optimisation) mean little). Per pair: keypoint TRE mm ")
@@ -964,18 +968,13 @@ def _screen(screened: dict, what: str) -> list[str]:
                   "pairs and the candidates judged on those only (rows above); the rule decides on every pair.", ""]
     elif winner is None:
         lines += ["By the rule: no candidate passes; the defaults stay.", ""]
-    elif decision.get("cost") == "register_s":
+    elif decision.get("cost") in TIMED_COSTS:
+        key, (what, digits) = decision["cost"], TIMED_COSTS[decision["cost"]]
         chosen, base = decision["candidates"][winner], decision["candidates"]["defaults"]
-        lines += [f"By the rule: {winner} passes with the least measured seconds of start choice and optimisation "
-                  f"({chosen['register_s']:.1f} s per pair against the defaults' {base['register_s']:.1f} s, "
-                  f"{chosen['register_s'] / base['register_s']:.2f}x), at {chosen['tre_mm']:.3f} mm mean keypoint TRE "
-                  f"against {base['tre_mm']:.3f}.", ""]
-    elif decision.get("cost") == "seconds":
-        chosen, base = decision["candidates"][winner], decision["candidates"]["defaults"]
-        lines += [f"By the rule: {winner} passes with the least measured seconds of the whole registration "
-                  f"({chosen['seconds']:.1f} s per pair against the defaults' {base['seconds']:.1f} s, "
-                  f"{chosen['seconds'] / base['seconds']:.2f}x), at {chosen['tre_mm']:.4f} mm mean keypoint TRE "
-                  f"against {base['tre_mm']:.4f}.", ""]
+        lines += [f"By the rule: {winner} passes with the least measured seconds of {what} "
+                  f"({chosen[key]:.1f} s per pair against the defaults' {base[key]:.1f} s, "
+                  f"{chosen[key] / base[key]:.2f}x), at {chosen['tre_mm']:.{digits}f} mm mean keypoint TRE "
+                  f"against {base['tre_mm']:.{digits}f}.", ""]
     elif "cost" in decision["candidates"][winner]:
         chosen, base = decision["candidates"][winner], decision["candidates"]["defaults"]
         lines += [f"By the rule: {winner} passes with the least modelled level cost ({chosen['cost']:.1f} finest-level "
