@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from elastic_hypermorph_bundle.networks.grid import NetworkGrid
-from elastic_hypermorph_bundle.networks.spatial import antialias, antialias_sigma
+from elastic_hypermorph_bundle.networks.spatial import antialias, antialias_sigma, separable_replicate
 
 SHAPE, SPACING = (33, 33, 21), (1.0, 1.0, 2.0)
 GRID = NetworkGrid(spatial_size=(16, 20, 24), pixdim=(2.0, 2.0, 2.0))  # x cropped, y and z padded
@@ -89,3 +89,25 @@ def test_the_transforms_path_filters_as_the_network_grid_does():
     assert filtered[0, 2:-2].abs().max() < 0.02
     # an image already at pixdim passes untouched
     assert AntiAliasd(keys, pixdim=(1.0, 1.0, 2.0))({"fixed_image": checker})["fixed_image"] is checker
+
+
+@pytest.mark.parametrize("shape, sigmas", [((1, 1, 19, 12, 7), (0.5, 1.3, 0.0)), ((2, 3, 5, 9, 4), (2.0, 0.0, 0.7)),
+                                           ((1, 2, 16, 11), (1.0, 0.5))])
+def test_separable_replicate_is_monais_replicate_padded_separable_filter(shape, sigmas):
+    """The shifted-sum filter equals MONAI's ``separable_filtering(mode="replicate")`` (convolutions of the
+    replicate-padded image), kernels wider than an axis included; a kernel of [1] leaves its axis as it is."""
+    from monai.networks.layers.convutils import gaussian_1d
+    from monai.networks.layers.simplelayers import separable_filtering
+
+    image = torch.rand(*shape, generator=torch.Generator().manual_seed(7))
+    kernels = [gaussian_1d(s, truncated=4.0) if s > 0 else torch.ones(1) for s in sigmas]
+    torch.testing.assert_close(separable_replicate(image, kernels), separable_filtering(image, kernels, mode="replicate"),
+                               rtol=0, atol=1e-6)
+    assert torch.equal(separable_replicate(image, [torch.ones(1)] * len(sigmas)), image)
+    ramp = torch.arange(shape[2], dtype=torch.float32).reshape(1, 1, -1, *[1] * (len(shape) - 3)).expand(shape)
+    # a symmetric kernel keeps a ramp away from the ends (to the kernel's sum, 1 to a few 1e-5)
+    interior = slice(len(kernels[0]) // 2, shape[2] - len(kernels[0]) // 2)
+    torch.testing.assert_close(separable_replicate(ramp, kernels)[:, :, interior], ramp[:, :, interior], rtol=0,
+                               atol=1e-3)
+    with pytest.raises(ValueError, match="odd-length kernel per spatial axis"):
+        separable_replicate(image, [torch.ones(2)] * len(sigmas))
